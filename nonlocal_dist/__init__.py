@@ -1,0 +1,8 @@
+"""nonlocal_dist: exact, memory-efficient, sequence-parallel non-local operations."""
+from __future__ import annotations
+
+from nonlocal_dist.backends import BACKENDS, MODES
+from nonlocal_dist.block import NonLocalBlock
+from nonlocal_dist.functional import nonlocal_op
+
+__all__ = ["BACKENDS", "MODES", "NonLocalBlock", "nonlocal_op"]

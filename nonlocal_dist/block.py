@@ -1,0 +1,125 @@
+"""``NonLocalBlock``: the block of the paper over any named axes of a tensor."""
+from __future__ import annotations
+
+import math
+from typing import Sequence
+
+import torch
+from einops import rearrange
+from torch import Tensor, nn
+
+from nonlocal_dist.backends import BACKEND_NAMES, MODES
+from nonlocal_dist.functional import nonlocal_op
+from nonlocal_dist.layout import flatten_positions, max_pool_positions, normalise_sub_sample, parse_layout
+
+
+class NonLocalBlock(nn.Module):
+    """``z = BN(W_z y) + x`` with ``y_i = 1/C(x) Σ_j f(theta_i, phi_j) g_j`` over the chosen axes.
+
+    Input and output: a tensor named by ``layout`` (e.g. ``"b c t h w"`` (B, C, T, H, W) or
+    ``"b n c"`` (B, N, C)). Positions along ``axes`` (default: all but ``b`` and ``c``) interact;
+    the other axes fold into the batch, so ``axes="t"`` is a temporal non-local per pixel.
+
+    theta, phi, g are 1×1 projections ``in_channels -> inter_channels`` (default ``in_channels //
+    2``); in ``gaussian`` mode theta and phi are the input itself. ``sub_sample`` max-pools phi and g
+    per axis (``{"h": 2, "w": 2}``; ``True``: 2 on every axis but ``t``). ``W_z`` maps back to
+    ``in_channels`` and is followed by BatchNorm with zero weight (``norm=None``: W_z starts at zero),
+    so a new block is the identity. ``heads`` splits the inter channels into independent heads.
+    """
+
+    def __init__(
+        self,
+        in_channels: int,
+        *,
+        layout: str = "b c t h w",
+        axes: str | Sequence[str] | None = None,
+        mode: str = "embedded_gaussian",
+        inter_channels: int | None = None,
+        sub_sample: bool | dict[str, int] | None = None,
+        use_scale: bool = False,
+        norm: str | None = "batch",
+        heads: int = 1,
+        backend: str = "auto",
+    ) -> None:
+        super().__init__()
+        if isinstance(in_channels, bool) or not isinstance(in_channels, int) or in_channels < 1:
+            raise ValueError(f"in_channels must be a positive int, got {in_channels!r}")
+        if mode not in MODES:
+            raise ValueError(f"unknown mode {mode!r}; expected one of {', '.join(MODES)}")
+        if backend not in BACKEND_NAMES:
+            raise ValueError(f"unknown backend {backend!r}; expected one of {', '.join(BACKEND_NAMES)}")
+        if norm not in ("batch", None):
+            raise ValueError(f"norm must be 'batch' or None, got {norm!r}")
+        inter_channels = max(in_channels // 2, 1) if inter_channels is None else inter_channels
+        if isinstance(inter_channels, bool) or not isinstance(inter_channels, int) or inter_channels < 1:
+            raise ValueError(f"inter_channels must be a positive int, got {inter_channels!r}")
+        key_channels = in_channels if mode == "gaussian" else inter_channels
+        if isinstance(heads, bool) or not isinstance(heads, int) or heads < 1:
+            raise ValueError(f"heads must be a positive int, got {heads!r}")
+        if inter_channels % heads or key_channels % heads:
+            raise ValueError(
+                f"heads={heads} must divide inter_channels={inter_channels}"
+                + (f" and in_channels={in_channels} (gaussian mode splits x itself)" if mode == "gaussian" else "")
+            )
+        self.layout = parse_layout(layout, axes)
+        self.sub_sample = normalise_sub_sample(sub_sample, self.layout.axes)
+        self.in_channels, self.inter_channels, self.heads = in_channels, inter_channels, heads
+        self.mode, self.backend, self.use_scale = mode, backend, use_scale
+        self.scale = 1.0 / math.sqrt(key_channels // heads) if use_scale else 1.0
+
+        self.g = nn.Linear(in_channels, inter_channels)
+        self.theta = None if mode == "gaussian" else nn.Linear(in_channels, inter_channels)
+        self.phi = None if mode == "gaussian" else nn.Linear(in_channels, inter_channels)
+        if mode == "concatenation":
+            d = inter_channels // heads
+            shape = (2 * d,) if heads == 1 else (heads, 2 * d)
+            self.concat_weight = nn.Parameter(torch.randn(shape) * math.sqrt(2.0 / (2 * d)))
+        else:
+            self.register_parameter("concat_weight", None)
+        self.W_z = nn.Linear(inter_channels, in_channels, bias=norm is None)
+        self.norm = nn.BatchNorm1d(in_channels) if norm == "batch" else None
+        if self.norm is not None:
+            nn.init.zeros_(self.norm.weight)
+        else:
+            nn.init.zeros_(self.W_z.weight)
+            nn.init.zeros_(self.W_z.bias)
+
+    def extra_repr(self) -> str:
+        return (
+            f"{self.in_channels}, layout={self.layout.text!r}, axes={' '.join(self.layout.axes)!r}, "
+            f"mode={self.mode!r}, inter_channels={self.inter_channels}, heads={self.heads}, "
+            f"sub_sample={self.sub_sample or None}, scale={self.scale:.4g}, backend={self.backend!r}"
+        )
+
+    def embed(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """theta (B', H, N, d), phi (B', H, M, d), g (B', H, M, dv) from x (B', *axes sizes, C)."""
+        theta = x if self.theta is None else self.theta(x)
+        phi = x if self.phi is None else self.phi(x)
+        g = self.g(x)
+        axes = self.layout.axes
+        phi = max_pool_positions(phi, axes, self.sub_sample)
+        g = max_pool_positions(g, axes, self.sub_sample)
+        split = "b n (h d) -> b h n d"
+        return tuple(rearrange(flatten_positions(t), split, h=self.heads) for t in (theta, phi, g))
+
+    def attend(self, theta: Tensor, phi: Tensor, g: Tensor) -> Tensor:
+        """y (B', H, N, dv) = the non-local operation of this block's mode."""
+        return nonlocal_op(
+            theta, phi, g, self.mode, scale=self.scale, concat_weight=self.concat_weight, backend=self.backend
+        )
+
+    def output(self, y: Tensor) -> Tensor:
+        """``BN(W_z y)`` (B', N, C) from y (B', H, N, dv)."""
+        z = self.W_z(rearrange(y, "b h n d -> b n (h d)"))
+        if self.norm is not None:
+            z = self.norm(z.reshape(-1, self.in_channels)).view_as(z)
+        return z
+
+    def forward(self, x: Tensor) -> Tensor:
+        """x in ``layout`` -> z of the same shape."""
+        self.layout.check(x, self.in_channels)
+        sizes = self.layout.sizes(x)
+        xp = self.layout.to_positions(x)
+        y = self.attend(*self.embed(xp))
+        z = self.output(y).view(xp.shape)
+        return x + self.layout.from_positions(z, sizes)

@@ -1,0 +1,35 @@
+"""``nonlocal_op``: the public functional form of the non-local operation."""
+from __future__ import annotations
+
+from torch import Tensor
+
+from nonlocal_dist.backends import dispatch
+from nonlocal_dist.validate import check_op_inputs
+
+
+def nonlocal_op(
+    theta: Tensor,
+    phi: Tensor,
+    g: Tensor,
+    mode: str = "embedded_gaussian",
+    *,
+    scale: float | None = None,
+    concat_weight: Tensor | None = None,
+    backend: str = "auto",
+) -> Tensor:
+    """``y_i = 1/C(x) Σ_j f(theta_i, phi_j) g_j`` over flattened positions.
+
+    Shapes: theta (B, N, d), phi (B, M, d), g (B, M, dv) -> y (B, N, dv); or with a heads axis
+    (B, H, N, d) -> (B, H, N, dv).
+
+    Modes: ``gaussian`` / ``embedded_gaussian``: ``f = exp(scale theta_i·phi_j)``, ``C = Σ_j f``
+    (scale defaults to 1, the paper; ``1/sqrt(d)`` is mmcv's ``use_scale``); ``dot_product``:
+    ``f = theta_i·phi_j``, ``C = M``; ``concatenation``: ``f = ReLU(w_θ·theta_i + w_φ·phi_j)``,
+    ``C = M``, with ``concat_weight = [w_θ, w_φ]`` of shape (2d,) or (H, 2d).
+
+    ``backend``: ``auto`` (the fastest exact path that can run the inputs), ``sdpa``, ``xformers``,
+    ``linear`` (dot product), ``sorted`` (concatenation) or ``reference`` (materialised oracle).
+    """
+    inputs, added_heads = check_op_inputs(theta, phi, g, mode, scale, concat_weight, backend)
+    y = dispatch(inputs, backend)
+    return y.squeeze(1) if added_heads else y

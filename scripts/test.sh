@@ -1,0 +1,6 @@
+#!/usr/bin/env bash
+# Fresh machine -> installed environment -> the whole test suite.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+bash scripts/setup_env.sh "dev,deepspeed,wandb,train"
+exec .venv/bin/python -m pytest tests -q "$@"

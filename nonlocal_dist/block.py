@@ -84,6 +84,13 @@ class NonLocalBlock(nn.Module):
             nn.init.zeros_(self.W_z.weight)
             nn.init.zeros_(self.W_z.bias)
 
+    @classmethod
+    def from_mmcv(cls, source, *, mode: str | None = None, use_scale: bool | None = None, backend: str = "auto"):
+        """A block with the weights of an mmcv ``NonLocal1d/2d/3d`` (module or state dict); see ``interop``."""
+        from nonlocal_dist.interop import block_from_mmcv
+
+        return block_from_mmcv(source, mode=mode, use_scale=use_scale, backend=backend)
+
     def extra_repr(self) -> str:
         return (
             f"{self.in_channels}, layout={self.layout.text!r}, axes={' '.join(self.layout.axes)!r}, "

@@ -8,7 +8,7 @@ import torch
 from einops import rearrange
 from torch import Tensor, nn
 
-from nonlocal_dist.backends import BACKEND_NAMES, MODES
+from nonlocal_dist.backends import BACKEND_NAMES, MODES, SOFTMAX_MODES
 from nonlocal_dist.functional import nonlocal_op
 from nonlocal_dist.layout import flatten_positions, max_pool_positions, normalise_sub_sample, parse_layout
 
@@ -25,6 +25,7 @@ class NonLocalBlock(nn.Module):
     per axis (``{"h": 2, "w": 2}``; ``True``: 2 on every axis but ``t``). ``W_z`` maps back to
     ``in_channels`` and is followed by BatchNorm with zero weight (``norm=None``: W_z starts at zero),
     so a new block is the identity. ``heads`` splits the inter channels into independent heads.
+    ``use_scale`` divides the softmax logits by sqrt(channels per head) (mmcv's ``use_scale``).
     """
 
     def __init__(
@@ -65,7 +66,8 @@ class NonLocalBlock(nn.Module):
         self.sub_sample = normalise_sub_sample(sub_sample, self.layout.axes)
         self.in_channels, self.inter_channels, self.heads = in_channels, inter_channels, heads
         self.mode, self.backend, self.use_scale = mode, backend, use_scale
-        self.scale = 1.0 / math.sqrt(key_channels // heads) if use_scale else 1.0
+        # use_scale (mmcv's) tempers the softmax; dot product and concatenation normalise by M instead.
+        self.scale = 1.0 / math.sqrt(key_channels // heads) if use_scale and mode in SOFTMAX_MODES else 1.0
 
         self.g = nn.Linear(in_channels, inter_channels)
         self.theta = None if mode == "gaussian" else nn.Linear(in_channels, inter_channels)

@@ -6,7 +6,7 @@ import math
 import torch
 from torch import Tensor
 
-from nonlocal_dist.backends import BACKEND_NAMES, MODES, OpInputs
+from nonlocal_dist.backends import BACKEND_NAMES, MODES, SOFTMAX_MODES, OpInputs
 
 
 def _check_tensor(name: str, t: object) -> Tensor:
@@ -60,7 +60,7 @@ def check_op_inputs(
         scale = 1.0
     elif isinstance(scale, bool) or not isinstance(scale, (int, float)) or not math.isfinite(scale) or scale <= 0:
         raise ValueError(f"scale must be a positive finite number or None (1.0, the paper), got {scale!r}")
-    if mode != "concatenation" and scale != 1.0 and mode not in ("gaussian", "embedded_gaussian"):
+    if mode not in SOFTMAX_MODES and scale != 1.0:
         raise ValueError(f"scale applies to the softmax modes only; mode {mode!r} normalises by M. Drop scale=.")
     concat_weight = _check_concat_weight(concat_weight, mode, theta)
     return OpInputs(theta, phi, g, mode, float(scale), concat_weight), added_heads

@@ -1,0 +1,21 @@
+"""Comparison helpers shared by the tests."""
+from __future__ import annotations
+
+import torch
+
+
+def rel_err(actual: torch.Tensor, expected: torch.Tensor, floor: float = 0.0) -> float:
+    """max |actual - expected| / max(max |expected|, floor) in float64; absolute when expected is all 0.
+
+    ``floor`` keeps gradients that are analytically zero (a bias followed by training-mode
+    BatchNorm) from turning float32 rounding noise into a huge relative error.
+    """
+    actual, expected = actual.detach().double(), expected.detach().double()
+    scale = max(expected.abs().max().item(), floor) or 1.0
+    return (actual - expected).abs().max().item() / scale
+
+
+def assert_rel(actual: torch.Tensor, expected: torch.Tensor, tol: float, what: str = "", floor: float = 0.0) -> None:
+    assert actual.shape == expected.shape, f"{what}: shape {tuple(actual.shape)} != {tuple(expected.shape)}"
+    err = rel_err(actual, expected, floor)
+    assert err <= tol, f"{what}: relative error {err:.3e} > {tol:.1e}"

@@ -4,6 +4,7 @@ from __future__ import annotations
 from torch import Tensor
 
 from nonlocal_dist.backends import dispatch
+from nonlocal_dist.parallel import parallel_nonlocal
 from nonlocal_dist.validate import check_op_inputs
 
 
@@ -16,6 +17,8 @@ def nonlocal_op(
     scale: float | None = None,
     concat_weight: Tensor | None = None,
     backend: str = "auto",
+    group=None,
+    strategy: str | None = None,
 ) -> Tensor:
     """``y_i = 1/C(x) Σ_j f(theta_i, phi_j) g_j`` over flattened positions.
 
@@ -29,7 +32,20 @@ def nonlocal_op(
 
     ``backend``: ``auto`` (the fastest exact path that can run the inputs), ``sdpa``, ``xformers``,
     ``linear`` (dot product), ``sorted`` (concatenation) or ``reference`` (materialised oracle).
+
+    ``group``: a ``torch.distributed`` process group. Then theta is this rank's shard of the query
+    positions, phi and g its shard of the key positions (shard sizes may differ between ranks), and
+    the result is this rank's shard of y. ``strategy``: ``ring`` (softmax modes, default),
+    ``allgather``, ``ulysses`` (heads divisible by the group size), ``allreduce`` (dot product,
+    default), ``sorted_stats`` (concatenation, default). Replicated inputs (``concat_weight``) get
+    this rank's partial gradient; their sum over the group is the single-device gradient.
     """
+    if group is not None:
+        return parallel_nonlocal(
+            theta, phi, g, mode, scale=scale, concat_weight=concat_weight, backend=backend, group=group, strategy=strategy
+        )
+    if strategy is not None:
+        raise ValueError(f"strategy={strategy!r} needs group= (a torch.distributed process group)")
     inputs, added_heads = check_op_inputs(theta, phi, g, mode, scale, concat_weight, backend)
     y = dispatch(inputs, backend)
     return y.squeeze(1) if added_heads else y

@@ -1,0 +1,17 @@
+"""Sequence parallelism: the key positions sharded over a process group (ring, all-gather, Ulysses)."""
+from __future__ import annotations
+
+from nonlocal_dist.parallel.api import parallel_nonlocal
+from nonlocal_dist.parallel.norm import group_batch_norm
+from nonlocal_dist.parallel.shard import gather_tensor, shard_sizes, shard_tensor
+from nonlocal_dist.parallel.strategies import MODE_STRATEGIES, STRATEGIES
+
+__all__ = [
+    "MODE_STRATEGIES",
+    "STRATEGIES",
+    "gather_tensor",
+    "group_batch_norm",
+    "parallel_nonlocal",
+    "shard_sizes",
+    "shard_tensor",
+]

@@ -1,0 +1,40 @@
+"""Split a tensor along one named axis of a layout across a group, and gather it back."""
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+from torch import Tensor
+
+from nonlocal_dist.layout import parse_layout
+from nonlocal_dist.parallel.comm import all_gather_varlen
+
+
+def shard_sizes(length: int, world: int) -> list[int]:
+    """Contiguous shard lengths, the first ``length % world`` one longer (as ``torch.tensor_split``)."""
+    return [length // world + (r < length % world) for r in range(world)]
+
+
+def _axis_index(layout: str, axis: str) -> int:
+    names = parse_layout(layout).names
+    if axis not in names:
+        raise ValueError(f"axis {axis!r} is not in layout {layout!r}")
+    return names.index(axis)
+
+
+def shard_tensor(x: Tensor, layout: str, axis: str, group) -> Tensor:
+    """This rank's contiguous slice of ``x`` along ``axis`` (uneven when the size does not divide)."""
+    dim = _axis_index(layout, axis)
+    world, rank = dist.get_world_size(group), dist.get_rank(group)
+    if x.shape[dim] < world:
+        raise ValueError(f"axis {axis!r} has {x.shape[dim]} positions, fewer than the {world} ranks of the group")
+    return torch.tensor_split(x, world, dim=dim)[rank].contiguous()
+
+
+def gather_tensor(x: Tensor, layout: str, axis: str, group) -> Tensor:
+    """Concatenate every rank's slice along ``axis`` (slices may differ in length). Not differentiable."""
+    dim = _axis_index(layout, axis)
+    world = dist.get_world_size(group)
+    size = torch.tensor([x.shape[dim]], dtype=torch.int64, device=x.device)
+    sizes = [torch.empty_like(size) for _ in range(world)]
+    dist.all_gather(sizes, size, group=group)
+    return all_gather_varlen(x.contiguous(), [int(s) for s in sizes], dim=dim, group=group)

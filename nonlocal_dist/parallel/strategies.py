@@ -1,0 +1,92 @@
+"""The sequence-parallel strategies: how this rank's query shard meets every rank's keys.
+
+Each function takes validated 4-D inputs (theta (B, H, N_r, d), phi (B, H, M_r, d), g (B, H, M_r, dv))
+and the key sizes of all ranks, and returns this rank's y (B, H, N_r, dv). Replicated inputs
+(concat_weight) get this rank's partial gradient: the sum over ranks is the single-device gradient.
+"""
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from nonlocal_dist.backends import OpInputs, dispatch
+from nonlocal_dist.kernels.sorted_concat import apply_sorted_stats, concat_projections, sorted_key_stats
+from nonlocal_dist.parallel.collectives import all_reduce, gather_heads, gather_positions, scatter_heads
+from nonlocal_dist.parallel.ring import ring_attention
+
+
+def ring(inputs: OpInputs, group, n_sizes: list[int], m_sizes: list[int], backend: str) -> Tensor:
+    """Softmax modes: key blocks around the ring, LSE merge in float32."""
+    return ring_attention(inputs.theta, inputs.phi, inputs.g, inputs.scale, group, m_sizes)
+
+
+def allgather(inputs: OpInputs, group, n_sizes: list[int], m_sizes: list[int], backend: str) -> Tensor:
+    """Any mode: gather phi and g once (one collective), compute locally; backward reduce-scatters."""
+    phi, g = gather_positions(group, m_sizes, inputs.phi, inputs.g)
+    return dispatch(OpInputs(inputs.theta, phi, g, inputs.mode, inputs.scale, inputs.concat_weight), backend)
+
+
+def ulysses(inputs: OpInputs, group, n_sizes: list[int], m_sizes: list[int], backend: str) -> Tensor:
+    """Any mode, heads divisible by the group size: all-to-all positions -> heads, local op, back."""
+    world = torch.distributed.get_world_size(group)
+    rank = torch.distributed.get_rank(group)
+    if n_sizes == m_sizes:
+        theta, phi, g = scatter_heads(group, m_sizes, inputs.theta, inputs.phi, inputs.g)
+    else:
+        theta, phi, g = _scatter_queries_and_keys(inputs, group, n_sizes, m_sizes)
+    w = inputs.concat_weight
+    if w is not None and w.dim() == 2:
+        hp = w.shape[0] // world
+        w = w[rank * hp : (rank + 1) * hp]
+    y = dispatch(OpInputs(theta, phi, g, inputs.mode, inputs.scale, w), backend)
+    return gather_heads(y, group, n_sizes)
+
+
+def _scatter_queries_and_keys(inputs: OpInputs, group, n_sizes, m_sizes):
+    # Query and key shards differ in length (sub-sampled keys): pad both to one per-rank length so
+    # that a single all-to-all carries theta, phi and g, then drop the padding.
+    longest = [max(n, m) for n, m in zip(n_sizes, m_sizes)]
+    rank = torch.distributed.get_rank(group)
+    padded = [_pad_positions(t, longest[rank]) for t in (inputs.theta, inputs.phi, inputs.g)]
+    theta, phi, g = scatter_heads(group, longest, *padded)
+    return (
+        _select(theta, longest, n_sizes),
+        _select(phi, longest, m_sizes),
+        _select(g, longest, m_sizes),
+    )
+
+
+def _pad_positions(x: Tensor, length: int) -> Tensor:
+    return torch.nn.functional.pad(x, (0, 0, 0, length - x.shape[-2]))
+
+
+def _select(x: Tensor, padded: list[int], keep: list[int]) -> Tensor:
+    return torch.cat([chunk[..., :k, :] for chunk, k in zip(x.split(padded, dim=-2), keep)], dim=-2)
+
+
+def allreduce(inputs: OpInputs, group, n_sizes: list[int], m_sizes: list[int], backend: str) -> Tensor:
+    """Dot product: ``y = theta (Σ_r phi_r^T g_r) / M`` with one all-reduce of a (d, dv) matrix."""
+    kv = all_reduce(torch.matmul(inputs.phi.transpose(-1, -2), inputs.g), group)
+    return torch.matmul(inputs.theta, kv / sum(m_sizes))
+
+
+def sorted_stats(inputs: OpInputs, group, n_sizes: list[int], m_sizes: list[int], backend: str) -> Tensor:
+    """Concatenation: gather the compact key statistics (b_j, g_j) once, sort, prefix sums locally."""
+    theta, phi, g, w = inputs.theta, inputs.phi, inputs.g, inputs.concat_weight
+    out_dtype = g.dtype
+    if g.dtype in (torch.float16, torch.bfloat16):
+        theta, phi, g, w = theta.float(), phi.float(), g.float(), w.float()
+    a, b = concat_projections(theta, phi, w)
+    b_full, g_full = gather_positions(group, m_sizes, b.unsqueeze(-1), g)
+    keys, p_g, p_bg = sorted_key_stats(b_full.squeeze(-1), g_full)
+    return (apply_sorted_stats(a, keys, p_g, p_bg) / sum(m_sizes)).to(out_dtype)
+
+
+STRATEGIES = {"ring": ring, "allgather": allgather, "ulysses": ulysses, "allreduce": allreduce, "sorted_stats": sorted_stats}
+# Which strategies can run each mode; the first is the default.
+MODE_STRATEGIES = {
+    "gaussian": ("ring", "allgather", "ulysses"),
+    "embedded_gaussian": ("ring", "allgather", "ulysses"),
+    "dot_product": ("allreduce", "allgather", "ulysses"),
+    "concatenation": ("sorted_stats", "allgather", "ulysses"),
+}

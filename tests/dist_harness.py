@@ -1,0 +1,62 @@
+"""Run a function on real gloo ranks (spawned processes, 127.0.0.1, a free port) with a timeout."""
+from __future__ import annotations
+
+import os
+import socket
+import traceback
+from datetime import timedelta
+
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _worker(rank, world, port, fn, args, queue):
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    torch.set_num_threads(1)
+    try:
+        dist.init_process_group(
+            "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world, timeout=timedelta(seconds=60)
+        )
+        result = fn(rank, world, *args)
+        queue.put((rank, "ok", result))
+    except BaseException:  # report every failure, assertion or not, to the parent
+        queue.put((rank, "error", traceback.format_exc()))
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def run_ranks(fn, world: int, *args, timeout: float = 120.0) -> list:
+    """Run ``fn(rank, world, *args)`` on ``world`` gloo ranks; return the results in rank order.
+
+    Fails (AssertionError with every rank's traceback) when a rank raises, and when the ranks do not
+    finish within ``timeout`` seconds (they are killed: a hang fails instead of blocking CI).
+    """
+    ctx = mp.get_context("spawn")
+    queue = ctx.Queue()
+    port = free_port()
+    procs = [ctx.Process(target=_worker, args=(r, world, port, fn, args, queue)) for r in range(world)]
+    for p in procs:
+        p.start()
+    results, errors = {}, {}
+    try:
+        for _ in range(world):
+            rank, status, payload = queue.get(timeout=timeout)
+            (results if status == "ok" else errors)[rank] = payload
+    except Exception as exc:  # queue.Empty: some rank hung
+        raise AssertionError(f"ranks did not finish within {timeout}s (finished: {sorted(results)}; errors: {errors})") from exc
+    finally:
+        for p in procs:
+            p.join(timeout=10)
+            if p.is_alive():
+                p.kill()
+    if errors:
+        raise AssertionError("\n".join(f"--- rank {r} ---\n{tb}" for r, tb in sorted(errors.items())))
+    return [results[r] for r in range(world)]

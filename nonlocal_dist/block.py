@@ -11,6 +11,8 @@ from torch import Tensor, nn
 from nonlocal_dist.backends import BACKEND_NAMES, MODES, SOFTMAX_MODES
 from nonlocal_dist.functional import nonlocal_op
 from nonlocal_dist.layout import flatten_positions, max_pool_positions, normalise_sub_sample, parse_layout
+from nonlocal_dist.parallel import group_batch_norm
+from nonlocal_dist.parallel.checks import exchange_metadata, raise_on_mismatch
 
 
 class NonLocalBlock(nn.Module):
@@ -26,6 +28,12 @@ class NonLocalBlock(nn.Module):
     ``in_channels`` and is followed by BatchNorm with zero weight (``norm=None``: W_z starts at zero),
     so a new block is the identity. ``heads`` splits the inter channels into independent heads.
     ``use_scale`` divides the softmax logits by sqrt(channels per head) (mmcv's ``use_scale``).
+
+    Sequence parallel: with ``sp_group`` (a process group) the input is this rank's slice along
+    ``shard_axis`` (one of ``axes``; default the first) and the output is the same slice of the
+    single-device output; BatchNorm statistics span the group; ``sp_strategy`` picks the strategy
+    (see ``nonlocal_op``). Parameter gradients are this rank's part: their sum over the group is
+    the single-device gradient.
     """
 
     def __init__(
@@ -41,6 +49,9 @@ class NonLocalBlock(nn.Module):
         norm: str | None = "batch",
         heads: int = 1,
         backend: str = "auto",
+        sp_group=None,
+        shard_axis: str | None = None,
+        sp_strategy: str | None = None,
     ) -> None:
         super().__init__()
         if isinstance(in_channels, bool) or not isinstance(in_channels, int) or in_channels < 1:
@@ -64,6 +75,15 @@ class NonLocalBlock(nn.Module):
             )
         self.layout = parse_layout(layout, axes)
         self.sub_sample = normalise_sub_sample(sub_sample, self.layout.axes)
+        if sp_group is None and (shard_axis is not None or sp_strategy is not None):
+            raise ValueError("shard_axis= and sp_strategy= need sp_group= (a torch.distributed process group)")
+        shard_axis = self.layout.axes[0] if shard_axis is None else shard_axis
+        if sp_group is not None and shard_axis not in self.layout.axes:
+            raise ValueError(
+                f"shard_axis {shard_axis!r} must be one of the interacting axes {self.layout.axes} "
+                "(an axis folded into the batch needs no communication: shard it as data instead)"
+            )
+        self.sp_group, self.shard_axis, self.sp_strategy = sp_group, shard_axis, sp_strategy
         self.in_channels, self.inter_channels, self.heads = in_channels, inter_channels, heads
         self.mode, self.backend, self.use_scale = mode, backend, use_scale
         # use_scale (mmcv's) tempers the softmax; dot product and concatenation normalise by M instead.
@@ -114,19 +134,40 @@ class NonLocalBlock(nn.Module):
     def attend(self, theta: Tensor, phi: Tensor, g: Tensor) -> Tensor:
         """y (B', H, N, dv) = the non-local operation of this block's mode."""
         return nonlocal_op(
-            theta, phi, g, self.mode, scale=self.scale, concat_weight=self.concat_weight, backend=self.backend
+            theta, phi, g, self.mode, scale=self.scale, concat_weight=self.concat_weight, backend=self.backend,
+            group=self.sp_group, strategy=self.sp_strategy,
         )
 
     def output(self, y: Tensor) -> Tensor:
         """``BN(W_z y)`` (B', N, C) from y (B', H, N, dv)."""
         z = self.W_z(rearrange(y, "b h n d -> b n (h d)"))
         if self.norm is not None:
-            z = self.norm(z.reshape(-1, self.in_channels)).view_as(z)
+            rows = z.reshape(-1, self.in_channels)
+            normed = self.norm(rows) if self.sp_group is None else group_batch_norm(rows, self.norm, self.sp_group)
+            z = normed.view_as(z)
         return z
+
+    def _check_shards(self, x: Tensor) -> None:
+        # One small collective so that a shape or pooling mismatch raises on every rank, not hangs.
+        sizes = self.layout.sizes(x)
+        factor = self.sub_sample.get(self.shard_axis, 1)
+        fields = {name: sizes[name] for name in self.layout.names if name != self.shard_axis}
+        fields.update(shard_length=sizes[self.shard_axis], pool_remainder=sizes[self.shard_axis] % factor,
+                      training=int(self.training))
+        values = exchange_metadata(self.sp_group, fields, x.device)
+        raise_on_mismatch(values, free=("shard_length", "pool_remainder"), what="NonLocalBlock")
+        if any(values["pool_remainder"]):
+            raise ValueError(
+                f"sub_sample pools shard axis {self.shard_axis!r} by {factor}, but the shard lengths "
+                f"{values['shard_length']} are not all divisible by {factor}: pooling windows would cross "
+                "rank boundaries. Shard so that every rank holds a multiple of the factor."
+            )
 
     def forward(self, x: Tensor) -> Tensor:
         """x in ``layout`` -> z of the same shape."""
         self.layout.check(x, self.in_channels)
+        if self.sp_group is not None:
+            self._check_shards(x)
         sizes = self.layout.sizes(x)
         xp = self.layout.to_positions(x)
         y = self.attend(*self.embed(xp))

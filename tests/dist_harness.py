@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+import pickle
 import socket
 import traceback
 from datetime import timedelta
@@ -25,7 +26,8 @@ def _worker(rank, world, port, fn, args, queue):
             "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world, timeout=timedelta(seconds=60)
         )
         result = fn(rank, world, *args)
-        queue.put((rank, "ok", result))
+        # Plain pickling copies tensors by value: torch's shared-memory handles would die with the rank.
+        queue.put((rank, "ok", pickle.dumps(result)))
     except BaseException:  # report every failure, assertion or not, to the parent
         queue.put((rank, "error", traceback.format_exc()))
     finally:
@@ -49,7 +51,10 @@ def run_ranks(fn, world: int, *args, timeout: float = 120.0) -> list:
     try:
         for _ in range(world):
             rank, status, payload = queue.get(timeout=timeout)
-            (results if status == "ok" else errors)[rank] = payload
+            if status == "ok":
+                results[rank] = pickle.loads(payload)
+            else:
+                errors[rank] = payload
     except Exception as exc:  # queue.Empty: some rank hung
         raise AssertionError(f"ranks did not finish within {timeout}s (finished: {sorted(results)}; errors: {errors})") from exc
     finally:

@@ -1,0 +1,1 @@
+"""DeepSpeed and Weights & Biases glue, installed as ``nonlocal_dist.integrations``."""

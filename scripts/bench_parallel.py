@@ -1,0 +1,137 @@
+"""Sequence-parallel suite: each strategy on 1, 2, 4 gloo ranks (1 thread each) at a fixed total N,
+next to single-process SDPA with the same total number of threads, measured in one run.
+
+Run through ``python scripts/benchmark.py --suite parallel [--n 16384] [--worlds 1 2 4]``.
+"""
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import socket
+from datetime import timedelta
+
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+import torch.nn.functional as F
+
+from bench_utils import best_time, peak_memory_mb, print_table
+from nonlocal_dist import nonlocal_op
+
+# (mode, strategy, heads): ulysses needs heads divisible by the group size.
+CASES = [
+    ("embedded_gaussian", "ring", 1),
+    ("embedded_gaussian", "allgather", 1),
+    ("embedded_gaussian", "ulysses", 4),
+    ("dot_product", "allreduce", 1),
+    ("concatenation", "sorted_stats", 1),
+]
+
+
+def _inputs(n: int, d: int, heads: int, rank: int, world: int):
+    gen = torch.Generator().manual_seed(0)
+    full = [torch.randn(1, heads, n, d, generator=gen) for _ in range(3)]
+    w = torch.randn(2 * d, generator=gen)
+    shards = [torch.tensor_split(t, world, dim=2)[rank].contiguous().requires_grad_() for t in full]
+    return shards, w.requires_grad_()
+
+
+def _step(mode, strategy, shards, w, group):
+    def run():
+        scale = 1 / math.sqrt(shards[0].shape[-1]) if mode == "embedded_gaussian" else None
+        cw = w if mode == "concatenation" else None
+        y = nonlocal_op(*shards, mode, scale=scale, concat_weight=cw, group=group, strategy=strategy)
+        y.backward(torch.ones_like(y))
+        dist.barrier(group)
+    return run
+
+
+def _rank_main(rank, world, port, args, queue):
+    os.environ["OMP_NUM_THREADS"] = "1"
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
+                            timeout=timedelta(minutes=10))
+    group = dist.group.WORLD
+    results = []
+    for mode, strategy, heads in CASES:
+        if heads % world and strategy == "ulysses":
+            continue
+        shards, w = _inputs(args.n, args.d, heads, rank, world)
+        run = _step(mode, strategy, shards, w, group)
+        t = best_time(run, args.repeats)
+        results.append((mode, strategy, heads, args.n, t, peak_memory_mb(run)))
+    shards, w = _inputs(args.memory_n, args.d, 1, rank, world)
+    run = _step("embedded_gaussian", "ring", shards, w, group)
+    run()
+    results.append(("embedded_gaussian", "ring (memory case)", 1, args.memory_n, float("nan"), peak_memory_mb(run)))
+    queue.put((rank, results))
+    dist.destroy_process_group()
+
+
+def _run_world(world: int, args) -> list:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    ctx = mp.get_context("spawn")
+    queue = ctx.Queue()
+    procs = [ctx.Process(target=_rank_main, args=(r, world, port, args, queue)) for r in range(world)]
+    for p in procs:
+        p.start()
+    per_rank = dict(queue.get(timeout=3600) for _ in procs)
+    for p in procs:
+        p.join()
+    # Per case: the slowest rank's time and the largest rank's peak memory.
+    merged = []
+    for i, (mode, strategy, heads, n, _, _) in enumerate(per_rank[0]):
+        merged.append((mode, strategy, heads, n, max(per_rank[r][i][4] for r in per_rank),
+                       max(per_rank[r][i][5] for r in per_rank)))
+    return merged
+
+
+def _sdpa_baseline(n: int, d: int, heads: int, threads: int, repeats: int) -> tuple[float, float]:
+    torch.set_num_threads(threads)
+    q, k, v = (torch.randn(1, heads, n, d, requires_grad=True) for _ in range(3))
+
+    def run():
+        y = F.scaled_dot_product_attention(q, k, v, scale=1 / math.sqrt(d))
+        y.backward(torch.ones_like(y))
+
+    return best_time(run, repeats), peak_memory_mb(run)
+
+
+def main(argv) -> list:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--n", type=int, default=16384, help="total positions N = M")
+    parser.add_argument("--memory-n", type=int, default=32768, help="total N of the per-rank memory case")
+    parser.add_argument("--d", type=int, default=64)
+    parser.add_argument("--worlds", type=int, nargs="+", default=[1, 2, 4])
+    parser.add_argument("--repeats", type=int, default=3)
+    args = parser.parse_args(argv)
+    rows, records = [], []
+    memory = {}
+    for world in args.worlds:
+        baselines = {h: _sdpa_baseline(args.n, args.d, h, world, args.repeats) for h in (1, 4)}
+        for mode, strategy, heads, n, t, mem in _run_world(world, args):
+            if strategy == "ring (memory case)":
+                memory[world] = mem
+                continue
+            base_t, base_mem = baselines[heads]
+            ratio = f"{t / base_t:.2f}x" if mode == "embedded_gaussian" else "-"
+            rows.append([mode, strategy, heads, world, 1e3 * t, mem, 1e3 * base_t, base_mem, ratio])
+            records.append({"suite": "parallel", "mode": mode, "strategy": strategy, "heads": heads, "world": world,
+                            "n": n, "d": args.d, "fwd_bwd_ms": 1e3 * t, "peak_mb_per_rank": mem,
+                            "sdpa_threads": world, "sdpa_ms": 1e3 * base_t, "sdpa_peak_mb": base_mem})
+    print_table(
+        f"Sequence parallel on gloo, N = M = {args.n} total, d = {args.d} per head, float32, 1 thread per rank; "
+        "baseline: single-process F.scaled_dot_product_attention with threads = ranks",
+        ["mode", "strategy", "heads", "ranks", "fwd+bwd ms (slowest rank)", "peak MiB per rank",
+         "SDPA ms", "SDPA peak MiB", "time / SDPA"],
+        rows,
+    )
+    if 1 in memory:
+        mem_rows = [[w, memory[w], f"{memory[w] / memory[1]:.2f}x"] for w in sorted(memory)]
+        print_table(f"Ring, embedded gaussian, N = {args.memory_n} total, d = {args.d}: peak memory per rank during fwd+bwd",
+                    ["ranks", "peak MiB per rank", "vs 1 rank"], mem_rows)
+        records += [{"suite": "parallel_memory", "world": w, "n": args.memory_n, "peak_mb_per_rank": memory[w]} for w in memory]
+    return records

@@ -1,0 +1,184 @@
+"""The main job: a C2D video classifier with non-local blocks, trained on digit clips with DeepSpeed,
+sequence-parallel over time and data-parallel over clips, logged to W&B (offline by default).
+
+    deepspeed --num_gpus 2 scripts/train.py --deepspeed_config configs/ds_zero2.json --sp-size 2
+    torchrun --nproc_per_node 2 scripts/train.py --deepspeed_config configs/ds_zero2.json --sp-size 2
+    ... --ablation            # the same network without non-local blocks, same budget
+    ... --resume              # continue from the latest checkpoint in --ckpt-dir, exactly
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import time
+from pathlib import Path
+
+import deepspeed
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+
+from nonlocal_dist.data import digit_clips
+from nonlocal_dist.integrations.deepspeed_sp import init_sequence_parallel, initialize, loss_scale, model_context
+from nonlocal_dist.integrations.wandb_logger import RunLogger
+from nonlocal_dist.models import C2DNonLocal
+from nonlocal_dist.parallel import shard_tensor
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--experiment", default=str(ROOT / "configs/experiment.json"), help="experiment config (JSON)")
+    p.add_argument("--sp-size", type=int, default=1, help="ranks sharing one clip along time")
+    p.add_argument("--steps", type=int, help="training steps (default: the experiment config's)")
+    p.add_argument("--stop-after", type=int, help="leave after this many steps of this run (a preemption)")
+    p.add_argument("--ablation", action="store_true", help="no non-local blocks")
+    p.add_argument("--ckpt-dir", default="runs/checkpoints")
+    p.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in --ckpt-dir")
+    p.add_argument("--wandb", choices=["offline", "online", "disabled"], default="offline")
+    p.add_argument("--run-dir", default="runs", help="W&B run directory and metrics output")
+    p.add_argument("--train-clips", type=int)
+    p.add_argument("--test-clips", type=int)
+    p.add_argument("--local_rank", type=int, default=int(os.environ.get("LOCAL_RANK", 0)))
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    deepspeed.add_config_arguments(p)
+    return p.parse_args(argv)
+
+
+def load_configs(args):
+    exp = json.loads(Path(args.experiment).read_text())
+    ds = json.loads(Path(args.deepspeed_config).read_text())
+    for key in ("steps",):
+        if getattr(args, key) is not None:
+            exp["train"][key] = getattr(args, key)
+    for key in ("train_clips", "test_clips"):
+        if getattr(args, key) is not None:
+            exp["data"][key] = getattr(args, key)
+    ds["train_micro_batch_size_per_gpu"] = exp["train"]["micro_batch"]
+    ds["optimizer"]["params"]["lr"] = exp["train"]["lr"]
+    return exp, ds
+
+
+def build_model(exp, ds, sp, ablation: bool):
+    torch.manual_seed(exp["data"]["seed"])  # identical initial weights on every rank
+    m = exp["model"]
+    with model_context(ds, sp):
+        return C2DNonLocal(in_channels=2, num_classes=2, widths=tuple(m["widths"]),
+                           nonlocal_after=() if ablation else tuple(m["nonlocal_after"]), mode=m["mode"],
+                           sp_group=sp.sp_group)
+
+
+def batch_indices(step: int, num_clips: int, global_batch: int, dp_rank: int, micro: int, seed: int) -> np.ndarray:
+    """This data-parallel rank's clip indices at ``step``: a pure function of the step (exact resume)."""
+    per_epoch = num_clips // global_batch
+    epoch, offset = divmod(step, per_epoch)
+    order = np.random.default_rng(seed + epoch).permutation(num_clips)
+    start = offset * global_batch + dp_rank * micro
+    return order[start : start + micro]
+
+
+def forward(engine, x, sp, dtype):
+    if sp.sp_group is not None:
+        x = shard_tensor(x, "b c t h w", "t", sp.sp_group)
+    return engine(x.to(dtype)).float()
+
+
+def evaluate(engine, clips, labels, sp, micro: int, dtype) -> tuple[float, float]:
+    """Accuracy and mean loss on held-out clips, split over the data-parallel ranks."""
+    engine.eval()
+    totals = torch.zeros(3, dtype=torch.float64)
+    with torch.no_grad():
+        for start in range(sp.dp_rank * micro, len(labels), sp.dp_size * micro):
+            x, y = clips[start : start + micro], labels[start : start + micro]
+            logits = forward(engine, x, sp, dtype)
+            totals += torch.tensor([(logits.argmax(1) == y).sum().item(), F.cross_entropy(logits, y, reduction="sum").item(), len(y)], dtype=torch.float64)
+    dist.all_reduce(totals)
+    totals /= sp.sp_size  # every SP rank of a group counted the same clips
+    engine.train()
+    return (totals[0] / totals[2]).item(), (totals[1] / totals[2]).item()
+
+
+def peak_rss_mb() -> float:
+    with open("/proc/self/status") as status:
+        return next(int(line.split()[1]) / 1024 for line in status if line.startswith("VmHWM:"))
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo")
+    rank = dist.get_rank()
+    sp = init_sequence_parallel(args.sp_size)
+    exp, ds = load_configs(args)
+    dtype = torch.bfloat16 if ds.get("bf16", {}).get("enabled") else torch.float32
+    d, t = exp["data"], exp["train"]
+    train_x, train_y = digit_clips(d["train_clips"], "train", d["frames"], d["size"], d["seed"])
+    test_x, test_y = digit_clips(d["test_clips"], "test", d["frames"], d["size"], d["seed"])
+    engine = initialize(build_model(exp, ds, sp, args.ablation), ds, sp)
+    start_step = 0
+    if args.resume:
+        path, state = engine.load_checkpoint(args.ckpt_dir)
+        if path is None:
+            raise FileNotFoundError(f"--resume: no checkpoint in {args.ckpt_dir}")
+        start_step = state["step"]
+    name = f"{'ablation' if args.ablation else 'nonlocal'}-sp{sp.sp_size}-zero{ds.get('zero_optimization', {}).get('stage', 0)}"
+    logger = RunLogger(rank, args.wandb, exp["wandb"]["project"], {"experiment": exp, "deepspeed": ds,
+                       "sp_size": sp.sp_size, "ablation": args.ablation, "world": dist.get_world_size()},
+                       args.run_dir, name)
+    micro, global_batch = t["micro_batch"], t["micro_batch"] * sp.dp_size
+    scale = loss_scale(ds, sp)
+    history = []
+    steps_this_run = t["steps"] - start_step if args.stop_after is None else min(args.stop_after, t["steps"] - start_step)
+    progress = None
+    if rank == 0 and not args.quiet:
+        from tqdm import tqdm
+
+        progress = tqdm(total=t["steps"], initial=start_step, desc=name, unit="step")
+    clock = time.perf_counter()
+    for step in range(start_step, start_step + steps_this_run):
+        idx = batch_indices(step, len(train_y), global_batch, sp.dp_rank, micro, d["seed"])
+        logits = forward(engine, train_x[idx], sp, dtype)
+        loss = F.cross_entropy(logits, train_y[idx])
+        engine.backward(loss * scale)
+        engine.step()
+        history.append({"step": step + 1, "loss": loss.item()})
+        if (step + 1) % t["log_every"] == 0 or step + 1 == t["steps"]:
+            elapsed, clock = time.perf_counter() - clock, time.perf_counter()
+            acc = (logits.argmax(1) == train_y[idx]).float().mean().item()
+            logger.log({"train/loss": loss.item(), "train/accuracy": acc,
+                        "perf/samples_per_s": t["log_every"] * global_batch / elapsed,
+                        "perf/peak_rss_mb_rank0": peak_rss_mb()}, engine.global_samples)
+        if (step + 1) % t["checkpoint_every"] == 0 or step + 1 == t["steps"]:
+            engine.save_checkpoint(args.ckpt_dir, tag=f"step{step + 1}", client_state={"step": step + 1})
+        if progress is not None:
+            progress.update(1)
+            progress.set_postfix(loss=f"{loss.item():.3f}")
+    if progress is not None:
+        progress.close()
+    finished = start_step + steps_this_run == t["steps"]
+    result = {"name": name, "history": history, "finished": finished}
+    if finished:
+        train_acc, train_loss = evaluate(engine, train_x[: d["test_clips"]], train_y[: d["test_clips"]], sp, micro, dtype)
+        test_acc, test_loss = evaluate(engine, test_x, test_y, sp, micro, dtype)
+        result.update(train_accuracy=train_acc, test_accuracy=test_acc, test_loss=test_loss, train_loss=train_loss)
+        logger.log({"eval/test_accuracy": test_acc, "eval/test_loss": test_loss, "eval/train_accuracy": train_acc},
+                   engine.global_samples)
+        logger.summary({"test_accuracy": test_acc})
+        if rank == 0:
+            print(f"\n| run | steps | clips seen | train acc | held-out acc | held-out loss |\n|---|---|---|---|---|---|\n"
+                  f"| {name} | {t['steps']} | {engine.global_samples} | {train_acc:.3f} | {test_acc:.3f} | {test_loss:.3f} |")
+    where = logger.finish()
+    if rank == 0:
+        result["wandb_dir"] = where
+        Path(args.run_dir).mkdir(parents=True, exist_ok=True)
+        (Path(args.run_dir) / f"{name}.json").write_text(json.dumps(result, indent=1))
+        if where:
+            print(f"W&B run ({args.wandb}) written to {where}")
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()

@@ -6,6 +6,7 @@ from typing import Sequence
 
 import torch
 from einops import rearrange
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from nonlocal_dist.backends import BACKEND_NAMES, MODES, SOFTMAX_MODES
@@ -122,9 +123,14 @@ class NonLocalBlock(nn.Module):
 
     def embed(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """theta (B', H, N, d), phi (B', H, M, d), g (B', H, M, dv) from x (B', *axes sizes, C)."""
-        theta = x if self.theta is None else self.theta(x)
-        phi = x if self.phi is None else self.phi(x)
-        g = self.g(x)
+        if self.theta is None:
+            theta, phi, g = x, x, self.g(x)
+        else:
+            # One matmul for the three 1x1 projections: a single pass over x (memory-bound at scale).
+            layers = (self.theta, self.phi, self.g)
+            weight = torch.cat([layer.weight for layer in layers])
+            bias = torch.cat([layer.bias for layer in layers])
+            theta, phi, g = F.linear(x, weight, bias).split(self.inter_channels, dim=-1)
         axes = self.layout.axes
         phi = max_pool_positions(phi, axes, self.sub_sample)
         g = max_pool_positions(g, axes, self.sub_sample)

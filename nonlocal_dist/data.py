@@ -1,11 +1,11 @@
-"""Digit clips: real handwritten digits (scikit-learn's digits set) arranged so that the label
-needs long-range spacetime reasoning.
+"""Digit clips: real handwritten digits (scikit-learn's digits set) placed so that the label needs
+long-range spacetime reasoning.
 
-A clip has ``frames`` frames of a ``size``×``size`` canvas; each frame shows one 8×8 digit at a
-random place. One random frame is the *query*: its digit is drawn in channel 1, every other digit
-in channel 0. The label is 1 when the query's digit class appears in another frame (at another
-random place), else 0 (balanced). A per-frame network with global pooling and a linear head cannot
-solve it: it must relate two digits far apart in time and space.
+A clip has ``frames`` blank frames of a ``size``×``size`` canvas; two different random frames each
+show one 8×8 digit at a random place. The label is 1 when the two digits are the same class, else
+0 (balanced). Per-frame features pooled into a linear head see only the *sum* of the two digits'
+features, from which "same or different" is not linearly readable: the two digits, far apart in
+time and space, must meet (a non-local block) before the pooling.
 """
 from __future__ import annotations
 
@@ -23,26 +23,26 @@ def _digit_images(split: str, seed: int) -> tuple[np.ndarray, np.ndarray]:
     return digits.images[index].astype(np.float32) / 16.0, digits.target[index]
 
 
-def digit_clips(num_clips: int, split: str = "train", frames: int = 8, size: int = 24, seed: int = 0):
-    """Clips (num_clips, 2, frames, size, size) float32 and labels (num_clips,) int64, deterministic."""
+def digit_clips(
+    num_clips: int, split: str = "train", frames: int = 8, size: int = 24, seed: int = 0, classes: int = 10
+):
+    """Clips (num_clips, 1, frames, size, size) float32 and labels (num_clips,) int64, deterministic.
+
+    Digits are drawn from the first ``classes`` classes (2 to 10).
+    """
     if split not in ("train", "test"):
         raise ValueError(f"split must be 'train' or 'test', got {split!r}")
-    if frames < 2 or size < 8:
-        raise ValueError(f"need frames >= 2 and size >= 8, got frames={frames}, size={size}")
+    if frames < 2 or size < 8 or not 2 <= classes <= 10:
+        raise ValueError(f"need frames >= 2, size >= 8, 2 <= classes <= 10; got {frames}, {size}, {classes}")
     images, labels = _digit_images(split, seed)
-    by_class = [np.flatnonzero(labels == c) for c in range(10)]
+    by_class = [np.flatnonzero(labels == c) for c in range(classes)]
     rng = np.random.default_rng(seed + (0 if split == "train" else 10_000))
-    clips = np.zeros((num_clips, 2, frames, size, size), dtype=np.float32)
+    clips = np.zeros((num_clips, 1, frames, size, size), dtype=np.float32)
     targets = rng.integers(0, 2, num_clips)
     for i in range(num_clips):
-        query_frame = rng.integers(frames)
-        query_class = rng.integers(10)
-        classes = rng.choice([c for c in range(10) if c != query_class], frames)
-        if targets[i]:
-            classes[rng.choice([f for f in range(frames) if f != query_frame])] = query_class
-        classes[query_frame] = query_class
-        for f in range(frames):
-            image = images[rng.choice(by_class[classes[f]])]
+        first = rng.integers(classes)
+        second = first if targets[i] else rng.choice([c for c in range(classes) if c != first])
+        for frame, digit_class in zip(rng.choice(frames, 2, replace=False), (first, second)):
             y, x = rng.integers(0, size - 7, 2)
-            clips[i, int(f == query_frame), f, y : y + 8, x : x + 8] = image
+            clips[i, 0, frame, y : y + 8, x : x + 8] = images[rng.choice(by_class[digit_class])]
     return torch.from_numpy(clips), torch.from_numpy(targets.astype(np.int64))

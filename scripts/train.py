@@ -37,6 +37,7 @@ def parse_args(argv=None):
     p.add_argument("--stop-after", type=int, help="leave after this many steps of this run (a preemption)")
     p.add_argument("--ablation", action="store_true", help="no non-local blocks")
     p.add_argument("--ckpt-dir", default="runs/checkpoints")
+    p.add_argument("--ckpt-every", type=int, help="checkpoint period in steps (default: the experiment config's)")
     p.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in --ckpt-dir")
     p.add_argument("--wandb", choices=["offline", "online", "disabled"], default="offline")
     p.add_argument("--run-dir", default="runs", help="W&B run directory and metrics output")
@@ -51,9 +52,9 @@ def parse_args(argv=None):
 def load_configs(args):
     exp = json.loads(Path(args.experiment).read_text())
     ds = json.loads(Path(args.deepspeed_config).read_text())
-    for key in ("steps",):
-        if getattr(args, key) is not None:
-            exp["train"][key] = getattr(args, key)
+    for key, arg in (("steps", "steps"), ("checkpoint_every", "ckpt_every")):
+        if getattr(args, arg) is not None:
+            exp["train"][key] = getattr(args, arg)
     for key in ("train_clips", "test_clips"):
         if getattr(args, key) is not None:
             exp["data"][key] = getattr(args, key)
@@ -66,7 +67,7 @@ def build_model(exp, ds, sp, ablation: bool):
     torch.manual_seed(exp["data"]["seed"])  # identical initial weights on every rank
     m = exp["model"]
     with model_context(ds, sp):
-        return C2DNonLocal(in_channels=2, num_classes=2, widths=tuple(m["widths"]),
+        return C2DNonLocal(in_channels=1, num_classes=2, widths=tuple(m["widths"]),
                            nonlocal_after=() if ablation else tuple(m["nonlocal_after"]), mode=m["mode"],
                            sp_group=sp.sp_group)
 
@@ -114,8 +115,8 @@ def main(argv=None):
     exp, ds = load_configs(args)
     dtype = torch.bfloat16 if ds.get("bf16", {}).get("enabled") else torch.float32
     d, t = exp["data"], exp["train"]
-    train_x, train_y = digit_clips(d["train_clips"], "train", d["frames"], d["size"], d["seed"])
-    test_x, test_y = digit_clips(d["test_clips"], "test", d["frames"], d["size"], d["seed"])
+    train_x, train_y = digit_clips(d["train_clips"], "train", d["frames"], d["size"], d["seed"], d["classes"])
+    test_x, test_y = digit_clips(d["test_clips"], "test", d["frames"], d["size"], d["seed"], d["classes"])
     engine = initialize(build_model(exp, ds, sp, args.ablation), ds, sp)
     start_step = 0
     if args.resume:
@@ -168,7 +169,7 @@ def main(argv=None):
         logger.summary({"test_accuracy": test_acc})
         if rank == 0:
             print(f"\n| run | steps | clips seen | train acc | held-out acc | held-out loss |\n|---|---|---|---|---|---|\n"
-                  f"| {name} | {t['steps']} | {engine.global_samples} | {train_acc:.3f} | {test_acc:.3f} | {test_loss:.3f} |")
+                  f"| {name} | {t['steps']} | {int(engine.global_samples)} | {train_acc:.3f} | {test_acc:.3f} | {test_loss:.3f} |")
     where = logger.finish()
     if rank == 0:
         result["wandb_dir"] = where

@@ -22,7 +22,8 @@ def naive_nonlocal(theta, phi, g, mode, scale=1.0, concat_weight=None):
         w = concat_weight.reshape(-1, 2 * d)
         a = (theta * w[None, :, None, :d]).sum(-1)
         b = (phi * w[None, :, None, d:]).sum(-1)
-        f = torch.clamp(a[..., :, None] + b[..., None, :], min=0) / m
+        s = a[..., :, None] + b[..., None, :]
+        f = torch.where(s > 0, s, torch.zeros_like(s)) / m  # ReLU with ReLU'(0) = 0, as torch's
     y = torch.einsum("bhnm,bhme->bhne", f, g)
     return y[:, 0] if squeeze else y
 

@@ -78,8 +78,8 @@ def sorted_stats(inputs: OpInputs, group, n_sizes: list[int], m_sizes: list[int]
         theta, phi, g, w = theta.float(), phi.float(), g.float(), w.float()
     a, b = concat_projections(theta, phi, w)
     b_full, g_full = gather_positions(group, m_sizes, b.unsqueeze(-1), g)
-    keys, p_g, p_bg = sorted_key_stats(b_full.squeeze(-1), g_full)
-    return (apply_sorted_stats(a, keys, p_g, p_bg) / sum(m_sizes)).to(out_dtype)
+    keys, prefix = sorted_key_stats(b_full.squeeze(-1), g_full)
+    return (apply_sorted_stats(a, keys, prefix) / sum(m_sizes)).to(out_dtype)
 
 
 STRATEGIES = {"ring": ring, "allgather": allgather, "ulysses": ulysses, "allreduce": allreduce, "sorted_stats": sorted_stats}

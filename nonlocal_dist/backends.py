@@ -7,7 +7,7 @@ none fits raises an error listing every backend with its reasons.
 from __future__ import annotations
 
 import importlib.util
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import lru_cache
 
 import torch
@@ -19,6 +19,10 @@ SOFTMAX_MODES = ("gaussian", "embedded_gaussian")
 MODES = ("gaussian", "embedded_gaussian", "dot_product", "concatenation")
 # CUDA launches put the batch on a grid axis limited to 65535 blocks.
 _CUDA_MAX_BATCH = 65535
+# torch's CUDA memory-efficient kernel has been reported silently wrong past 2**16 positions with a
+# mask (pytorch/pytorch#162588). We pass no mask, but 2**16 queries per call still fill the device,
+# so the chunking costs nothing and keeps every call inside the sizes known to work.
+_CUDA_MAX_QUERIES = 2**16
 
 
 @dataclass(frozen=True)
@@ -63,6 +67,10 @@ class Backend:
         """Largest batch one call accepts; larger batches are split (exactly) by ``dispatch``."""
         return None
 
+    def max_queries(self, inputs: OpInputs) -> int | None:
+        """Most query positions one call accepts; more are split (exactly) by ``dispatch``."""
+        return None
+
     def compute(self, inputs: OpInputs) -> Tensor:
         raise NotImplementedError
 
@@ -90,6 +98,9 @@ class SdpaBackend(Backend):
 
     def max_batch(self, inputs: OpInputs) -> int | None:
         return _CUDA_MAX_BATCH if inputs.device.type == "cuda" else None
+
+    def max_queries(self, inputs: OpInputs) -> int | None:
+        return _CUDA_MAX_QUERIES if inputs.device.type == "cuda" else None
 
     def compute(self, inputs: OpInputs) -> Tensor:
         return softmax_attention(inputs.theta, inputs.phi, inputs.g, inputs.scale)
@@ -123,6 +134,9 @@ class XformersBackend(Backend):
 
     def max_batch(self, inputs: OpInputs) -> int | None:
         return _CUDA_MAX_BATCH
+
+    def max_queries(self, inputs: OpInputs) -> int | None:
+        return _CUDA_MAX_QUERIES
 
     def compute(self, inputs: OpInputs) -> Tensor:
         import xformers.ops as xops
@@ -181,18 +195,20 @@ def select_backend(inputs: OpInputs, backend: str = "auto") -> Backend:
 
 
 def dispatch(inputs: OpInputs, backend: str = "auto") -> Tensor:
-    """Run ``inputs`` on the selected backend, splitting the batch where the backend has a limit."""
-    chosen = select_backend(inputs, backend)
-    limit = chosen.max_batch(inputs)
-    batch = inputs.theta.shape[0]
-    if limit is None or batch <= limit:
-        return chosen.compute(inputs)
-    parts = []
-    for start in range(0, batch, limit):
-        sl = slice(start, start + limit)
-        parts.append(
-            chosen.compute(
-                OpInputs(inputs.theta[sl], inputs.phi[sl], inputs.g[sl], inputs.mode, inputs.scale, inputs.concat_weight)
-            )
-        )
-    return torch.cat(parts, dim=0)
+    """Run ``inputs`` on the selected backend, in chunks where the backend has a size limit."""
+    return _compute_in_chunks(select_backend(inputs, backend), inputs)
+
+
+def _compute_in_chunks(chosen: Backend, inputs: OpInputs) -> Tensor:
+    # Batch entries and query positions are independent (each y_i sums over all keys), so splitting
+    # either axis is exact; autograd sums the key gradients of the query chunks.
+    for dim, limit in ((0, chosen.max_batch(inputs)), (2, chosen.max_queries(inputs))):
+        size = inputs.theta.shape[dim]
+        if limit is not None and size > limit:
+            if dim == 0:
+                parts = [replace(inputs, theta=t, phi=p, g=v) for t, p, v in
+                         zip(*(x.split(limit) for x in (inputs.theta, inputs.phi, inputs.g)))]
+            else:
+                parts = [replace(inputs, theta=t) for t in inputs.theta.split(limit, dim=2)]
+            return torch.cat([_compute_in_chunks(chosen, part) for part in parts], dim=dim)
+    return chosen.compute(inputs)

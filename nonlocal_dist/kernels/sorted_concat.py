@@ -33,6 +33,24 @@ def take_rows(x: Tensor, index: Tensor) -> Tensor:
     return rows.view(*index.shape, c)
 
 
+def prefix_sum(x: Tensor, block: int = 128) -> Tensor:
+    """Inclusive cumulative sum of x (..., M, C) along M, as blocked matmuls.
+
+    ``torch.cumsum`` along a non-last axis is a slow serial loop on CPU (and so is its backward);
+    a lower-triangular (block × block) matmul per block plus a short cumsum of the block totals is
+    the same sum, runs on BLAS, and its backward is matmuls again.
+    """
+    m = x.shape[-2]
+    blocks = F.pad(x, (0, 0, 0, (-m) % block)).unflatten(-2, (-1, block))
+    tri = torch.ones(block, block, dtype=x.dtype, device=x.device).tril()
+    # One (block x block) @ (block x everything) GEMM: a broadcast matmul would expand tri per block.
+    columns = blocks.movedim(-2, 0)
+    within = (tri @ columns.reshape(block, -1)).view(columns.shape).movedim(0, -2)
+    totals = within[..., -1, :]
+    offsets = torch.cumsum(totals, dim=-2) - totals
+    return (within + offsets.unsqueeze(-2)).flatten(-3, -2)[..., :m, :]
+
+
 def sorted_key_stats(b: Tensor, g: Tensor) -> tuple[Tensor, Tensor]:
     """Keys ``-b`` sorted ascending (B, H, M) and packed prefix sums (B, H, M+1, 2·dv).
 
@@ -42,7 +60,7 @@ def sorted_key_stats(b: Tensor, g: Tensor) -> tuple[Tensor, Tensor]:
     keys, order = torch.sort(-b, dim=-1)
     g_sorted = take_rows(g, order)
     packed = torch.cat([g_sorted, -keys.unsqueeze(-1) * g_sorted], dim=-1)
-    return keys, F.pad(torch.cumsum(packed, dim=-2), (0, 0, 1, 0))
+    return keys, F.pad(prefix_sum(packed), (0, 0, 1, 0))
 
 
 def apply_sorted_stats(a: Tensor, keys: Tensor, prefix: Tensor) -> Tensor:

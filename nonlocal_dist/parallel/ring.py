@@ -52,6 +52,9 @@ def ring_backward(
         dq_s, dk_s, dv_s = attention_backward(dout, q, kv[..., :d], kv[..., d:], out, lse, scale)
         dq += dq_s
         block_grad = torch.cat([dk_s, dv_s], dim=-1).to(acc)
+        if kv_comm.world == 1:  # the only block is this rank's own
+            dkv = block_grad
+            break
         if dkv is not None:
             grad_comm.wait()
             block_grad = block_grad + dkv

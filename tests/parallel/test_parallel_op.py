@@ -55,7 +55,7 @@ def _case(rank, world, mode):
     return failures
 
 
-@pytest.mark.parametrize("world", [2, 3])
+@pytest.mark.parametrize("world", [1, 2, 3])
 @pytest.mark.parametrize("mode", ["gaussian", "embedded_gaussian", "dot_product", "concatenation"])
 def test_parallel_matches_single_device_float64(world, mode):
     failures = run_ranks(_case, world, mode)

@@ -44,11 +44,14 @@ def exclusive_prefix_sum(x: Tensor, block: int = 128) -> Tensor:
     """
     m = x.shape[-2]
     # A leading zero row turns the inclusive sum into the exclusive one; the tail fills the last block.
-    blocks = F.pad(x, (0, 0, 1, (-(m + 1)) % block)).unflatten(-2, (-1, block))
-    tri = torch.ones(block, block, dtype=x.dtype, device=x.device).tril()
+    columns = F.pad(x, (0, 0, 1, (-(m + 1)) % block)).unflatten(-2, (-1, block)).movedim(-2, 0)
+    shape = columns.shape
     # One (block x block) @ (block x everything) GEMM: a broadcast matmul would expand tri per block.
-    columns = blocks.movedim(-2, 0)
-    within = (tri @ columns.reshape(block, -1)).view(columns.shape).movedim(0, -2)
+    # The padded copy is dropped as soon as the GEMM has its operand (peak memory at large M).
+    columns = columns.reshape(block, -1)
+    tri = torch.ones(block, block, dtype=x.dtype, device=x.device).tril()
+    within = (tri @ columns).view(shape).movedim(0, -2)
+    del columns
     totals = within[..., -1, :]
     offsets = torch.cumsum(totals, dim=-2) - totals
     return (within + offsets.unsqueeze(-2)).flatten(-3, -2)[..., : m + 1, :]
@@ -63,6 +66,7 @@ def sorted_key_stats(b: Tensor, g: Tensor) -> tuple[Tensor, Tensor]:
     keys, order = torch.sort(-b, dim=-1)
     g_sorted = take_rows(g, order)
     packed = torch.cat([g_sorted, -keys.unsqueeze(-1) * g_sorted], dim=-1)
+    del g_sorted
     return keys, exclusive_prefix_sum(packed)
 
 
@@ -93,17 +97,17 @@ class _SortedConcat(torch.autograd.Function):
     @once_differentiable
     def backward(ctx, dy: Tensor):
         a, b, g, p_g = ctx.saved_tensors
-        dy = dy / b.shape[-1]
-        # dL/dy_i · ∂y_i/∂a_i = dy_i · Σ_{j: a_i + b_j > 0} g_j.
-        da = torch.linalg.vecdot(dy, p_g) if ctx.needs_input_grad[0] else None
+        m = b.shape[-1]
+        # dL/da_i = dy_i · Σ_{j: a_i + b_j > 0} g_j / M.
+        da = torch.linalg.vecdot(dy, p_g).div_(m) if ctx.needs_input_grad[0] else None
         if not (ctx.needs_input_grad[1] or ctx.needs_input_grad[2]):
             return da, None, None
         # s_dy_j = Σ_{i: a_i + b_j > 0} dy_i and s_ady_j = Σ a_i dy_i: the forward's statistics with
         # the roles of (a, g) and (b, dy) exchanged; the strict inequality is the same pairs.
         keys_q, prefix_q = sorted_key_stats(a, dy)
         s_dy, s_ady = _prefix_rows(b, keys_q, prefix_q)
-        db = torch.linalg.vecdot(g, s_dy)
-        dg = torch.addcmul(s_ady, b.unsqueeze(-1), s_dy)
+        db = torch.linalg.vecdot(g, s_dy).div_(m)
+        dg = torch.addcmul(s_ady, b.unsqueeze(-1), s_dy).div_(m)
         return da, db, dg
 
 

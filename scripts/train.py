@@ -36,6 +36,8 @@ def parse_args(argv=None):
     p.add_argument("--steps", type=int, help="training steps (default: the experiment config's)")
     p.add_argument("--stop-after", type=int, help="leave after this many steps of this run (a preemption)")
     p.add_argument("--ablation", action="store_true", help="no non-local blocks")
+    p.add_argument("--activation-checkpoint", choices=["torch", "deepspeed"],
+                   help="recompute the non-local blocks in the backward instead of keeping their activations")
     p.add_argument("--ckpt-dir", default="runs/checkpoints")
     p.add_argument("--ckpt-every", type=int, help="checkpoint period in steps (default: the experiment config's)")
     p.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in --ckpt-dir")
@@ -63,13 +65,13 @@ def load_configs(args):
     return exp, ds
 
 
-def build_model(exp, ds, sp, ablation: bool):
+def build_model(exp, ds, sp, ablation: bool, checkpoint: str | None = None):
     torch.manual_seed(exp["data"]["seed"])  # identical initial weights on every rank
     m = exp["model"]
     with model_context(ds, sp):
         return C2DNonLocal(in_channels=1, num_classes=2, widths=tuple(m["widths"]),
                            nonlocal_after=() if ablation else tuple(m["nonlocal_after"]), mode=m["mode"],
-                           sp_group=sp.sp_group)
+                           sp_group=sp.sp_group, checkpoint=checkpoint)
 
 
 def batch_indices(step: int, num_clips: int, global_batch: int, dp_rank: int, micro: int, seed: int) -> np.ndarray:
@@ -117,7 +119,7 @@ def main(argv=None):
     d, t = exp["data"], exp["train"]
     train_x, train_y = digit_clips(d["train_clips"], "train", d["frames"], d["size"], d["seed"], d["classes"])
     test_x, test_y = digit_clips(d["test_clips"], "test", d["frames"], d["size"], d["seed"], d["classes"])
-    engine = initialize(build_model(exp, ds, sp, args.ablation), ds, sp)
+    engine = initialize(build_model(exp, ds, sp, args.ablation, args.activation_checkpoint), ds, sp)
     start_step = 0
     if args.resume:
         path, state = engine.load_checkpoint(args.ckpt_dir)

@@ -8,6 +8,7 @@ and the global pooling span the group, and the logits equal the single-device lo
 from __future__ import annotations
 
 import torch
+import torch.utils.checkpoint
 from torch import Tensor, nn
 
 from nonlocal_dist.block import NonLocalBlock
@@ -43,6 +44,8 @@ class C2DNonLocal(nn.Module):
     ``widths`` are the channels of the stages (each halves H and W but the first); a non-local block
     (spacetime, ``mode``, phi/g max-pooled 2×2 in space) follows every stage listed in
     ``nonlocal_after`` (the paper puts them at res3/res4); ``nonlocal_after=()`` is the ablation.
+    ``checkpoint`` ('torch' or 'deepspeed') recomputes the non-local blocks in the backward instead
+    of keeping their activations (exact: same gradients and BatchNorm statistics).
     """
 
     def __init__(
@@ -54,9 +57,12 @@ class C2DNonLocal(nn.Module):
         mode: str = "embedded_gaussian",
         sp_group=None,
         sp_strategy: str | None = None,
+        checkpoint: str | None = None,
     ) -> None:
         super().__init__()
-        self.sp_group = sp_group
+        if checkpoint not in (None, "torch", "deepspeed"):
+            raise ValueError(f"checkpoint must be None, 'torch' or 'deepspeed', got {checkpoint!r}")
+        self.sp_group, self.checkpoint = sp_group, checkpoint
         layers: list[nn.Module] = []
         cin = in_channels
         for index, width in enumerate(widths):
@@ -68,8 +74,44 @@ class C2DNonLocal(nn.Module):
         self.features = nn.Sequential(*layers)
         self.head = nn.Linear(cin, num_classes)
 
+    def _run_features(self, x: Tensor) -> Tensor:
+        for layer in self.features:
+            if self.checkpoint is not None and self.training and isinstance(layer, NonLocalBlock):
+                x = self._checkpointed(layer, x)
+            else:
+                x = layer(x)
+        return x
+
+    def _checkpointed(self, layer: NonLocalBlock, x: Tensor) -> Tensor:
+        """``layer(x)`` without its activations kept; the backward's recomputation leaves buffers alone.
+
+        BatchNorm updates its running statistics on every training forward, so the recomputation
+        runs on copies of the buffers: the statistics (and so evaluation) equal those of a run
+        without checkpointing. (Copies rather than restoring values: autograd saved the originals.)
+        """
+        calls = []
+
+        def run(inputs: Tensor) -> Tensor:
+            if not calls:
+                calls.append(1)
+                return layer(inputs)
+            owners = [(m, name, buf) for m in layer.modules() for name, buf in m._buffers.items() if buf is not None]
+            for module, name, buf in owners:
+                module._buffers[name] = buf.clone()
+            try:
+                return layer(inputs)
+            finally:
+                for module, name, buf in owners:
+                    module._buffers[name] = buf
+
+        if self.checkpoint == "torch":
+            return torch.utils.checkpoint.checkpoint(run, x, use_reentrant=False)
+        import deepspeed
+
+        return deepspeed.checkpointing.checkpoint(run, x)
+
     def forward(self, x: Tensor) -> Tensor:
-        feats = self.features(x)
+        feats = self._run_features(x)
         # Global average pool over (T, H, W); under SP the sums of every rank's frames are added.
         total = feats.sum(dim=(2, 3, 4))
         count = torch.tensor(float(feats[0, 0].numel()), dtype=feats.dtype, device=feats.device)

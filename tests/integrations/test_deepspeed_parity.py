@@ -29,11 +29,12 @@ def _config(stage: int) -> dict:
     return cfg
 
 
-def _model(sp_group=None, mode="embedded_gaussian"):
+def _model(sp_group=None, checkpoint=None):
     from nonlocal_dist.models import C2DNonLocal
 
     torch.manual_seed(0)
-    return C2DNonLocal(in_channels=2, num_classes=3, widths=(4, 8), nonlocal_after=(0, 1), mode=mode, sp_group=sp_group)
+    return C2DNonLocal(in_channels=2, num_classes=3, widths=(4, 8), nonlocal_after=(0, 1), sp_group=sp_group,
+                       checkpoint=checkpoint)
 
 
 def _open_nonlocal_blocks(model):
@@ -65,10 +66,10 @@ def _reference(stage: int, steps: int):
         if step == 0:
             grads = {n: p.grad.clone() for n, p in model.named_parameters()}
         opt.step()
-    return grads, {n: p.detach().clone() for n, p in model.named_parameters()}
+    return grads, {n: p.detach().clone() for n, p in model.named_parameters()}, dict(model.named_buffers())
 
 
-def _sp_worker(rank, world, stage, steps):
+def _sp_worker(rank, world, stage, steps, checkpoint):
     from deepspeed.utils import safe_get_full_fp32_param, safe_get_full_grad
 
     from nonlocal_dist.integrations.deepspeed_sp import init_sequence_parallel, initialize, loss_scale, model_context
@@ -79,7 +80,7 @@ def _sp_worker(rank, world, stage, steps):
     sp = init_sequence_parallel(2)
     cfg = _config(stage)
     with model_context(cfg, sp):
-        model = _model(sp.sp_group)
+        model = _model(sp.sp_group, checkpoint)
     _open_nonlocal_blocks(model)
     engine = initialize(model, cfg, sp)
     x, y = _data()
@@ -94,24 +95,29 @@ def _sp_worker(rank, world, stage, steps):
         # Without ZeRO there is no fp32 master copy: the module's parameters are the weights.
         weights_after_each.append({n: (safe_get_full_fp32_param(p) if stage else p).detach().clone()
                                    for n, p in engine.module.named_parameters()})
-    return grads, weights_after_each[-1]
+    buffers = {n: b.clone() for n, b in engine.module.named_buffers()}
+    return grads, weights_after_each[-1], buffers
 
 
-@pytest.mark.parametrize("stage", [0, 1, 2, 3])
-def test_sp2_step_matches_single_process(stage):
+# Activation checkpointing of the non-local blocks (recomputed in the backward, with collectives
+# under SP) must leave every gradient, weight and BatchNorm statistic unchanged.
+@pytest.mark.parametrize("stage, checkpoint", [(0, None), (1, None), (2, None), (3, None), (2, "deepspeed"), (3, "torch")])
+def test_sp2_step_matches_single_process(stage, checkpoint):
     steps = 3
-    ref_grads, ref_weights = _reference(stage, steps)
+    ref_grads, ref_weights, ref_buffers = _reference(stage, steps)
     assert all(g.abs().max() > 0 for g in ref_grads.values()), "every parameter must receive a gradient"
-    results = run_ranks(_sp_worker, 2, stage, steps, timeout=240)
+    results = run_ranks(_sp_worker, 2, stage, steps, checkpoint, timeout=240)
     # DeepSpeed runs float32, the reference float64: gradients compared on the scale of the largest
     # one (a BatchNorm weight's gradient is a cancelling sum), weights relative to themselves.
     grad_scale = max(g.abs().max().item() for g in ref_grads.values())
-    for rank, (grads, weights) in enumerate(results):
+    for rank, (grads, weights, buffers) in enumerate(results):
         for name, ref in ref_grads.items():
             err = rel_err(grads[name], ref, floor=grad_scale)
             assert err <= 1e-5, f"rank {rank} grad {name}: {err:.2e}"
         for name, ref in ref_weights.items():
             assert rel_err(weights[name], ref) <= 1e-5, f"rank {rank} weight {name} after {steps} steps"
+        for name, ref in ref_buffers.items():
+            assert rel_err(buffers[name].to(ref.dtype), ref) <= 1e-5, f"rank {rank} buffer {name} after {steps} steps"
     # The SP ranks hold identical weights after several steps.
     for name in ref_weights:
         assert torch.equal(results[0][1][name], results[1][1][name]), name

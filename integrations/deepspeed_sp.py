@@ -28,6 +28,19 @@ class SequenceParallel:
     mpu: object | None
 
 
+def resolve_sp_size(config: dict, sp_size: int | None) -> int:
+    """``sp_size`` if given, else the config's ``sequence_parallel_size`` (1 when absent); both given must agree."""
+    configured = config.get("sequence_parallel_size")
+    if sp_size is None:
+        return int(configured or 1)
+    if configured is not None and int(configured) != sp_size:
+        raise ValueError(
+            f"sp_size={sp_size} disagrees with the DeepSpeed config's sequence_parallel_size={configured}; "
+            "give one of them or make them equal"
+        )
+    return sp_size
+
+
 def init_sequence_parallel(sp_size: int) -> SequenceParallel:
     """Create the SP and SP x DP groups (every rank must call it); ``sp_size`` must divide the world."""
     if not dist.is_initialized():

@@ -12,7 +12,7 @@ from torch import Tensor, nn
 from nonlocal_dist.backends import BACKEND_NAMES, MODES, SOFTMAX_MODES
 from nonlocal_dist.functional import nonlocal_op
 from nonlocal_dist.layout import flatten_positions, max_pool_positions, normalise_sub_sample, parse_layout
-from nonlocal_dist.parallel import group_batch_norm
+from nonlocal_dist.parallel import batch_norm_rows
 from nonlocal_dist.parallel.checks import exchange_metadata, raise_on_mismatch
 
 
@@ -149,7 +149,7 @@ class NonLocalBlock(nn.Module):
         z = self.W_z(rearrange(y, "b h n d -> b n (h d)"))
         if self.norm is not None:
             rows = z.reshape(-1, self.in_channels)
-            normed = self.norm(rows) if self.sp_group is None else group_batch_norm(rows, self.norm, self.sp_group)
+            normed = batch_norm_rows(rows, self.norm, self.sp_group)
             if normed.requires_grad:
                 # The gradient comes back in the input layout's order (a strided view for "b c t h w");
                 # BatchNorm's CPU backward is 5-10x slower on a strided gradient than on a contiguous one.

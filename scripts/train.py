@@ -21,7 +21,9 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from nonlocal_dist.data import digit_clips
-from nonlocal_dist.integrations.deepspeed_sp import init_sequence_parallel, initialize, loss_scale, model_context
+from nonlocal_dist.integrations.deepspeed_sp import (
+    init_sequence_parallel, initialize, loss_scale, model_context, resolve_sp_size,
+)
 from nonlocal_dist.integrations.wandb_logger import RunLogger
 from nonlocal_dist.models import C2DNonLocal
 from nonlocal_dist.parallel import shard_tensor
@@ -32,7 +34,8 @@ ROOT = Path(__file__).resolve().parents[1]
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--experiment", default=str(ROOT / "configs/experiment.json"), help="experiment config (JSON)")
-    p.add_argument("--sp-size", type=int, default=1, help="ranks sharing one clip along time")
+    p.add_argument("--sp-size", type=int,
+                   help="ranks sharing one clip along time (default: the DeepSpeed config's sequence_parallel_size, else 1)")
     p.add_argument("--steps", type=int, help="training steps (default: the experiment config's)")
     p.add_argument("--stop-after", type=int, help="leave after this many steps of this run (a preemption)")
     p.add_argument("--ablation", action="store_true", help="no non-local blocks")
@@ -113,8 +116,8 @@ def main(argv=None):
     args = parse_args(argv)
     deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo")
     rank = dist.get_rank()
-    sp = init_sequence_parallel(args.sp_size)
     exp, ds = load_configs(args)
+    sp = init_sequence_parallel(resolve_sp_size(ds, args.sp_size))
     dtype = torch.bfloat16 if ds.get("bf16", {}).get("enabled") else torch.float32
     d, t = exp["data"], exp["train"]
     train_x, train_y = digit_clips(d["train_clips"], "train", d["frames"], d["size"], d["seed"], d["classes"])

@@ -12,7 +12,7 @@ import torch.utils.checkpoint
 from torch import Tensor, nn
 
 from nonlocal_dist.block import NonLocalBlock
-from nonlocal_dist.parallel import group_batch_norm
+from nonlocal_dist.parallel import batch_norm_rows
 from nonlocal_dist.parallel.collectives import all_reduce
 
 
@@ -25,7 +25,7 @@ class _Norm3d(nn.BatchNorm1d):
 
     def forward(self, x: Tensor) -> Tensor:
         rows = x.movedim(1, -1).reshape(-1, x.shape[1])
-        out = super().forward(rows) if self.sp_group is None else group_batch_norm(rows, self, self.sp_group)
+        out = batch_norm_rows(rows, self, self.sp_group)
         return out.view(*x.shape[:1], *x.shape[2:], x.shape[1]).movedim(-1, 1)
 
 

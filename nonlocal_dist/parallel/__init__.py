@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 from nonlocal_dist.parallel.api import parallel_nonlocal
-from nonlocal_dist.parallel.norm import group_batch_norm
+from nonlocal_dist.parallel.norm import batch_norm_rows, group_batch_norm
 from nonlocal_dist.parallel.shard import gather_tensor, shard_sizes, shard_tensor
 from nonlocal_dist.parallel.strategies import MODE_STRATEGIES, STRATEGIES
 
@@ -10,6 +10,7 @@ __all__ = [
     "MODE_STRATEGIES",
     "STRATEGIES",
     "gather_tensor",
+    "batch_norm_rows",
     "group_batch_norm",
     "parallel_nonlocal",
     "shard_sizes",

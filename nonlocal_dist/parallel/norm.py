@@ -8,24 +8,44 @@ from torch import Tensor, nn
 from nonlocal_dist.parallel.collectives import all_reduce
 
 
+def batch_norm_rows(x: Tensor, bn: nn.BatchNorm1d, group=None) -> Tensor:
+    """``bn`` applied to rows x (L_r, C); statistics over every rank of ``group`` when one is given.
+
+    Without a group and with x, parameters and running statistics in one dtype this is BatchNorm's
+    own forward.
+    Otherwise (a group, or mixed precision such as DeepSpeed's bf16, which casts parameters but
+    keeps float32 buffers) the statistics are computed in float32 (float64 for float64 input) and
+    the result is cast back to x's dtype.
+    """
+    dtypes = {x.dtype} | {t.dtype for t in (bn.weight, bn.running_mean) if t is not None}
+    if group is None and len(dtypes) == 1:  # BatchNorm's own forward (bn may subclass it and call here)
+        return nn.modules.batchnorm._BatchNorm.forward(bn, x)
+    return group_batch_norm(x, bn, group)
+
+
 def group_batch_norm(x: Tensor, bn: nn.BatchNorm1d, group) -> Tensor:
-    """``bn`` applied to x (L_r, C) as if the rows of every rank were one batch.
+    """``bn`` applied to x (L_r, C) as if the rows of every rank of ``group`` were one batch.
 
     Training: the group mean from one all-reduce of ``[Σx, count]``, then the biased variance from
     a second of ``Σ(x - mean)²`` (two passes: ``E[x²] - mean²`` loses float32 precision when the
     mean is large); running stats updated with the unbiased variance, as ``nn.BatchNorm1d`` does on
-    the whole batch. Eval: ``bn``.
+    the whole batch. Eval: the running statistics. ``group=None``: this rank's rows alone.
+    Computed in float32 (float64 for float64 input), returned in x's dtype.
     """
-    if not bn.training:
-        return F.batch_norm(x, bn.running_mean, bn.running_var, bn.weight, bn.bias, False, 0.0, bn.eps)
     acc = torch.float64 if x.dtype == torch.float64 else torch.float32
+    weight = bn.weight.to(acc) if bn.affine else None
+    bias = bn.bias.to(acc) if bn.affine else None
+    if not bn.training and bn.track_running_stats:
+        stats = (bn.running_mean.to(acc), bn.running_var.to(acc))
+        return F.batch_norm(x.to(acc), *stats, weight, bias, False, 0.0, bn.eps).to(x.dtype)
+    reduce = (lambda t: all_reduce(t, group)) if group is not None else (lambda t: t)
     xf = x.to(acc)
-    sums = all_reduce(torch.cat([xf.sum(0), xf.new_full((1,), float(x.shape[0]))]), group)
+    sums = reduce(torch.cat([xf.sum(0), xf.new_full((1,), float(x.shape[0]))]))
     total = sums[-1]
     mean = sums[:-1] / total
     centred = xf - mean
-    var = all_reduce((centred * centred).sum(0), group) / total
-    if bn.track_running_stats:
+    var = reduce((centred * centred).sum(0)) / total
+    if bn.training and bn.track_running_stats:
         with torch.no_grad():
             bn.num_batches_tracked += 1
             momentum = bn.momentum if bn.momentum is not None else 1.0 / float(bn.num_batches_tracked)
@@ -34,5 +54,5 @@ def group_batch_norm(x: Tensor, bn: nn.BatchNorm1d, group) -> Tensor:
             bn.running_var.mul_(1 - momentum).add_(momentum * unbiased.to(bn.running_var.dtype))
     y = centred * torch.rsqrt(var + bn.eps)
     if bn.affine:
-        y = y * bn.weight.to(acc) + bn.bias.to(acc)
+        y = y * weight + bias
     return y.to(x.dtype)

@@ -15,58 +15,70 @@ from nonlocal_dist.parallel.comm import RingComm
 from nonlocal_dist.parallel.merge import merge_partial
 
 
+def _block_shape(x: Tensor, positions: int) -> tuple[int, ...]:
+    return (*x.shape[:2], positions, x.shape[-1])
+
+
 def ring_forward(q: Tensor, k: Tensor, v: Tensor, scale: float, group, m_sizes: list[int]) -> tuple[Tensor, Tensor]:
-    """Output (B, H, N_r, dv) in q's dtype and the global LSE (B, H, N_r) for local queries."""
+    """Output (B, H, N_r, dv) in q's dtype and the global LSE (B, H, N_r) for local queries.
+
+    k and v travel as they are (two messages per step, no packed copy): the rank holds the block in
+    hand and the one arriving, 2 (M/P)(d + dv) values.
+    """
     comm = RingComm(group)
-    d = k.shape[-1]
-    kv = torch.cat([k, v], dim=-1)
     out = lse = None
     for step in range(comm.world):
         if step < comm.world - 1:
             origin = (comm.rank - step - 1) % comm.world
-            incoming = comm.send_recv(kv, (*kv.shape[:2], m_sizes[origin], kv.shape[-1]))
+            next_k = comm.send_recv(k, _block_shape(k, m_sizes[origin]))
+            next_v = comm.send_recv(v, _block_shape(v, m_sizes[origin]))
             comm.commit()
-        block_out, block_lse = attention_forward(q, kv[..., :d], kv[..., d:], scale)
+        block_out, block_lse = attention_forward(q, k, v, scale)
         out, lse = merge_partial(out, lse, block_out, block_lse)
+        del block_out, block_lse
         if step < comm.world - 1:
             comm.wait()
-            kv = incoming
+            k, v = next_k, next_v
     return out.to(q.dtype), lse
 
 
 def ring_backward(
     dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, scale: float, group, m_sizes: list[int]
 ) -> tuple[Tensor, Tensor, Tensor]:
-    """(dq, dk, dv) for this rank's shards; dk/dv are summed over every rank's queries."""
+    """(dq, dk, dv) for this rank's shards; dk/dv are summed over every rank's queries.
+
+    Step s: the block of rank ``r - s`` is in hand; its gradient accumulated by the ranks it has
+    visited arrives from the previous rank while this rank computes, this rank's part is added in
+    place and the sum moves on with the block; after the last step it reaches the block's owner.
+    """
     kv_comm, grad_comm = RingComm(group), RingComm(group)
-    d = k.shape[-1]
     acc = torch.float64 if q.dtype == torch.float64 else torch.float32
-    kv = torch.cat([k, v], dim=-1)
-    dq = torch.zeros(q.shape, dtype=acc, device=q.device)
-    dkv = None
+    dq = dk = dv = None
     for step in range(kv_comm.world):
         origin = (kv_comm.rank - step - 1) % kv_comm.world
         if step < kv_comm.world - 1:
-            incoming = kv_comm.send_recv(kv, (*kv.shape[:2], m_sizes[origin], kv.shape[-1]))
+            next_k = kv_comm.send_recv(k, _block_shape(k, m_sizes[origin]))
+            next_v = kv_comm.send_recv(v, _block_shape(v, m_sizes[origin]))
             kv_comm.commit()
-        dq_s, dk_s, dv_s = attention_backward(dout, q, kv[..., :d], kv[..., d:], out, lse, scale)
-        dq += dq_s
-        block_grad = torch.cat([dk_s, dv_s], dim=-1).to(acc)
-        if kv_comm.world == 1:  # the only block is this rank's own
-            dkv = block_grad
-            break
-        if dkv is not None:
+        dq_s, dk_s, dv_s = attention_backward(dout, q, k, v, out, lse, scale)
+        dq = dq_s.to(acc) if dq is None else dq.add_(dq_s)
+        del dq_s
+        if step > 0:  # the block's gradient so far, from the ranks it visited before
             grad_comm.wait()
-            block_grad = block_grad + dkv
-        # The accumulated gradient of the block in hand moves on with it; after the last step it
-        # reaches the block's owner.
-        dkv = grad_comm.send_recv(block_grad, (*kv.shape[:2], m_sizes[origin], kv.shape[-1]))
+            dk_s, dv_s = dk.add_(dk_s), dv.add_(dv_s)
+        dk = dv = None
+        if kv_comm.world == 1:  # the only block is this rank's own
+            dk, dv = dk_s, dv_s
+            break
+        dk = grad_comm.send_recv(dk_s.to(acc), _block_shape(dk_s, m_sizes[origin]))
+        dv = grad_comm.send_recv(dv_s.to(acc), _block_shape(dv_s, m_sizes[origin]))
         grad_comm.commit()
+        del dk_s, dv_s
         if step < kv_comm.world - 1:
             kv_comm.wait()
-            kv = incoming
+            k, v = next_k, next_v
     grad_comm.wait()
-    return dq.to(q.dtype), dkv[..., :d].to(k.dtype), dkv[..., d:].to(v.dtype)
+    return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)
 
 
 class _RingAttention(torch.autograd.Function):

@@ -20,14 +20,15 @@ ROOT = Path(__file__).resolve().parents[2]
 SMALL = ["--train-clips", "96", "--test-clips", "32", "--quiet"]
 
 
-def _launch(tmp: Path, *args: str, launcher: str = "torchrun", timeout: int = 300) -> subprocess.CompletedProcess:
+def _launch(tmp: Path, *args: str, launcher: str = "torchrun", config: str = "ds_zero2.json", sp: tuple = ("--sp-size", "2"),
+            timeout: int = 300) -> subprocess.CompletedProcess:
     bin_dir = Path(sys.executable).parent
     if launcher == "torchrun":
         cmd = [str(bin_dir / "torchrun"), "--nproc_per_node", "2", "--master_port", str(free_port())]
     else:
         cmd = [str(bin_dir / "deepspeed"), "--num_gpus", "2", "--master_port", str(free_port())]
-    cmd += [str(ROOT / "scripts/train.py"), "--deepspeed_config", str(ROOT / "configs/ds_zero2.json"),
-            "--sp-size", "2", "--run-dir", str(tmp), *SMALL, *args]
+    cmd += [str(ROOT / "scripts/train.py"), "--deepspeed_config", str(ROOT / "configs" / config), *sp,
+            "--run-dir", str(tmp), *SMALL, *args]
     env = dict(os.environ, WANDB_SILENT="true", OMP_NUM_THREADS="1")
     proc = subprocess.run(cmd, cwd=tmp, env=env, capture_output=True, text=True, timeout=timeout)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
@@ -65,3 +66,13 @@ def test_preempt_and_resume_matches_uninterrupted_run(tmp_path):
     assert [h["step"] for h in resumed] == [4, 5, 6]
     assert [h["loss"] for h in resumed] == uninterrupted[3:]
     assert _result(split)["test_accuracy"] == _result(full)["test_accuracy"]
+
+
+@pytest.mark.parametrize("config", ["ds_sp2.json", "ds_bf16.json"])
+def test_shipped_configs_train(tmp_path, config):
+    """ds_sp2.json sets SP = 2 through ``sequence_parallel_size`` alone; ds_bf16.json trains in bf16 with SP = 2."""
+    sp = () if config == "ds_sp2.json" else ("--sp-size", "2")
+    _launch(tmp_path, "--steps", "2", "--ckpt-dir", str(tmp_path / "ckpt"), "--wandb", "disabled", config=config, sp=sp)
+    result = _result(tmp_path)
+    assert result["finished"] and len(result["history"]) == 2
+    assert all(h["loss"] == h["loss"] and h["loss"] > 0 for h in result["history"])

@@ -10,11 +10,13 @@ def merge_partial(out: Tensor | None, lse: Tensor | None, block_out: Tensor, blo
 
     ``out`` (B, H, N, dv) and ``lse`` (B, H, N) are the running result over the keys seen so far;
     ``new_lse = log(e^lse + e^block_lse)``, ``new_out = e^(lse-new_lse) out + e^(block_lse-new_lse) block_out``.
+    ``out`` and ``block_out`` are overwritten (the caller owns both): no temporaries of their size.
     """
     acc = torch.float64 if block_out.dtype == torch.float64 else torch.float32
     block_out, block_lse = block_out.to(acc), block_lse.to(acc)
     if out is None:
         return block_out, block_lse
     new_lse = torch.logaddexp(lse, block_lse)
-    merged = torch.exp(lse - new_lse).unsqueeze(-1) * out + torch.exp(block_lse - new_lse).unsqueeze(-1) * block_out
-    return merged, new_lse
+    out.mul_(torch.exp(lse - new_lse).unsqueeze(-1))
+    out.add_(block_out.mul_(torch.exp(block_lse - new_lse).unsqueeze(-1)))
+    return out, new_lse

@@ -1,9 +1,10 @@
 """Ring strategy for the softmax modes: key blocks travel around the group, merged by log-sum-exp.
 
 Forward: each step computes this rank's queries against the key block in hand while the next block
-is already in flight (batch_isend_irecv). Backward: a second ring; every block's gradient uses the
-*global* output and LSE, dq accumulates locally and dk/dv travel with their block back home.
-Memory per rank: O((N + M)/P · d).
+is already in flight (batch_isend_irecv); partial outputs merge in place. Backward: a second ring;
+every block's gradient uses the *global* output and LSE, dq accumulates locally and dk/dv travel
+with their block back home, chunk by chunk. Memory per rank: O((N + M)/P · d); at N = M the
+backward holds about seven (N/P)·d tensors (out, dout, dq, and the block's k, v, dk, dv).
 """
 from __future__ import annotations
 
@@ -13,6 +14,9 @@ from torch import Tensor
 from nonlocal_dist.kernels import attention_backward, attention_forward
 from nonlocal_dist.parallel.comm import RingComm
 from nonlocal_dist.parallel.merge import merge_partial
+
+
+BACKWARD_CHUNK = 512  # positions per kernel call in the ring backward (queries and keys)
 
 
 def _block_shape(x: Tensor, positions: int) -> tuple[int, ...]:
@@ -42,42 +46,64 @@ def ring_forward(q: Tensor, k: Tensor, v: Tensor, scale: float, group, m_sizes: 
     return out.to(q.dtype), lse
 
 
+def _pieces(length: int, count: int) -> list[int]:
+    """``count`` near-equal sizes summing to ``length`` (the larger ones first)."""
+    base, extra = divmod(length, count)
+    return [base + (i < extra) for i in range(count)]
+
+
 def ring_backward(
-    dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, scale: float, group, m_sizes: list[int]
+    dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, scale: float, group, m_sizes: list[int],
+    chunk: int | None = None,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """(dq, dk, dv) for this rank's shards; dk/dv are summed over every rank's queries.
 
-    Step s: the block of rank ``r - s`` is in hand; its gradient accumulated by the ranks it has
-    visited arrives from the previous rank while this rank computes, this rank's part is added in
-    place and the sum moves on with the block; after the last step it reaches the block's owner.
+    Step s: the block of rank ``r - s`` is in hand, cut into the same number of position chunks on
+    every rank, each with the gradient its keys have gathered so far. Kernel calls take one query
+    chunk and one key chunk, so their outputs are chunk-sized and are added in place. As soon as a
+    key chunk is done it leaves for the next rank (keys, values and their gradient so far) while the
+    same chunk of the next block arrives and the following chunk is computed: transfers overlap
+    computation, and the rank holds one block (k, v, dk, dv) plus one chunk in flight. After the
+    last step only the gradients travel, to the block's owner. ``chunk``: positions per kernel call
+    (default ``BACKWARD_CHUNK``).
     """
-    kv_comm, grad_comm = RingComm(group), RingComm(group)
+    comm = RingComm(group)
+    if comm.world == 1:
+        return attention_backward(dout, q, k, v, out, lse, scale)
+    chunk = chunk or BACKWARD_CHUNK
     acc = torch.float64 if q.dtype == torch.float64 else torch.float32
-    dq = dk = dv = None
-    for step in range(kv_comm.world):
-        origin = (kv_comm.rank - step - 1) % kv_comm.world
-        if step < kv_comm.world - 1:
-            next_k = kv_comm.send_recv(k, _block_shape(k, m_sizes[origin]))
-            next_v = kv_comm.send_recv(v, _block_shape(v, m_sizes[origin]))
-            kv_comm.commit()
-        dq_s, dk_s, dv_s = attention_backward(dout, q, k, v, out, lse, scale)
-        dq = dq_s.to(acc) if dq is None else dq.add_(dq_s)
-        del dq_s
-        if step > 0:  # the block's gradient so far, from the ranks it visited before
-            grad_comm.wait()
-            dk_s, dv_s = dk.add_(dk_s), dv.add_(dv_s)
-        dk = dv = None
-        if kv_comm.world == 1:  # the only block is this rank's own
-            dk, dv = dk_s, dv_s
-            break
-        dk = grad_comm.send_recv(dk_s.to(acc), _block_shape(dk_s, m_sizes[origin]))
-        dv = grad_comm.send_recv(dv_s.to(acc), _block_shape(dv_s, m_sizes[origin]))
-        grad_comm.commit()
-        del dk_s, dv_s
-        if step < kv_comm.world - 1:
-            kv_comm.wait()
-            k, v = next_k, next_v
-    grad_comm.wait()
+    count = max(1, min(min(m_sizes), -(-max(m_sizes) // chunk)))  # key chunks per block, same on every rank
+    q_sizes = _pieces(q.shape[-2], -(-q.shape[-2] // chunk))
+    dq = torch.zeros(q.shape, dtype=acc, device=q.device)
+    queries = list(zip(dout.split(q_sizes, -2), q.split(q_sizes, -2), out.split(q_sizes, -2),
+                       lse.split(q_sizes, -1), dq.split(q_sizes, -2)))
+    own = _pieces(m_sizes[comm.rank], count)
+    block = [[kc, vc, None, None] for kc, vc in zip(k.split(own, -2), v.split(own, -2))]
+    for step in range(comm.world):
+        last = step == comm.world - 1
+        incoming = _pieces(m_sizes[(comm.rank - step - 1) % comm.world], count)
+        arrived = []
+        for j in range(count):
+            kc, vc, dkc, dvc = block[j]
+            block[j] = None  # the chunk lives on only in the transfer below
+            for dout_i, q_i, out_i, lse_i, dq_i in queries:
+                dq_ij, dk_ij, dv_ij = attention_backward(dout_i, q_i, kc, vc, out_i, lse_i.contiguous(), scale)
+                dq_i.add_(dq_ij)
+                if dkc is None:
+                    dkc, dvc = dk_ij.to(acc), dv_ij.to(acc)
+                else:
+                    dkc.add_(dk_ij)
+                    dvc.add_(dv_ij)
+                del dq_ij, dk_ij, dv_ij
+            comm.wait()  # the previous chunk's transfer: its buffers go
+            leaving = (dkc, dvc) if last else (kc, vc, dkc, dvc)
+            arrived.append([comm.send_recv(t, _block_shape(t, incoming[j])) for t in leaving])
+            comm.commit()
+            del kc, vc, dkc, dvc, leaving
+        comm.wait()
+        block = arrived
+    dk = torch.cat([c[0] for c in block], -2)
+    dv = torch.cat([c[1] for c in block], -2)
     return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)
 
 

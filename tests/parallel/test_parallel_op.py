@@ -8,7 +8,7 @@ import torch.distributed as dist
 from dist_harness import run_ranks
 from helpers import rel_err
 from nonlocal_dist import nonlocal_op
-from nonlocal_dist.parallel import MODE_STRATEGIES
+from nonlocal_dist.parallel import MODE_STRATEGIES, ring
 from oracle import naive_nonlocal
 
 # (B, H, N, M, d, dv): uneven shards (N, M not divisible by the world size), N != M, batch and heads > 1.
@@ -19,7 +19,9 @@ def _split(t, world, dim):
     return list(torch.tensor_split(t, world, dim=dim))
 
 
-def _case(rank, world, mode):
+def _case(rank, world, mode, ring_chunk=None):
+    if ring_chunk is not None:  # many query and key chunks per ring step, of uneven sizes
+        ring.BACKWARD_CHUNK = ring_chunk
     failures = []
     for case_index, (b, h, n, m, d, dv) in enumerate(CASES):
         gen = torch.Generator().manual_seed(100 + case_index)
@@ -59,6 +61,13 @@ def _case(rank, world, mode):
 @pytest.mark.parametrize("mode", ["gaussian", "embedded_gaussian", "dot_product", "concatenation"])
 def test_parallel_matches_single_device_float64(world, mode):
     failures = run_ranks(_case, world, mode)
+    assert not any(failures), failures
+
+
+@pytest.mark.parametrize("world", [2, 3])
+@pytest.mark.parametrize("mode", ["gaussian", "embedded_gaussian"])
+def test_ring_backward_in_chunks(world, mode):
+    failures = run_ranks(_case, world, mode, 2)
     assert not any(failures), failures
 
 

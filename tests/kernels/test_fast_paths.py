@@ -88,19 +88,6 @@ def test_larger_sizes_exact_in_float64(mode):
         assert_rel(got, want, 1e-10, "grad")
 
 
-def test_batch_chunking_is_exact(monkeypatch):
-    # Force the sdpa backend's batch limit (65535 on CUDA) down to 3 so the split path runs here.
-    monkeypatch.setattr(type(BACKENDS["sdpa"]), "max_batch", lambda self, inputs: 3)
-    gen = torch.Generator().manual_seed(4)
-    theta, phi, g = (torch.randn(8, 2, 20, 4, generator=gen, dtype=torch.float64, requires_grad=True) for _ in range(3))
-    y = nonlocal_op(theta, phi, g, backend="sdpa")
-    y_ref = naive_nonlocal(theta, phi, g, "embedded_gaussian")
-    assert_rel(y, y_ref, 1e-12, "y")
-    grad = torch.randn_like(y)
-    for got, want in zip(_grads(y, (theta, phi, g), grad), _grads(y_ref, (theta, phi, g), grad)):
-        assert_rel(got, want, 1e-12, "grad")
-
-
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 @pytest.mark.parametrize("mode", ["embedded_gaussian", "dot_product", "concatenation"])
 def test_cuda_matches_float64_oracle(mode):

@@ -7,7 +7,6 @@ import torch
 
 from helpers import assert_rel, rel_err
 from nonlocal_dist import nonlocal_op
-from nonlocal_dist.backends import BACKENDS
 from oracle import naive_nonlocal
 
 

@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import math
 
-import torch
 from torch import Tensor
 
 from nonlocal_dist.backends import BACKEND_NAMES, MODES, SOFTMAX_MODES, OpInputs

@@ -9,6 +9,7 @@ from einops import rearrange
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from nonlocal_dist.attention_maps import affinity_rows
 from nonlocal_dist.backends import BACKEND_NAMES, MODES, SOFTMAX_MODES
 from nonlocal_dist.functional import nonlocal_op
 from nonlocal_dist.layout import flatten_positions, max_pool_positions, normalise_sub_sample, parse_layout
@@ -114,6 +115,14 @@ class NonLocalBlock(nn.Module):
 
         return block_from_mmcv(source, mode=mode, use_scale=use_scale, backend=backend)
 
+    def affinity_rows(self, x: Tensor, queries: Sequence[Sequence[int]] | Tensor) -> Tensor:
+        """Normalised affinity rows (B', H, Q, *key grid) at global query positions (t, h, w, ...) of x.
+
+        What multiplies g_j for each query, computed for the Q rows only (never the (N, M) matrix),
+        sequence-parallel with ``sp_group``; see ``nonlocal_dist.attention_maps.affinity_rows``.
+        """
+        return affinity_rows(self, x, queries)
+
     def extra_repr(self) -> str:
         return (
             f"{self.in_channels}, layout={self.layout.text!r}, axes={' '.join(self.layout.axes)!r}, "
@@ -157,13 +166,14 @@ class NonLocalBlock(nn.Module):
             z = normed.view_as(z)
         return z
 
-    def _check_shards(self, x: Tensor) -> None:
+    def _check_shards(self, x: Tensor, **extra: int) -> dict[str, list[int]]:
+        """Every rank's shard metadata (and ``extra`` fields, which must agree); raises on every rank."""
         # One small collective so that a shape or pooling mismatch raises on every rank, not hangs.
         sizes = self.layout.sizes(x)
         factor = self.sub_sample.get(self.shard_axis, 1)
         fields = {name: sizes[name] for name in self.layout.names if name != self.shard_axis}
         fields.update(shard_length=sizes[self.shard_axis], pool_remainder=sizes[self.shard_axis] % factor,
-                      training=int(self.training))
+                      training=int(self.training), **extra)
         values = exchange_metadata(self.sp_group, fields, x.device)
         raise_on_mismatch(values, free=("shard_length", "pool_remainder"), what="NonLocalBlock")
         if any(values["pool_remainder"]):
@@ -172,6 +182,7 @@ class NonLocalBlock(nn.Module):
                 f"{values['shard_length']} are not all divisible by {factor}: pooling windows would cross "
                 "rank boundaries. Shard so that every rank holds a multiple of the factor."
             )
+        return values
 
     def forward(self, x: Tensor) -> Tensor:
         """x in ``layout`` -> z of the same shape."""

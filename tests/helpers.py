@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_leaves
 
 
 def rel_err(actual: torch.Tensor, expected: torch.Tensor, floor: float = 0.0) -> float:
@@ -19,3 +21,17 @@ def assert_rel(actual: torch.Tensor, expected: torch.Tensor, tol: float, what: s
     assert actual.shape == expected.shape, f"{what}: shape {tuple(actual.shape)} != {tuple(expected.shape)}"
     err = rel_err(actual, expected, floor)
     assert err <= tol, f"{what}: relative error {err:.3e} > {tol:.1e}"
+
+
+class LargestTensor(TorchDispatchMode):
+    """Records the element count of the largest tensor any op returns while active."""
+
+    def __init__(self):
+        super().__init__()
+        self.numel = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        sizes = [t.numel() for t in tree_leaves(out) if isinstance(t, torch.Tensor)]
+        self.numel = max([self.numel, *sizes])
+        return out

@@ -10,26 +10,34 @@ def naive_nonlocal(theta, phi, g, mode, scale=1.0, concat_weight=None):
     squeeze = theta.dim() == 3
     if squeeze:
         theta, phi, g = theta[:, None], phi[:, None], g[:, None]
+    y = torch.einsum("bhnm,bhme->bhne", naive_affinity(theta, phi, mode, scale, concat_weight), g)
+    return y[:, 0] if squeeze else y
+
+
+def naive_affinity(theta, phi, mode, scale=1.0, concat_weight=None):
+    """The whole matrix f(theta_i, phi_j)/C(x) (B, H, N, M) for (B, H, N, d) inputs, written out."""
     m = phi.shape[2]
     if mode in ("gaussian", "embedded_gaussian"):
         s = scale * torch.einsum("bhnd,bhmd->bhnm", theta, phi)
         e = torch.exp(s - s.amax(dim=-1, keepdim=True))
-        f = e / e.sum(dim=-1, keepdim=True)
-    elif mode == "dot_product":
-        f = torch.einsum("bhnd,bhmd->bhnm", theta, phi) / m
-    else:
-        d = theta.shape[-1]
-        w = concat_weight.reshape(-1, 2 * d)
-        a = (theta * w[None, :, None, :d]).sum(-1)
-        b = (phi * w[None, :, None, d:]).sum(-1)
-        s = a[..., :, None] + b[..., None, :]
-        f = torch.where(s > 0, s, torch.zeros_like(s)) / m  # ReLU with ReLU'(0) = 0, as torch's
-    y = torch.einsum("bhnm,bhme->bhne", f, g)
-    return y[:, 0] if squeeze else y
+        return e / e.sum(dim=-1, keepdim=True)
+    if mode == "dot_product":
+        return torch.einsum("bhnd,bhmd->bhnm", theta, phi) / m
+    d = theta.shape[-1]
+    w = concat_weight.reshape(-1, 2 * d)
+    a = (theta * w[None, :, None, :d]).sum(-1)
+    b = (phi * w[None, :, None, d:]).sum(-1)
+    s = a[..., :, None] + b[..., None, :]
+    return torch.where(s > 0, s, torch.zeros_like(s)) / m  # ReLU with ReLU'(0) = 0, as torch's
 
 
-def oracle_block(block, x):
-    """The block's forward recomputed from its parameters with plain torch ops (no einops)."""
+def _linear(layer, t):
+    out = t @ layer.weight.t()
+    return out if layer.bias is None else out + layer.bias
+
+
+def _positions(block, x):
+    """x permuted to (B', *axes sizes, C) with plain torch ops, and what undoes it."""
     names = block.layout.names
     axes = block.layout.axes
     folded = [n for n in names if n not in ("b", "c") and n not in axes]
@@ -38,11 +46,13 @@ def oracle_block(block, x):
     lead = xp.shape[: 1 + len(folded)]
     sizes = xp.shape[1 + len(folded) : -1]
     c = x.shape[names.index("c")]
-    xp = xp.reshape(-1, *sizes, c)
+    return xp.reshape(-1, *sizes, c), order, lead, sizes
 
-    def linear(layer, t):
-        out = t @ layer.weight.t()
-        return out if layer.bias is None else out + layer.bias
+
+def oracle_embed(block, x):
+    """theta (B', H, N, d), phi and g (B', H, M, d) of the block on x, and the pooled key grid sizes."""
+    xp, _, _, _ = _positions(block, x)
+    axes = block.layout.axes
 
     def pool(t):
         if not block.sub_sample:
@@ -52,19 +62,26 @@ def oracle_block(block, x):
         pooled = {1: F.max_pool1d, 2: F.max_pool2d, 3: F.max_pool3d}[len(axes)](chan_first, kernel)
         return pooled.movedim(1, -1)
 
-    theta = xp if block.theta is None else linear(block.theta, xp)
-    phi = pool(xp if block.phi is None else linear(block.phi, xp))
-    g = pool(linear(block.g, xp))
+    theta = xp if block.theta is None else _linear(block.theta, xp)
+    phi = pool(xp if block.phi is None else _linear(block.phi, xp))
+    g = pool(_linear(block.g, xp))
     heads = block.heads
 
     def split(t):
         t = t.reshape(t.shape[0], -1, t.shape[-1])
         return t.reshape(t.shape[0], t.shape[1], heads, -1).transpose(1, 2)
 
-    w = block.concat_weight
-    y = naive_nonlocal(split(theta), split(phi), split(g), block.mode, block.scale, w)
+    return split(theta), split(phi), split(g), tuple(phi.shape[1:-1])
+
+
+def oracle_block(block, x):
+    """The block's forward recomputed from its parameters with plain torch ops (no einops)."""
+    xp, order, lead, sizes = _positions(block, x)
+    c = xp.shape[-1]
+    theta, phi, g, _ = oracle_embed(block, x)
+    y = naive_nonlocal(theta, phi, g, block.mode, block.scale, block.concat_weight)
     y = y.transpose(1, 2).reshape(y.shape[0], y.shape[2], -1)
-    z = linear(block.W_z, y).reshape(-1, c)
+    z = _linear(block.W_z, y).reshape(-1, c)
     if block.norm is not None:
         bn = block.norm
         if bn.training:

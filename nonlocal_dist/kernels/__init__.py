@@ -5,16 +5,20 @@ Nothing here knows about process groups.
 """
 from __future__ import annotations
 
+from nonlocal_dist.kernels.affinity import affinity_matrix, affinity_scores, normalise_scores
 from nonlocal_dist.kernels.linear import dot_product_linear
 from nonlocal_dist.kernels.reference import reference_nonlocal
 from nonlocal_dist.kernels.softmax import attention_backward, attention_forward, softmax_attention
 from nonlocal_dist.kernels.sorted_concat import concat_sorted
 
 __all__ = [
+    "affinity_matrix",
+    "affinity_scores",
     "attention_backward",
     "attention_forward",
     "concat_sorted",
     "dot_product_linear",
+    "normalise_scores",
     "reference_nonlocal",
     "softmax_attention",
 ]

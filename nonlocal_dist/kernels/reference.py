@@ -4,6 +4,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from nonlocal_dist.kernels.affinity import affinity_matrix
+
 
 def reference_nonlocal(
     theta: Tensor,
@@ -22,17 +24,5 @@ def reference_nonlocal(
     if theta.dtype in (torch.float16, torch.bfloat16):
         theta, phi, g = theta.float(), phi.float(), g.float()
         concat_weight = None if concat_weight is None else concat_weight.float()
-    m = phi.shape[-2]
-    if mode in ("gaussian", "embedded_gaussian"):
-        f = torch.softmax(scale * theta @ phi.transpose(-1, -2), dim=-1)
-    elif mode == "dot_product":
-        f = (theta @ phi.transpose(-1, -2)) / m
-    elif mode == "concatenation":
-        d = theta.shape[-1]
-        w = concat_weight if concat_weight.dim() == 2 else concat_weight.expand(theta.shape[1], 2 * d)
-        a = torch.einsum("bhnd,hd->bhn", theta, w[:, :d])
-        b = torch.einsum("bhmd,hd->bhm", phi, w[:, d:])
-        f = torch.relu(a[..., :, None] + b[..., None, :]) / m
-    else:
-        raise ValueError(f"unknown mode {mode!r}")
+    f = affinity_matrix(theta, phi, mode, scale, concat_weight)
     return (f @ g).to(out_dtype)

@@ -53,6 +53,12 @@ def all_reduce_sum(x: Tensor, group) -> Tensor:
     return x
 
 
+def all_reduce_max(x: Tensor, group) -> Tensor:
+    x = x.contiguous().clone()
+    dist.all_reduce(x, op=dist.ReduceOp.MAX, group=group)
+    return x
+
+
 class RingComm:
     """Send to the next rank and receive from the previous one, asynchronously (batch_isend_irecv)."""
 

@@ -4,24 +4,9 @@ from __future__ import annotations
 
 import pytest
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
-from torch.utils._pytree import tree_leaves
 
+from helpers import LargestTensor
 from nonlocal_dist import MODES, NonLocalBlock, nonlocal_op
-
-
-class LargestTensor(TorchDispatchMode):
-    """Records the element count of the largest tensor any op returns while active."""
-
-    def __init__(self):
-        super().__init__()
-        self.numel = 0
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
-        sizes = [t.numel() for t in tree_leaves(out) if isinstance(t, torch.Tensor)]
-        self.numel = max([self.numel, *sizes])
-        return out
 
 
 def _largest_fwd_bwd(fn, inputs) -> int:

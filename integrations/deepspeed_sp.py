@@ -14,6 +14,8 @@ from dataclasses import dataclass
 
 import torch.distributed as dist
 
+from nonlocal_dist.parallel.shard import gather_tensor, shard_tensor
+
 
 @dataclass(frozen=True)
 class SequenceParallel:
@@ -50,8 +52,11 @@ def init_sequence_parallel(sp_size: int) -> SequenceParallel:
         raise ValueError(f"sequence_parallel_size must divide the world size {world}, got {sp_size}")
     if sp_size == 1:
         return SequenceParallel(1, 0, world, rank, None, None, None)
+    import deepspeed
     from deepspeed.runtime.sequence_parallel import parallel_state_sp
 
+    if not deepspeed.comm.is_initialized():  # torch.distributed set up by the caller: DeepSpeed wraps it
+        deepspeed.init_distributed(dist_backend=dist.get_backend())
     parallel_state_sp.initialize_sequence_parallel(sp_size)
     return SequenceParallel(
         sp_size, rank % sp_size, world // sp_size, rank // sp_size,
@@ -97,3 +102,15 @@ def initialize(model, config: dict, sp: SequenceParallel):
             f"seq_dp_world_size={engine.seq_dp_world_size}; expected {sp.sp_size} and {world}"
         )
     return engine
+
+
+def shard_batch(x, sp: SequenceParallel, layout: str = "b c t h w", axis: str = "t"):
+    """This rank's contiguous slice of a batch along ``axis`` (uneven when it does not divide);
+    the batch itself when ``sp_size`` is 1. ``layout`` names x's axes, as ``NonLocalBlock``'s."""
+    return x if sp.sp_group is None else shard_tensor(x, layout, axis, sp.sp_group)
+
+
+def gather_predictions(y, sp: SequenceParallel, layout: str = "b c t h w", axis: str = "t"):
+    """Dense predictions (or any per-position output) of every SP rank concatenated along ``axis``,
+    on every rank: the inverse of ``shard_batch``. Not differentiable (for evaluation and logging)."""
+    return y if sp.sp_group is None else gather_tensor(y, layout, axis, sp.sp_group)

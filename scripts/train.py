@@ -22,11 +22,10 @@ import torch.nn.functional as F
 
 from nonlocal_dist.data import digit_clips
 from nonlocal_dist.integrations.deepspeed_sp import (
-    init_sequence_parallel, initialize, loss_scale, model_context, resolve_sp_size,
+    init_sequence_parallel, initialize, loss_scale, model_context, resolve_sp_size, shard_batch,
 )
 from nonlocal_dist.integrations.wandb_logger import RunLogger
 from nonlocal_dist.models import C2DNonLocal
-from nonlocal_dist.parallel import shard_tensor
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -87,9 +86,7 @@ def batch_indices(step: int, num_clips: int, global_batch: int, dp_rank: int, mi
 
 
 def forward(engine, x, sp, dtype):
-    if sp.sp_group is not None:
-        x = shard_tensor(x, "b c t h w", "t", sp.sp_group)
-    return engine(x.to(dtype)).float()
+    return engine(shard_batch(x, sp).to(dtype)).float()
 
 
 def evaluate(engine, clips, labels, sp, micro: int, dtype) -> tuple[float, float]:

@@ -5,7 +5,6 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from nonlocal_dist.layout import parse_layout
 from nonlocal_dist.parallel.comm import all_gather_varlen
 
 
@@ -14,8 +13,11 @@ def shard_sizes(length: int, world: int) -> list[int]:
     return [length // world + (r < length % world) for r in range(world)]
 
 
-def _axis_index(layout: str, axis: str) -> int:
-    names = parse_layout(layout).names
+def _axis_index(x: Tensor, layout: str, axis: str) -> int:
+    """Dimension of ``axis`` in ``layout``, space-separated names of x's dims (any names, e.g. 'b t')."""
+    names = layout.split()
+    if len(names) != x.dim() or len(set(names)) != len(names):
+        raise ValueError(f"layout {layout!r} must name each of x's {x.dim()} dims once (x has shape {tuple(x.shape)})")
     if axis not in names:
         raise ValueError(f"axis {axis!r} is not in layout {layout!r}")
     return names.index(axis)
@@ -23,7 +25,7 @@ def _axis_index(layout: str, axis: str) -> int:
 
 def shard_tensor(x: Tensor, layout: str, axis: str, group) -> Tensor:
     """This rank's contiguous slice of ``x`` along ``axis`` (uneven when the size does not divide)."""
-    dim = _axis_index(layout, axis)
+    dim = _axis_index(x, layout, axis)
     world, rank = dist.get_world_size(group), dist.get_rank(group)
     if x.shape[dim] < world:
         raise ValueError(f"axis {axis!r} has {x.shape[dim]} positions, fewer than the {world} ranks of the group")
@@ -32,7 +34,7 @@ def shard_tensor(x: Tensor, layout: str, axis: str, group) -> Tensor:
 
 def gather_tensor(x: Tensor, layout: str, axis: str, group) -> Tensor:
     """Concatenate every rank's slice along ``axis`` (slices may differ in length). Not differentiable."""
-    dim = _axis_index(layout, axis)
+    dim = _axis_index(x, layout, axis)
     world = dist.get_world_size(group)
     size = torch.tensor([x.shape[dim]], dtype=torch.int64, device=x.device)
     sizes = [torch.empty_like(size) for _ in range(world)]

@@ -24,7 +24,8 @@ from nonlocal_dist.data import digit_clips
 from nonlocal_dist.integrations.deepspeed_sp import (
     init_sequence_parallel, initialize, loss_scale, model_context, resolve_sp_size, shard_batch,
 )
-from nonlocal_dist.integrations.wandb_logger import RunLogger
+from nonlocal_dist.integrations.wandb_logger import RunLogger, rank_perf
+from nonlocal_dist.integrations.wandb_maps import AttentionMapLogger
 from nonlocal_dist.models import C2DNonLocal
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -45,6 +46,8 @@ def parse_args(argv=None):
     p.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in --ckpt-dir")
     p.add_argument("--wandb", choices=["offline", "online", "disabled"], default="offline")
     p.add_argument("--run-dir", default="runs", help="W&B run directory and metrics output")
+    p.add_argument("--maps-every", type=int,
+                   help="log the non-local attention maps of one held-out clip every N steps (0: never; default: the experiment config's)")
     p.add_argument("--train-clips", type=int)
     p.add_argument("--test-clips", type=int)
     p.add_argument("--local_rank", type=int, default=int(os.environ.get("LOCAL_RANK", 0)))
@@ -132,6 +135,8 @@ def main(argv=None):
                        args.run_dir, name)
     micro, global_batch = t["micro_batch"], t["micro_batch"] * sp.dp_size
     scale = loss_scale(ds, sp)
+    maps_every = exp["wandb"].get("maps_every", 0) if args.maps_every is None else args.maps_every
+    maps = AttentionMapLogger(engine, logger, maps_every, test_x[:1], lambda clip: forward(engine, clip, sp, dtype))
     history = []
     steps_this_run = t["steps"] - start_step if args.stop_after is None else min(args.stop_after, t["steps"] - start_step)
     progress = None
@@ -139,7 +144,7 @@ def main(argv=None):
         from tqdm import tqdm
 
         progress = tqdm(total=t["steps"], initial=start_step, desc=name, unit="step")
-    clock = time.perf_counter()
+    clock = loop_start = time.perf_counter()
     for step in range(start_step, start_step + steps_this_run):
         idx = batch_indices(step, len(train_y), global_batch, sp.dp_rank, micro, d["seed"])
         logits = forward(engine, train_x[idx], sp, dtype)
@@ -153,6 +158,7 @@ def main(argv=None):
             logger.log({"train/loss": loss.item(), "train/accuracy": acc,
                         "perf/samples_per_s": t["log_every"] * global_batch / elapsed,
                         "perf/peak_rss_mb_rank0": peak_rss_mb()}, engine.global_samples)
+        maps.maybe_log(step + 1, engine.global_samples)
         if (step + 1) % t["checkpoint_every"] == 0 or step + 1 == t["steps"]:
             engine.save_checkpoint(args.ckpt_dir, tag=f"step{step + 1}", client_state={"step": step + 1})
         if progress is not None:
@@ -160,6 +166,8 @@ def main(argv=None):
             progress.set_postfix(loss=f"{loss.item():.3f}")
     if progress is not None:
         progress.close()
+    logger.rank_table("perf/ranks", rank_perf(steps_this_run * micro, time.perf_counter() - loop_start - maps.seconds,
+                                              sp_rank=sp.sp_rank, dp_rank=sp.dp_rank))
     finished = start_step + steps_this_run == t["steps"]
     result = {"name": name, "history": history, "finished": finished}
     if finished:

@@ -11,7 +11,7 @@ and the query's cell outlined in green.
 from __future__ import annotations
 
 import time
-from typing import Callable
+from collections.abc import Callable
 
 import numpy as np
 import torch
@@ -20,6 +20,7 @@ from torch import Tensor, nn
 
 from nonlocal_dist.attention_maps import query_grid
 from nonlocal_dist.block import NonLocalBlock
+from nonlocal_dist.integrations.wandb_logger import RunLogger
 
 Pixel = tuple[int, int, int]
 
@@ -88,7 +89,7 @@ class AttentionMapLogger:
     steps (the maps forward has collectives); whether maps are on is rank 0's decision, broadcast.
     """
 
-    def __init__(self, model: nn.Module, logger, every: int, clip: Tensor, forward: Callable[[Tensor], Tensor],
+    def __init__(self, model: nn.Module, logger: RunLogger, every: int, clip: Tensor, forward: Callable[[Tensor], Tensor],
                  queries: int = 2) -> None:
         self.model, self.logger, self.every, self.clip, self.forward = model, logger, every, clip, forward
         self.blocks = [(name.removeprefix("module."), m) for name, m in model.named_modules()

@@ -9,7 +9,8 @@ own key shard; see ``nonlocal_dist.parallel.affinity`` for the communication.
 from __future__ import annotations
 
 import operator
-from typing import TYPE_CHECKING, Sequence
+from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 import torch
 import torch.distributed as dist
@@ -18,7 +19,7 @@ from torch import Tensor
 
 from nonlocal_dist.kernels.affinity import affinity_scores, normalise_scores
 from nonlocal_dist.layout import flatten_positions, max_pool_positions
-from nonlocal_dist.parallel.affinity import share_query_rows, sharded_affinity_rows
+from nonlocal_dist.parallel.affinity import sharded_affinity_rows, share_query_rows
 from nonlocal_dist.parallel.comm import all_gather_varlen
 
 if TYPE_CHECKING:

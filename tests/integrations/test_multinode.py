@@ -1,11 +1,13 @@
 """Two "nodes" on this machine, each its own launcher and working directory, started through
 scripts/launch/: scripts/train.py with SP = 2 across the node boundary (one process per node) must give
-exactly the losses of one node running 2 processes. Also: what the scripts hand to every node (the
+exactly the losses of one node running 2 processes; where permitted, also two network namespaces joined by
+a veth pair as two hosts with their own addresses. Also: what the scripts hand to every node (the
 pdsh env file through DeepSpeed's own export code) and their errors for bad arguments."""
 from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -121,6 +123,46 @@ def test_deepspeed_no_ssh_two_nodes(tmp_path, one_node_losses):
     for rank, out in enumerate(outputs):
         assert f"--no_ssh --node_rank {rank}" in out
         assert f"nnodes=2, num_local_procs=1, node_rank={rank}" in out
+    assert _losses(tmp_path) == one_node_losses
+
+
+@pytest.fixture
+def two_hosts():
+    """Two network namespaces joined by a veth pair: hosts 10.77.0.1 and 10.77.0.2, each with interface nl0
+    and its own loopback. Yields the command prefixes that run inside each. Skipped where not permitted."""
+    if shutil.which("ip") is None:
+        pytest.skip("no `ip` command (iproute2) here")
+    names = [f"nl{os.getpid()}{side}" for side in "ab"]
+    setup = [["ip", "netns", "add", names[0]], ["ip", "netns", "add", names[1]],
+             ["ip", "link", "add", f"{names[0]}v", "type", "veth", "peer", "name", f"{names[1]}v"]]
+    for i, name in enumerate(names):
+        setup += [["ip", "link", "set", f"{name}v", "netns", name], ["ip", "-n", name, "link", "set", f"{name}v", "name", "nl0"],
+                  ["ip", "-n", name, "addr", "add", f"10.77.0.{i + 1}/24", "dev", "nl0"],
+                  ["ip", "-n", name, "link", "set", "nl0", "up"], ["ip", "-n", name, "link", "set", "lo", "up"]]
+    try:
+        for step in setup:
+            proc = subprocess.run(step, capture_output=True, text=True)
+            if proc.returncode:
+                pytest.skip(f"no network namespaces here: {' '.join(step)}: {proc.stderr.strip()}")
+        yield [["ip", "netns", "exec", name] for name in names]
+    finally:
+        for name in names:  # the veth pair goes with its namespaces
+            subprocess.run(["ip", "netns", "del", name], capture_output=True)
+
+
+def test_deepspeed_no_ssh_two_hosts_with_own_addresses(tmp_path, one_node_losses, two_hosts):
+    """The two DeepSpeed launchers on two network hosts: only the veth link joins them, and gloo reaches the
+    other host only through GLOO_SOCKET_IFNAME=nl0 (this machine's hostname resolves to 127.0.0.1), which the
+    nodes get from the env file that write_env.sh wrote."""
+    env_file = tmp_path / "run.env"
+    subprocess.run(_script("write_env.sh", str(env_file)), env=_env(GLOO_SOCKET_IFNAME="nl0"), check=True)
+    port = str(free_port())
+    cmds = [prefix + _script("deepspeed.sh", "--hosts", "10.77.0.1,10.77.0.2", "--procs-per-node", "1", "--node-rank", str(rank),
+                             "--master-port", port, "--env-file", str(env_file), "--sp-size", "2", "--", *TRAIN_ARGS)
+            for rank, prefix in enumerate(two_hosts)]
+    outputs = _launch_nodes(tmp_path, cmds)
+    for rank, out in enumerate(outputs):
+        assert f"--master_addr 10.77.0.1 --no_ssh --node_rank {rank}" in out
     assert _losses(tmp_path) == one_node_losses
 
 

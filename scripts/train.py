@@ -21,6 +21,9 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from nonlocal_dist.data import digit_clips
+from nonlocal_dist.integrations.faults import (
+    Fault, StepGuard, apply_group_timeout, check_finite, load_checkpoint, resolve_timeout, save_checkpoint,
+)
 from nonlocal_dist.integrations.deepspeed_sp import (
     init_sequence_parallel, initialize, loss_scale, model_context, resolve_sp_size, shard_batch,
 )
@@ -50,6 +53,13 @@ def parse_args(argv=None):
                    help="log the non-local attention maps of one held-out clip every N steps (0: never; default: the experiment config's)")
     p.add_argument("--train-clips", type=int)
     p.add_argument("--test-clips", type=int)
+    p.add_argument("--timeout", type=float,
+                   help="process-group timeout in seconds: a rank that dies or hangs stops the others within it "
+                        "(default: DEEPSPEED_TIMEOUT minutes, else 600)")
+    p.add_argument("--skip-nonfinite", action="store_true",
+                   help="skip a step whose input or loss is non-finite on any rank (default: stop, naming step and rank)")
+    p.add_argument("--fault", metavar="KIND:RANK:STEP",
+                   help=f"inject a fault to test the failure paths; KIND in {Fault.KINDS}")
     p.add_argument("--local_rank", type=int, default=int(os.environ.get("LOCAL_RANK", 0)))
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     deepspeed.add_config_arguments(p)
@@ -92,6 +102,27 @@ def forward(engine, x, sp, dtype):
     return engine(shard_batch(x, sp).to(dtype)).float()
 
 
+def train_step(engine, x, y, sp, dtype, scale: float, step: int, skip_nonfinite: bool, fault: Fault | None):
+    """One optimiser step; (loss, logits), or None when the loss is non-finite on some rank and the step is
+    skipped, with the model's buffers (BatchNorm statistics) put back as they were before the forward."""
+    buffers = [b.detach().clone() for b in engine.module.buffers()] if skip_nonfinite else None
+    logits = forward(engine, x, sp, dtype)
+    loss = F.cross_entropy(logits, y)
+    if fault is not None:
+        fault.fire("kill", dist.get_rank(), step)
+        fault.fire("hang", dist.get_rank(), step)
+        if fault.fire("nan-loss", dist.get_rank(), step):
+            loss = loss + float("nan")
+    if not check_finite(step, skip_nonfinite, loss=loss.detach()):
+        with torch.no_grad():
+            for b, saved in zip(engine.module.buffers(), buffers):
+                b.copy_(saved)
+        return None, None
+    engine.backward(loss * scale)
+    engine.step()
+    return loss, logits
+
+
 def evaluate(engine, clips, labels, sp, micro: int, dtype) -> tuple[float, float]:
     """Accuracy and mean loss on held-out clips, split over the data-parallel ranks."""
     engine.eval()
@@ -114,7 +145,9 @@ def peak_rss_mb() -> float:
 
 def main(argv=None):
     args = parse_args(argv)
-    deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo")
+    timeout, fault = resolve_timeout(args.timeout), Fault.parse(args.fault)
+    deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo", timeout=timeout)
+    apply_group_timeout(timeout)
     rank = dist.get_rank()
     exp, ds = load_configs(args)
     sp = init_sequence_parallel(resolve_sp_size(ds, args.sp_size))
@@ -125,10 +158,7 @@ def main(argv=None):
     engine = initialize(build_model(exp, ds, sp, args.ablation, args.activation_checkpoint), ds, sp)
     start_step = 0
     if args.resume:
-        path, state = engine.load_checkpoint(args.ckpt_dir)
-        if path is None:
-            raise FileNotFoundError(f"--resume: no checkpoint in {args.ckpt_dir}")
-        start_step = state["step"]
+        start_step = load_checkpoint(engine, args.ckpt_dir)["step"]
     name = f"{'ablation' if args.ablation else 'nonlocal'}-sp{sp.sp_size}-zero{ds.get('zero_optimization', {}).get('stage', 0)}"
     logger = RunLogger(rank, args.wandb, exp["wandb"]["project"], {"experiment": exp, "deepspeed": ds,
                        "sp_size": sp.sp_size, "ablation": args.ablation, "world": dist.get_world_size()},
@@ -137,7 +167,7 @@ def main(argv=None):
     scale = loss_scale(ds, sp)
     maps_every = exp["wandb"].get("maps_every", 0) if args.maps_every is None else args.maps_every
     maps = AttentionMapLogger(engine, logger, maps_every, test_x[:1], lambda clip: forward(engine, clip, sp, dtype))
-    history = []
+    history, skipped = [], []
     steps_this_run = t["steps"] - start_step if args.stop_after is None else min(args.stop_after, t["steps"] - start_step)
     progress = None
     if rank == 0 and not args.quiet:
@@ -145,31 +175,40 @@ def main(argv=None):
 
         progress = tqdm(total=t["steps"], initial=start_step, desc=name, unit="step")
     clock = loop_start = time.perf_counter()
-    for step in range(start_step, start_step + steps_this_run):
-        idx = batch_indices(step, len(train_y), global_batch, sp.dp_rank, micro, d["seed"])
-        logits = forward(engine, train_x[idx], sp, dtype)
-        loss = F.cross_entropy(logits, train_y[idx])
-        engine.backward(loss * scale)
-        engine.step()
-        history.append({"step": step + 1, "loss": loss.item()})
-        if (step + 1) % t["log_every"] == 0 or step + 1 == t["steps"]:
-            elapsed, clock = time.perf_counter() - clock, time.perf_counter()
-            acc = (logits.argmax(1) == train_y[idx]).float().mean().item()
-            logger.log({"train/loss": loss.item(), "train/accuracy": acc,
-                        "perf/samples_per_s": t["log_every"] * global_batch / elapsed,
-                        "perf/peak_rss_mb_rank0": peak_rss_mb()}, engine.global_samples)
-        maps.maybe_log(step + 1, engine.global_samples)
-        if (step + 1) % t["checkpoint_every"] == 0 or step + 1 == t["steps"]:
-            engine.save_checkpoint(args.ckpt_dir, tag=f"step{step + 1}", client_state={"step": step + 1})
-        if progress is not None:
-            progress.update(1)
-            progress.set_postfix(loss=f"{loss.item():.3f}")
+    with StepGuard(rank, timeout, args.ckpt_dir) as guard:
+        for step in range(start_step, start_step + steps_this_run):
+            guard.step = step + 1
+            idx = batch_indices(step, len(train_y), global_batch, sp.dp_rank, micro, d["seed"])
+            x = train_x[idx]
+            if fault is not None and fault.fire("nan", rank, step + 1):
+                x = x.clone().fill_(float("nan"))
+            if check_finite(step + 1, args.skip_nonfinite, input=x):
+                loss, logits = train_step(engine, x, train_y[idx], sp, dtype, scale, step + 1, args.skip_nonfinite, fault)
+            else:
+                loss = None
+            if loss is None:
+                skipped.append(step + 1)
+            else:
+                history.append({"step": step + 1, "loss": loss.item()})
+            if loss is not None and ((step + 1) % t["log_every"] == 0 or step + 1 == t["steps"]):
+                elapsed, clock = time.perf_counter() - clock, time.perf_counter()
+                acc = (logits.argmax(1) == train_y[idx]).float().mean().item()
+                logger.log({"train/loss": loss.item(), "train/accuracy": acc, "train/skipped_steps": len(skipped),
+                            "perf/samples_per_s": t["log_every"] * global_batch / elapsed,
+                            "perf/peak_rss_mb_rank0": peak_rss_mb()}, engine.global_samples)
+            maps.maybe_log(step + 1, engine.global_samples)
+            if (step + 1) % t["checkpoint_every"] == 0 or step + 1 == t["steps"]:
+                save_checkpoint(engine, args.ckpt_dir, f"step{step + 1}", {"step": step + 1}, fault, step + 1)
+            if progress is not None:
+                progress.update(1)
+                if loss is not None:
+                    progress.set_postfix(loss=f"{loss.item():.3f}")
     if progress is not None:
         progress.close()
     logger.rank_table("perf/ranks", rank_perf(steps_this_run * micro, time.perf_counter() - loop_start - maps.seconds,
                                               sp_rank=sp.sp_rank, dp_rank=sp.dp_rank))
     finished = start_step + steps_this_run == t["steps"]
-    result = {"name": name, "history": history, "finished": finished}
+    result = {"name": name, "history": history, "skipped_steps": skipped, "finished": finished}
     if finished:
         train_acc, train_loss = evaluate(engine, train_x[: d["test_clips"]], train_y[: d["test_clips"]], sp, micro, dtype)
         test_acc, test_loss = evaluate(engine, test_x, test_y, sp, micro, dtype)

@@ -134,7 +134,8 @@ def nonfinite_ranks(**tensors: torch.Tensor) -> dict[str, list[int]]:
 
     Every rank gets the same answer, so every rank takes the same decision (raise or skip) and none hangs.
     """
-    flags = torch.zeros(dist.get_world_size(), len(tensors))
+    device = "cuda" if dist.get_backend() == "nccl" else "cpu"
+    flags = torch.zeros(dist.get_world_size(), len(tensors), device=device)
     flags[dist.get_rank()] = torch.tensor([float(not bool(torch.isfinite(t).all())) for t in tensors.values()])
     dist.all_reduce(flags)
     return {name: flags[:, k].nonzero().flatten().tolist() for k, name in enumerate(tensors)}
@@ -153,6 +154,24 @@ def check_finite(step: int, skip: bool, **tensors: torch.Tensor) -> bool:
     raise NonFiniteError(f"{what} at step {step} (pass --skip-nonfinite to skip such steps instead)")
 
 
+class SkipCounter:
+    """Counts consecutive skipped steps; more than ``limit`` in a row stops the run (NonFiniteError):
+    then the model itself has most likely gone non-finite, and skipping would only waste the budget."""
+
+    def __init__(self, limit: int):
+        if limit < 0:
+            raise ValueError(f"--max-skips must be >= 0, got {limit}")
+        self.limit, self.in_a_row = limit, 0
+
+    def record(self, step: int, skipped: bool) -> None:
+        self.in_a_row = self.in_a_row + 1 if skipped else 0
+        if self.in_a_row > self.limit:
+            raise NonFiniteError(
+                f"{self.in_a_row} consecutive steps skipped up to step {step} (more than --max-skips {self.limit}): "
+                "the model is likely non-finite; resume from an earlier checkpoint with a lower learning rate"
+            )
+
+
 # ----------------------------------------------------------------------------- checkpoints
 
 LATEST = "latest"
@@ -162,6 +181,18 @@ def latest_checkpoint(ckpt_dir: str) -> str | None:
     """The committed checkpoint ``latest`` names, or None."""
     path = Path(ckpt_dir) / LATEST
     return str(Path(ckpt_dir) / path.read_text().strip()) if path.is_file() else None
+
+
+def begin_fresh(ckpt_dir: str) -> int:
+    """Start of a run without --resume: an earlier run's ``latest`` is removed (its checkpoints stay),
+    so that this run never names, or resumes from, another run's checkpoint. Returns the first step, 0."""
+    latest = Path(ckpt_dir) / LATEST
+    if dist.get_rank() == 0 and latest.is_file():
+        print(f"{ckpt_dir}: starting afresh (no --resume): removing the earlier run's '{LATEST}' "
+              f"({latest.read_text().strip()}); its checkpoint folders stay", file=sys.stderr, flush=True)
+        latest.unlink()
+    dist.barrier()
+    return 0
 
 
 def save_checkpoint(engine, ckpt_dir: str, tag: str, client_state: dict, fault: Fault | None = None, step: int = 0) -> None:
@@ -217,8 +248,15 @@ def load_checkpoint(engine, ckpt_dir: str) -> dict:
 
     if latest_checkpoint(ckpt_dir) is None:
         raise FileNotFoundError(f"--resume: no committed checkpoint in {ckpt_dir} (no '{LATEST}' file)")
+    saving_engine = engine.checkpoint_engine
+    if type(saving_engine) is not TorchCheckpointEngine:
+        raise ValueError(f"weights-only resume reads files written by DeepSpeed's default TorchCheckpointEngine; this "
+                         f"config uses {type(saving_engine).__name__}: remove its 'checkpoint' writer settings")
     engine.checkpoint_engine = WeightsOnlyCheckpointEngine(engine._config)
-    path, state = engine.load_checkpoint(ckpt_dir)
+    try:
+        path, state = engine.load_checkpoint(ckpt_dir)
+    finally:
+        engine.checkpoint_engine = saving_engine  # later saves go through DeepSpeed's own engine, unchanged
     if path is None:
         raise FileNotFoundError(f"--resume: DeepSpeed found no checkpoint in {ckpt_dir}")
     return state

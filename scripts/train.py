@@ -22,7 +22,8 @@ import torch.nn.functional as F
 
 from nonlocal_dist.data import digit_clips
 from nonlocal_dist.integrations.faults import (
-    Fault, StepGuard, apply_group_timeout, check_finite, load_checkpoint, resolve_timeout, save_checkpoint,
+    Fault, SkipCounter, StepGuard, apply_group_timeout, begin_fresh, check_finite, load_checkpoint, resolve_timeout,
+    save_checkpoint,
 )
 from nonlocal_dist.integrations.deepspeed_sp import (
     init_sequence_parallel, initialize, loss_scale, model_context, resolve_sp_size, shard_batch,
@@ -54,10 +55,13 @@ def parse_args(argv=None):
     p.add_argument("--train-clips", type=int)
     p.add_argument("--test-clips", type=int)
     p.add_argument("--timeout", type=float,
-                   help="process-group timeout in seconds: a rank that dies or hangs stops the others within it "
-                        "(default: DEEPSPEED_TIMEOUT minutes, else 600)")
+                   help="process-group timeout in seconds: a rank that dies or hangs stops the others within it; it must "
+                        "exceed the longest time one rank works alone while the others wait (rank 0 writing a "
+                        "checkpoint or W&B images) (default: DEEPSPEED_TIMEOUT minutes, else 600)")
     p.add_argument("--skip-nonfinite", action="store_true",
                    help="skip a step whose input or loss is non-finite on any rank (default: stop, naming step and rank)")
+    p.add_argument("--max-skips", type=int, default=5,
+                   help="with --skip-nonfinite: stop after more than this many consecutive skipped steps")
     p.add_argument("--fault", metavar="KIND:RANK:STEP",
                    help=f"inject a fault to test the failure paths; KIND in {Fault.KINDS}")
     p.add_argument("--local_rank", type=int, default=int(os.environ.get("LOCAL_RANK", 0)))
@@ -148,6 +152,13 @@ def main(argv=None):
     timeout, fault = resolve_timeout(args.timeout), Fault.parse(args.fault)
     deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo", timeout=timeout)
     apply_group_timeout(timeout)
+    with StepGuard(dist.get_rank(), timeout, args.ckpt_dir) as guard:
+        train(args, fault, guard)
+    dist.destroy_process_group()
+
+
+def train(args, fault: Fault | None, guard: StepGuard) -> None:
+    """Set-up, training, evaluation and logging; failures anywhere here go through ``guard``."""
     rank = dist.get_rank()
     exp, ds = load_configs(args)
     sp = init_sequence_parallel(resolve_sp_size(ds, args.sp_size))
@@ -156,9 +167,8 @@ def main(argv=None):
     train_x, train_y = digit_clips(d["train_clips"], "train", d["frames"], d["size"], d["seed"], d["classes"])
     test_x, test_y = digit_clips(d["test_clips"], "test", d["frames"], d["size"], d["seed"], d["classes"])
     engine = initialize(build_model(exp, ds, sp, args.ablation, args.activation_checkpoint), ds, sp)
-    start_step = 0
-    if args.resume:
-        start_step = load_checkpoint(engine, args.ckpt_dir)["step"]
+    start_step = load_checkpoint(engine, args.ckpt_dir)["step"] if args.resume else begin_fresh(args.ckpt_dir)
+    guard.step = start_step
     name = f"{'ablation' if args.ablation else 'nonlocal'}-sp{sp.sp_size}-zero{ds.get('zero_optimization', {}).get('stage', 0)}"
     logger = RunLogger(rank, args.wandb, exp["wandb"]["project"], {"experiment": exp, "deepspeed": ds,
                        "sp_size": sp.sp_size, "ablation": args.ablation, "world": dist.get_world_size()},
@@ -167,7 +177,7 @@ def main(argv=None):
     scale = loss_scale(ds, sp)
     maps_every = exp["wandb"].get("maps_every", 0) if args.maps_every is None else args.maps_every
     maps = AttentionMapLogger(engine, logger, maps_every, test_x[:1], lambda clip: forward(engine, clip, sp, dtype))
-    history, skipped = [], []
+    history, skipped, skips = [], [], SkipCounter(args.max_skips)
     steps_this_run = t["steps"] - start_step if args.stop_after is None else min(args.stop_after, t["steps"] - start_step)
     progress = None
     if rank == 0 and not args.quiet:
@@ -175,34 +185,34 @@ def main(argv=None):
 
         progress = tqdm(total=t["steps"], initial=start_step, desc=name, unit="step")
     clock = loop_start = time.perf_counter()
-    with StepGuard(rank, timeout, args.ckpt_dir) as guard:
-        for step in range(start_step, start_step + steps_this_run):
-            guard.step = step + 1
-            idx = batch_indices(step, len(train_y), global_batch, sp.dp_rank, micro, d["seed"])
-            x = train_x[idx]
-            if fault is not None and fault.fire("nan", rank, step + 1):
-                x = x.clone().fill_(float("nan"))
-            if check_finite(step + 1, args.skip_nonfinite, input=x):
-                loss, logits = train_step(engine, x, train_y[idx], sp, dtype, scale, step + 1, args.skip_nonfinite, fault)
-            else:
-                loss = None
-            if loss is None:
-                skipped.append(step + 1)
-            else:
-                history.append({"step": step + 1, "loss": loss.item()})
-            if loss is not None and ((step + 1) % t["log_every"] == 0 or step + 1 == t["steps"]):
-                elapsed, clock = time.perf_counter() - clock, time.perf_counter()
-                acc = (logits.argmax(1) == train_y[idx]).float().mean().item()
-                logger.log({"train/loss": loss.item(), "train/accuracy": acc, "train/skipped_steps": len(skipped),
-                            "perf/samples_per_s": t["log_every"] * global_batch / elapsed,
-                            "perf/peak_rss_mb_rank0": peak_rss_mb()}, engine.global_samples)
-            maps.maybe_log(step + 1, engine.global_samples)
-            if (step + 1) % t["checkpoint_every"] == 0 or step + 1 == t["steps"]:
-                save_checkpoint(engine, args.ckpt_dir, f"step{step + 1}", {"step": step + 1}, fault, step + 1)
-            if progress is not None:
-                progress.update(1)
-                if loss is not None:
-                    progress.set_postfix(loss=f"{loss.item():.3f}")
+    for step in range(start_step, start_step + steps_this_run):
+        guard.step = step + 1
+        idx = batch_indices(step, len(train_y), global_batch, sp.dp_rank, micro, d["seed"])
+        x = train_x[idx]
+        if fault is not None and fault.fire("nan", rank, step + 1):
+            x = x.clone().fill_(float("nan"))
+        if check_finite(step + 1, args.skip_nonfinite, input=x):
+            loss, logits = train_step(engine, x, train_y[idx], sp, dtype, scale, step + 1, args.skip_nonfinite, fault)
+        else:
+            loss = None
+        skips.record(step + 1, loss is None)
+        if loss is None:
+            skipped.append(step + 1)
+        else:
+            history.append({"step": step + 1, "loss": loss.item()})
+        if loss is not None and ((step + 1) % t["log_every"] == 0 or step + 1 == t["steps"]):
+            elapsed, clock = time.perf_counter() - clock, time.perf_counter()
+            acc = (logits.argmax(1) == train_y[idx]).float().mean().item()
+            logger.log({"train/loss": loss.item(), "train/accuracy": acc, "train/skipped_steps": len(skipped),
+                        "perf/samples_per_s": t["log_every"] * global_batch / elapsed,
+                        "perf/peak_rss_mb_rank0": peak_rss_mb()}, engine.global_samples)
+        maps.maybe_log(step + 1, engine.global_samples)
+        if (step + 1) % t["checkpoint_every"] == 0 or step + 1 == t["steps"]:
+            save_checkpoint(engine, args.ckpt_dir, f"step{step + 1}", {"step": step + 1}, fault, step + 1)
+        if progress is not None:
+            progress.update(1)
+            if loss is not None:
+                progress.set_postfix(loss=f"{loss.item():.3f}")
     if progress is not None:
         progress.close()
     logger.rank_table("perf/ranks", rank_perf(steps_this_run * micro, time.perf_counter() - loop_start - maps.seconds,
@@ -227,7 +237,6 @@ def main(argv=None):
         if where:
             print(f"W&B run ({args.wandb}) written to {where}")
     dist.barrier()
-    dist.destroy_process_group()
 
 
 if __name__ == "__main__":

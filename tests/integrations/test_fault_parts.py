@@ -10,7 +10,9 @@ import torch
 import torch.distributed as dist
 
 from dist_harness import run_ranks
-from nonlocal_dist.integrations.faults import Fault, apply_group_timeout, check_finite, nonfinite_ranks, resolve_timeout
+from nonlocal_dist.integrations.faults import (
+    Fault, NonFiniteError, SkipCounter, apply_group_timeout, begin_fresh, check_finite, nonfinite_ranks, resolve_timeout,
+)
 
 
 def _silent_peer_on_new_group(rank, world):
@@ -78,3 +80,24 @@ def test_fault_fires_only_where_and_when_due():
     assert fault == Fault("nan", 1, 3)
     assert not fault.fire("nan", 0, 3) and not fault.fire("nan", 1, 2) and not fault.fire("kill", 1, 3)
     assert fault.fire("nan", 1, 3)
+
+
+def test_consecutive_skips_beyond_the_limit_stop_the_run():
+    skips = SkipCounter(2)
+    for step, skipped in enumerate([True, True, False, True, True], start=1):
+        skips.record(step, skipped)
+    with pytest.raises(NonFiniteError, match="3 consecutive steps skipped up to step 6"):
+        skips.record(6, True)
+    with pytest.raises(ValueError, match="--max-skips"):
+        SkipCounter(-1)
+
+
+def _fresh(rank, world, ckpt_dir):
+    return begin_fresh(ckpt_dir)
+
+
+def test_fresh_start_forgets_an_earlier_runs_latest(tmp_path):
+    (tmp_path / "step4").mkdir()
+    (tmp_path / "latest").write_text("step4")
+    assert run_ranks(_fresh, 2, str(tmp_path)) == [0, 0]
+    assert not (tmp_path / "latest").exists() and (tmp_path / "step4").is_dir()

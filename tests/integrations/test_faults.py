@@ -124,7 +124,7 @@ def test_hung_rank_stops_survivor_within_timeout(tmp_path):
     assert f"longer than the {timeout} s process-group timeout" in survivor
     # It waited for the timeout, not less (a hung peer is only detectable by it), and not much more.
     fault_at = (tmp_path / "rank1.log").stat().st_mtime
-    assert timeout - 1 <= (tmp_path / "rank0.log").stat().st_mtime - fault_at <= timeout + 30
+    assert timeout - 3 <= (tmp_path / "rank0.log").stat().st_mtime - fault_at <= timeout + 30
 
 
 def test_nonfinite_input_stops_every_rank_naming_step_and_rank(tmp_path):
@@ -148,9 +148,11 @@ def test_skip_nonfinite_skips_the_step_exactly(tmp_path, uninterrupted):
         outputs = _run(tmp, "--fault", fault, "--skip-nonfinite")
         result = json.loads((tmp / RESULT).read_text())
         assert result["finished"] and result["skipped_steps"] == [3]
-        runs[what] = _losses(tmp)
-        assert [s for s, _ in runs[what]] == [1, 2, 4, 5, 6] and runs[what][:2] == uninterrupted[:2]
+        losses = _losses(tmp)
+        assert [s for s, _ in losses] == [1, 2, 4, 5, 6] and losses[:2] == uninterrupted[:2]
         assert f"step 3: non-finite {what} on rank(s) [1]: step skipped (--skip-nonfinite)" in outputs[0]
+        # Training-mode BatchNorm uses batch statistics; the running ones show in the eval-mode numbers.
+        runs[what] = (losses, result["test_loss"], result["train_loss"], result["test_accuracy"])
     assert runs["input"] == runs["loss"]
 
 
@@ -165,7 +167,7 @@ def test_resume_refuses_code_in_a_checkpoint(tmp_path):
     procs, logs = _start(tmp_path, "--resume")
     codes = _wait(procs, 240)
     out = logs[0].read_text()
-    assert codes[0] != 0 and not marker.exists(), out[-3000:]
+    assert codes == [EXIT_FAILED, EXIT_FAILED] and not marker.exists(), out[-3000:]
     assert "Weights only load failed" in out or "UnpicklingError" in out, out[-3000:]
 
 

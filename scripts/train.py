@@ -103,7 +103,8 @@ def batch_indices(step: int, num_clips: int, global_batch: int, dp_rank: int, mi
 
 
 def forward(engine, x, sp, dtype):
-    return engine(shard_batch(x, sp).to(dtype)).float()
+    """Logits (B, classes) in float32 on the engine's device, from whole clips ``x`` (B, 1, T, H, W) on the CPU."""
+    return engine(shard_batch(x, sp).to(engine.device, dtype)).float()
 
 
 def train_step(engine, x, y, sp, dtype, scale: float, step: int, skip_nonfinite: bool, fault: Fault | None):
@@ -111,7 +112,7 @@ def train_step(engine, x, y, sp, dtype, scale: float, step: int, skip_nonfinite:
     skipped, with the model's buffers (BatchNorm statistics) put back as they were before the forward."""
     buffers = [b.detach().clone() for b in engine.module.buffers()] if skip_nonfinite else None
     logits = forward(engine, x, sp, dtype)
-    loss = F.cross_entropy(logits, y)
+    loss = F.cross_entropy(logits, y.to(logits.device))
     if fault is not None:
         fault.fire("kill", dist.get_rank(), step)
         fault.fire("hang", dist.get_rank(), step)
@@ -135,7 +136,9 @@ def evaluate(engine, clips, labels, sp, micro: int, dtype) -> tuple[float, float
         for start in range(sp.dp_rank * micro, len(labels), sp.dp_size * micro):
             x, y = clips[start : start + micro], labels[start : start + micro]
             logits = forward(engine, x, sp, dtype)
+            y = y.to(logits.device)
             totals += torch.tensor([(logits.argmax(1) == y).sum().item(), F.cross_entropy(logits, y, reduction="sum").item(), len(y)], dtype=torch.float64)
+    totals = totals.to(engine.device)  # NCCL reduces device tensors only
     dist.all_reduce(totals)
     totals /= sp.sp_size  # every SP rank of a group counted the same clips
     engine.train()
@@ -202,7 +205,7 @@ def train(args, fault: Fault | None, guard: StepGuard) -> None:
             history.append({"step": step + 1, "loss": loss.item()})
         if loss is not None and ((step + 1) % t["log_every"] == 0 or step + 1 == t["steps"]):
             elapsed, clock = time.perf_counter() - clock, time.perf_counter()
-            acc = (logits.argmax(1) == train_y[idx]).float().mean().item()
+            acc = (logits.argmax(1).cpu() == train_y[idx]).float().mean().item()
             logger.log({"train/loss": loss.item(), "train/accuracy": acc, "train/skipped_steps": len(skipped),
                         "perf/samples_per_s": t["log_every"] * global_batch / elapsed,
                         "perf/peak_rss_mb_rank0": peak_rss_mb()}, engine.global_samples)

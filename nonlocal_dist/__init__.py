@@ -1,7 +1,8 @@
 """nonlocal_dist: exact, memory-efficient, sequence-parallel non-local operations."""
 from __future__ import annotations
 
-from nonlocal_dist.backends import BACKENDS, MODES
+from nonlocal_dist.backends import BACKENDS
+from nonlocal_dist.conventions import MODES
 from nonlocal_dist.block import NonLocalBlock
 from nonlocal_dist.functional import nonlocal_op
 

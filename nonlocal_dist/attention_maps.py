@@ -21,6 +21,7 @@ from nonlocal_dist.kernels.affinity import affinity_scores, normalise_scores
 from nonlocal_dist.layout import flatten_positions, max_pool_positions
 from nonlocal_dist.parallel.affinity import sharded_affinity_rows, share_query_rows
 from nonlocal_dist.parallel.comm import all_gather_varlen
+from nonlocal_dist.conventions import accumulation_dtype
 
 if TYPE_CHECKING:
     from nonlocal_dist.block import NonLocalBlock
@@ -137,7 +138,7 @@ def affinity_rows(block: NonLocalBlock, x: Tensor, queries: Sequence[Sequence[in
     _check_range(rows, grid, lengths is not None)
     rank = 0 if lengths is None else dist.get_rank(block.sp_group)
     xp = block.layout.to_positions(x)
-    acc = torch.float64 if x.dtype == torch.float64 else torch.float32
+    acc = accumulation_dtype(x.dtype)
     theta = _query_theta(block, xp, rows, sum(lengths[:rank]) if lengths else 0).to(acc)
     phi, key_grid = _keys(block, xp)
     phi = phi.to(acc)

@@ -13,10 +13,9 @@ from functools import lru_cache
 import torch
 from torch import Tensor
 
+from nonlocal_dist.conventions import FLOAT_DTYPES, MODES, SOFTMAX_MODES
 from nonlocal_dist.kernels import concat_sorted, dot_product_linear, reference_nonlocal, softmax_attention
 
-SOFTMAX_MODES = ("gaussian", "embedded_gaussian")
-MODES = ("gaussian", "embedded_gaussian", "dot_product", "concatenation")
 # CUDA launches put the batch on a grid axis limited to 65535 blocks.
 _CUDA_MAX_BATCH = 65535
 # torch's CUDA memory-efficient kernel has been reported silently wrong past 2**16 positions with a
@@ -51,7 +50,7 @@ class Backend:
     name: str = ""
     modes: tuple[str, ...] = MODES
     devices: tuple[str, ...] = ("cpu", "cuda")
-    dtypes: tuple[torch.dtype, ...] = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+    dtypes: tuple[torch.dtype, ...] = FLOAT_DTYPES
 
     def not_supported_reasons(self, inputs: OpInputs) -> list[str]:
         reasons = []

@@ -10,7 +10,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from nonlocal_dist.attention_maps import affinity_rows
-from nonlocal_dist.backends import BACKEND_NAMES, MODES, SOFTMAX_MODES
+from nonlocal_dist.backends import BACKEND_NAMES
+from nonlocal_dist.conventions import MODES, SOFTMAX_MODES
 from nonlocal_dist.functional import nonlocal_op
 from nonlocal_dist.layout import flatten_positions, max_pool_positions, normalise_sub_sample, parse_layout
 from nonlocal_dist.parallel import batch_norm_rows

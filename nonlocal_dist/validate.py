@@ -5,7 +5,8 @@ import math
 
 from torch import Tensor
 
-from nonlocal_dist.backends import BACKEND_NAMES, MODES, SOFTMAX_MODES, OpInputs
+from nonlocal_dist.backends import BACKEND_NAMES, OpInputs
+from nonlocal_dist.conventions import MODES, SOFTMAX_MODES
 
 
 def _check_tensor(name: str, t: object) -> Tensor:

@@ -12,9 +12,9 @@ from collections.abc import Callable
 import torch
 from torch import Tensor
 
+from nonlocal_dist.conventions import SOFTMAX_MODES
 from nonlocal_dist.kernels.sorted_concat import concat_projections
 
-_SOFTMAX_MODES = ("gaussian", "embedded_gaussian")
 
 
 def affinity_scores(theta: Tensor, phi: Tensor, mode: str, scale: float, concat_weight: Tensor | None = None) -> Tensor:
@@ -23,7 +23,7 @@ def affinity_scores(theta: Tensor, phi: Tensor, mode: str, scale: float, concat_
     Softmax modes: the logits ``s_ij = scale theta_i·phi_j``; ``dot_product``: ``f = theta_i·phi_j``;
     ``concatenation``: ``f = ReLU(w_θ·theta_i + w_φ·phi_j)`` with concat_weight (2d,) or (H, 2d).
     """
-    if mode in _SOFTMAX_MODES:
+    if mode in SOFTMAX_MODES:
         return scale * theta @ phi.transpose(-1, -2)
     if mode == "dot_product":
         return theta @ phi.transpose(-1, -2)
@@ -50,7 +50,7 @@ def normalise_scores(
     ``num_keys`` keys (``reduce_max``/``reduce_sum`` take this block's (B, H, N, 1) values to those of
     all keys); dot product and concatenation: ``f_ij / num_keys``.
     """
-    if mode not in _SOFTMAX_MODES:
+    if mode not in SOFTMAX_MODES:
         return scores / num_keys
     # The shift cancels in the ratio: detached, autograd does not route gradients through the max.
     row_max = reduce_max(scores.detach().amax(dim=-1, keepdim=True))

@@ -5,7 +5,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from nonlocal_dist.backends import MODES
+from nonlocal_dist.conventions import MODES
 from nonlocal_dist.parallel.checks import dtype_code, exchange_metadata, float_code, raise_on_mismatch
 from nonlocal_dist.parallel.strategies import MODE_STRATEGIES, STRATEGIES
 from nonlocal_dist.validate import check_op_inputs

@@ -4,6 +4,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from nonlocal_dist.conventions import accumulation_dtype
+
 
 def merge_partial(out: Tensor | None, lse: Tensor | None, block_out: Tensor, block_lse: Tensor) -> tuple[Tensor, Tensor]:
     """Merge ``softmax`` results over disjoint key blocks, in float32 (or float64 for float64 inputs).
@@ -12,7 +14,7 @@ def merge_partial(out: Tensor | None, lse: Tensor | None, block_out: Tensor, blo
     ``new_lse = log(e^lse + e^block_lse)``, ``new_out = e^(lse-new_lse) out + e^(block_lse-new_lse) block_out``.
     ``out`` and ``block_out`` are overwritten (the caller owns both): no temporaries of their size.
     """
-    acc = torch.float64 if block_out.dtype == torch.float64 else torch.float32
+    acc = accumulation_dtype(block_out.dtype)
     block_out, block_lse = block_out.to(acc), block_lse.to(acc)
     if out is None:
         return block_out, block_lse

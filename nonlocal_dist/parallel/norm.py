@@ -6,6 +6,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from nonlocal_dist.parallel.collectives import all_reduce
+from nonlocal_dist.conventions import accumulation_dtype
 
 
 def batch_norm_rows(x: Tensor, bn: nn.BatchNorm1d, group=None) -> Tensor:
@@ -32,7 +33,7 @@ def group_batch_norm(x: Tensor, bn: nn.BatchNorm1d, group) -> Tensor:
     the whole batch. Eval: the running statistics. ``group=None``: this rank's rows alone.
     Computed in float32 (float64 for float64 input), returned in x's dtype.
     """
-    acc = torch.float64 if x.dtype == torch.float64 else torch.float32
+    acc = accumulation_dtype(x.dtype)
     weight = bn.weight.to(acc) if bn.affine else None
     bias = bn.bias.to(acc) if bn.affine else None
     if not bn.training and bn.track_running_stats:

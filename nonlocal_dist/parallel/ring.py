@@ -14,6 +14,7 @@ from torch import Tensor
 from nonlocal_dist.kernels import attention_backward, attention_forward
 from nonlocal_dist.parallel.comm import RingComm
 from nonlocal_dist.parallel.merge import merge_partial
+from nonlocal_dist.conventions import accumulation_dtype
 
 
 BACKWARD_CHUNK = 512  # positions per kernel call in the ring backward (queries and keys)
@@ -71,7 +72,7 @@ def ring_backward(
     if comm.world == 1:
         return attention_backward(dout, q, k, v, out, lse, scale)
     chunk = chunk or BACKWARD_CHUNK
-    acc = torch.float64 if q.dtype == torch.float64 else torch.float32
+    acc = accumulation_dtype(q.dtype)
     count = max(1, min(min(m_sizes), -(-max(m_sizes) // chunk)))  # key chunks per block, same on every rank
     q_sizes = _pieces(q.shape[-2], -(-q.shape[-2] // chunk))
     dq = torch.zeros(q.shape, dtype=acc, device=q.device)

@@ -1,0 +1,43 @@
+"""The rules every module shares, in one place: the modes of the paper and the precision policy.
+
+Modes: ``gaussian`` and ``embedded_gaussian`` normalise by a softmax (C = Σ_j f); ``dot_product``
+and ``concatenation`` by the number of keys (C = M).
+
+Precision: inputs of mixed float dtypes (autocast leaves x in float32 while a Linear gives bf16)
+are brought to one *compute dtype*; every sum over positions (softmax statistics, prefix sums,
+BatchNorm statistics, LSE merges) runs in the *accumulation dtype*: float32 for half inputs,
+float64 for float64, float32 otherwise.
+"""
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+SOFTMAX_MODES = ("gaussian", "embedded_gaussian")
+MODES = ("gaussian", "embedded_gaussian", "dot_product", "concatenation")
+HALF_DTYPES = (torch.float16, torch.bfloat16)
+FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
+    """float64 for float64, float32 for everything else (half inputs accumulate in float32)."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def compute_dtype(*tensors: Tensor | None) -> torch.dtype:
+    """One dtype for tensors that meet in one operation.
+
+    Under ``torch.autocast`` the autocast dtype of the tensors' device (what a Linear gives);
+    otherwise the widest floating dtype among them (``torch.promote_types``).
+    """
+    present = [t for t in tensors if t is not None]
+    device_type = present[0].device.type
+    if torch.is_autocast_enabled(device_type):
+        return torch.get_autocast_dtype(device_type)
+    dtype = present[0].dtype
+    for t in present[1:]:
+        dtype = torch.promote_types(dtype, t.dtype)
+    return dtype
+
+
+__all__ = ["FLOAT_DTYPES", "HALF_DTYPES", "MODES", "SOFTMAX_MODES", "accumulation_dtype", "compute_dtype"]

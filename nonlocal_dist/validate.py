@@ -6,7 +6,7 @@ import math
 from torch import Tensor
 
 from nonlocal_dist.backends import BACKEND_NAMES, OpInputs
-from nonlocal_dist.conventions import MODES, SOFTMAX_MODES
+from nonlocal_dist.conventions import MODES, SOFTMAX_MODES, compute_dtype
 
 
 def _check_tensor(name: str, t: object) -> Tensor:
@@ -25,8 +25,15 @@ def check_op_inputs(
     scale: float | None,
     concat_weight: Tensor | None,
     backend: str,
+    *,
+    allow_empty_positions: bool = False,
 ) -> tuple[OpInputs, bool]:
-    """Validate and lift to 4-D ``(B, H, L, d)``; returns the inputs and whether a heads axis was added."""
+    """Validate and lift to 4-D ``(B, H, L, d)``; returns the inputs and whether a heads axis was added.
+
+    Mixed float dtypes are brought to one ``conventions.compute_dtype`` here, the one place that does
+    it (under ``torch.autocast`` theta = phi = x stay float32 in gaussian mode while g is bf16).
+    ``allow_empty_positions``: N or M may be 0 (an empty sequence-parallel shard); channels never.
+    """
     if mode not in MODES:
         raise ValueError(f"unknown mode {mode!r}; expected one of {', '.join(MODES)}")
     if backend not in BACKEND_NAMES:
@@ -41,9 +48,8 @@ def check_op_inputs(
     devices = {name: t.device for name, t in tensors.items()}
     if len(set(devices.values())) != 1:
         raise ValueError(f"theta, phi, g must be on one device, got {devices}; move them with .to(device)")
-    dtypes = {name: t.dtype for name, t in tensors.items()}
-    if len(set(dtypes.values())) != 1:
-        raise TypeError(f"theta, phi, g must share one dtype, got {dtypes}; cast them with .to(dtype)")
+    dtype = compute_dtype(theta, phi, g)
+    theta, phi, g = (t if t.dtype == dtype else t.to(dtype) for t in (theta, phi, g))
     added_heads = theta.dim() == 3
     if added_heads:
         theta, phi, g = theta.unsqueeze(1), phi.unsqueeze(1), g.unsqueeze(1)
@@ -54,8 +60,10 @@ def check_op_inputs(
         raise ValueError(f"theta and phi must have the same channel size d: {shapes}")
     if phi.shape[-2] != g.shape[-2]:
         raise ValueError(f"phi and g must have the same number of key positions M: {shapes}")
-    if min(theta.shape[-2], phi.shape[-2], theta.shape[-1], g.shape[-1]) == 0:
-        raise ValueError(f"positions and channels must be non-empty: {shapes}")
+    if min(theta.shape[-1], g.shape[-1]) == 0:
+        raise ValueError(f"channels must be non-empty: {shapes}")
+    if not allow_empty_positions and min(theta.shape[-2], phi.shape[-2]) == 0:
+        raise ValueError(f"positions must be non-empty (N, M >= 1): {shapes}; pass at least one query and one key")
     if scale is None:
         scale = 1.0
     elif isinstance(scale, bool) or not isinstance(scale, (int, float)) or not math.isfinite(scale) or scale <= 0:

@@ -1,0 +1,133 @@
+"""Softmax attention in query blocks, the affinity materialised one block at a time.
+
+The exact path for head widths the fused kernels cannot take (d or dv > 256: torch's CUDA kernels
+have no fused backward there and fall back to a path 4-8x slower, issue 10), and the differentiable
+path behind double backward, ``torch.func`` transforms and non-finite inputs: plain torch ops only,
+so autograd and vmap see through them.
+
+Precision: scores, softmax and every sum run in the accumulation dtype (float32 for half inputs:
+an fp16 logit past 65504 cannot overflow); the two products with half operands keep their
+tensor-core matmuls and only their outputs are float32, as the fused kernels do.
+"""
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from nonlocal_dist.conventions import HALF_DTYPES, accumulation_dtype
+
+# Bytes held per score (one query against one key) while a block is in flight: the float32 scores
+# or probabilities, the backward's float32 dp and ds, and their half copies for the matmuls.
+_BYTES_PER_SCORE = 16
+# CPU: one block's scores stay within a budget that keeps them near the caches; a larger budget
+# was no faster on 2 cores (scripts/benchmark.py, wide-head rows).
+CPU_BLOCK_BUDGET = 64 * 2**20
+# CUDA: a quarter of the memory free at the call, so that autograd's other tensors still fit.
+CUDA_FREE_FRACTION = 0.25
+_ROUND = 64  # query block sizes in multiples of a GPU tile
+
+
+def query_block_size(q: Tensor, k: Tensor) -> int:
+    """Query positions per block for q (B, H, N, d) against k (B, H, M, d): the memory budget of
+    ``q``'s device divided by the bytes one query row of scores holds (at least one row)."""
+    if q.device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(q.device)
+        budget = int(free * CUDA_FREE_FRACTION)
+    else:
+        budget = CPU_BLOCK_BUDGET
+    row_bytes = q.shape[0] * q.shape[1] * k.shape[-2] * _BYTES_PER_SCORE
+    rows = max(1, budget // max(row_bytes, 1))
+    if rows >= q.shape[-2]:
+        return q.shape[-2]
+    return max(rows // _ROUND * _ROUND, min(rows, _ROUND))
+
+
+def _has_float32_out_bmm() -> bool:
+    return hasattr(torch.ops.aten.bmm, "dtype")
+
+
+def matmul_acc(a: Tensor, b: Tensor) -> Tensor:
+    """``a @ b`` for (..., n, k) @ (..., k, m) with the output in the accumulation dtype.
+
+    Half CUDA operands use the tensor-core matmul with a float32 output (``bmm(out_dtype=)``);
+    elsewhere the operands are cast to the accumulation dtype first.
+    """
+    acc = accumulation_dtype(a.dtype)
+    if a.dtype in HALF_DTYPES and a.is_cuda and _has_float32_out_bmm():
+        lead = torch.broadcast_shapes(a.shape[:-2], b.shape[:-2])
+        a3 = a.expand(*lead, *a.shape[-2:]).flatten(0, -3) if lead else a.unsqueeze(0)
+        b3 = b.expand(*lead, *b.shape[-2:]).flatten(0, -3) if lead else b.unsqueeze(0)
+        out = torch.bmm(a3, b3, out_dtype=acc)
+        return out.unflatten(0, lead) if lead else out.squeeze(0)
+    return a.to(acc) @ b.to(acc)
+
+
+def _tracked(*tensors: Tensor) -> bool:
+    """Whether autograd or a ``torch.func`` transform sees these ops: then no in-place updates."""
+    if any(torch._C._functorch.is_functorch_wrapped_tensor(t) for t in tensors):
+        return True
+    return torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
+
+
+def _scores(q_b: Tensor, k_t: Tensor, scale: float, in_place: bool) -> Tensor:
+    s = matmul_acc(q_b, k_t)
+    return s.mul_(scale) if in_place else s * scale
+
+
+def _probabilities(s: Tensor, lse: Tensor, in_place: bool) -> Tensor:
+    """``exp(s - lse)``, overwriting the scores where nothing else needs them."""
+    return s.sub_(lse.unsqueeze(-1)).exp_() if in_place else torch.exp(s - lse.unsqueeze(-1))
+
+
+def blocked_forward(q: Tensor, k: Tensor, v: Tensor, scale: float, block: int | None = None) -> tuple[Tensor, Tensor]:
+    """``out = softmax(scale q k^T) v`` and ``lse = log Σ_j exp(scale q·k_j)``, one query block at a time.
+
+    Shapes: q (B, H, N, d), k (B, H, M, d), v (B, H, M, dv) -> out (B, H, N, dv) in v's dtype,
+    lse (B, H, N) in the accumulation dtype. ``block``: queries per block (default from memory).
+    """
+    block = block or query_block_size(q, k)
+    in_place = not _tracked(q, k, v)
+    k_t = k.transpose(-1, -2)
+    outs, lses = [], []
+    for q_b in q.split(block, dim=-2):
+        s = _scores(q_b, k_t, scale, in_place)
+        lse = torch.logsumexp(s, dim=-1)
+        p = _probabilities(s, lse, in_place)
+        outs.append(matmul_acc(p.to(v.dtype), v))
+        lses.append(lse)
+    return torch.cat(outs, dim=-2).to(v.dtype), torch.cat(lses, dim=-1)
+
+
+def blocked_backward(
+    dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, scale: float, block: int | None = None
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Gradients (dq, dk, dv) of ``softmax(scale q k^T) v``, the probabilities recomputed per block.
+
+    ``p_ij = exp(scale q_i·k_j - lse_i)``, ``dv = p^T dout``, ``ds = p ∘ (dout v^T - rowsum(dout ∘ out))``,
+    ``dq = scale ds k``, ``dk = scale ds^T q``. As ``attention_backward``: out (B, H, N, dv) and lse
+    (B, H, N) may be those of a larger key set (then dq is this key block's share).
+    """
+    acc = accumulation_dtype(q.dtype)
+    block = block or query_block_size(q, k)
+    in_place = not _tracked(dout, q, k, v, out, lse)
+    delta = (dout.to(acc) * out.to(acc)).sum(dim=-1)
+    k_t, v_t = k.transpose(-1, -2), v.transpose(-1, -2)
+    dqs, dk, dv = [], None, None
+    parts = zip(q.split(block, -2), dout.split(block, -2), lse.split(block, -1), delta.split(block, -1))
+    for q_b, dout_b, lse_b, delta_b in parts:
+        p = _probabilities(_scores(q_b, k_t, scale, in_place), lse_b.to(acc), in_place)
+        dv_b = matmul_acc(p.to(v.dtype).transpose(-1, -2), dout_b)
+        dp = matmul_acc(dout_b, v_t)
+        if in_place:
+            ds = dp.sub_(delta_b.unsqueeze(-1)).mul_(p).mul_(scale).to(q.dtype)
+        else:
+            ds = (p * (dp - delta_b.unsqueeze(-1)) * scale).to(q.dtype)
+        del p, dp
+        dqs.append(matmul_acc(ds, k))
+        dk_b = matmul_acc(ds.transpose(-1, -2), q_b)
+        dk = dk_b if dk is None else dk + dk_b
+        dv = dv_b if dv is None else dv + dv_b
+    return torch.cat(dqs, dim=-2).to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)
+
+
+__all__ = ["blocked_backward", "blocked_forward", "matmul_acc", "query_block_size"]

@@ -1,9 +1,10 @@
 """A small C2D video classifier with non-local blocks between its stages (the paper's recipe).
 
 Every convolution is 1×k×k (no temporal extent, as in the paper's C2D baseline), so frames only
-meet through the non-local blocks and the final pooling. That makes the time axis shardable with
-no halo exchange: with ``sp_group`` the input is this rank's slice of frames, BatchNorm statistics
-and the global pooling span the group, and the logits equal the single-device logits.
+meet through the non-local blocks and the final pooling. The model is written for one device;
+``nonlocal_dist.parallelize(model, group, axis="t")`` shards it over time from outside (the 1×k×k
+convolutions need no halo; BatchNorm statistics, the non-local blocks and the global pooling span
+the group), and the logits equal the single-device logits.
 """
 from __future__ import annotations
 
@@ -13,27 +14,23 @@ from torch import Tensor, nn
 
 from nonlocal_dist.block import NonLocalBlock
 from nonlocal_dist.parallel import batch_norm_rows
-from nonlocal_dist.parallel.collectives import all_reduce
+from nonlocal_dist.parallelize import parallelize
 
 
 class _Norm3d(nn.BatchNorm1d):
-    """BatchNorm over (B, C, T, H, W) whose statistics span ``sp_group`` when one is given."""
-
-    def __init__(self, channels: int, sp_group=None) -> None:
-        super().__init__(channels)
-        self.sp_group = sp_group
+    """BatchNorm over (B, C, T, H, W) that also takes DeepSpeed's bf16 (bf16 weights, float32 buffers)."""
 
     def forward(self, x: Tensor) -> Tensor:
         rows = x.movedim(1, -1).reshape(-1, x.shape[1])
-        out = batch_norm_rows(rows, self, self.sp_group)
+        out = batch_norm_rows(rows, self)
         return out.view(*x.shape[:1], *x.shape[2:], x.shape[1]).movedim(-1, 1)
 
 
 class _Stage(nn.Sequential):
-    def __init__(self, cin: int, cout: int, stride: int, sp_group) -> None:
+    def __init__(self, cin: int, cout: int, stride: int) -> None:
         super().__init__(
             nn.Conv3d(cin, cout, (1, 3, 3), stride=(1, stride, stride), padding=(0, 1, 1), bias=False),
-            _Norm3d(cout, sp_group),
+            _Norm3d(cout),
             nn.ReLU(inplace=True),
         )
 
@@ -46,6 +43,7 @@ class C2DNonLocal(nn.Module):
     ``nonlocal_after`` (the paper puts them at res3/res4); ``nonlocal_after=()`` is the ablation.
     ``checkpoint`` ('torch' or 'deepspeed') recomputes the non-local blocks in the backward instead
     of keeping their activations (exact: same gradients and BatchNorm statistics).
+    ``sp_group``/``sp_strategy``: a shorthand for ``parallelize(model, sp_group, "t", strategy=...)``.
     """
 
     def __init__(
@@ -62,17 +60,21 @@ class C2DNonLocal(nn.Module):
         super().__init__()
         if checkpoint not in (None, "torch", "deepspeed"):
             raise ValueError(f"checkpoint must be None, 'torch' or 'deepspeed', got {checkpoint!r}")
-        self.sp_group, self.checkpoint = sp_group, checkpoint
+        self.checkpoint = checkpoint
         layers: list[nn.Module] = []
         cin = in_channels
         for index, width in enumerate(widths):
-            layers.append(_Stage(cin, width, 1 if index == 0 else 2, sp_group))
+            layers.append(_Stage(cin, width, 1 if index == 0 else 2))
             if index in nonlocal_after:
-                sp = {"sp_group": sp_group, "shard_axis": "t", "sp_strategy": sp_strategy} if sp_group is not None else {}
-                layers.append(NonLocalBlock(width, mode=mode, sub_sample={"h": 2, "w": 2}, use_scale=True, **sp))
+                layers.append(NonLocalBlock(width, mode=mode, sub_sample={"h": 2, "w": 2}, use_scale=True))
             cin = width
         self.features = nn.Sequential(*layers)
+        self.pool = nn.AdaptiveAvgPool3d(1)  # a module, so that parallelize makes it a mean over the group
         self.head = nn.Linear(cin, num_classes)
+        if sp_group is not None:
+            parallelize(self, sp_group, "t", strategy=sp_strategy)
+        elif sp_strategy is not None:
+            raise ValueError("sp_strategy= needs sp_group= (a torch.distributed process group)")
 
     def _run_features(self, x: Tensor) -> Tensor:
         for layer in self.features:
@@ -111,11 +113,4 @@ class C2DNonLocal(nn.Module):
         return deepspeed.checkpointing.checkpoint(run, x)
 
     def forward(self, x: Tensor) -> Tensor:
-        feats = self._run_features(x)
-        # Global average pool over (T, H, W); under SP the sums of every rank's frames are added.
-        total = feats.sum(dim=(2, 3, 4))
-        count = torch.tensor(float(feats[0, 0].numel()), dtype=feats.dtype, device=feats.device)
-        if self.sp_group is not None:
-            total = all_reduce(total, self.sp_group)
-            count = all_reduce(count, self.sp_group)
-        return self.head(total / count)
+        return self.head(self.pool(self._run_features(x)).flatten(1))

@@ -1,0 +1,169 @@
+"""Halo exchange along one axis of a tensor sharded over a process group (differentiable, uneven shards).
+
+Rank r holds the global positions ``[a_r, a_r + L_r)`` of an axis of length ``N = Σ L_r``. A
+sliding-window layer on rank r needs ``before`` positions to the left of its shard and ``after`` to
+the right; ``halo_exchange`` fetches them in one all-to-all. A shard shorter than the halo is no
+special case: every rank sends whatever part of its shard falls in another rank's window, so a wide
+halo is assembled from several ranks. Positions outside ``[0, N)`` do not exist; the layer's own
+padding (``fill``) stands for them at the global edges.
+
+The backward is the reverse all-to-all: each halo's gradient goes back to the rank that owns those
+positions and is added to that rank's input gradient. Every rank runs exactly one all-to-all in the
+forward and one in the backward, the edge ranks too (with empty messages where they have nothing to
+send), so the group never waits on a rank that skipped a collective.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from itertools import accumulate
+
+import torch
+import torch.distributed as dist
+from torch import Tensor
+
+from nonlocal_dist.parallel.checks import agree_across_ranks
+
+
+@dataclass(frozen=True)
+class HaloPlan:
+    """Who sends what: ``send[q]`` = (offset, length) of this rank's positions that rank q receives;
+    ``recv[q]`` = the number of positions this rank receives from rank q (0 for itself)."""
+
+    rank: int
+    send: tuple[tuple[int, int], ...]
+    recv: tuple[int, ...]
+
+    @property
+    def before(self) -> int:
+        """Positions received from lower ranks (they precede the shard)."""
+        return sum(self.recv[: self.rank])
+
+    @property
+    def after(self) -> int:
+        """Positions received from higher ranks (they follow the shard)."""
+        return sum(self.recv[self.rank + 1 :])
+
+
+def _window(starts: list[int], sizes: list[int], rank: int, before: int, after: int) -> tuple[int, int]:
+    """Global positions [lo, hi) that ``rank`` holds after the exchange, clipped to the axis."""
+    total = starts[-1] + sizes[-1]
+    return max(0, starts[rank] - before), min(total, starts[rank] + sizes[rank] + after)
+
+
+def halo_plan(sizes: list[int], rank: int, before: int, after: int) -> HaloPlan:
+    """The exchange for shard lengths ``sizes`` (rank order), as seen from ``rank``."""
+    if before < 0 or after < 0:
+        raise ValueError(f"halo widths must be >= 0, got before={before}, after={after}")
+    starts = [0, *accumulate(sizes)][:-1]
+    own = (starts[rank], starts[rank] + sizes[rank])
+    send, recv = [], []
+    for q in range(len(sizes)):
+        if q == rank:
+            send.append((0, 0))
+            recv.append(0)
+            continue
+        lo, hi = _window(starts, sizes, q, before, after)
+        s_lo, s_hi = max(lo, own[0]), min(hi, own[1])
+        send.append((s_lo - own[0], s_hi - s_lo) if s_hi > s_lo else (0, 0))
+        lo, hi = _window(starts, sizes, rank, before, after)
+        r_lo, r_hi = max(lo, starts[q]), min(hi, starts[q] + sizes[q])
+        recv.append(max(0, r_hi - r_lo))
+    return HaloPlan(rank, tuple(send), tuple(recv))
+
+
+def shard_lengths(x: Tensor, dim: int, group, what: str, ndim: int | None = None) -> list[int]:
+    """Every rank's length of x along ``dim`` (one small all-gather).
+
+    Raises the same error on every rank when any rank's x does not have ``ndim`` dims, or when the
+    other dims or the dtype differ between ranks (``what`` names the caller in the message).
+    """
+
+    def validate():
+        if ndim is not None and x.dim() != ndim:
+            raise ValueError(
+                f"{what} expects a batched (B, C, {ndim - 2} spatial dims) input sharded along dim {dim}, "
+                f"got shape {tuple(x.shape)}; add the batch dim"
+            )
+        others = tuple(-1 if d == dim else n for d, n in enumerate(x.shape))
+        return None, {"shape (shard dim as -1)": others, "dtype": x.dtype, "shard_length": x.shape[dim]}
+
+    names = ("shape (shard dim as -1)", "dtype", "shard_length")
+    _, values = agree_across_ranks(group, validate, names, what=what, free=("shard_length",))
+    return values["shard_length"]
+
+
+def _all_to_all(chunks: list[Tensor], recv_lengths: list[int], rest: torch.Size, group) -> list[Tensor]:
+    """Send ``chunks[q]`` (n_q, *rest) to rank q; receive (recv_lengths[q], *rest) from each rank q."""
+    if len(chunks) == 1:  # a group of one: nothing to exchange
+        return [chunks[0].view(0, *rest)]
+    per_position = rest.numel()
+    send = torch.cat([c.reshape(-1) for c in chunks])
+    out_splits = [n * per_position for n in recv_lengths]
+    recv = send.new_empty(sum(out_splits))
+    dist.all_to_all_single(recv, send, out_splits, [c.numel() for c in chunks], group=group)
+    return [piece.view(n, *rest) for piece, n in zip(recv.split(out_splits), recv_lengths)]
+
+
+def _positions_first(x: Tensor, dim: int, offset: int, length: int) -> Tensor:
+    return x.narrow(dim, offset, length).movedim(dim, 0).contiguous()
+
+
+class _HaloExchange(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, dim, plan, group, fill, value):
+        rest = x.movedim(dim, 0).shape[1:]
+        chunks = [_positions_first(x, dim, off, n) for off, n in plan.send]
+        pieces = [p.movedim(0, dim) for p in _all_to_all(chunks, list(plan.recv), rest, group)]
+        parts = pieces[: plan.rank] + [x] + pieces[plan.rank + 1 :]
+        left, right = fill
+        if left:
+            shape = list(x.shape)
+            shape[dim] = left
+            parts.insert(0, x.new_full(shape, value))
+        if right:
+            shape = list(x.shape)
+            shape[dim] = right
+            parts.append(x.new_full(shape, value))
+        ctx.dim, ctx.plan, ctx.group, ctx.left, ctx.length, ctx.rest = dim, plan, group, left, x.shape[dim], rest
+        return torch.cat(parts, dim=dim)
+
+    @staticmethod
+    def backward(ctx, grad):
+        dim, plan = ctx.dim, ctx.plan
+        grad = grad.narrow(dim, ctx.left, plan.before + ctx.length + plan.after)
+        back, offset = [], 0
+        for q, n in enumerate(plan.recv):
+            if q == plan.rank:
+                own = offset
+                offset += ctx.length
+            back.append(_positions_first(grad, dim, offset, n))
+            offset += n
+        returned = _all_to_all(back, [n for _, n in plan.send], ctx.rest, ctx.group)
+        grad_x = grad.narrow(dim, own, ctx.length).contiguous()
+        for (off, n), piece in zip(plan.send, returned):
+            if n:
+                grad_x.narrow(dim, off, n).add_(piece.movedim(0, dim))
+        return grad_x, None, None, None, None, None
+
+
+def halo_exchange(
+    x: Tensor,
+    dim: int,
+    before: int,
+    after: int,
+    sizes: list[int],
+    group,
+    fill: tuple[int, int] = (0, 0),
+    value: float = 0.0,
+) -> Tensor:
+    """x (..., L_r, ...) sharded along ``dim`` -> (..., fill[0] + h_b + L_r + h_a + fill[1], ...).
+
+    ``h_b = min(before, a_r)`` positions of the lower ranks and ``h_a = min(after, N - a_r - L_r)``
+    of the higher ranks, in global order (a shard shorter than the halo is spanned: the positions come
+    from as many ranks as needed); ``fill`` adds that many positions of ``value`` at the two ends
+    (the layer's padding at the global edges). ``sizes[r]`` is L_r on rank r (``shard_lengths``).
+    Differentiable: the halos' gradients are sent back and added to their owners' gradients.
+    Collective: every rank of ``group`` must call it with the same ``before``/``after``.
+    """
+    plan = halo_plan(sizes, dist.get_rank(group), before, after)
+    return _HaloExchange.apply(x, dim, plan, group, fill, value)

@@ -1,0 +1,101 @@
+"""Geometry of a sliding window (convolution, pooling) along the shard axis, and its sharded input.
+
+Ownership rule: global output o belongs to the rank that holds input position ``o * stride``; with
+every shard boundary on the stride grid, rank r's outputs start at ``a_r / stride`` and the output
+stays sharded in rank order (a stride-1 'same' layer keeps the shard lengths). To compute them, rank
+r needs the global positions ``[a_r - pad_left, a_r + L_r - pad_left + extent)`` of the padded axis:
+``pad_left`` before its shard and ``extent - pad_left`` after it (``extent = dilation * (kernel - 1)``),
+from its neighbours (``halo_exchange``), or the layer's padding value beyond the global edges. The
+last rank also takes every output past the last input position (``pad_right`` larger than needed).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from itertools import accumulate
+from typing import Callable
+
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import Tensor
+
+from nonlocal_dist.parallel.halo import halo_exchange
+
+
+@dataclass(frozen=True)
+class Window:
+    """One axis of a sliding window: kernel, stride, dilation and padding (left, right) positions."""
+
+    kernel: int
+    stride: int
+    dilation: int
+    pad_left: int
+    pad_right: int
+
+    @property
+    def extent(self) -> int:
+        return self.dilation * (self.kernel - 1)
+
+    @property
+    def position_wise(self) -> bool:
+        """True when every output position reads only its own input position."""
+        return self.kernel == 1 and self.stride == 1 and self.pad_left == self.pad_right == 0
+
+    def refusal(self) -> str | None:
+        """Why this window cannot be sharded (None when it can)."""
+        if self.pad_left > self.extent:
+            return (
+                f"its padding before the shard axis ({self.pad_left}) exceeds the window's extent "
+                f"dilation*(kernel-1) = {self.extent}: outputs would read padding only"
+            )
+        return None
+
+
+def aligned_lengths(total: int, world: int, stride: int) -> list[int]:
+    """Shard lengths of ``total`` positions whose boundaries fall on the stride grid (all but the last
+    a multiple of ``stride``), as even as possible."""
+    units = [total // stride // world + (r < total // stride % world) for r in range(world)]
+    lengths = [u * stride for u in units]
+    lengths[-1] += total - sum(lengths)
+    return lengths
+
+
+def _check_alignment(sizes: list[int], stride: int, what: str) -> None:
+    starts = list(accumulate(sizes))[:-1]
+    if stride > 1 and any(s % stride for s in starts):
+        raise ValueError(
+            f"{what} has stride {stride} along the shard axis, but the shard lengths {sizes} put rank "
+            f"boundaries at {starts}, not all multiples of {stride}: each rank's outputs would start off "
+            f"the stride grid. Shard so that every rank but the last holds a multiple of {stride} positions "
+            f"(of the positions this layer sees), e.g. {aligned_lengths(sum(sizes), len(sizes), stride)} "
+            f"for {sum(sizes)} positions on {len(sizes)} ranks."
+        )
+
+
+def sharded_window_input(
+    x: Tensor, dim: int, window: Window, sizes: list[int], group, what: str, value: float
+) -> tuple[Tensor, int, int]:
+    """x (..., L_r, ...) -> (x_ext, left, right): this rank's window of the padded axis along ``dim``.
+
+    ``x_ext`` holds global positions ``[a_r - pad_left, end)`` (``value`` outside ``[0, N)``); the
+    window op with no padding along ``dim`` gives exactly this rank's outputs; ``left`` and ``right``
+    count its padding positions at the two ends. ``sizes``: every rank's L (``shard_lengths``).
+    Raises on every rank when the shard boundaries do not fall on the stride grid.
+    """
+    _check_alignment(sizes, window.stride, what)
+    rank, world, total = dist.get_rank(group), len(sizes), sum(sizes)
+    start = sum(sizes[:rank])
+    end = start + sizes[rank] - window.pad_left + window.extent
+    end = total + window.pad_right if rank == world - 1 else min(end, total + window.pad_right)
+    left = max(0, window.pad_left - start)
+    right = max(0, end - total)
+    ext = halo_exchange(x, dim, window.pad_left, window.extent - window.pad_left, sizes, group, (left, right), value)
+    return ext, left, right
+
+
+def apply_window(fn: Callable[[Tensor], Tensor], ext: Tensor, dim: int, window: Window, value: float) -> Tensor:
+    """``fn(ext)``, or its empty result (no outputs along ``dim``) when ext is shorter than one window."""
+    short = window.extent + 1 - ext.shape[dim]
+    if short <= 0:
+        return fn(ext)
+    pad = [0, 0] * (ext.dim() - 1 - dim) + [0, short]
+    return fn(F.pad(ext, pad, value=value)).narrow(dim, 0, 0)

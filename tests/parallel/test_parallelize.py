@@ -1,0 +1,225 @@
+"""parallelize(model, group, axis) on real gloo ranks equals the single-process model in float64:
+outputs, input gradient, every parameter gradient (summed over ranks) and BatchNorm statistics, for
+1-3 ranks with uneven shards; and the clear errors on every rank / at conversion time."""
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from dist_harness import run_ranks
+from helpers import rel_err
+from nonlocal_dist import NonLocalBlock, parallelize
+from nonlocal_dist.parallel import gather_tensor
+
+TOL = 1e-10
+ALIGNED8 = {1: [8], 2: [6, 2], 3: [4, 2, 2]}  # 8 positions, boundaries on the stride-2 grid
+
+
+def _lengths(total: int, world: int, pattern: str) -> list[int]:
+    """Uneven shard lengths: 'front' puts the remainder on rank 0, 'short' leaves rank 1 one position."""
+    if world == 1:
+        return [total]
+    if pattern == "short":
+        rest = total - 1
+        return [rest - rest // 2, 1, rest // 2][:world] if world == 3 else [total - 1, 1]
+    base = [total // world] * world
+    base[0] += total - sum(base)
+    return base
+
+
+def _compare(model: nn.Module, shape: tuple, lengths: list[int], axis: str, rank: int, world: int) -> dict:
+    """Run ``model`` whole and parallelized on this rank's shard; relative errors by quantity."""
+    dim = 2 if len(shape) == 3 else 2 + "thw"[5 - len(shape):].index(axis)
+    layout = " ".join(["b", "c", *(f"s{i}" for i in range(len(shape) - 2))])
+    name = f"s{dim - 2}"
+    group = dist.group.WORLD
+    whole = model.double()
+    sharded = parallelize(copy.deepcopy(whole), group, axis)
+    gen = torch.Generator().manual_seed(7)
+    x = torch.randn(*shape, generator=gen, dtype=torch.float64)
+    xw = x.clone().requires_grad_()
+    xs = x.split(lengths, dim)[rank].clone().requires_grad_()
+    yw, ys = whole(xw), sharded(xs)
+    weight = torch.randn(yw.shape, generator=gen, dtype=torch.float64)
+    (yw * weight).sum().backward()
+    if ys.shape == yw.shape and yw.dim() == 2:  # pooled: every rank holds the whole output
+        full = ys.detach()
+        (ys * weight).sum().div(world).backward()  # the project's convention: loss / group size
+    else:
+        full = gather_tensor(ys.detach(), layout, name, group)
+        sizes = [0] * world
+        dist.all_gather_object(sizes, ys.shape[dim], group=group)
+        (ys * weight.split(sizes, dim)[rank]).sum().backward()
+    errors = {"output": rel_err(full, yw), "input grad": rel_err(gather_tensor(xs.grad, layout, name, group), xw.grad)}
+    scale = max(p.grad.abs().max().item() for p in whole.parameters()) if list(whole.parameters()) else 1.0
+    for (name, p), q in zip(sharded.named_parameters(), whole.parameters()):
+        total = p.grad.clone() if p.grad is not None else torch.zeros_like(p)
+        dist.all_reduce(total)
+        errors[f"grad {name}"] = rel_err(total, q.grad, floor=scale)
+    for (name, b), c in zip(sharded.named_buffers(), whole.buffers()):
+        errors[f"buffer {name}"] = rel_err(b.double(), c.double())
+    return errors
+
+
+def _seeded(build):
+    torch.manual_seed(3)
+    model = build()
+    with torch.no_grad():  # random BatchNorm affine and non-local norm weights, so nothing is an identity
+        for m in model.modules():
+            if isinstance(m, nn.modules.batchnorm._BatchNorm):
+                m.weight.uniform_(0.5, 1.5)
+                m.bias.uniform_(-0.5, 0.5)
+    return model
+
+
+def _layer_cases(world: int):
+    """(name, builder, input shape, shard lengths, axis)"""
+    cases = []
+    for k in range(1, 6):
+        cases.append((f"conv3d k{k} same", lambda k=k: nn.Conv3d(2, 3, (k, 3, 1), padding=(k // 2, 1, 0)),
+                      (2, 2, 7, 4, 3), _lengths(7, world, "short"), "t"))
+    cases += [
+        ("conv3d k3 valid", lambda: nn.Conv3d(2, 3, 3), (1, 2, 8, 5, 5), _lengths(8, world, "front"), "t"),
+        ("conv3d dilation 2", lambda: nn.Conv3d(2, 2, 3, padding=2, dilation=2), (1, 2, 7, 4, 4), _lengths(7, world, "short"), "t"),
+        ("conv3d 'same' k4", lambda: nn.Conv3d(2, 2, (4, 1, 1), padding="same"), (1, 2, 9, 3, 3), _lengths(9, world, "short"), "t"),
+        ("conv3d k5 valid, 1-position shard", lambda: nn.Conv3d(2, 2, (5, 1, 1)), (1, 2, 9, 2, 2), _lengths(9, world, "short"), "t"),
+        ("conv3d stride 2 aligned", lambda: nn.Conv3d(2, 3, 3, stride=2, padding=1), (1, 2, 8, 6, 6), ALIGNED8[world], "t"),
+        ("conv3d along h", lambda: nn.Conv3d(2, 2, 3, padding=1), (1, 2, 3, 7, 4), _lengths(7, world, "short"), "h"),
+        ("conv3d reflect, 0 pad on t", lambda: nn.Conv3d(2, 2, (3, 3, 3), padding=(0, 1, 1), padding_mode="reflect"), (1, 2, 7, 4, 4), _lengths(7, world, "front"), "t"),
+        ("conv2d along w", lambda: nn.Conv2d(2, 2, 3, padding=1, stride=(1, 2)), (2, 2, 5, 8), ALIGNED8[world], "w"),
+        ("conv1d k4 pad 2", lambda: nn.Conv1d(2, 2, 4, padding=2), (2, 2, 9), _lengths(9, world, "short"), "t"),
+        ("maxpool3d k3 s2", lambda: nn.MaxPool3d(3, stride=2, padding=1), (1, 2, 8, 4, 4), {1: [8], 2: [2, 6], 3: [2, 4, 2]}[world], "t"),
+        ("maxpool3d k2 s2", lambda: nn.MaxPool3d((2, 1, 1)), (1, 2, 8, 3, 3), ALIGNED8[world], "t"),
+        ("maxpool3d dilation 2", lambda: nn.MaxPool3d(3, stride=1, padding=1, dilation=2), (1, 2, 7, 5, 5), _lengths(7, world, "short"), "t"),
+        ("avgpool3d include pad", lambda: nn.AvgPool3d(3, stride=1, padding=1), (1, 2, 7, 4, 4), _lengths(7, world, "short"), "t"),
+        ("avgpool3d exclude pad", lambda: nn.AvgPool3d(3, stride=1, padding=1, count_include_pad=False), (1, 2, 7, 4, 4), _lengths(7, world, "short"), "t"),
+        ("avgpool1d exclude pad s2", lambda: nn.AvgPool1d(3, stride=2, padding=1, count_include_pad=False), (2, 2, 8), ALIGNED8[world], "t"),
+        ("batchnorm3d", lambda: nn.BatchNorm3d(2), (2, 2, 5, 3, 3), _lengths(5, world, "short"), "t"),
+        ("global pool", lambda: nn.Sequential(nn.AdaptiveAvgPool3d((1, 2, 2)), nn.Flatten(), nn.Linear(8, 3)), (2, 2, 7, 4, 4), _lengths(7, world, "short"), "t"),
+    ]
+    return cases
+
+
+def _video_net() -> nn.Module:
+    """conv3d + BN + ReLU + maxpool + NonLocalBlock + (3,1,1) conv + global pool + Linear."""
+    block = NonLocalBlock(4, sub_sample={"h": 2, "w": 2})
+    return nn.Sequential(
+        nn.Conv3d(2, 4, 3, padding=1, bias=False), nn.BatchNorm3d(4), nn.ReLU(inplace=True),
+        nn.MaxPool3d((3, 3, 3), stride=(2, 2, 2), padding=1), block,
+        nn.Conv3d(4, 6, (3, 1, 1), padding=(1, 0, 0)), nn.BatchNorm3d(6), nn.ReLU(),
+        nn.AdaptiveAvgPool3d(1), nn.Flatten(), nn.Linear(6, 3),
+    )
+
+
+def _layers_worker(rank, world):
+    failures = {}
+    for name, build, shape, lengths, axis in _layer_cases(world):
+        errors = _compare(_seeded(build), shape, lengths, axis, rank, world)
+        bad = {k: v for k, v in errors.items() if v > TOL}
+        if bad:
+            failures[name] = bad
+    return failures
+
+
+def _net_worker(rank, world, lengths):
+    model = _seeded(_video_net)
+    with torch.no_grad():
+        model[4].norm.weight.fill_(0.7)
+    errors = {}
+    for train in (True, False):
+        model.train(train)
+        errors.update({f"{k} ({'train' if train else 'eval'})": v
+                       for k, v in _compare(copy.deepcopy(model), (2, 2, 10, 6, 6), lengths, "t", rank, world).items()})
+    return {k: v for k, v in errors.items() if v > TOL}
+
+
+@pytest.mark.parametrize("world", [1, 2, 3])
+def test_layers_equal_single_process(world):
+    for failures in run_ranks(_layers_worker, world, timeout=300):
+        assert not failures, failures
+
+
+@pytest.mark.parametrize("world,lengths", [(1, [10]), (2, [6, 4]), (3, [4, 2, 4])])
+def test_video_net_equals_single_process(world, lengths):
+    for failures in run_ranks(_net_worker, world, lengths, timeout=300):
+        assert not failures, failures
+
+
+def _misaligned_worker(rank, world):
+    conv = parallelize(nn.Conv3d(1, 1, 3, stride=2, padding=1), dist.group.WORLD, "t")
+    x = torch.randn(1, 1, [3, 3, 2][rank], 4, 4)
+    with pytest.raises(ValueError, match=r"shard lengths \[3, 3, 2\].*multiple of 2.*e\.g\. \[4, 2, 2\]"):
+        conv(x)
+    mismatch = parallelize(nn.Conv3d(1, 1, 3, padding=1), dist.group.WORLD, "t")
+    with pytest.raises(ValueError, match="disagree"):
+        mismatch(torch.randn(1, 1, 3, 4, 4 + (rank == 1)))
+    return True
+
+
+def test_unaligned_stride_and_mismatch_raise_on_every_rank():
+    assert run_ranks(_misaligned_worker, 3) == [True] * 3
+
+
+def _identity_worker(rank, world):
+    model = _video_net()
+    params = [id(p) for p in model.parameters()]
+    buffers = [id(b) for b in model.buffers()]
+    keys = list(model.state_dict())
+    out = parallelize(model, dist.group.WORLD, "t")
+    kinds = [type(m).__name__ for m in model]
+    return (out is model, params == [id(p) for p in model.parameters()], buffers == [id(b) for b in model.buffers()],
+            keys == list(model.state_dict()), kinds[0], kinds[1], kinds[3], model[4].sp_group is dist.group.WORLD)
+
+
+def test_parallelize_in_place_keeps_parameter_objects():
+    for result in run_ranks(_identity_worker, 2):
+        assert result == (True, True, True, True, "ShardedConv3d", "ShardedBatchNorm3d", "ShardedMaxPool3d", True)
+
+
+def _refusal_worker(rank, world):
+    group = dist.group.WORLD
+    cases = [
+        (nn.Sequential(nn.Conv3d(1, 1, 3), nn.ConvTranspose3d(1, 1, 3)), r"1 \(ConvTranspose3d\).*along 't'"),
+        (nn.Sequential(nn.Upsample(scale_factor=2)), r"0 \(Upsample\)"),
+        (nn.Sequential(nn.Flatten(), nn.Linear(4, 2)), r"0 \(Flatten\)"),
+        (nn.Sequential(nn.Conv3d(1, 1, 3, padding=1, padding_mode="circular")), "padding_mode='circular'"),
+        (nn.Sequential(nn.MaxPool3d(3, ceil_mode=True)), "ceil_mode"),
+        (nn.Sequential(nn.AdaptiveAvgPool3d((2, 1, 1))), "output size 2"),
+        (nn.Sequential(nn.Conv2d(1, 1, 3)), "no axis 't'"),
+        (nn.Sequential(nn.Conv3d(1, 1, 3, padding=3)), "exceeds the window's extent"),
+        (nn.Sequential(NonLocalBlock(4, axes="h w")), "interacting axes"),
+        (nn.Sequential(nn.LayerNorm(4)), r"0 \(LayerNorm\)"),
+    ]
+    for model, pattern in cases:
+        with pytest.raises(ValueError, match=pattern):
+            parallelize(model, group, "t")
+    with pytest.raises(TypeError, match="ProcessGroup"):
+        parallelize(nn.Conv3d(1, 1, 3), None, "t")
+    # Position-wise layers along the shard axis are left alone; a head after the global pool passes.
+    kept = parallelize(nn.Sequential(nn.Conv3d(1, 2, (1, 3, 3)), nn.GELU(), nn.AdaptiveAvgPool3d(1), nn.Flatten(),
+                                     nn.Linear(2, 2), nn.LayerNorm(2)), group, "t")
+    return [type(m).__name__ for m in kept]
+
+
+def test_conversion_refusals_name_the_module():
+    for kinds in run_ranks(_refusal_worker, 1):
+        assert kinds == ["Conv3d", "GELU", "ShardedAdaptiveAvgPool3d", "Flatten", "Linear", "LayerNorm"]
+
+
+def _torchvision_worker(rank, world, name):
+    import torchvision
+
+    model = getattr(torchvision.models.video, name)(num_classes=3)
+    errors = _compare(_seeded(lambda: model), (1, 3, 8, 32, 32), [4, 4][:world] if world > 1 else [8], "t", rank, world)
+    return {k: v for k, v in errors.items() if v > 1e-9}
+
+
+@pytest.mark.parametrize("name", ["r3d_18", "r2plus1d_18"])
+def test_torchvision_video_resnets(name):
+    pytest.importorskip("torchvision.models.video")
+    for failures in run_ranks(_torchvision_worker, 2, name, timeout=600):
+        assert not failures, failures

@@ -12,6 +12,8 @@ from typing import Sequence
 from einops import rearrange, reduce
 from torch import Tensor
 
+from nonlocal_dist.validate import positive_int
+
 
 @dataclass(frozen=True)
 class Layout:
@@ -117,10 +119,8 @@ def normalise_sub_sample(sub_sample: bool | dict[str, int] | None, axes: tuple[s
     unknown = [a for a in sub_sample if a not in axes]
     if unknown:
         raise ValueError(f"sub_sample names {unknown}, which are not among the interacting axes {axes}")
-    for axis, factor in sub_sample.items():
-        if isinstance(factor, bool) or not isinstance(factor, int) or factor < 1:
-            raise ValueError(f"sub_sample[{axis!r}] must be a positive int, got {factor!r}")
-    return {a: f for a, f in sub_sample.items() if f > 1}
+    factors = {axis: positive_int(f"sub_sample[{axis!r}]", factor) for axis, factor in sub_sample.items()}
+    return {a: f for a, f in factors.items() if f > 1}
 
 
 def max_pool_positions(x: Tensor, axes: tuple[str, ...], factors: dict[str, int]) -> Tensor:
@@ -134,10 +134,12 @@ def max_pool_positions(x: Tensor, axes: tuple[str, ...], factors: dict[str, int]
             f"sub_sample {factors} leaves no positions on an axis of size smaller than its factor "
             f"(position sizes {dict(zip(axes, x.shape[1:-1]))}); lower the factor"
         )
-    grouped = " ".join(f"({a} {a}_k)" if a in factors else a for a in axes)
-    return reduce(
-        x, f"b {grouped} c -> b {' '.join(axes)} c", "max", **{f"{a}_k": f for a, f in factors.items()}
-    )
+    # Axes named by position (a0 a1 ...) and their windows k0 k1 ...: any user axis name is legal,
+    # so no name of theirs may be combined into one of ours (an axis 'h_k' beside 'h' would clash).
+    kept = [f"a{i}" for i in range(len(axes))]
+    grouped = " ".join(f"(a{i} k{i})" if a in factors else f"a{i}" for i, a in enumerate(axes))
+    windows = {f"k{i}": factors[a] for i, a in enumerate(axes) if a in factors}
+    return reduce(x, f"b {grouped} c -> b {' '.join(kept)} c", "max", **windows)
 
 
 def flatten_positions(x: Tensor) -> Tensor:

@@ -28,7 +28,8 @@ def naive_affinity(theta, phi, mode, scale=1.0, concat_weight=None):
     a = (theta * w[None, :, None, :d]).sum(-1)
     b = (phi * w[None, :, None, d:]).sum(-1)
     s = a[..., :, None] + b[..., None, :]
-    return torch.where(s > 0, s, torch.zeros_like(s)) / m  # ReLU with ReLU'(0) = 0, as torch's
+    # ReLU as torch's: ReLU'(0) = 0, and NaN stays NaN (mmcv's concat_project applies nn.ReLU).
+    return torch.where((s > 0) | s.isnan(), s, torch.zeros_like(s)) / m
 
 
 def _linear(layer, t):

@@ -10,7 +10,7 @@ import torch
 from torch import Tensor
 
 from nonlocal_dist.backends import OpInputs, dispatch
-from nonlocal_dist.kernels.sorted_concat import apply_sorted_stats, concat_projections, sorted_key_stats
+from nonlocal_dist.kernels.sorted_concat import concat_sorted
 from nonlocal_dist.parallel.collectives import all_reduce, gather_heads, gather_positions, scatter_heads
 from nonlocal_dist.parallel.ring import ring_attention
 
@@ -72,14 +72,10 @@ def allreduce(inputs: OpInputs, group, n_sizes: list[int], m_sizes: list[int], b
 
 def sorted_stats(inputs: OpInputs, group, n_sizes: list[int], m_sizes: list[int], backend: str) -> Tensor:
     """Concatenation: gather the compact key statistics (b_j, g_j) once, sort, prefix sums locally."""
-    theta, phi, g, w = inputs.theta, inputs.phi, inputs.g, inputs.concat_weight
-    out_dtype = g.dtype
-    if g.dtype in (torch.float16, torch.bfloat16):
-        theta, phi, g, w = theta.float(), phi.float(), g.float(), w.float()
-    a, b = concat_projections(theta, phi, w)
-    b_full, g_full = gather_positions(group, m_sizes, b.unsqueeze(-1), g)
-    keys, prefix = sorted_key_stats(b_full.squeeze(-1), g_full)
-    return (apply_sorted_stats(a, keys, prefix) / sum(m_sizes)).to(out_dtype)
+    return concat_sorted(
+        inputs.theta, inputs.phi, inputs.g, inputs.concat_weight,
+        gather_keys=lambda b, g: gather_positions(group, m_sizes, b, g),
+    )
 
 
 STRATEGIES = {"ring": ring, "allgather": allgather, "ulysses": ulysses, "allreduce": allreduce, "sorted_stats": sorted_stats}

@@ -223,3 +223,24 @@ def test_torchvision_video_resnets(name):
     pytest.importorskip("torchvision.models.video")
     for failures in run_ranks(_torchvision_worker, 2, name, timeout=600):
         assert not failures, failures
+
+
+def _i3d_worker(rank, world, lengths):
+    from nonlocal_dist.models import I3DNonLocal
+
+    def build():
+        model = I3DNonLocal(3, 4, stem_channels=8, widths=(8, 16, 16), depths=(1, 2, 1), strides=(1, 2, 2),
+                            inflate=((1,), (1, 1), (1,)), nonlocal_stages=((1,), (1, 0), (1,)))
+        for block in model.modules():
+            if isinstance(block, NonLocalBlock):
+                nn.init.uniform_(block.norm.weight, 0.5, 1.0)  # not the identity init, so the blocks matter
+        return model
+
+    errors = _compare(_seeded(build), (2, 3, 8, 32, 32), lengths, "t", rank, world)
+    return {k: v for k, v in errors.items() if v > TOL}
+
+
+@pytest.mark.parametrize("world,lengths", [(2, [4, 4]), (3, [4, 2, 2])])
+def test_i3d_with_nonlocal_blocks_equals_single_process(world, lengths):
+    for failures in run_ranks(_i3d_worker, world, lengths, timeout=300):
+        assert not failures, failures

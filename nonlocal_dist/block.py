@@ -15,6 +15,7 @@ from nonlocal_dist.conventions import MODES, SOFTMAX_MODES
 from nonlocal_dist.functional import nonlocal_op
 from nonlocal_dist.layout import flatten_positions, max_pool_positions, normalise_sub_sample, parse_layout
 from nonlocal_dist.parallel import batch_norm_rows
+from nonlocal_dist.validate import one_of, positive_int
 from nonlocal_dist.parallel.checks import exchange_metadata, raise_on_mismatch
 
 
@@ -57,20 +58,14 @@ class NonLocalBlock(nn.Module):
         sp_strategy: str | None = None,
     ) -> None:
         super().__init__()
-        if isinstance(in_channels, bool) or not isinstance(in_channels, int) or in_channels < 1:
-            raise ValueError(f"in_channels must be a positive int, got {in_channels!r}")
-        if mode not in MODES:
-            raise ValueError(f"unknown mode {mode!r}; expected one of {', '.join(MODES)}")
-        if backend not in BACKEND_NAMES:
-            raise ValueError(f"unknown backend {backend!r}; expected one of {', '.join(BACKEND_NAMES)}")
-        if norm not in ("batch", None):
+        in_channels = positive_int("in_channels", in_channels)
+        mode, backend = one_of("mode", mode, MODES), one_of("backend", backend, BACKEND_NAMES)
+        if norm is not None and norm != "batch":
             raise ValueError(f"norm must be 'batch' or None, got {norm!r}")
-        inter_channels = max(in_channels // 2, 1) if inter_channels is None else inter_channels
-        if isinstance(inter_channels, bool) or not isinstance(inter_channels, int) or inter_channels < 1:
-            raise ValueError(f"inter_channels must be a positive int, got {inter_channels!r}")
+        default_inter = max(in_channels // 2, 1)
+        inter_channels = default_inter if inter_channels is None else positive_int("inter_channels", inter_channels)
         key_channels = in_channels if mode == "gaussian" else inter_channels
-        if isinstance(heads, bool) or not isinstance(heads, int) or heads < 1:
-            raise ValueError(f"heads must be a positive int, got {heads!r}")
+        heads = positive_int("heads", heads)
         if inter_channels % heads or key_channels % heads:
             raise ValueError(
                 f"heads={heads} must divide inter_channels={inter_channels}"
@@ -158,12 +153,18 @@ class NonLocalBlock(nn.Module):
         """``BN(W_z y)`` (B', N, C) from y (B', H, N, dv)."""
         z = self.W_z(rearrange(y, "b h n d -> b n (h d)"))
         if self.norm is not None:
+            if self.norm.training and self.norm.track_running_stats and torch._C._are_functorch_transforms_active():
+                raise RuntimeError(
+                    "torch.func transforms (vmap, jacrev, grad) cannot update BatchNorm's running statistics "
+                    "in training mode: call block.eval(), or torch.func.replace_all_batch_norm_modules_(block) "
+                    "to normalise by batch statistics alone"
+                )
             rows = z.reshape(-1, self.in_channels)
             normed = batch_norm_rows(rows, self.norm, self.sp_group)
             if normed.requires_grad:
                 # The gradient comes back in the input layout's order (a strided view for "b c t h w");
                 # BatchNorm's CPU backward is 5-10x slower on a strided gradient than on a contiguous one.
-                normed.register_hook(Tensor.contiguous)
+                normed.register_hook(_contiguous_grad)
             z = normed.view_as(z)
         return z
 
@@ -195,3 +196,8 @@ class NonLocalBlock(nn.Module):
         y = self.attend(*self.embed(xp))
         z = self.output(y).view(xp.shape)
         return x + self.layout.from_positions(z, sizes)
+
+
+def _contiguous_grad(grad: Tensor | None) -> Tensor | None:
+    # None reaches the hook when a downstream function returns no gradient (gradcheck checks this).
+    return None if grad is None else grad.contiguous()

@@ -1,20 +1,27 @@
 """Backends of the non-local operation behind one dispatch point (xformers-style).
 
-Each backend declares what it supports and returns ``not_supported_reasons(inputs)``; ``dispatch``
-picks the first backend of ``AUTO_ORDER`` that fits, or the one forced with ``backend=``, and when
-none fits raises an error listing every backend with its reasons.
+Each backend declares what it supports and returns ``not_supported_reasons(inputs)``; a backend
+wrapping another library also asks that library whether it can run *these* inputs
+(``runtime_reasons``). ``dispatch`` picks the first backend of ``AUTO_ORDER[device type]`` that can
+run the inputs and that no measured rule declines (``auto_declines``), saying once why it skipped a
+backend that is installed but cannot run; ``backend=`` forces one, and when the forced one (or
+every one) cannot run, the ``ValueError`` lists the reasons.
 """
 from __future__ import annotations
 
-import importlib.util
+import importlib
+import inspect
+import warnings
 from dataclasses import dataclass, replace
 from functools import lru_cache
+from types import ModuleType
 
 import torch
 from torch import Tensor
 
 from nonlocal_dist.conventions import FLOAT_DTYPES, MODES, SOFTMAX_MODES
 from nonlocal_dist.kernels import concat_sorted, dot_product_linear, reference_nonlocal, softmax_attention
+from nonlocal_dist.kernels.softmax import FUSED_MAX_HEAD
 
 # CUDA launches put the batch on a grid axis limited to 65535 blocks.
 _CUDA_MAX_BATCH = 65535
@@ -52,7 +59,8 @@ class Backend:
     devices: tuple[str, ...] = ("cpu", "cuda")
     dtypes: tuple[torch.dtype, ...] = FLOAT_DTYPES
 
-    def not_supported_reasons(self, inputs: OpInputs) -> list[str]:
+    def declared_reasons(self, inputs: OpInputs) -> list[str]:
+        """Why the declarations (modes, devices, dtypes) exclude ``inputs``; empty if they do not."""
         reasons = []
         if inputs.mode not in self.modes:
             reasons.append(f"mode {inputs.mode!r} not supported (supports {', '.join(self.modes)})")
@@ -61,6 +69,17 @@ class Backend:
         if inputs.dtype not in self.dtypes:
             reasons.append(f"dtype {inputs.dtype} not supported")
         return reasons
+
+    def runtime_reasons(self, inputs: OpInputs) -> list[str]:
+        """Why the wrapped library, asked at run time, cannot run ``inputs`` (installed but unable)."""
+        return []
+
+    def not_supported_reasons(self, inputs: OpInputs) -> list[str]:
+        return self.declared_reasons(inputs) or self.runtime_reasons(inputs)
+
+    def auto_declines(self, inputs: OpInputs) -> str | None:
+        """Why ``auto`` passes over this backend although it can run ``inputs`` (a measured rule)."""
+        return None
 
     def max_batch(self, inputs: OpInputs) -> int | None:
         """Largest batch one call accepts; larger batches are split (exactly) by ``dispatch``."""
@@ -74,17 +93,33 @@ class Backend:
         raise NotImplementedError
 
 
+# Softmax modes with wide heads (d or dv > 256) on CUDA: at most this many scores B·H·N·M, the
+# materialised form is the cheapest exact path. Source: issue 10, H200, bf16: the I3D res4 block
+# (B·H·N·M = 8 · 1568 · 392 = 4.9M, d = 512) took 3.40 ms fwd+bwd materialised against 5.36 ms for
+# the fused fallback; the bound is twice that size, where the blocked path still holds one block.
+MATERIALISE_MAX_SCORES = 2**23
+
+
 class ReferenceBackend(Backend):
-    """The materialised (N, M) affinity: the oracle, never picked by ``auto``."""
+    """The materialised (N, M) affinity: the oracle; ``auto`` takes it only for small wide heads."""
 
     name = "reference"
+
+    def auto_declines(self, inputs: OpInputs) -> str | None:
+        b, h, n, d = inputs.theta.shape
+        scores = b * h * n * inputs.phi.shape[-2]
+        wide = max(d, inputs.g.shape[-1]) > FUSED_MAX_HEAD
+        if inputs.mode in SOFTMAX_MODES and inputs.device.type == "cuda" and wide and scores <= MATERIALISE_MAX_SCORES:
+            return None
+        return "the materialised affinity is the cheapest path only for small wide-head softmax inputs on CUDA"
 
     def compute(self, inputs: OpInputs) -> Tensor:
         return reference_nonlocal(inputs.theta, inputs.phi, inputs.g, inputs.mode, inputs.scale, inputs.concat_weight)
 
 
 class SdpaBackend(Backend):
-    """torch's fused attention: the CPU flash kernel (with LSE) or CUDA flash / memory-efficient."""
+    """torch's fused attention kernels (CPU flash; CUDA flash, memory-efficient); heads wider than
+    the fused kernels take (d or dv > 256) run the query-blocked path (``kernels.softmax``)."""
 
     name = "sdpa"
     modes = SOFTMAX_MODES
@@ -105,31 +140,67 @@ class SdpaBackend(Backend):
         return softmax_attention(inputs.theta, inputs.phi, inputs.g, inputs.scale)
 
 
+class BlockedBackend(Backend):
+    """Query blocks against all keys, the softmax materialised per block in float32 and recomputed in
+    backward; any head width, any float dtype and device (``kernels.blocked_softmax``)."""
+
+    name = "blocked"
+    modes = SOFTMAX_MODES
+
+    def compute(self, inputs: OpInputs) -> Tensor:
+        return softmax_attention(inputs.theta, inputs.phi, inputs.g, inputs.scale, blocked=True)
+
+
 @lru_cache(maxsize=1)
-def _xformers_import_error() -> str | None:
-    if importlib.util.find_spec("xformers") is None:
-        return "xformers is not installed (pip install 'nonlocal-dist[xformers]')"
+def load_xformers_fmha() -> tuple[ModuleType | None, str | None]:
+    """xformers' attention package and ``None``, or ``None`` and why it cannot be imported."""
     try:
-        import xformers.ops  # noqa: F401
+        return importlib.import_module("xformers.ops.fmha"), None
+    except ModuleNotFoundError as exc:
+        if exc.name is not None and exc.name.split(".")[0] == "xformers":
+            return None, "xformers is not installed (pip install 'nonlocal-dist[xformers]')"
+        return None, f"xformers failed to import: {exc}"
     except Exception as exc:  # a broken install must not break dispatch
-        return f"xformers failed to import: {exc}"
-    return None
+        return None, f"xformers failed to import: {exc}"
+
+
+def _ask(dispatcher, xinputs, extra) -> None:
+    # Older xformers dispatchers take the inputs alone, newer ones one more argument.
+    dispatcher(xinputs, *([extra] if len(inspect.signature(dispatcher).parameters) > 1 else []))
+
+
+def _xformers_layout(inputs: OpInputs) -> tuple[Tensor, Tensor, Tensor]:
+    # xformers takes (B, M, H, K) and allows a value head size different from the key's.
+    return tuple(t.transpose(1, 2) for t in (inputs.theta, inputs.phi, inputs.g))
 
 
 class XformersBackend(Backend):
-    """xformers' memory-efficient attention (CUDA only)."""
+    """xformers' memory-efficient attention; xformers' own dispatcher decides whether it can run."""
 
     name = "xformers"
     modes = SOFTMAX_MODES
-    devices = ("cuda",)
     dtypes = (torch.float16, torch.bfloat16, torch.float32)
 
-    def not_supported_reasons(self, inputs: OpInputs) -> list[str]:
-        reasons = super().not_supported_reasons(inputs)
-        error = _xformers_import_error()
-        if error is not None:
-            reasons.append(error)
-        return reasons
+    def declared_reasons(self, inputs: OpInputs) -> list[str]:
+        reasons = super().declared_reasons(inputs)
+        _, error = load_xformers_fmha()
+        return reasons + ([error] if error else [])
+
+    def runtime_reasons(self, inputs: OpInputs) -> list[str]:
+        # A wheel built for another torch or CUDA imports but its operators did not load: only its
+        # dispatcher knows, and it raises NotImplementedError listing every operator's reasons.
+        fmha, _ = load_xformers_fmha()
+        q, k, v = _xformers_layout(inputs)
+        xinputs = fmha.Inputs(query=q, key=k, value=v, attn_bias=None, p=0.0, scale=inputs.scale)
+        needs_gradient = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v))
+        try:
+            _ask(fmha.dispatch._dispatch_fw, xinputs, needs_gradient)
+            if needs_gradient:
+                _ask(fmha.dispatch._dispatch_bw, xinputs, None)  # varlen_lse_packed: no variable lengths
+        except NotImplementedError as exc:
+            lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+            return ["xformers has no operator for these inputs: " + " ".join(lines)]
+        return []
 
     def max_batch(self, inputs: OpInputs) -> int | None:
         return _CUDA_MAX_BATCH
@@ -140,8 +211,7 @@ class XformersBackend(Backend):
     def compute(self, inputs: OpInputs) -> Tensor:
         import xformers.ops as xops
 
-        # xformers takes (B, M, H, K) and allows a value head size different from the key's.
-        q, k, v = (t.transpose(1, 2) for t in (inputs.theta, inputs.phi, inputs.g))
+        q, k, v = _xformers_layout(inputs)
         return xops.memory_efficient_attention(q, k, v, scale=inputs.scale).transpose(1, 2)
 
 
@@ -166,10 +236,33 @@ class SortedBackend(Backend):
 
 
 BACKENDS: dict[str, Backend] = {
-    b.name: b for b in (XformersBackend(), SdpaBackend(), LinearBackend(), SortedBackend(), ReferenceBackend())
+    b.name: b
+    for b in (XformersBackend(), SdpaBackend(), BlockedBackend(), LinearBackend(), SortedBackend(), ReferenceBackend())
 }
-AUTO_ORDER = ("xformers", "sdpa", "linear", "sorted")
+# What ``auto`` tries, in order, per device type: the one home of the preference. Source: issue 10
+# (H200, torch 2.11, bf16): torch's fused kernels ran softmax modes at the floor (0.98-1.04x bare
+# F.scaled_dot_product_attention) while xformers could not be timed (its operators did not load),
+# so sdpa comes before xformers; wide heads go through sdpa's blocked path (16.5 ms against 122 ms
+# for the fused fallback at d = 512, N = M = 25088), small wide heads through the materialised form
+# (``MATERIALISE_MAX_SCORES``). ``scripts/benchmark.py --device cuda`` prints every row again.
+AUTO_ORDER: dict[str, tuple[str, ...]] = {
+    "cuda": ("reference", "sdpa", "blocked", "xformers", "linear", "sorted"),
+    "cpu": ("sdpa", "blocked", "linear", "sorted"),
+}
 BACKEND_NAMES = ("auto", *BACKENDS)
+_SAID: set[tuple[str, str]] = set()
+
+
+def _say_once(name: str, reasons: list[str]) -> None:
+    text = "; ".join(reasons)
+    if (name, text) not in _SAID:
+        _SAID.add((name, text))
+        warnings.warn(f"backend='auto' skips {name}: {text}", RuntimeWarning, stacklevel=4)
+
+
+def _auto_order(device_type: str) -> tuple[str, ...]:
+    listed = AUTO_ORDER.get(device_type, AUTO_ORDER["cpu"])
+    return listed + tuple(name for name in BACKENDS if name not in listed and name != "reference")
 
 
 def select_backend(inputs: OpInputs, backend: str = "auto") -> Backend:
@@ -184,9 +277,15 @@ def select_backend(inputs: OpInputs, backend: str = "auto") -> Backend:
             f"backend={backend!r} cannot run these inputs: {'; '.join(reasons)}. "
             f"Backends that can: {', '.join(able) or 'none'} (or backend='auto')."
         )
-    for name in AUTO_ORDER:
-        if not BACKENDS[name].not_supported_reasons(inputs):
-            return BACKENDS[name]
+    for name in _auto_order(inputs.device.type):
+        candidate = BACKENDS[name]
+        if candidate.declared_reasons(inputs) or candidate.auto_declines(inputs) is not None:
+            continue
+        runtime = candidate.runtime_reasons(inputs)
+        if runtime:
+            _say_once(name, runtime)
+            continue
+        return candidate
     details = "; ".join(f"{b.name}: {', '.join(b.not_supported_reasons(inputs))}" for b in BACKENDS.values())
     raise ValueError(
         f"no backend can run mode={inputs.mode!r} on {inputs.device.type} with {inputs.dtype}: {details}"

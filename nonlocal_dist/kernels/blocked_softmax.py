@@ -130,4 +130,34 @@ def blocked_backward(
     return torch.cat(dqs, dim=-2).to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)
 
 
-__all__ = ["blocked_backward", "blocked_forward", "matmul_acc", "query_block_size"]
+def blocked_jvp(
+    q: Tensor, k: Tensor, v: Tensor, lse: Tensor, scale: float,
+    tq: Tensor | None, tk: Tensor | None, tv: Tensor | None, block: int | None = None,
+) -> Tensor:
+    """Forward-mode derivative of ``out = softmax(scale q k^T) v`` along tangents (tq, tk, tv).
+
+    ``ṡ = scale (q̇ k^T + q k̇^T)``, ``ṗ = p ∘ (ṡ - rowsum(p ∘ ṡ))``, ``ȯut = ṗ v + p v̇``; a tangent
+    of None is zero. Shapes as ``blocked_forward``; returns (B, H, N, dv).
+    """
+    acc = accumulation_dtype(q.dtype)
+    block = block or query_block_size(q, k)
+    k_t = k.transpose(-1, -2)
+    outs = []
+    for start in range(0, q.shape[-2], block):
+        rows = slice(start, start + block)
+        q_b = q[..., rows, :]
+        p = torch.exp(matmul_acc(q_b, k_t) * scale - lse[..., rows].to(acc).unsqueeze(-1))
+        s_dot = torch.zeros_like(p)
+        if tq is not None:
+            s_dot = s_dot + matmul_acc(tq[..., rows, :], k_t) * scale
+        if tk is not None:
+            s_dot = s_dot + matmul_acc(q_b, tk.transpose(-1, -2)) * scale
+        p_dot = p * (s_dot - (p * s_dot).sum(dim=-1, keepdim=True))
+        out_dot = matmul_acc(p_dot.to(v.dtype), v)
+        if tv is not None:
+            out_dot = out_dot + matmul_acc(p.to(tv.dtype), tv)
+        outs.append(out_dot)
+    return torch.cat(outs, dim=-2).to(v.dtype)
+
+
+__all__ = ["blocked_backward", "blocked_forward", "blocked_jvp", "matmul_acc", "query_block_size"]

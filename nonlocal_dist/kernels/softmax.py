@@ -18,9 +18,12 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from nonlocal_dist.conventions import HALF_DTYPES
-from nonlocal_dist.kernels.blocked_softmax import blocked_backward, blocked_forward
+from nonlocal_dist.kernels.blocked_softmax import blocked_backward, blocked_forward, blocked_jvp
 
-# The fused CUDA kernels have no backward past this head width (torch falls back to a slow path).
+# Widest head for the fused kernels. CUDA: no fused backward past 256 (torch falls back to a path
+# 4-8x slower than the blocked one, issue 10, H200). CPU: the blocked path was 1.7-3x faster than
+# the CPU flash kernel at d = 320-1024, fwd+bwd, N = M = 1024-4096, float32, 2 threads (d = 512,
+# N = 2048: 1.92 s vs 0.65 s); at d = 32 the flash kernel was 2x faster.
 FUSED_MAX_HEAD = 256
 # Positions per kernel call in the ring backward on CPU: bounds the per-call buffers (issue 3).
 CPU_BACKWARD_CHUNK = 512
@@ -56,8 +59,10 @@ def _flash_ok(q: Tensor) -> bool:
 
 def kernel_for(q: Tensor, v: Tensor) -> str:
     """``flash``, ``efficient``, ``cpu_flash`` or ``blocked``: the kernel for q (.., d), v (.., dv)."""
+    if max(q.shape[-1], v.shape[-1]) > FUSED_MAX_HEAD:
+        return "blocked"
     if q.is_cuda:
-        if max(q.shape[-1], v.shape[-1]) > FUSED_MAX_HEAD or q.dtype == torch.float64:
+        if q.dtype == torch.float64:
             return "blocked"
         return "flash" if _flash_ok(q) else "efficient"
     return "cpu_flash"
@@ -68,8 +73,11 @@ def _finite(*tensors: Tensor) -> bool:
 
 
 def _use_blocked(kernel: str, *tensors: Tensor) -> bool:
-    # The finiteness check is a host sync on CUDA: only the CPU kernel, whose quirk it avoids, pays it.
-    return kernel == "blocked" or (kernel == "cpu_flash" and not _finite(*tensors))
+    # The finiteness check is a host sync on CUDA: only the CPU kernel, whose quirk it avoids, pays
+    # it; a graph traced by torch.compile keeps the fused kernel (a data-dependent branch breaks it).
+    if kernel == "blocked":
+        return True
+    return kernel == "cpu_flash" and not torch.compiler.is_compiling() and not _finite(*tensors)
 
 
 def attention_forward(q: Tensor, k: Tensor, v: Tensor, scale: float) -> tuple[Tensor, Tensor]:
@@ -129,13 +137,17 @@ def attention_backward(
     return dq[..., : q.shape[-1]], dk[..., : k.shape[-1]], dv[..., : v.shape[-1]]
 
 
-def _wrapped(t: Tensor) -> bool:
-    return torch._C._functorch.is_functorch_wrapped_tensor(t)
+def _transformed(*tensors: Tensor) -> bool:
+    """Whether a ``torch.func`` transform wraps any of these (never while torch.compile traces)."""
+    if torch.compiler.is_compiling():
+        return False
+    return any(torch._C._functorch.is_functorch_wrapped_tensor(t) for t in tensors)
 
 
 class _SoftmaxAttention(torch.autograd.Function):
     """Fused (or blocked) forward and backward; differentiable recomputation where a graph of the
-    backward is asked for (``create_graph=True``, ``torch.func.jacrev``/``hessian``)."""
+    backward is asked for (``create_graph=True``, ``torch.func`` transforms); a forward-mode rule
+    (``jvp``) and a batching rule (``vmap``)."""
 
     @staticmethod
     def forward(q: Tensor, k: Tensor, v: Tensor, scale: float, blocked: bool) -> tuple[Tensor, Tensor]:
@@ -152,7 +164,7 @@ class _SoftmaxAttention(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dout: Tensor, _dlse: Tensor | None):
         q, k, v, out, lse = ctx.saved_tensors
-        if torch.is_grad_enabled() or any(_wrapped(t) for t in (dout, q, k, v)):
+        if torch.is_grad_enabled() or _transformed(dout, q, k, v):
             # A graph of the backward itself: every term recomputed from q, k, v by plain torch ops,
             # so second derivatives include the paths through the output and the LSE.
             out, lse = blocked_forward(q, k, v, ctx.scale)
@@ -165,14 +177,38 @@ class _SoftmaxAttention(torch.autograd.Function):
 
     @staticmethod
     def vmap(info, in_dims, q: Tensor, k: Tensor, v: Tensor, scale: float, blocked: bool):
-        # Batch entries are independent: the vmapped axis folds into the batch axis B.
-        def fold(t: Tensor, dim: int | None) -> Tensor:
-            t = t.expand(info.batch_size, *t.shape) if dim is None else t.movedim(dim, 0)
-            return t.reshape(-1, *t.shape[2:]).contiguous()
+        return _fold_vmap(_SoftmaxAttention, info, in_dims, q, k, v, scale, blocked)
 
-        q, k, v = (fold(t, dim) for t, dim in zip((q, k, v), in_dims[:3]))
-        out, lse = _SoftmaxAttention.apply(q, k, v, scale, blocked)
-        return (out.unflatten(0, (info.batch_size, -1)), lse.unflatten(0, (info.batch_size, -1))), (0, 0)
+
+def _fold_vmap(function, info, in_dims, q: Tensor, k: Tensor, v: Tensor, scale: float, blocked: bool):
+    # Batch entries are independent: the vmapped axis folds into the batch axis B.
+    def fold(t: Tensor, dim: int | None) -> Tensor:
+        t = t.expand(info.batch_size, *t.shape) if dim is None else t.movedim(dim, 0)
+        return t.reshape(-1, *t.shape[2:]).contiguous()
+
+    q, k, v = (fold(t, dim) for t, dim in zip((q, k, v), in_dims[:3]))
+    out, lse = function.apply(q, k, v, scale, blocked)
+    return (out.unflatten(0, (info.batch_size, -1)), lse.unflatten(0, (info.batch_size, -1))), (0, 0)
+
+
+class _SoftmaxAttentionForwardMode(_SoftmaxAttention):
+    """The same with a forward-mode rule (``torch.func.jacfwd``, ``hessian``), used under ``torch.func``
+    transforms only: torch.compile cannot trace a Function that defines ``jvp``."""
+
+    @staticmethod
+    def setup_context(ctx, inputs, output) -> None:
+        _SoftmaxAttention.setup_context(ctx, inputs, output)
+        q, k, v, _, _ = inputs
+        ctx.save_for_forward(q, k, v, output[1])
+
+    @staticmethod
+    def jvp(ctx, tq: Tensor | None, tk: Tensor | None, tv: Tensor | None, _scale, _blocked):
+        q, k, v, lse = ctx.saved_tensors
+        return blocked_jvp(q, k, v, lse, ctx.scale, tq, tk, tv), None
+
+    @staticmethod
+    def vmap(info, in_dims, q: Tensor, k: Tensor, v: Tensor, scale: float, blocked: bool):
+        return _fold_vmap(_SoftmaxAttentionForwardMode, info, in_dims, q, k, v, scale, blocked)
 
 
 def softmax_attention(q: Tensor, k: Tensor, v: Tensor, scale: float, *, blocked: bool = False) -> Tensor:
@@ -181,4 +217,6 @@ def softmax_attention(q: Tensor, k: Tensor, v: Tensor, scale: float, *, blocked:
     ``blocked``: the query-blocked path whatever the head width (``backend="blocked"``).
     Double backward and ``torch.func`` transforms (grad, jacrev, vmap) work through either path.
     """
-    return _SoftmaxAttention.apply(q.contiguous(), k.contiguous(), v.contiguous(), scale, blocked)[0]
+    q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
+    function = _SoftmaxAttentionForwardMode if _transformed(q, k, v) else _SoftmaxAttention
+    return function.apply(q, k, v, scale, blocked)[0]

@@ -14,14 +14,13 @@ from typing import TYPE_CHECKING
 
 import torch
 import torch.distributed as dist
-from einops import rearrange
 from torch import Tensor
 
 from nonlocal_dist.kernels.affinity import affinity_scores, normalise_scores
-from nonlocal_dist.layout import flatten_positions, max_pool_positions
-from nonlocal_dist.parallel.affinity import sharded_affinity_rows, share_query_rows
-from nonlocal_dist.parallel.comm import all_gather_varlen
 from nonlocal_dist.conventions import accumulation_dtype
+from nonlocal_dist.parallel.affinity import sharded_affinity_rows, share_query_rows
+from nonlocal_dist.parallel.checks import agree_on_shards
+from nonlocal_dist.parallel.comm import all_gather_varlen
 
 if TYPE_CHECKING:
     from nonlocal_dist.block import NonLocalBlock
@@ -65,51 +64,51 @@ def _check_range(rows: tuple[Query, ...], grid: dict[str, int], sharded: bool) -
                 )
 
 
-def _exchange(block: NonLocalBlock, x: Tensor, **extra: int) -> tuple[dict[str, int], list[int] | None]:
-    """The block's global grid {axis: size} and, under SP, every rank's shard length (one all-gather)."""
-    sizes = block.layout.sizes(x)
-    grid = {axis: sizes[axis] for axis in block.layout.axes}
+def _agreed_grid(block: NonLocalBlock, x: Tensor, what: str, extra=None, extra_names: tuple[str, ...] = ()):
+    """(extra's result, global grid {axis: size}, every rank's shard length or None), checked on every rank.
+
+    ``extra()``: more local checks returning ``(result, fields)``; under SP a failure on one rank, or
+    ranks disagreeing on the fields, raise on every rank (``parallel.checks.agree_on_shards``).
+    """
     if block.sp_group is None:
-        return grid, None
-    lengths = block._check_shards(x, **extra)["shard_length"]
-    grid[block.shard_axis] = sum(lengths)
-    return grid, lengths
+        block.layout.check(x, block.in_channels)
+        result, lengths = (extra()[0] if extra is not None else None), None
+    else:
+        result, lengths = agree_on_shards(block.sp_group, x, block.layout, block.in_channels, block.shard_axis,
+                                          block.sub_sample, what=what, extra=extra, extra_names=extra_names)
+    sizes = block.layout.sizes(x)
+    grid = {a: sum(lengths) if lengths is not None and a == block.shard_axis else sizes[a] for a in block.layout.axes}
+    return result, grid, lengths
 
 
 def query_grid(block: NonLocalBlock, x: Tensor) -> dict[str, int]:
     """Global sizes {axis: size} of the positions of ``block`` on input x (one all-gather under SP)."""
-    block.layout.check(x, block.in_channels)
-    return _exchange(block, x)[0]
+    return _agreed_grid(block, x, "query_grid")[1]
 
 
-def _split_heads(t: Tensor, heads: int) -> Tensor:
-    return rearrange(t, "b n (h d) -> b h n d", h=heads)
+def _checked_queries(block: NonLocalBlock, x: Tensor, queries: object) -> tuple[tuple[Query, ...], dict[str, int], list[int] | None]:
+    """Parsed queries, global grid and shard lengths; under SP every rank raises when one rank's input is bad."""
+    def extra():
+        rows = _query_rows(queries, block.layout.axes)
+        return rows, {"queries": rows, "mode": block.mode, "concat_weight": block.concat_weight}
+
+    rows, grid, lengths = _agreed_grid(block, x, "affinity_rows", extra, ("queries", "mode", "concat_weight"))
+    _check_range(rows, grid, lengths is not None)  # same rows and grid on every rank: all raise alike
+    return rows, grid, lengths
 
 
-def _query_theta(block: NonLocalBlock, xp: Tensor, rows: tuple[Query, ...], offset: int) -> Tensor:
-    """theta rows (B', H, Q, d) of the queries in this rank's slice of xp (B', *sizes, C); zero elsewhere."""
-    k = block.layout.axes.index(block.shard_axis)
-    length = xp.shape[1 + k]
-    owned = [i for i, q in enumerate(rows) if offset <= q[k] < offset + length]
+def _query_theta(theta: Tensor, rows: tuple[Query, ...], sizes: tuple[int, ...], k: int, offset: int) -> Tensor:
+    """theta rows (B', H, Q, d) of the queries in this rank's positions (sizes, shard axis k from offset); zero elsewhere."""
+    owned = [i for i, q in enumerate(rows) if offset <= q[k] < offset + sizes[k]]
     flat = []
     for i in owned:
         position = 0
-        for axis, (v, size) in enumerate(zip(rows[i], xp.shape[1:-1])):
+        for axis, (v, size) in enumerate(zip(rows[i], sizes)):
             position = position * size + (v - offset if axis == k else v)
         flat.append(position)
-    picked = flatten_positions(xp)[:, torch.tensor(flat, dtype=torch.long, device=xp.device)]  # (B', Q_owned, C)
-    # Every rank calls the projection, owning queries or not: under ZeRO-3 it gathers the weights.
-    theta = picked if block.theta is None else block.theta(picked)
-    full = theta.new_zeros(theta.shape[0], len(rows), theta.shape[-1])
-    full[:, owned] = theta
-    return _split_heads(full, block.heads)
-
-
-def _keys(block: NonLocalBlock, xp: Tensor) -> tuple[Tensor, tuple[int, ...]]:
-    """phi (B', H, M_r, d) of this rank's (sub-sampled) key positions and their grid sizes."""
-    phi = xp if block.phi is None else block.phi(xp)
-    phi = max_pool_positions(phi, block.layout.axes, block.sub_sample)
-    return _split_heads(flatten_positions(phi), block.heads), tuple(phi.shape[1:-1])
+    full = theta.new_zeros(*theta.shape[:2], len(rows), theta.shape[-1])
+    full[:, :, owned] = theta[:, :, torch.tensor(flat, dtype=torch.long, device=theta.device)]
+    return full
 
 
 @torch.no_grad()
@@ -121,50 +120,29 @@ def affinity_rows(block: NonLocalBlock, x: Tensor, queries: Sequence[Sequence[in
     Row q: ``softmax_j(scale theta_q·phi_j)`` (gaussian, embedded gaussian) or ``f(theta_q, phi_j)/M``
     (dot product, concatenation) over the key grid (after ``sub_sample``); B' is b times the folded
     axes, H the heads. float32 (float64 for float64 input). Under SP every rank of the group calls
-    it with the same queries and every rank gets the full rows, equal to the single-process ones.
+    it with the same queries and every rank gets the full rows, equal to the single-process ones; a
+    bad input or queries on one rank raise on every rank.
     """
-    block.layout.check(x, block.in_channels)
-    error, rows = None, ()
-    try:
-        rows = _query_rows(queries, block.layout.axes)
-    except (TypeError, ValueError) as exc:
-        error = exc
-    if block.sp_group is None:
-        if error is not None:
-            raise error
-        grid, lengths = _exchange(block, x)
-    else:
-        grid, lengths = _exchange_checked(block, x, rows, error)
-    _check_range(rows, grid, lengths is not None)
-    rank = 0 if lengths is None else dist.get_rank(block.sp_group)
+    rows, grid, lengths = _checked_queries(block, x, queries)
+    axes = block.layout.axes
     xp = block.layout.to_positions(x)
+    sizes = tuple(xp.shape[1:-1])
+    key_grid = tuple(size // block.sub_sample.get(axis, 1) for axis, size in zip(axes, sizes))
+    theta, phi, _ = block.embed(xp)  # the block's own projections (theta for every position: O(N d))
     acc = accumulation_dtype(x.dtype)
-    theta = _query_theta(block, xp, rows, sum(lengths[:rank]) if lengths else 0).to(acc)
-    phi, key_grid = _keys(block, xp)
+    k = axes.index(block.shard_axis) if lengths is not None else 0
+    offset = sum(lengths[: dist.get_rank(block.sp_group)]) if lengths is not None else 0
+    theta = _query_theta(theta, rows, sizes, k, offset).to(acc)
     phi = phi.to(acc)
     w = None if block.concat_weight is None else block.concat_weight.to(acc)
     if lengths is None:
         f = normalise_scores(affinity_scores(theta, phi, block.mode, block.scale, w), block.mode, phi.shape[-2])
         return f.unflatten(-1, key_grid)
-    k = block.layout.axes.index(block.shard_axis)
     pooled = [length // block.sub_sample.get(block.shard_axis, 1) for length in lengths]
-    others = phi.shape[-2] // key_grid[k]
+    others = phi.shape[-2] // max(key_grid[k], 1)
     theta = share_query_rows(theta, block.sp_group)
     f = sharded_affinity_rows(theta, phi, block.mode, block.scale, w, block.sp_group, [p * others for p in pooled])
     return all_gather_varlen(f.unflatten(-1, key_grid), pooled, dim=3 + k, group=block.sp_group)
-
-
-def _exchange_checked(block: NonLocalBlock, x: Tensor, rows: tuple[Query, ...], error: Exception | None):
-    # A rank with malformed queries still joins the metadata all-gather, so every rank raises.
-    try:
-        result = _exchange(block, x, query_error=int(error is not None), queries=hash(rows) if error is None else 0)
-    except ValueError:
-        if error is not None:
-            raise error from None
-        raise
-    if error is not None:
-        raise error
-    return result
 
 
 __all__ = ["affinity_rows", "query_grid"]

@@ -9,14 +9,13 @@ from einops import rearrange
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from nonlocal_dist.attention_maps import affinity_rows
 from nonlocal_dist.backends import BACKEND_NAMES
 from nonlocal_dist.conventions import MODES, SOFTMAX_MODES
 from nonlocal_dist.functional import nonlocal_op
 from nonlocal_dist.layout import flatten_positions, max_pool_positions, normalise_sub_sample, parse_layout
 from nonlocal_dist.parallel import batch_norm_rows
 from nonlocal_dist.validate import one_of, positive_int
-from nonlocal_dist.parallel.checks import exchange_metadata, raise_on_mismatch
+from nonlocal_dist.parallel.checks import agree_on_shards
 
 
 class NonLocalBlock(nn.Module):
@@ -104,21 +103,6 @@ class NonLocalBlock(nn.Module):
             nn.init.zeros_(self.W_z.weight)
             nn.init.zeros_(self.W_z.bias)
 
-    @classmethod
-    def from_mmcv(cls, source, *, mode: str | None = None, use_scale: bool | None = None, backend: str = "auto"):
-        """A block with the weights of an mmcv ``NonLocal1d/2d/3d`` (module or state dict); see ``interop``."""
-        from nonlocal_dist.interop import block_from_mmcv
-
-        return block_from_mmcv(source, mode=mode, use_scale=use_scale, backend=backend)
-
-    def affinity_rows(self, x: Tensor, queries: Sequence[Sequence[int]] | Tensor) -> Tensor:
-        """Normalised affinity rows (B', H, Q, *key grid) at global query positions (t, h, w, ...) of x.
-
-        What multiplies g_j for each query, computed for the Q rows only (never the (N, M) matrix),
-        sequence-parallel with ``sp_group``; see ``nonlocal_dist.attention_maps.affinity_rows``.
-        """
-        return affinity_rows(self, x, queries)
-
     def extra_repr(self) -> str:
         return (
             f"{self.in_channels}, layout={self.layout.text!r}, axes={' '.join(self.layout.axes)!r}, "
@@ -168,28 +152,18 @@ class NonLocalBlock(nn.Module):
             z = normed.view_as(z)
         return z
 
-    def _check_shards(self, x: Tensor, **extra: int) -> dict[str, list[int]]:
-        """Every rank's shard metadata (and ``extra`` fields, which must agree); raises on every rank."""
-        # One small collective so that a shape or pooling mismatch raises on every rank, not hangs.
-        sizes = self.layout.sizes(x)
-        factor = self.sub_sample.get(self.shard_axis, 1)
-        fields = {name: sizes[name] for name in self.layout.names if name != self.shard_axis}
-        fields.update(shard_length=sizes[self.shard_axis], pool_remainder=sizes[self.shard_axis] % factor,
-                      training=int(self.training), **extra)
-        values = exchange_metadata(self.sp_group, fields, x.device)
-        raise_on_mismatch(values, free=("shard_length", "pool_remainder"), what="NonLocalBlock")
-        if any(values["pool_remainder"]):
-            raise ValueError(
-                f"sub_sample pools shard axis {self.shard_axis!r} by {factor}, but the shard lengths "
-                f"{values['shard_length']} are not all divisible by {factor}: pooling windows would cross "
-                "rank boundaries. Shard so that every rank holds a multiple of the factor."
-            )
-        return values
+    def _check_shards(self, x: Tensor) -> None:
+        """This rank's slice checked and agreed on by every rank of ``sp_group`` (raises on every rank)."""
+        agree_on_shards(
+            self.sp_group, x, self.layout, self.in_channels, self.shard_axis, self.sub_sample, what="NonLocalBlock",
+            extra=lambda: (None, {"training": self.training}), extra_names=("training",),
+        )
 
     def forward(self, x: Tensor) -> Tensor:
         """x in ``layout`` -> z of the same shape."""
-        self.layout.check(x, self.in_channels)
-        if self.sp_group is not None:
+        if self.sp_group is None:
+            self.layout.check(x, self.in_channels)
+        else:  # the layout too is checked inside the exchange: a bad slice on one rank raises on all
             self._check_shards(x)
         sizes = self.layout.sizes(x)
         xp = self.layout.to_positions(x)

@@ -1,4 +1,4 @@
-"""Load mmcv / mmaction2 ``NonLocal1d/2d/3d`` weights into a ``NonLocalBlock``.
+"""Load mmcv / mmaction2 ``NonLocal1d/2d/3d`` weights into a ``NonLocalBlock``: ``block_from_mmcv``.
 
 mmcv keeps 1×1 convolutions (``g.conv``, ``theta.conv``, ``phi.conv``, ``conv_out.conv``; a
 ``Sequential(conv, MaxPool)`` under ``sub_sample``), an optional ``conv_out.bn`` and, for
@@ -24,16 +24,38 @@ def _conv_key(state: Mapping[str, Tensor], name: str) -> str | None:
 
 
 def _describe(source: nn.Module | Mapping[str, Tensor]) -> tuple[Mapping[str, Tensor], dict]:
-    """The state dict and whatever settings the source itself tells."""
+    """The state dict and whatever settings the source itself tells (mode, use_scale, norm, train/eval)."""
     if isinstance(source, nn.Module):
-        settings = {"mode": source.mode, "use_scale": source.use_scale, "sub_sample": bool(source.sub_sample)}
+        missing = [name for name in ("mode", "use_scale", "sub_sample", "g", "conv_out") if not hasattr(source, name)]
+        if missing:
+            raise TypeError(
+                f"block_from_mmcv expects an mmcv NonLocal1d/2d/3d module (mmcv.cnn.NonLocal3d, as in mmaction2) "
+                f"or its state dict; got a {type(source).__name__}, which has no {', '.join(missing)}"
+            )
+        settings = {"mode": source.mode, "use_scale": source.use_scale, "sub_sample": bool(source.sub_sample),
+                    "training": source.training}
         norm = getattr(source.conv_out, "norm", None)
+        if norm is not None and not isinstance(norm, nn.modules.batchnorm._BatchNorm):
+            raise ValueError(
+                f"the mmcv block normalises conv_out with {type(norm).__name__}; only BatchNorm (norm_cfg "
+                "dict(type='BN3d') and the like) or no norm is supported: NonLocalBlock(norm='batch' or None)"
+            )
         if norm is not None:
             settings.update(eps=norm.eps, momentum=norm.momentum)
         return source.state_dict(), settings
     if isinstance(source, Mapping):
         return source, {}
-    raise TypeError(f"from_mmcv expects an mmcv NonLocal1d/2d/3d module or its state dict, got {type(source).__name__}")
+    raise TypeError(f"block_from_mmcv expects an mmcv NonLocal1d/2d/3d module or its state dict, got {type(source).__name__}")
+
+
+def _no_override(settings: dict, name: str, given: object) -> None:
+    """A module tells its own settings; a different one would not reproduce its output."""
+    if given is not None and name in settings and given != settings[name]:
+        raise ValueError(
+            f"{name}={given!r} differs from the mmcv module's own {name}={settings[name]!r}: the block would not "
+            f"give the module's output. Leave {name}= out (it is read from the module), or pass the module's "
+            f"state dict with {name}= to build a different block from its weights"
+        )
 
 
 def block_from_mmcv(
@@ -47,9 +69,14 @@ def block_from_mmcv(
 
     Layout follows the mmcv class: ``"b c n"`` (1d), ``"b c h w"`` (2d), ``"b c t h w"`` (3d). From a
     bare state dict, ``mode`` is needed to tell ``embedded_gaussian`` from ``dot_product`` and
-    ``use_scale`` defaults to mmcv's ``True``.
+    ``use_scale`` defaults to mmcv's ``True``. From a module, mode and use_scale are the module's own
+    (a different value raises: it would not reproduce the module) and the block takes its train/eval
+    mode. Raises ``TypeError`` for anything but an mmcv non-local module or state dict, ``ValueError``
+    for a norm other than BatchNorm after ``conv_out``.
     """
     state, settings = _describe(source)
+    _no_override(settings, "mode", mode)
+    _no_override(settings, "use_scale", use_scale)
     g_key = _conv_key(state, "g")
     if g_key is None:
         raise ValueError("not an mmcv non-local state dict: no 'g.conv.weight' or 'g.0.conv.weight' key")
@@ -86,7 +113,7 @@ def block_from_mmcv(
     if norm is not None and "eps" in settings:
         block.norm.eps, block.norm.momentum = settings["eps"], settings["momentum"]
     block.load_state_dict(_convert_state(state, mode, norm), strict=True)
-    return block
+    return block.train(settings.get("training", True))
 
 
 def _convert_state(state: Mapping[str, Tensor], mode: str, norm: str | None) -> dict[str, Tensor]:
@@ -108,3 +135,6 @@ def _convert_state(state: Mapping[str, Tensor], mode: str, norm: str | None) -> 
     if mode == "concatenation":
         converted["concat_weight"] = state["concat_project.conv.weight"].reshape(-1)
     return {k: v.detach().clone() for k, v in converted.items()}
+
+
+__all__ = ["block_from_mmcv"]

@@ -1,10 +1,12 @@
-"""mmcv's NonLocal1d/2d/3d and NonLocalBlock.from_mmcv give the same output."""
+"""mmcv's NonLocal1d/2d/3d and interop.block_from_mmcv give the same output; what it refuses, and why."""
 from __future__ import annotations
 
 import pytest
 import torch
 
-from nonlocal_dist import NonLocalBlock
+from torch import nn
+
+from nonlocal_dist.interop import block_from_mmcv
 
 non_local = pytest.importorskip("mmcv.cnn.bricks.non_local")
 
@@ -32,7 +34,7 @@ def _mmcv_block(dims: int, mode: str, sub_sample: bool, use_scale: bool, with_no
 @pytest.mark.parametrize("with_norm", [False, True])
 def test_from_mmcv_module_matches(mode, dims, sub_sample, with_norm):
     module = _mmcv_block(dims, mode, sub_sample, use_scale=True, with_norm=with_norm)
-    block = NonLocalBlock.from_mmcv(module).double()
+    block = block_from_mmcv(module).double()
     x = torch.randn(*SHAPES[dims], dtype=torch.float64)
     for train in (False, True):
         module.train(train)
@@ -45,7 +47,7 @@ def test_from_mmcv_module_matches(mode, dims, sub_sample, with_norm):
 @pytest.mark.parametrize("use_scale", [False, True])
 def test_from_mmcv_state_dict_matches(mode, use_scale):
     module = _mmcv_block(3, mode, sub_sample=True, use_scale=use_scale, with_norm=True).eval()
-    block = NonLocalBlock.from_mmcv(module.state_dict(), mode=mode, use_scale=use_scale).double().eval()
+    block = block_from_mmcv(module.state_dict(), mode=mode, use_scale=use_scale).double().eval()
     x = torch.randn(*SHAPES[3], dtype=torch.float64)
     torch.testing.assert_close(block(x), module(x.clone()), rtol=1e-10, atol=1e-10)
 
@@ -53,8 +55,41 @@ def test_from_mmcv_state_dict_matches(mode, use_scale):
 def test_from_mmcv_state_dict_needs_mode_when_ambiguous():
     state = _mmcv_block(2, "dot_product", False, True, False).state_dict()
     with pytest.raises(ValueError, match="embedded_gaussian.*dot_product"):
-        NonLocalBlock.from_mmcv(state)
+        block_from_mmcv(state)
     with pytest.raises(ValueError, match="concatenation"):
-        NonLocalBlock.from_mmcv(_mmcv_block(2, "concatenation", False, True, False).state_dict(), mode="dot_product")
+        block_from_mmcv(_mmcv_block(2, "concatenation", False, True, False).state_dict(), mode="dot_product")
     with pytest.raises(TypeError, match="state dict"):
-        NonLocalBlock.from_mmcv(42)
+        block_from_mmcv(42)
+
+
+def test_a_module_that_is_not_an_mmcv_block_is_refused():
+    with pytest.raises(TypeError, match="expects an mmcv NonLocal1d/2d/3d module .* got a Linear, which has no mode"):
+        block_from_mmcv(nn.Linear(4, 4))
+
+
+def test_group_norm_after_conv_out_is_refused_with_the_supported_norms():
+    module = non_local.NonLocal2d(8, norm_cfg={"type": "GN", "num_groups": 2})
+    with pytest.raises(ValueError, match="conv_out with GroupNorm; only BatchNorm .* or no norm"):
+        block_from_mmcv(module)
+    with pytest.raises(ValueError, match="only BatchNorm .* found \\['conv_out.gn.bias', 'conv_out.gn.weight'\\]"):
+        block_from_mmcv(module.state_dict(), mode="embedded_gaussian")
+
+
+def test_settings_of_a_module_cannot_be_overridden():
+    module = _mmcv_block(2, "embedded_gaussian", False, use_scale=True, with_norm=False)
+    with pytest.raises(ValueError, match="mode='dot_product' differs from the mmcv module's own mode='embedded_gaussian'"):
+        block_from_mmcv(module, mode="dot_product")
+    with pytest.raises(ValueError, match="use_scale=False differs"):
+        block_from_mmcv(module, use_scale=False)
+    x = torch.randn(*SHAPES[2], dtype=torch.float64)
+    same = block_from_mmcv(module, mode="embedded_gaussian", use_scale=True).double()
+    torch.testing.assert_close(same(x), module(x.clone()), rtol=1e-10, atol=1e-10)
+
+
+@pytest.mark.parametrize("training", [False, True])
+def test_the_copy_keeps_the_source_train_or_eval_mode(training):
+    module = _mmcv_block(3, "dot_product", True, use_scale=True, with_norm=True).train(training)
+    block = block_from_mmcv(module).double()
+    assert block.training == training
+    x = torch.randn(*SHAPES[3], dtype=torch.float64)
+    torch.testing.assert_close(block(x), module(x.clone()), rtol=1e-10, atol=1e-10)

@@ -1,53 +1,188 @@
-"""Metadata agreement before the first collective: one small all-gather, the same error on every rank."""
+"""Validate locally, exchange metadata, raise on every rank: the one rule of every sequence-parallel entry.
+
+A rank that rejects its inputs must not leave the others waiting in a collective that never comes.
+So every entry point (``nonlocal_op(group=)``, the block's forward, ``affinity_rows``) runs its local
+checks inside ``agree_across_ranks``: the checks' outcome and a row of metadata travel in one small
+all-gather, and every rank raises when any rank failed or when the ranks disagree. The rare failure
+paths gather the error texts and the differing values themselves, so the message names them.
+"""
 from __future__ import annotations
 
-import struct
+import hashlib
+from collections.abc import Callable, Mapping
+from typing import TypeVar
 
 import torch
 import torch.distributed as dist
 from torch import Tensor
 
-DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+T = TypeVar("T")
+
+#: Exchanged as is; anything else travels as a digest and is gathered only to name a disagreement.
+Value = int | float | str | bool | None | torch.dtype | Tensor | tuple
+
+_HINTS = {
+    "concat_weight": (
+        "concat_weight is a replicated parameter: broadcast it from rank 0 before training "
+        "(torch.distributed.broadcast(block.concat_weight.data, src=0), as DDP does at wrap time) or build "
+        "the model with the same torch.manual_seed on every rank"
+    ),
+}
 
 
-def float_code(value: float) -> int:
-    """An exact integer code of a float (its IEEE-754 bits), so it can travel in an int64 tensor."""
-    return struct.unpack("<q", struct.pack("<d", float(value)))[0]
+def _digest(value: Value) -> int:
+    """A 63-bit digest equal on every process for equal values (tensors: dtype, shape and exact bits)."""
+    h = hashlib.blake2b(digest_size=8)
+    if isinstance(value, Tensor):
+        t = value.detach().cpu().contiguous()
+        h.update(f"{t.dtype} {tuple(t.shape)}".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+    else:
+        h.update(repr(value).encode())
+    return int.from_bytes(h.digest(), "little") >> 1
 
 
-def exchange_metadata(group, fields: dict[str, int], device: torch.device) -> dict[str, list[int]]:
-    """All-gather ``fields`` (name -> int) over ``group``: every rank's value per name.
+def _describe(value: Value) -> str:
+    if isinstance(value, Tensor):
+        t = value.detach().double().cpu()
+        head = ", ".join(f"{v:.6g}" for v in t.reshape(-1)[:3].tolist())
+        return f"tensor{tuple(t.shape)} [{head}{', ...' if t.numel() > 3 else ''}] sum {t.sum().item():.9g}"
+    if isinstance(value, str):
+        return repr(value)
+    return str(value)
 
-    All ranks must pass the same field names (``world_size`` is always added), so the one small
-    collective matches on every rank and a disagreement surfaces as data, never as a hang.
+
+def _exchange_device(group) -> torch.device:
+    """CPU for gloo (and mixed backends), this process's GPU where the group has only NCCL."""
+    backend = str(dist.get_backend(group))
+    return torch.device("cuda", torch.cuda.current_device()) if backend == "nccl" else torch.device("cpu")
+
+
+def agree_across_ranks(
+    group,
+    validate: Callable[[], tuple[T, Mapping[str, Value]]],
+    names: tuple[str, ...],
+    *,
+    what: str,
+    free: tuple[str, ...] = (),
+) -> tuple[T, dict[str, list]]:
+    """Run ``validate`` on this rank, then make every rank of ``group`` agree or raise.
+
+    ``validate()`` returns ``(result, fields)`` with one value per name in ``names`` (the same names
+    on every rank), or raises ``ValueError``/``TypeError``. Ints are all-gathered as they are; other
+    values (mode names, dtypes, queries, tensors such as a replicated weight) as exact digests.
+    Returns ``(result, {name: value per rank})``, the digested fields as this rank's value on every
+    rank (they are equal). Raises on every rank:
+
+    - the rank(s) whose ``validate`` failed: their own error; the others: a ``ValueError`` naming the
+      failing rank(s) and their messages;
+    - any field outside ``free`` that differs between ranks: a ``ValueError`` naming the field and
+      every rank's value (and how to fix a differing replicated parameter).
     """
-    names = ["world_size", *fields]
-    local = torch.tensor([dist.get_world_size(group), *fields.values()], dtype=torch.int64, device=device)
+    result, fields, error = None, {}, None
+    try:
+        result, fields = validate()
+    except (ValueError, TypeError) as exc:
+        error = exc
+    if error is None and set(fields) != set(names):
+        raise RuntimeError(f"{what}: validate returned fields {sorted(fields)}, expected {sorted(names)}")
+    plain = {name: fields.get(name) for name in names}
+    # ints travel as themselves (shapes are shown per rank); the rest as digests; -1 stands in on a failed rank.
+    codes = [0 if error is None else 1] + [
+        (v if isinstance(v, int) and not isinstance(v, bool) else _digest(v)) if error is None else -1
+        for v in plain.values()
+    ]
+    local = torch.tensor([dist.get_world_size(group), *codes], dtype=torch.int64, device=_exchange_device(group))
     table = [torch.empty_like(local) for _ in range(dist.get_world_size(group))]
     dist.all_gather(table, local, group=group)
     rows = torch.stack(table).cpu().tolist()
-    return {name: [row[i] for row in rows] for i, name in enumerate(names)}
+    failed = [rank for rank, row in enumerate(rows) if row[1]]
+    if failed:
+        _raise_failed(group, failed, error, what)
+    values = {"world_size": [row[0] for row in rows]}
+    values.update({name: [row[2 + i] for row in rows] for i, name in enumerate(names)})
+    differing = [name for name in values if name not in free and len(set(values[name])) > 1]
+    if differing:
+        _raise_mismatch(group, differing, values, plain, what, free)
+    for name, v in plain.items():
+        if not isinstance(v, int) or isinstance(v, bool):
+            values[name] = [v] * len(rows)
+    return result, values
 
 
-def raise_on_mismatch(values: dict[str, list[int]], free: tuple[str, ...], what: str) -> None:
-    """Raise the same ``ValueError`` on every rank when a field outside ``free`` differs between ranks."""
-    bad = [name for name in values if name not in free and len(set(values[name])) > 1]
-    if bad:
-        details = "; ".join(f"{name} per rank = {_readable(name, values[name])}" for name in bad)
+def _raise_failed(group, failed: list[int], error: Exception | None, what: str) -> None:
+    # Rare path: every rank enters it (all saw the same table), so one object all-gather is safe.
+    texts: list = [None] * dist.get_world_size(group)
+    dist.all_gather_object(texts, None if error is None else f"{type(error).__name__}: {error}", group=group)
+    if error is not None:
+        raise error
+    reasons = "; ".join(f"rank {rank}: {texts[rank]}" for rank in failed)
+    raise ValueError(
+        f"rank(s) {failed} of the sequence-parallel group rejected their inputs to {what}, so this rank stops "
+        f"too instead of waiting for them: {reasons}"
+    )
+
+
+def _raise_mismatch(group, differing: list[str], values: dict, plain: dict, what: str, free: tuple[str, ...]) -> None:
+    shown: list = [None] * dist.get_world_size(group)
+    digested = [n for n in differing if n in plain and not (isinstance(plain[n], int) and not isinstance(plain[n], bool))]
+    if digested:
+        dist.all_gather_object(shown, {n: _describe(plain[n]) for n in digested}, group=group)
+    parts = []
+    for name in differing:
+        per_rank = [row[name] for row in shown] if name in digested else values[name]
+        parts.append(f"{name} per rank = [{', '.join(map(str, per_rank))}]")
+    hints = "".join(f" Fix: {_HINTS[n]}." for n in differing if n in _HINTS)
+    varying = " (only the number of positions of each rank's shard may differ)" if free else ""
+    raise ValueError(
+        f"sequence-parallel ranks disagree before the first collective: {'; '.join(parts)}. Every rank of the "
+        f"group must call {what} with the same settings and shapes{varying}.{hints}"
+    )
+
+
+def agree_on_shards(
+    group,
+    x: Tensor,
+    layout,
+    channels: int,
+    shard_axis: str,
+    sub_sample: Mapping[str, int],
+    *,
+    what: str,
+    extra: Callable[[], tuple[T, Mapping[str, Value]]] | None = None,
+    extra_names: tuple[str, ...] = (),
+) -> tuple[T | None, list[int]]:
+    """Check this rank's slice x of a ``layout`` tensor sharded along ``shard_axis``, on every rank at once.
+
+    Locally: x is a tensor of the layout with ``channels`` channels, plus ``extra()`` (more local
+    checks returning ``(result, fields)`` for ``extra_names``). Across ranks: every axis but the
+    shard axis equal, the extra fields equal, and every shard length a multiple of the shard axis's
+    ``sub_sample`` factor (a pooling window must not cross ranks). Returns ``(extra's result, every
+    rank's shard length)``; raises on every rank otherwise.
+    """
+    others = tuple(name for name in layout.names if name != shard_axis)
+    factor = sub_sample.get(shard_axis, 1)
+
+    def validate():
+        if not isinstance(x, Tensor):
+            raise TypeError(f"the input must be a torch.Tensor in layout {layout.text!r}, got {type(x).__name__}")
+        layout.check(x, channels)
+        sizes = layout.sizes(x)
+        result, fields = extra() if extra is not None else (None, {})
+        length = sizes[shard_axis]
+        return result, {**{n: sizes[n] for n in others}, "shard_length": length, "pool_remainder": length % factor, **fields}
+
+    result, values = agree_across_ranks(
+        group, validate, (*others, "shard_length", "pool_remainder", *extra_names), what=what,
+        free=("shard_length", "pool_remainder"),
+    )
+    if any(values["pool_remainder"]):
         raise ValueError(
-            f"sequence-parallel ranks disagree before the first collective: {details}. Every rank of the "
-            f"group must call {what} with the same settings and shapes (only the number of positions "
-            "of each rank's shard may differ)."
+            f"sub_sample pools shard axis {shard_axis!r} by {factor}, but the shard lengths "
+            f"{values['shard_length']} are not all divisible by {factor}: pooling windows would cross "
+            "rank boundaries. Shard so that every rank holds a multiple of the factor."
         )
+    return result, values["shard_length"]
 
 
-def _readable(name: str, codes: list[int]) -> list:
-    if name == "dtype":
-        return [str(DTYPES[c]) if 0 <= c < len(DTYPES) else c for c in codes]
-    if name == "scale":
-        return [struct.unpack("<d", struct.pack("<q", c))[0] for c in codes]
-    return codes
-
-
-def dtype_code(t: Tensor) -> int:
-    return DTYPES.index(t.dtype) if t.dtype in DTYPES else -1
+__all__ = ["agree_across_ranks", "agree_on_shards"]

@@ -8,6 +8,7 @@ import torch.distributed as dist
 from dist_harness import run_ranks
 from helpers import rel_err
 from nonlocal_dist import MODES, NonLocalBlock
+from nonlocal_dist.attention_maps import affinity_rows
 from nonlocal_dist.parallel import shard_tensor
 
 # (shard_axis, sub_sample, shape, queries (t, h, w)): t = 7 gives shards 4+3 and 3+2+2; h = 5 gives 3+2 and 2+2+1.
@@ -31,8 +32,8 @@ def _rows_case(rank, world):
                                     shard_axis=shard_axis).double()
             sharded.load_state_dict(whole.state_dict())
             x = torch.randn(*shape, dtype=torch.float64)
-            want = whole.affinity_rows(x, queries)
-            got = sharded.affinity_rows(shard_tensor(x, "b c t h w", shard_axis, group), queries)
+            want = affinity_rows(whole, x, queries)
+            got = affinity_rows(sharded, shard_tensor(x, "b c t h w", shard_axis, group), queries)
             err = rel_err(got, want) if got.shape == want.shape else float("inf")
             if not err <= 1e-12:
                 failures.append(f"{mode} config {index}: shapes {tuple(got.shape)} vs {tuple(want.shape)}, rel err {err:.2e}")
@@ -54,7 +55,7 @@ def _errors_case(rank, world):
                     [(0, 0, 0)] if rank == 0 else [(1, 0, 0)],  # ranks disagree
                     [(0, 0)] if rank == 1 else [(0, 0, 0)]):  # one rank's queries are malformed
         try:
-            block.affinity_rows(x, queries)
+            affinity_rows(block, x, queries)
             messages.append("no error")
         except (ValueError, TypeError) as exc:
             messages.append(str(exc))
@@ -64,8 +65,8 @@ def _errors_case(rank, world):
 def test_bad_queries_raise_on_every_rank():
     for rank, (out_of_range, disagree, malformed) in enumerate(run_ranks(_errors_case, 2, timeout=60)):
         assert "index 5 on axis 't' is outside 0..4" in out_of_range and "every rank of the group" in out_of_range
-        assert "queries per rank" in disagree, disagree
+        assert "queries per rank = [((0, 0, 0),), ((1, 0, 0),)]" in disagree, disagree
         if rank == 1:
             assert "expected 3 indices" in malformed, malformed
         else:
-            assert "query_error per rank = [0, 1]" in malformed, malformed
+            assert "rank(s) [1]" in malformed and "expected 3 indices" in malformed, malformed

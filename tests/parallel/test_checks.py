@@ -69,20 +69,32 @@ def _disagreements(rank, world):
     group = dist.group.WORLD
     theta = torch.randn(1, 2, 3, 4)
     other = rank % 2 == 1
-    outcomes = {
+    return {
         "mode": _outcome(lambda: nonlocal_op(theta, theta, theta, "dot_product" if other else "embedded_gaussian", group=group)),
         "strategy": _outcome(lambda: nonlocal_op(theta, theta, theta, group=group, strategy="allgather" if other else "ring")),
         "dtype": _outcome(lambda: nonlocal_op(*[theta.double() if other else theta] * 3, group=group)),
         "scale": _outcome(lambda: nonlocal_op(theta, theta, theta, scale=0.5 if other else 0.25, group=group)),
     }
+
+
+def test_disagreements_name_every_rank_value_in_the_users_terms():
+    for outcomes in run_ranks(_disagreements, 2, timeout=90):
+        assert "mode per rank = ['embedded_gaussian', 'dot_product']" in outcomes["mode"], outcomes["mode"]
+        assert "strategy per rank = ['ring', 'allgather']" in outcomes["strategy"], outcomes["strategy"]
+        assert "dtype per rank = [torch.float32, torch.float64]" in outcomes["dtype"], outcomes["dtype"]
+        assert "scale per rank = [0.25, 0.5]" in outcomes["scale"], outcomes["scale"]
+
+
+def _replicated_weights(rank, world):
+    group = dist.group.WORLD
+    theta = torch.randn(1, 2, 3, 4)
     w = torch.full((8,), 0.1 + 0.1 * rank)
-    outcomes["concat_weight, nonlocal_op"] = _outcome(
-        lambda: nonlocal_op(theta, theta, theta, "concatenation", concat_weight=w, group=group))
+    outcomes = {"nonlocal_op": _outcome(lambda: nonlocal_op(theta, theta, theta, "concatenation", concat_weight=w, group=group))}
     torch.manual_seed(rank)  # each rank its own initial weights: what a missing broadcast gives
     block = NonLocalBlock(4, mode="concatenation", sp_group=group, shard_axis="t")
     x = shard_tensor(torch.randn(1, 4, 6, 3, 3), "b c t h w", "t", group)
-    outcomes["concat_weight, block"] = _outcome(lambda: block(x))
-    outcomes["concat_weight, affinity_rows"] = _outcome(lambda: affinity_rows(block, x, [(0, 0, 0)]))
+    outcomes["block"] = _outcome(lambda: block(x))
+    outcomes["affinity_rows"] = _outcome(lambda: affinity_rows(block, x, [(0, 0, 0)]))
     torch.manual_seed(0)
     with torch.no_grad():
         block.concat_weight.copy_(torch.randn_like(block.concat_weight))  # the fix: equal on every rank
@@ -90,15 +102,11 @@ def _disagreements(rank, world):
     return outcomes
 
 
-def test_disagreements_name_every_rank_value_in_the_users_terms():
-    for rank, outcomes in enumerate(run_ranks(_disagreements, 2, timeout=90)):
-        assert "mode per rank = ['embedded_gaussian', 'dot_product']" in outcomes["mode"], outcomes["mode"]
-        assert "strategy per rank = ['ring', 'allgather']" in outcomes["strategy"], outcomes["strategy"]
-        assert "dtype per rank = [torch.float32, torch.float64]" in outcomes["dtype"], outcomes["dtype"]
-        assert "scale per rank = [0.25, 0.5]" in outcomes["scale"], outcomes["scale"]
-        for case in ("concat_weight, nonlocal_op", "concat_weight, block", "concat_weight, affinity_rows"):
+def test_different_concat_weights_raise_on_every_rank_with_the_fix():
+    for rank, outcomes in enumerate(run_ranks(_replicated_weights, 2, timeout=90)):
+        for case in ("nonlocal_op", "block", "affinity_rows"):
             message = outcomes[case]
             assert message.startswith("ValueError: sequence-parallel ranks disagree"), (rank, case, message)
             assert "concat_weight per rank = [tensor(" in message and "broadcast it from rank 0" in message, message
-        assert "sum 0.8" in outcomes["concat_weight, nonlocal_op"] and "sum 1.6" in outcomes["concat_weight, nonlocal_op"]
+        assert "sum 0.8" in outcomes["nonlocal_op"] and "sum 1.6" in outcomes["nonlocal_op"], outcomes["nonlocal_op"]
         assert outcomes["equal weights"] == "no error", outcomes["equal weights"]

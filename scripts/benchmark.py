@@ -3,6 +3,8 @@
     python scripts/benchmark.py                       # single-device suite, float32, 2 threads
     python scripts/benchmark.py --suite parallel      # sequence-parallel suite on gloo ranks
     python scripts/benchmark.py --json results.json   # also write every number as JSON
+    python scripts/benchmark.py --device cuda         # every path against its floor on a GPU (bench_gpu.py)
+    python scripts/benchmark.py --suite device --device cpu --quick   # the same rows, small, on CPU
 
 Times are the minimum over --repeats runs; memory is the peak of the bytes held by torch's CPU
 allocator during one forward+backward beyond those held before it (every allocation and free is
@@ -17,6 +19,7 @@ import math
 import torch
 import torch.nn.functional as F
 
+import bench_gpu
 from bench_utils import best_time, peak_memory_mb, print_table
 from nonlocal_dist import MODES, NonLocalBlock, nonlocal_op
 
@@ -201,9 +204,16 @@ def suite_concat(args, records: list) -> None:
 
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--suite", choices=["single", "parallel"], default="single")
-    parser.add_argument("--parts", nargs="+", default=["modes", "flops", "concat", "large"],
-                        choices=["modes", "flops", "concat", "large"], help="single-suite parts to run")
+    parser.add_argument("--suite", choices=["single", "parallel", "device"],
+                        help="single (CPU, the default), parallel (gloo ranks) or device (every path against its "
+                             "floor on --device; the default with --device cuda)")
+    parser.add_argument("--parts", nargs="+", help="parts of the suite to run (single: modes flops concat large; "
+                                                   "device: softmax modes ring block)")
+    parser.add_argument("--device", default="cpu", help="device suite: cpu or cuda")
+    parser.add_argument("--dtype", choices=sorted(bench_gpu.DTYPES), default="bfloat16", help="device suite dtype")
+    parser.add_argument("--quick", action="store_true", help="device suite: every size divided (proves the code runs)")
+    parser.add_argument("--reference-limit", type=float, default=2**30,
+                        help="device suite: largest B*H*N*M for the materialised formula")
     parser.add_argument("--sizes", type=int, nargs="+", default=[1024, 4096, 16384], help="positions N = M")
     parser.add_argument("--d", type=int, default=32, help="channels per position (theta/phi/g)")
     parser.add_argument("--max-reference-n", type=int, default=16384, help="largest N for the materialised form")
@@ -214,6 +224,9 @@ def main(argv=None) -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--json", metavar="PATH", help="write every measured number to PATH")
     args, rest = parser.parse_known_args(argv)
+    args.suite = args.suite or ("device" if args.device != "cpu" else "single")
+    if args.suite != "device" and args.device != "cpu":
+        parser.error(f"--suite {args.suite} runs on CPU; --device {args.device} needs --suite device")
     records: list = []
     if args.suite == "parallel":
         import bench_parallel
@@ -222,10 +235,18 @@ def main(argv=None) -> None:
     else:
         if rest:
             parser.error(f"unrecognised arguments: {' '.join(rest)}")
-        torch.set_num_threads(args.threads)
-        suites = {"modes": suite_modes, "flops": suite_flops, "concat": suite_concat, "large": suite_large}
-        for part in args.parts:
-            suites[part](args, records)
+        if args.device == "cpu":
+            torch.set_num_threads(args.threads)
+        suites = bench_gpu.SUITES if args.suite == "device" else {
+            "modes": suite_modes, "flops": suite_flops, "concat": suite_concat, "large": suite_large}
+        args.parts = args.parts or list(suites)
+        if set(args.parts) - set(suites):
+            parser.error(f"--parts of suite {args.suite}: choose from {' '.join(suites)}, given {' '.join(args.parts)}")
+        if args.suite == "device":
+            bench_gpu.run(args, records)
+        else:
+            for part in args.parts:
+                suites[part](args, records)
     if args.json:
         with open(args.json, "w") as out:
             json.dump(records, out, indent=1, default=str)

@@ -176,7 +176,7 @@ def parallelize(
             row = _match(module, _NORMS)
             if row is None:
                 raise _refuse(path, module, axis, "a BatchNorm that is not a BatchNorm1d/2d/3d")
-            _swap(module, *row[:2], group, None, None, shard_axis=axis)
+            _swap(module, *row[:2], group, None, None)
         elif isinstance(module, _REFUSED):
             raise _refuse(path, module, axis, "it mixes positions and no sharded equivalent exists (if it only "
                           "runs after the global pooling, register it after the pooling module)")

@@ -221,6 +221,11 @@ def main(argv=None) -> None:
     parser.add_argument("--concat-n", type=int, default=16384)
     parser.add_argument("--video", type=int, nargs=5, default=[1, 64, 32, 112, 112], help="B C T H W")
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--parallel-parts", nargs="+", default=["strategies", "video"], choices=["strategies", "video"],
+                        help="parallel-suite parts: the non-local strategies (bench_parallel.py) and the sharded "
+                             "I3D network (bench_video.py)")
+    parser.add_argument("--video-clip", type=int, nargs=5, default=[1, 3, 64, 112, 112], metavar=("B", "C", "T", "H", "W"),
+                        help="clip of the parallel suite's video part")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--json", metavar="PATH", help="write every measured number to PATH")
     args, rest = parser.parse_known_args(argv)
@@ -229,9 +234,14 @@ def main(argv=None) -> None:
         parser.error(f"--suite {args.suite} runs on CPU; --device {args.device} needs --suite device")
     records: list = []
     if args.suite == "parallel":
-        import bench_parallel
+        if "strategies" in args.parallel_parts:
+            import bench_parallel
 
-        records = bench_parallel.main(rest)
+            records = bench_parallel.main(rest)
+        if "video" in args.parallel_parts:
+            import bench_video
+
+            records += bench_video.main(["--clip", *map(str, args.video_clip)])
     else:
         if rest:
             parser.error(f"unrecognised arguments: {' '.join(rest)}")

@@ -14,6 +14,7 @@ from __future__ import annotations
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from nonlocal_dist.parallel.batchnorm import lean_group_batch_norm
 from nonlocal_dist.parallel.collectives import all_reduce
 from nonlocal_dist.parallel.halo import shard_lengths
 from nonlocal_dist.parallel.norm import batch_norm_rows
@@ -154,19 +155,19 @@ def _per_dim(value, n: int) -> tuple:
 
 
 class _ShardedBatchNorm(_Sharded):
-    """BatchNorm whose batch statistics span every rank's positions (``group_batch_norm``).
-
-    Takes any (B, C, *spatial) input, as BatchNorm1d subclasses used on video do; the shard dim is
-    found from ``shard_axis`` and the input's rank (1 spatial dim: that one; 2: h w; 3: t h w).
-    """
-
-    shard_axis: str
+    """BatchNorm whose batch statistics span every rank's positions; takes any (B, C, *spatial) input,
+    as BatchNorm1d subclasses used on video do. float32/float64: ``lean_group_batch_norm`` (saves what
+    torch's BatchNorm saves); other precisions: ``group_batch_norm`` on rows."""
 
     def forward(self, x: Tensor) -> Tensor:
-        spatial = "thw"[max(0, 5 - x.dim()) :] if x.dim() > 3 else self.shard_axis
-        dim = 2 + spatial.index(self.shard_axis) if self.shard_axis in spatial else 2
-        # A shape mismatch raises on every rank instead of garbling the statistics' all-reduce.
-        shard_lengths(x, dim, self.sp_group, type(self).__name__)
+        # No metadata all-gather here: the statistics' all-reduce has num_features entries on every
+        # rank (one model), so only a wrong channel count could mismatch, and that fails every rank.
+        if x.dim() < 2 or x.shape[1] != self.num_features:
+            raise ValueError(f"{type(self).__name__}({self.num_features}) expects (B, {self.num_features}, ...), "
+                             f"got shape {tuple(x.shape)}")
+        out = lean_group_batch_norm(x, self, self.sp_group)
+        if out is not None:
+            return out
         rows = x.movedim(1, -1).reshape(-1, x.shape[1])
         out = batch_norm_rows(rows, self, self.sp_group)
         return out.view(x.shape[0], *x.shape[2:], x.shape[1]).movedim(-1, 1)

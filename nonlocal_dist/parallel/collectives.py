@@ -1,8 +1,9 @@
-"""Differentiable collectives over the position axis, each one autograd node with one collective.
+"""Differentiable collectives over the position axis: one autograd node per call.
 
-Packing several tensors into one message keeps every backward to a single collective per node, so
-the order of collectives is the same on every rank (two sibling collectives in one graph have
-been seen to pair the wrong gradients on gloo).
+A call that moves several tensors (phi and g; theta, phi and g) is one autograd node whose forward
+and backward run one collective per tensor, in a fixed order: the order of collectives is then the
+same on every rank (two sibling nodes in one graph have been seen to pair the wrong gradients on
+gloo), and no packed copy of the tensors is ever made (each tensor travels as it is).
 """
 from __future__ import annotations
 
@@ -10,27 +11,23 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from nonlocal_dist.parallel.comm import all_gather_varlen, all_reduce_sum, reduce_scatter_varlen
+from nonlocal_dist.parallel.comm import all_gather_varlen, all_reduce_sum, all_to_all_varlen, reduce_scatter_varlen
 
 
 class _GatherPositions(torch.autograd.Function):
     @staticmethod
     def forward(ctx, group, sizes, *parts):
-        widths = [p.shape[-1] for p in parts]
-        packed = torch.cat([p.to(parts[0].dtype) for p in parts], dim=-1)
-        full = all_gather_varlen(packed, sizes, dim=-2, group=group)
-        ctx.group, ctx.sizes, ctx.widths = group, sizes, widths
-        return tuple(t.contiguous() for t in full.split(widths, dim=-1))
+        ctx.group, ctx.sizes = group, sizes
+        return tuple(all_gather_varlen(p, sizes, dim=-2, group=group) for p in parts)
 
     @staticmethod
     def backward(ctx, *grads):
-        packed = torch.cat(grads, dim=-1)
-        local = reduce_scatter_varlen(packed, ctx.sizes, dim=-2, group=ctx.group)
-        return (None, None, *local.split(ctx.widths, dim=-1))
+        local = [reduce_scatter_varlen(g, ctx.sizes, dim=-2, group=ctx.group) for g in grads]
+        return (None, None, *local)
 
 
 def gather_positions(group, sizes: list[int], *parts: Tensor) -> tuple[Tensor, ...]:
-    """All-gather tensors (B, H, L_r, c_k) along positions in one collective; backward reduce-scatters.
+    """All-gather tensors (B, H, L_r, c_k) along positions, one node; backward reduce-scatters.
 
     ``sizes[r]`` is L on rank r. Returns the full (B, H, Σ L, c_k) tensors in rank order.
     """
@@ -53,45 +50,27 @@ def all_reduce(x: Tensor, group) -> Tensor:
     return _AllReduce.apply(x, group)
 
 
-def _a2a(send_chunks: list[Tensor], recv_shapes: list[tuple[int, ...]], group) -> list[Tensor]:
-    send = torch.cat([c.reshape(-1) for c in send_chunks])
-    recv_sizes = [int(torch.Size(s).numel()) for s in recv_shapes]
-    recv = send.new_empty(sum(recv_sizes))
-    dist.all_to_all_single(recv, send, recv_sizes, [c.numel() for c in send_chunks], group=group)
-    return [r.view(s) for r, s in zip(recv.split(recv_sizes), recv_shapes)]
-
-
 def seq_to_heads(x: Tensor, sizes: list[int], group) -> Tensor:
     """(B, H, L_r, c) position shards -> (B, H/P, Σ L, c) head shards (all-to-all)."""
     world = dist.get_world_size(group)
-    b, h, _, c = x.shape
-    hp = h // world
-    chunks = [x[:, p * hp : (p + 1) * hp].contiguous() for p in range(world)]
-    pieces = _a2a(chunks, [(b, hp, sizes[s], c) for s in range(world)], group)
-    return torch.cat(pieces, dim=2)
+    return all_to_all_varlen(x, 1, [x.shape[1] // world] * world, 2, sizes, group)
 
 
 def heads_to_seq(x: Tensor, sizes: list[int], group) -> Tensor:
     """(B, H/P, Σ L, c) head shards -> (B, H, L_r, c) position shards (the inverse all-to-all)."""
-    world, rank = dist.get_world_size(group), dist.get_rank(group)
-    b, hp, _, c = x.shape
-    chunks = [t.contiguous() for t in x.split(sizes, dim=2)]
-    pieces = _a2a(chunks, [(b, hp, sizes[rank], c) for _ in range(world)], group)
-    return torch.cat(pieces, dim=1)
+    world = dist.get_world_size(group)
+    return all_to_all_varlen(x, 2, sizes, 1, [x.shape[1]] * world, group)
 
 
 class _SeqToHeads(torch.autograd.Function):
     @staticmethod
     def forward(ctx, group, sizes, *parts):
-        widths = [p.shape[-1] for p in parts]
-        ctx.group, ctx.sizes, ctx.widths = group, sizes, widths
-        full = seq_to_heads(torch.cat(parts, dim=-1), sizes, group)
-        return tuple(t.contiguous() for t in full.split(widths, dim=-1))
+        ctx.group, ctx.sizes = group, sizes
+        return tuple(seq_to_heads(p, s, group) for p, s in zip(parts, sizes))
 
     @staticmethod
     def backward(ctx, *grads):
-        local = heads_to_seq(torch.cat(grads, dim=-1), ctx.sizes, ctx.group)
-        return (None, None, *local.split(ctx.widths, dim=-1))
+        return (None, None, *(heads_to_seq(g, s, ctx.group) for g, s in zip(grads, ctx.sizes)))
 
 
 class _HeadsToSeq(torch.autograd.Function):
@@ -102,11 +81,11 @@ class _HeadsToSeq(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad):
-        return seq_to_heads(grad.contiguous(), ctx.sizes, ctx.group), None, None
+        return seq_to_heads(grad, ctx.sizes, ctx.group), None, None
 
 
-def scatter_heads(group, sizes: list[int], *parts: Tensor) -> tuple[Tensor, ...]:
-    """Differentiable ``seq_to_heads`` of tensors sharing position sizes, in one all-to-all."""
+def scatter_heads(group, sizes: list[list[int]], *parts: Tensor) -> tuple[Tensor, ...]:
+    """Differentiable ``seq_to_heads`` of several tensors in one node; ``sizes[i]``: positions per rank of part i."""
     return _SeqToHeads.apply(group, sizes, *parts)
 
 

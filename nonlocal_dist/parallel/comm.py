@@ -5,6 +5,7 @@ Nothing here knows about the non-local math; every function takes the process gr
 """
 from __future__ import annotations
 
+import math
 from collections import deque
 
 import torch
@@ -20,34 +21,76 @@ def _pad_to(x: Tensor, size: int, dim: int) -> Tensor:
     return torch.cat([x, x.new_zeros(pad_shape)], dim=dim)
 
 
+def _leading(shape: torch.Size | list[int], dim: int) -> int:
+    """Number of slabs before ``dim``: slices along ``dim`` of a contiguous tensor are contiguous when 1."""
+    return math.prod(shape[:dim])
+
+
 def all_gather_varlen(x: Tensor, sizes: list[int], dim: int, group) -> Tensor:
-    """Concatenate every rank's ``x`` along ``dim``; rank r's shard has ``sizes[r]`` entries there."""
+    """Concatenate every rank's ``x`` along ``dim``; rank r's shard has ``sizes[r]`` entries there.
+
+    Memory: the received shards (padded to the longest) and the result, once each.
+    """
+    dim = dim % x.dim()
     longest = max(sizes)
     padded = _pad_to(x, longest, dim)
     parts = [torch.empty_like(padded) for _ in sizes]
     dist.all_gather(parts, padded, group=group)
+    del padded
     return torch.cat([p.narrow(dim, 0, s) for p, s in zip(parts, sizes)], dim=dim)
 
 
 def reduce_scatter_varlen(x: Tensor, sizes: list[int], dim: int, group) -> Tensor:
-    """Sum ``x`` (the full length ``sum(sizes)`` along ``dim``) over ranks; return this rank's shard."""
+    """Sum ``x`` (the full length ``sum(sizes)`` along ``dim``) over ranks; return this rank's shard.
+
+    One copy of ``x`` laid out rank-major (each rank's slice, zero-padded to the longest) is the
+    collective's input: memory ``x`` plus that copy plus this rank's (padded) shard.
+    """
+    dim = dim % x.dim()
     longest = max(sizes)
-    chunks = _chunks(x, sizes, dim)
-    stacked = torch.cat([_pad_to(c, longest, dim) for c in chunks], dim=dim).contiguous()
-    out_shape = list(x.shape)
-    out_shape[dim] = longest
-    out = x.new_empty(out_shape)
-    if dim != 0:  # reduce_scatter_tensor splits along dim 0
-        stacked = stacked.movedim(dim, 0).contiguous()
-        out = out.movedim(dim, 0).contiguous()
-    dist.reduce_scatter_tensor(out, stacked, group=group)
-    if dim != 0:
-        out = out.movedim(0, dim)
+    shard_shape = list(x.shape)
+    shard_shape[dim] = longest
+    stacked = x.new_empty((len(sizes), *shard_shape)) if min(sizes) == longest else x.new_zeros((len(sizes), *shard_shape))
+    for slot, chunk in zip(stacked, x.split(sizes, dim=dim)):
+        slot.narrow(dim, 0, chunk.shape[dim]).copy_(chunk)
+    out = x.new_empty(shard_shape)
+    dist.reduce_scatter_tensor(out, stacked.view(-1, *shard_shape[1:]), group=group)
     return out.narrow(dim, 0, sizes[dist.get_rank(group)])
 
 
-def _chunks(x: Tensor, sizes: list[int], dim: int) -> list[Tensor]:
-    return list(torch.split(x, sizes, dim=dim))
+def all_to_all_varlen(x: Tensor, send_dim: int, send_sizes: list[int], recv_dim: int, recv_sizes: list[int], group) -> Tensor:
+    """Split ``x`` along ``send_dim`` (``send_sizes[s]`` entries to rank s); concatenate what every rank
+    sends here along ``recv_dim`` (``recv_sizes[s]`` entries from rank s). One ``all_to_all_single``.
+
+    E.g. positions -> heads: x (B, H, L_r, c), send_dim 1 (H/P heads each), recv_dim 2 (L_s each)
+    gives (B, H/P, Σ L, c). The send buffer is ``x`` itself when its slices are contiguous, else one
+    copy; the result is the receive buffer itself when its pieces are adjacent, else one copy.
+    """
+    rank = dist.get_rank(group)
+    pieces = x.split(send_sizes, dim=send_dim)
+    if x.is_contiguous() and _leading(x.shape, send_dim) == 1:
+        send = x.reshape(-1)
+    else:
+        send = x.new_empty(x.numel())
+        offset = 0
+        for piece in pieces:
+            send[offset : offset + piece.numel()].view(piece.shape).copy_(piece)
+            offset += piece.numel()
+    piece_shape = list(x.shape)
+    piece_shape[send_dim] = send_sizes[rank]
+    recv_shapes = []
+    for size in recv_sizes:
+        recv_shapes.append(list(piece_shape))
+        recv_shapes[-1][recv_dim] = size
+    recv_numels = [math.prod(s) for s in recv_shapes]
+    recv = x.new_empty(sum(recv_numels))
+    dist.all_to_all_single(recv, send, recv_numels, [p.numel() for p in pieces], group=group)
+    del send, pieces
+    out_shape = list(piece_shape)
+    out_shape[recv_dim] = sum(recv_sizes)
+    if _leading(out_shape, recv_dim) == 1:
+        return recv.view(out_shape)
+    return torch.cat([r.view(s) for r, s in zip(recv.split(recv_numels), recv_shapes)], dim=recv_dim)
 
 
 def all_reduce_sum(x: Tensor, group) -> Tensor:

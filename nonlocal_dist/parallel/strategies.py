@@ -21,7 +21,7 @@ def ring(inputs: OpInputs, group, n_sizes: list[int], m_sizes: list[int], backen
 
 
 def allgather(inputs: OpInputs, group, n_sizes: list[int], m_sizes: list[int], backend: str) -> Tensor:
-    """Any mode: gather phi and g once (one collective), compute locally; backward reduce-scatters."""
+    """Any mode: all-gather phi and g (one node, one collective each), compute locally; backward reduce-scatters."""
     phi, g = gather_positions(group, m_sizes, inputs.phi, inputs.g)
     return dispatch(OpInputs(inputs.theta, phi, g, inputs.mode, inputs.scale, inputs.concat_weight), backend)
 
@@ -30,38 +30,13 @@ def ulysses(inputs: OpInputs, group, n_sizes: list[int], m_sizes: list[int], bac
     """Any mode, heads divisible by the group size: all-to-all positions -> heads, local op, back."""
     world = torch.distributed.get_world_size(group)
     rank = torch.distributed.get_rank(group)
-    if n_sizes == m_sizes:
-        theta, phi, g = scatter_heads(group, m_sizes, inputs.theta, inputs.phi, inputs.g)
-    else:
-        theta, phi, g = _scatter_queries_and_keys(inputs, group, n_sizes, m_sizes)
+    theta, phi, g = scatter_heads(group, [n_sizes, m_sizes, m_sizes], inputs.theta, inputs.phi, inputs.g)
     w = inputs.concat_weight
     if w is not None and w.dim() == 2:
         hp = w.shape[0] // world
         w = w[rank * hp : (rank + 1) * hp]
     y = dispatch(OpInputs(theta, phi, g, inputs.mode, inputs.scale, w), backend)
     return gather_heads(y, group, n_sizes)
-
-
-def _scatter_queries_and_keys(inputs: OpInputs, group, n_sizes, m_sizes):
-    # Query and key shards differ in length (sub-sampled keys): pad both to one per-rank length so
-    # that a single all-to-all carries theta, phi and g, then drop the padding.
-    longest = [max(n, m) for n, m in zip(n_sizes, m_sizes)]
-    rank = torch.distributed.get_rank(group)
-    padded = [_pad_positions(t, longest[rank]) for t in (inputs.theta, inputs.phi, inputs.g)]
-    theta, phi, g = scatter_heads(group, longest, *padded)
-    return (
-        _select(theta, longest, n_sizes),
-        _select(phi, longest, m_sizes),
-        _select(g, longest, m_sizes),
-    )
-
-
-def _pad_positions(x: Tensor, length: int) -> Tensor:
-    return torch.nn.functional.pad(x, (0, 0, 0, length - x.shape[-2]))
-
-
-def _select(x: Tensor, padded: list[int], keep: list[int]) -> Tensor:
-    return torch.cat([chunk[..., :k, :] for chunk, k in zip(x.split(padded, dim=-2), keep)], dim=-2)
 
 
 def allreduce(inputs: OpInputs, group, n_sizes: list[int], m_sizes: list[int], backend: str) -> Tensor:

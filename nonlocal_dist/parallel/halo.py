@@ -108,44 +108,6 @@ def _positions_first(x: Tensor, dim: int, offset: int, length: int) -> Tensor:
     return x.narrow(dim, offset, length).movedim(dim, 0).contiguous()
 
 
-class _HaloExchange(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, dim, plan, group, fill, value):
-        rest = x.movedim(dim, 0).shape[1:]
-        chunks = [_positions_first(x, dim, off, n) for off, n in plan.send]
-        pieces = [p.movedim(0, dim) for p in _all_to_all(chunks, list(plan.recv), rest, group)]
-        parts = pieces[: plan.rank] + [x] + pieces[plan.rank + 1 :]
-        left, right = fill
-        if left:
-            shape = list(x.shape)
-            shape[dim] = left
-            parts.insert(0, x.new_full(shape, value))
-        if right:
-            shape = list(x.shape)
-            shape[dim] = right
-            parts.append(x.new_full(shape, value))
-        ctx.dim, ctx.plan, ctx.group, ctx.left, ctx.length, ctx.rest = dim, plan, group, left, x.shape[dim], rest
-        return torch.cat(parts, dim=dim)
-
-    @staticmethod
-    def backward(ctx, grad):
-        dim, plan = ctx.dim, ctx.plan
-        grad = grad.narrow(dim, ctx.left, plan.before + ctx.length + plan.after)
-        back, offset = [], 0
-        for q, n in enumerate(plan.recv):
-            if q == plan.rank:
-                own = offset
-                offset += ctx.length
-            back.append(_positions_first(grad, dim, offset, n))
-            offset += n
-        returned = _all_to_all(back, [n for _, n in plan.send], ctx.rest, ctx.group)
-        grad_x = grad.narrow(dim, own, ctx.length).contiguous()
-        for (off, n), piece in zip(plan.send, returned):
-            if n:
-                grad_x.narrow(dim, off, n).add_(piece.movedim(0, dim))
-        return grad_x, None, None, None, None, None
-
-
 def halo_exchange(
     x: Tensor,
     dim: int,
@@ -165,5 +127,93 @@ def halo_exchange(
     Differentiable: the halos' gradients are sent back and added to their owners' gradients.
     Collective: every rank of ``group`` must call it with the same ``before``/``after``.
     """
+    handle, halo_before, halo_after = start_halo_exchange(x, dim, before, after, sizes, group)
+    halo_before, halo_after = handle.wait(halo_before, halo_after)
+    return torch.cat([edge_fill(x, dim, fill[0], value), halo_before, x, halo_after, edge_fill(x, dim, fill[1], value)], dim)
+
+
+def edge_fill(x: Tensor, dim: int, length: int, value: float) -> Tensor:
+    """``length`` positions of ``value`` shaped like x along ``dim`` (the padding at a global edge)."""
+    shape = list(x.shape)
+    shape[dim] = length
+    return x.new_full(shape, value)
+
+
+class HaloHandle:
+    """An exchange in flight (``start_halo_exchange``): compute on the shard meanwhile, then ``wait``."""
+
+    def __init__(self) -> None:
+        self.work = None
+        self.send: Tensor | None = None  # kept alive until the exchange completes
+
+    def wait(self, before: Tensor, after: Tensor) -> tuple[Tensor, Tensor]:
+        """The halos returned by ``start_halo_exchange``, now filled (differentiable)."""
+        return _HaloWait.apply(self, before, after)
+
+
+class _HaloStart(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, dim, plan, group, handle):
+        rest = x.movedim(dim, 0).shape[1:]
+        per_position = rest.numel()
+        out_splits = [n * per_position for n in plan.recv]
+        recv = x.new_empty(sum(out_splits))
+        if len(plan.recv) > 1:
+            chunks = [_positions_first(x, dim, off, n) for off, n in plan.send]
+            handle.send = torch.cat([c.reshape(-1) for c in chunks])
+            handle.work = dist.all_to_all_single(
+                recv, handle.send, out_splits, [c.numel() for c in chunks], group=group, async_op=True
+            )
+        # The lower ranks' positions come first in the receive buffer, then the higher ranks': two views.
+        split = plan.before * per_position
+        before = recv[:split].view(plan.before, *rest).movedim(0, dim)
+        after = recv[split:].view(plan.after, *rest).movedim(0, dim)
+        ctx.dim, ctx.plan, ctx.group, ctx.rest = dim, plan, group, rest
+        ctx.shape, ctx.options = x.shape, {"dtype": x.dtype, "device": x.device}  # not x itself
+        return before, after
+
+    @staticmethod
+    def backward(ctx, grad_before, grad_after):
+        dim, plan = ctx.dim, ctx.plan
+        back = []
+        for grad, lengths in ((grad_before, plan.recv[: plan.rank]), (grad_after, plan.recv[plan.rank + 1 :])):
+            offset = 0
+            for n in lengths:
+                back.append(_positions_first(grad, dim, offset, n) if grad is not None else torch.zeros(n, *ctx.rest, **ctx.options))
+                offset += n
+        back.insert(plan.rank, torch.zeros(0, *ctx.rest, **ctx.options))
+        returned = _all_to_all(back, [n for _, n in plan.send], ctx.rest, ctx.group)
+        grad_x = torch.zeros(ctx.shape, **ctx.options)
+        for (off, n), piece in zip(plan.send, returned):
+            if n:
+                grad_x.narrow(dim, off, n).add_(piece.movedim(0, dim))
+        return grad_x, None, None, None, None
+
+
+class _HaloWait(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, handle, before, after):
+        if handle.work is not None:
+            handle.work.wait()
+        handle.work = handle.send = None
+        return before.view_as(before), after.view_as(after)
+
+    @staticmethod
+    def backward(ctx, grad_before, grad_after):
+        return None, grad_before, grad_after
+
+
+def start_halo_exchange(
+    x: Tensor, dim: int, before: int, after: int, sizes: list[int], group
+) -> tuple[HaloHandle, Tensor, Tensor]:
+    """Begin ``halo_exchange`` without waiting: ``(handle, before, after)``; the halos (..., h_b, ...)
+    and (..., h_a, ...) are filled once ``handle.wait(before, after)`` returns them.
+
+    Work on x (an interior convolution) may run in between; no other collective may, so that every
+    rank issues its collectives in the same order. The backward sends the halos' gradients back
+    (one all-to-all), as ``halo_exchange`` does.
+    """
     plan = halo_plan(sizes, dist.get_rank(group), before, after)
-    return _HaloExchange.apply(x, dim, plan, group, fill, value)
+    handle = HaloHandle()
+    halo_before, halo_after = _HaloStart.apply(x, dim, plan, group, handle)
+    return handle, halo_before, halo_after

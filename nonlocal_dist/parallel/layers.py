@@ -18,7 +18,7 @@ from nonlocal_dist.parallel.batchnorm import lean_group_batch_norm
 from nonlocal_dist.parallel.collectives import all_reduce
 from nonlocal_dist.parallel.halo import shard_lengths
 from nonlocal_dist.parallel.norm import batch_norm_rows
-from nonlocal_dist.parallel.window import Window, apply_window, sharded_window_input
+from nonlocal_dist.parallel.window import Window, sliding_window
 
 _CONV = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
 _MAX_POOL = {1: F.max_pool1d, 2: F.max_pool2d, 3: F.max_pool3d}
@@ -48,8 +48,8 @@ class _ShardedConv(_Sharded):
     window: Window
 
     def forward(self, x: Tensor) -> Tensor:
-        ext, _, _ = sharded_window_input(x, self.shard_dim, self.window, self._shard_lengths(x), self.sp_group, type(self).__name__, 0.0)
-        return apply_window(self._conv, ext, self.shard_dim, self.window, 0.0)
+        sizes = self._shard_lengths(x)
+        return sliding_window(self._conv, x, self.shard_dim, self.window, sizes, self.sp_group, type(self).__name__, 0.0)[0]
 
     def _conv(self, ext: Tensor) -> Tensor:
         conv = _CONV[self.spatial_dims]
@@ -83,14 +83,14 @@ class _ShardedMaxPool(_Sharded):
 
     def forward(self, x: Tensor) -> Tensor:
         value = float("-inf")
-        ext, _, _ = sharded_window_input(x, self.shard_dim, self.window, self._shard_lengths(x), self.sp_group, type(self).__name__, value)
         n = self.spatial_dims
 
         def pool(t: Tensor) -> Tensor:
             return _MAX_POOL[n](t, self.kernel_size, self.stride, self._others_zeroed(_per_dim(self.padding, n)),
                                 self.dilation, ceil_mode=False)
 
-        return apply_window(pool, ext, self.shard_dim, self.window, value)
+        sizes = self._shard_lengths(x)
+        return sliding_window(pool, x, self.shard_dim, self.window, sizes, self.sp_group, type(self).__name__, value)[0]
 
 
 class ShardedMaxPool1d(_ShardedMaxPool, nn.MaxPool1d):
@@ -117,7 +117,6 @@ class _ShardedAvgPool(_Sharded):
 
     def forward(self, x: Tensor) -> Tensor:
         dim, n = self.shard_dim, self.spatial_dims
-        ext, left, right = sharded_window_input(x, dim, self.window, self._shard_lengths(x), self.sp_group, type(self).__name__, 0.0)
 
         divisor = getattr(self, "divisor_override", None)  # AvgPool1d has none
         extra = () if n == 1 else (divisor,)
@@ -126,12 +125,13 @@ class _ShardedAvgPool(_Sharded):
             return _AVG_POOL[n](t, self.kernel_size, self.stride, self._others_zeroed(_per_dim(self.padding, n)),
                                 False, self.count_include_pad, *extra)
 
-        out = apply_window(pool, ext, dim, self.window, 0.0)
+        sizes = self._shard_lengths(x)
+        out, (left, right, length) = sliding_window(pool, x, dim, self.window, sizes, self.sp_group, type(self).__name__, 0.0)
         if self.count_include_pad or divisor or out.shape[dim] == 0 or left + right == 0:
             return out
-        inside = ext.new_ones(1, 1, ext.shape[dim])
+        inside = x.new_ones(1, 1, length)
         inside[..., :left] = 0
-        inside[..., ext.shape[dim] - right :] = 0
+        inside[..., length - right :] = 0
         fraction = F.avg_pool1d(inside, self.window.kernel, self.window.stride).view(-1)  # taps inside / kernel
         shape = [1] * out.dim()
         shape[dim] = -1

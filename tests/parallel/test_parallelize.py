@@ -92,6 +92,8 @@ def _layer_cases(world: int):
         ("conv3d reflect, 0 pad on t", lambda: nn.Conv3d(2, 2, (3, 3, 3), padding=(0, 1, 1), padding_mode="reflect"), (1, 2, 7, 4, 4), _lengths(7, world, "front"), "t"),
         ("conv2d along w", lambda: nn.Conv2d(2, 2, 3, padding=1, stride=(1, 2)), (2, 2, 5, 8), ALIGNED8[world], "w"),
         ("conv1d k4 pad 2", lambda: nn.Conv1d(2, 2, 4, padding=2), (2, 2, 9), _lengths(9, world, "short"), "t"),
+        ("conv1d k1 s4", lambda: nn.Conv1d(2, 2, 1, stride=4), (1, 2, 16), {1: [16], 2: [8, 8], 3: [8, 4, 4]}[world], "t"),
+        ("maxpool1d k2 s4 pad 1", lambda: nn.MaxPool1d(2, stride=4, padding=1), (1, 2, 14), {1: [14], 2: [8, 6], 3: [4, 8, 2]}[world], "t"),
         ("maxpool3d k3 s2", lambda: nn.MaxPool3d(3, stride=2, padding=1), (1, 2, 8, 4, 4), {1: [8], 2: [2, 6], 3: [2, 4, 2]}[world], "t"),
         ("maxpool3d k2 s2", lambda: nn.MaxPool3d((2, 1, 1)), (1, 2, 8, 3, 3), ALIGNED8[world], "t"),
         ("maxpool3d dilation 2", lambda: nn.MaxPool3d(3, stride=1, padding=1, dilation=2), (1, 2, 7, 5, 5), _lengths(7, world, "short"), "t"),

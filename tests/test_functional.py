@@ -135,3 +135,29 @@ def test_mismatched_devices_raise():
     else:
         with pytest.raises(ValueError, match="one device"):
             nonlocal_op(torch.randn(2, 6, 4, device="cuda"), torch.randn(2, 5, 4), torch.randn(2, 5, 3))
+
+
+def test_empty_positions_only_where_allowed():
+    from nonlocal_dist.validate import check_op_inputs
+
+    theta, phi, g = torch.randn(2, 0, 4), torch.randn(2, 5, 4), torch.randn(2, 5, 3)
+    inputs, _ = check_op_inputs(theta, phi, g, "dot_product", None, None, "auto", allow_empty_positions=True)
+    assert inputs.theta.shape == (2, 1, 0, 4)
+    with pytest.raises(ValueError, match="positions must be non-empty"):
+        check_op_inputs(theta, phi, g, "dot_product", None, None, "auto")
+    with pytest.raises(ValueError, match="channels must be non-empty"):
+        check_op_inputs(torch.randn(2, 6, 0), torch.randn(2, 5, 0), g, "dot_product", None, None, "auto",
+                        allow_empty_positions=True)
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_float16_sums_over_many_keys_do_not_overflow(mode):
+    # Σ_j f_ij g_j reaches ~4096 x 64 = 2.6e5 > 65504 (float16's largest) before the division by M.
+    gen = torch.Generator().manual_seed(0)
+    theta, phi = (torch.full((1, n, 2), 8.0) + torch.rand(1, n, 2, generator=gen) for n in (3, 4096))
+    g = torch.full((1, 4096, 2), 8.0) + torch.rand(1, 4096, 2, generator=gen)
+    w = torch.tensor([0.5, 0.5, 0.5, 0.5]) if mode == "concatenation" else None
+    y = nonlocal_op(theta.half(), phi.half(), g.half(), mode, concat_weight=w, scale=1e-3 if mode in ("gaussian", "embedded_gaussian") else None)
+    want = naive_nonlocal(*(t.half().double() for t in (theta, phi, g)), mode, 1e-3 if mode in ("gaussian", "embedded_gaussian") else 1.0,
+                          None if w is None else w.double())
+    assert_rel(y, want, 2e-3, mode)

@@ -48,7 +48,7 @@ def parallel_nonlocal(
     world = dist.get_world_size(group)
 
     def validate():
-        inputs, added_heads = check_op_inputs(theta, phi, g, mode, scale, concat_weight, backend)
+        inputs, added_heads = check_op_inputs(theta, phi, g, mode, scale, concat_weight, backend, allow_empty_positions=True)
         chosen = _check_strategy(mode, strategy, inputs.theta.shape[1], world, backend)
         b, h, n, d = inputs.theta.shape
         fields = {"B": b, "H": h, "N": n, "M": inputs.phi.shape[2], "d": d, "dv": inputs.g.shape[-1],
@@ -58,5 +58,8 @@ def parallel_nonlocal(
 
     names = ("B", "H", "N", "M", "d", "dv", "ndim", "dtype", "mode", "strategy", "scale", "concat_weight")
     (inputs, added_heads, chosen), values = agree_across_ranks(group, validate, names, what="nonlocal_op", free=("N", "M"))
+    if sum(values["N"]) == 0 or sum(values["M"]) == 0:  # every rank sees the same sums: all raise
+        raise ValueError(f"the group holds no {'query' if sum(values['N']) == 0 else 'key'} positions (N per rank = "
+                         f"{values['N']}, M per rank = {values['M']}); a shard may be empty, the whole sequence not")
     y = STRATEGIES[chosen](inputs, group, values["N"], values["M"], backend)
     return y.squeeze(1) if added_heads else y

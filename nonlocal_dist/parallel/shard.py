@@ -24,11 +24,10 @@ def _axis_index(x: Tensor, layout: str, axis: str) -> int:
 
 
 def shard_tensor(x: Tensor, layout: str, axis: str, group) -> Tensor:
-    """This rank's contiguous slice of ``x`` along ``axis`` (uneven when the size does not divide)."""
+    """This rank's contiguous slice of ``x`` along ``axis`` (uneven when the size does not divide; empty on
+    the last ranks when the axis is shorter than the group)."""
     dim = _axis_index(x, layout, axis)
     world, rank = dist.get_world_size(group), dist.get_rank(group)
-    if x.shape[dim] < world:
-        raise ValueError(f"axis {axis!r} has {x.shape[dim]} positions, fewer than the {world} ranks of the group")
     return torch.tensor_split(x, world, dim=dim)[rank].contiguous()
 
 

@@ -23,7 +23,23 @@ def ring(inputs: OpInputs, group, n_sizes: list[int], m_sizes: list[int], backen
 def allgather(inputs: OpInputs, group, n_sizes: list[int], m_sizes: list[int], backend: str) -> Tensor:
     """Any mode: all-gather phi and g (one node, one collective each), compute locally; backward reduce-scatters."""
     phi, g = gather_positions(group, m_sizes, inputs.phi, inputs.g)
+    if inputs.theta.shape[-2] == 0:  # no queries here, but the backward's reduce-scatter still needs this rank
+        return _NoQueries.apply(inputs.theta, phi, g, inputs.concat_weight)
     return dispatch(OpInputs(inputs.theta, phi, g, inputs.mode, inputs.scale, inputs.concat_weight), backend)
+
+
+class _NoQueries(torch.autograd.Function):
+    """y (B, H, 0, dv) of a rank without queries, tied to the gathered keys so that its backward runs
+    (zero gradients) and the collectives behind them match on every rank."""
+
+    @staticmethod
+    def forward(ctx, theta, phi, g, concat_weight):
+        ctx.shapes = [(t.shape, t.dtype, t.device) if t is not None else None for t in (theta, phi, g, concat_weight)]
+        return g.new_empty((*theta.shape[:-1], g.shape[-1]))
+
+    @staticmethod
+    def backward(ctx, grad):
+        return tuple(None if s is None else torch.zeros(s[0], dtype=s[1], device=s[2]) for s in ctx.shapes)
 
 
 def ulysses(inputs: OpInputs, group, n_sizes: list[int], m_sizes: list[int], backend: str) -> Tensor:

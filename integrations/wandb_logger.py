@@ -71,11 +71,19 @@ class RunLogger:
             self.run.summary.update(values)
 
     def finish(self) -> str | None:
-        """Close the run; returns where it went (the local run directory), or None."""
+        """Close the run; returns where it went (the local run directory), or None.
+
+        Returns once the run's files are complete on disk: ``run.finish()`` alone returns while
+        wandb's service process may still be writing the run file, so the service is also torn down
+        (``wandb.teardown()``, which waits for it; a later ``RunLogger`` starts a new one).
+        """
         if self.run is None:
             return None
+        import wandb
+
         where = os.path.dirname(self.run.dir)
         self.run.finish()
+        wandb.teardown()
         return where
 
 

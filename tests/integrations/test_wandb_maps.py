@@ -18,12 +18,14 @@ import torch.distributed as dist
 from dist_harness import free_port, run_ranks
 from helpers import rel_err
 from nonlocal_dist.integrations.wandb_logger import RunLogger
-from nonlocal_dist.integrations.wandb_maps import AttentionMapLogger, ink_queries, render_maps
+from nonlocal_dist.integrations.wandb_maps import (
+    KEY_COLOUR, QUERY_COLOUR, AttentionMapLogger, ink_queries, map_caption, render_maps, top_keys, viridis,
+)
 from nonlocal_dist.models import C2DNonLocal
 from nonlocal_dist.parallel import shard_tensor
 
 ROOT = Path(__file__).resolve().parents[2]
-GREEN = np.array([26, 255, 51], dtype=np.uint8)
+GREEN = np.array([26, 255, 51], dtype=np.uint8)  # QUERY_COLOUR
 
 
 def test_ink_queries_are_the_centres_of_the_inked_frames():
@@ -35,16 +37,60 @@ def test_ink_queries_are_the_centres_of_the_inked_frames():
     assert ink_queries(torch.zeros(1, 2, 8, 8), 2) == [(0, 4, 4)]
 
 
-def test_render_maps_draws_heat_and_query():
-    frames = np.zeros((2, 4, 4))
-    maps = np.zeros((1, 2, 2, 2))
-    maps[0, 1, 0, 1] = 3.0  # the strongest key: frame 1, top right quarter
-    image = render_maps(frames, maps, [(0, 3, 0)], grid=(2, 4, 4), zoom=2, gap=2)
-    assert image.dtype == np.uint8 and image.shape == (8, 2 * 8 + 2, 3)
-    right = image[:, 10:]
-    assert (right[:4, 4:] == 140).all() and (right[4:, :] == 0).all()  # 0.55 * white, black elsewhere
-    assert (image[6:8, 0:2] == GREEN).all()  # query cell (h 3, w 0) of frame 0, outlined
-    assert not (right == GREEN).all(-1).any()
+def test_top_keys_are_the_largest_affinities_of_each_row():
+    maps = np.random.default_rng(0).random((3, 4, 5, 6))
+    for heat, found in zip(maps, top_keys(maps, count=4)):
+        flat = torch.from_numpy(heat).flatten().topk(4)
+        want = [(tuple(int(i) for i in np.unravel_index(k, heat.shape)), v) for k, v in zip(flat.indices.tolist(), flat.values.tolist())]
+        assert found == want
+        assert found[0][0] == tuple(int(i) for i in np.unravel_index(heat.argmax(), heat.shape))
+
+
+def _drawn():
+    frames = np.zeros((4, 16, 16))
+    frames[0, 3:12, 6:9] = 1.0
+    maps = np.full((2, 4, 8, 8), 0.01)  # key grid 4 x 8 x 8 (h, w sub-sampled by 2)
+    maps[0, 3, 2, 5], maps[0, 1, 6, 6] = 0.08, 0.05  # query 0's strongest keys: frame 3, then frame 1
+    maps[1, 0, 4, 3] = 0.05
+    queries, grid = [(0, 5, 7), (3, 8, 8)], (4, 16, 16)
+    keys = top_keys(maps, count=2)
+    return render_maps(frames, maps, queries, grid, keys), keys, maps
+
+
+def test_render_maps_colours_rings_the_top_keys_and_outlines_the_query():
+    image, keys, maps = _drawn()
+    tile, gap, header = 128, 4, 16  # 16 x 16 frames upscaled 8 x
+    assert image.dtype == np.uint8 and image.shape == (header + 2 * (tile + gap), 4 * (tile + gap) + 14 + 60, 3)
+    assert keys[0] == [((3, 2, 5), 0.08), ((1, 6, 6), 0.05)]
+
+    def centre(row, key):  # the pixel at the centre of key cell (t, h, w) of the 4 x 8 x 8 key grid
+        t, h, w = key
+        return image[header + row * (tile + gap) + h * 16 + 8, t * (tile + gap) + w * 16 + 8]
+
+    strongest = np.round(255 * 0.7 * viridis(np.array(1.0))).astype(int)
+    weakest = np.round(255 * 0.7 * viridis(np.array(0.0))).astype(int)
+    assert (np.abs(centre(0, (3, 2, 5)).astype(int) - strongest) <= 1).all()  # viridis yellow at the top key
+    assert (np.abs(centre(0, (2, 0, 0)).astype(int) - weakest) <= 1).all()  # dark purple elsewhere
+    red, green = [(np.array(c) * 255).round().astype(np.uint8) for c in (KEY_COLOUR, QUERY_COLOUR)]
+    rows = [image[header + r * (tile + gap) : header + r * (tile + gap) + tile] for r in range(2)]
+    frame = lambda r, t: rows[r][:, t * (tile + gap) : t * (tile + gap) + tile]
+    ringed = [[(frame(r, t) == red).all(-1).any() for t in range(4)] for r in range(2)]
+    assert ringed == [[t in {key[0] for key, _ in keys[r]} for t in range(4)] for r in range(2)], ringed
+    assert ringed[0] == [False, True, False, True]
+    outlined = [[(frame(r, t) == green).all(-1).any() for t in range(4)] for r in range(2)]
+    assert outlined == [[True, False, False, False], [False, False, False, True]]  # the query's own frame only
+    bar = image[header : header + tile, 4 * (tile + gap) + 7]
+    assert (np.abs(bar[0].astype(int) - np.round(255 * viridis(np.array(1.0)))) <= 1).all()  # colour bar: max on top
+    assert (np.abs(bar[-1].astype(int) - np.round(255 * viridis(np.array(0.0)))) <= 1).all()
+
+
+def test_caption_names_block_step_queries_and_top_keys():
+    _, keys, maps = _drawn()
+    caption = map_caption("features.2", 40, [(0, 5, 7), (3, 8, 8)], (4, 16, 16), (4, 8, 8), keys)
+    assert caption.startswith("features.2 at step 40:")
+    assert "row 1: query (t, h, w) = (0, 5, 7) -> top keys (3, 2, 5) (0.08), (1, 6, 6) (0.05)" in caption
+    assert "row 2: query (t, h, w) = (3, 8, 8) -> top keys (0, 4, 3) (0.05)" in caption
+    assert "(4, 8, 8) key grid" in caption and "viridis" in caption
 
 
 def _capture_case(rank, world):
@@ -104,7 +150,7 @@ def test_train_logs_map_images_and_rank_table_offline(tmp_path):
             image.verify()
         with Image.open(path) as image:
             pixels = np.asarray(image.convert("RGB"))
-        assert pixels.shape == (2 * 96 + 2, 4 * 96 + 6, 3), pixels.shape  # 2 queries x 4 frames of 16 x 16, zoom 6
+        assert pixels.shape == (16 + 2 * 132, 4 * 132 + 74, 3), pixels.shape  # 2 queries x 4 frames of 16 x 16, 8 x: 128 px
         assert (pixels == GREEN).all(-1).any(), f"{path}: no query outline"
     blob = Path(glob.glob(f"{run}/run-*.wandb")[0]).read_bytes()
     for key in (b"attention_maps/features.2", b"attention_maps/features.4", b"perf/ranks"):

@@ -158,6 +158,8 @@ def parallelize(
     for path, module in model.named_modules():
         if any(path.startswith(prefix) for prefix in skip):
             continue
+        if isinstance(module, layers._Sharded) or getattr(module, "sp_group", None) is not None:
+            raise ValueError(f"{path or 'the model'} ({type(module).__name__}) is already sharded: parallelize a model once")
         if isinstance(module, NonLocalBlock):
             _convert_block(path, module, group, axis, strategy)
             skip.append(path + "." if path else "")

@@ -7,10 +7,13 @@ special case: every rank sends whatever part of its shard falls in another rank'
 halo is assembled from several ranks. Positions outside ``[0, N)`` do not exist; the layer's own
 padding (``fill``) stands for them at the global edges.
 
-The backward is the reverse all-to-all: each halo's gradient goes back to the rank that owns those
-positions and is added to that rank's input gradient. Every rank runs exactly one all-to-all in the
-forward and one in the backward, the edge ranks too (with empty messages where they have nothing to
-send), so the group never waits on a rank that skipped a collective.
+``start_halo_exchange`` launches the all-to-all and returns at once, so that a layer computes the
+outputs that need no halo while the halos travel (``window.sliding_window``); ``halo_exchange`` is
+the same with the wait and the concatenation done. The backward is the reverse all-to-all: each
+halo's gradient goes back to the rank that owns those positions and is added to that rank's input
+gradient. Every rank runs exactly one all-to-all in the forward and one in the backward, the edge
+ranks too (with empty messages where they have nothing to send), so the group never waits on a
+rank that skipped a collective.
 """
 from __future__ import annotations
 

@@ -1,8 +1,10 @@
-"""The main job: a C2D video classifier with non-local blocks, trained on digit clips with DeepSpeed,
-sequence-parallel over time and data-parallel over clips, logged to W&B (offline by default).
+"""The main job: a video classifier with non-local blocks (C2D, or I3D with temporal convolutions),
+trained on digit clips with DeepSpeed, sequence-parallel over time and data-parallel over clips,
+logged to W&B (offline by default).
 
     deepspeed --num_gpus 2 scripts/train.py --deepspeed_config configs/ds_zero2.json --sp-size 2
     torchrun --nproc_per_node 2 scripts/train.py --deepspeed_config configs/ds_zero2.json --sp-size 2
+    ... --model i3d           # I3D on 16-frame clips (configs/experiment_i3d.json), sharded by parallelize
     ... --ablation            # the same network without non-local blocks, same budget
     ... --resume              # continue from the latest checkpoint in --ckpt-dir, exactly
 """
@@ -20,6 +22,8 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
+from nonlocal_dist import parallelize
+from nonlocal_dist.checkpointing import KINDS as CHECKPOINT_KINDS, apply_activation_checkpointing
 from nonlocal_dist.data import digit_clips
 from nonlocal_dist.integrations.faults import (
     Fault, SkipCounter, StepGuard, apply_group_timeout, begin_fresh, check_finite, load_checkpoint, resolve_timeout,
@@ -30,20 +34,25 @@ from nonlocal_dist.integrations.deepspeed_sp import (
 )
 from nonlocal_dist.integrations.wandb_logger import RunLogger, rank_perf
 from nonlocal_dist.integrations.wandb_maps import AttentionMapLogger
-from nonlocal_dist.models import C2DNonLocal
+from nonlocal_dist.models import C2DNonLocal, I3DNonLocal
 
 ROOT = Path(__file__).resolve().parents[1]
+MODELS = {"c2d": ROOT / "configs/experiment.json", "i3d": ROOT / "configs/experiment_i3d.json"}
 
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--experiment", default=str(ROOT / "configs/experiment.json"), help="experiment config (JSON)")
+    p.add_argument("--model", choices=sorted(MODELS),
+                   help="c2d: 1x3x3 convolutions, frames meet only in the non-local blocks; i3d: temporal convolutions "
+                        "too, sharded over time with halo exchange (default: the experiment config's model.name)")
+    p.add_argument("--experiment", help="experiment config (JSON) (default: configs/experiment.json, with --model i3d "
+                                        "configs/experiment_i3d.json)")
     p.add_argument("--sp-size", type=int,
                    help="ranks sharing one clip along time (default: the DeepSpeed config's sequence_parallel_size, else 1)")
     p.add_argument("--steps", type=int, help="training steps (default: the experiment config's)")
     p.add_argument("--stop-after", type=int, help="leave after this many steps of this run (a preemption)")
     p.add_argument("--ablation", action="store_true", help="no non-local blocks")
-    p.add_argument("--activation-checkpoint", choices=["torch", "deepspeed"],
+    p.add_argument("--activation-checkpoint", choices=CHECKPOINT_KINDS,
                    help="recompute the non-local blocks in the backward instead of keeping their activations")
     p.add_argument("--ckpt-dir", default="runs/checkpoints")
     p.add_argument("--ckpt-every", type=int, help="checkpoint period in steps (default: the experiment config's)")
@@ -71,7 +80,13 @@ def parse_args(argv=None):
 
 
 def load_configs(args):
-    exp = json.loads(Path(args.experiment).read_text())
+    path = Path(args.experiment) if args.experiment else MODELS[args.model or "c2d"]
+    exp = json.loads(path.read_text())
+    if exp["model"].get("name") not in MODELS:
+        raise ValueError(f"{path}: model.name must be one of {sorted(MODELS)}, got {exp['model'].get('name')!r}")
+    if args.model is not None and args.model != exp["model"]["name"]:
+        raise ValueError(f"--model {args.model} but {path} describes model {exp['model']['name']!r}; "
+                         f"drop --model or pass --experiment {MODELS[args.model]}")
     ds = json.loads(Path(args.deepspeed_config).read_text())
     for key, arg in (("steps", "steps"), ("checkpoint_every", "ckpt_every")):
         if getattr(args, arg) is not None:
@@ -85,12 +100,20 @@ def load_configs(args):
 
 
 def build_model(exp, ds, sp, ablation: bool, checkpoint: str | None = None):
+    """The experiment's network, sharded over time across the SP group, non-local blocks checkpointed if asked."""
     torch.manual_seed(exp["data"]["seed"])  # identical initial weights on every rank
-    m = exp["model"]
+    m = {key: value for key, value in exp["model"].items() if key != "name"}
     with model_context(ds, sp):
-        return C2DNonLocal(in_channels=1, num_classes=2, widths=tuple(m["widths"]),
-                           nonlocal_after=() if ablation else tuple(m["nonlocal_after"]), mode=m["mode"],
-                           sp_group=sp.sp_group, checkpoint=checkpoint)
+        if exp["model"]["name"] == "c2d":
+            model = C2DNonLocal(in_channels=1, num_classes=2, widths=tuple(m["widths"]),
+                                nonlocal_after=() if ablation else tuple(m["nonlocal_after"]), mode=m["mode"],
+                                sp_group=sp.sp_group)
+        else:
+            m["nonlocal_stages"] = () if ablation else m["nonlocal_stages"]
+            model = I3DNonLocal(in_channels=1, num_classes=2, **m)
+    if exp["model"]["name"] != "c2d" and sp.sp_group is not None:
+        parallelize(model, sp.sp_group, axis="t")
+    return model if checkpoint is None else apply_activation_checkpointing(model, checkpoint)
 
 
 def batch_indices(step: int, num_clips: int, global_batch: int, dp_rank: int, micro: int, seed: int) -> np.ndarray:
@@ -167,12 +190,15 @@ def train(args, fault: Fault | None, guard: StepGuard) -> None:
     sp = init_sequence_parallel(resolve_sp_size(ds, args.sp_size))
     dtype = torch.bfloat16 if ds.get("bf16", {}).get("enabled") else torch.float32
     d, t = exp["data"], exp["train"]
-    train_x, train_y = digit_clips(d["train_clips"], "train", d["frames"], d["size"], d["seed"], d["classes"])
-    test_x, test_y = digit_clips(d["test_clips"], "test", d["frames"], d["size"], d["seed"], d["classes"])
+    clip_args = (d["frames"], d["size"], d["seed"], d["classes"], d.get("min_gap", 1))
+    train_x, train_y = digit_clips(d["train_clips"], "train", *clip_args)
+    test_x, test_y = digit_clips(d["test_clips"], "test", *clip_args)
     engine = initialize(build_model(exp, ds, sp, args.ablation, args.activation_checkpoint), ds, sp)
     start_step = load_checkpoint(engine, args.ckpt_dir)["step"] if args.resume else begin_fresh(args.ckpt_dir)
     guard.step = start_step
-    name = f"{'ablation' if args.ablation else 'nonlocal'}-sp{sp.sp_size}-zero{ds.get('zero_optimization', {}).get('stage', 0)}"
+    model_name = "" if exp["model"]["name"] == "c2d" else f"{exp['model']['name']}-"  # c2d: the names of earlier runs
+    variant = "ablation" if args.ablation else "nonlocal"
+    name = f"{model_name}{variant}-sp{sp.sp_size}-zero{ds.get('zero_optimization', {}).get('stage', 0)}"
     logger = RunLogger(rank, args.wandb, exp["wandb"]["project"], {"experiment": exp, "deepspeed": ds,
                        "sp_size": sp.sp_size, "ablation": args.ablation, "world": dist.get_world_size()},
                        args.run_dir, name)

@@ -1,4 +1,6 @@
-"""One DeepSpeed step with SP = 2 equals one single-process step on the whole clip, ZeRO 0-3."""
+"""DeepSpeed steps with SP = 2 equal single-process steps on the whole clip, ZeRO 0-3: the C2D model
+(sequence parallel through its constructor) and the I3D model (sharded by ``parallelize``, its
+temporal convolutions and pooling exchanging halos)."""
 from __future__ import annotations
 
 import json
@@ -15,13 +17,13 @@ from helpers import rel_err
 deepspeed = pytest.importorskip("deepspeed")
 
 CONFIGS = Path(__file__).resolve().parents[2] / "configs"
-SHAPE = (2, 2, 6, 8, 8)  # B C T H W: 6 frames, 3 per rank
+SHAPES = {"c2d": (2, 2, 6, 8, 8), "i3d": (2, 2, 8, 8, 8)}  # B C T H W: 3 / 4 frames per rank
 
 
 def _config(stage: int) -> dict:
     cfg = json.loads((CONFIGS / f"ds_zero{max(stage, 1)}.json").read_text())
     cfg["zero_optimization"]["stage"] = stage
-    cfg["train_micro_batch_size_per_gpu"] = SHAPE[0]
+    cfg["train_micro_batch_size_per_gpu"] = 2
     # SGD keeps "same updated weights" well-conditioned: Adam turns rounding noise in gradients that
     # are analytically zero into full-size steps.
     cfg["optimizer"] = {"type": "SGD", "params": {"lr": 0.05, "momentum": 0.9}}
@@ -29,12 +31,25 @@ def _config(stage: int) -> dict:
     return cfg
 
 
-def _model(sp_group=None, checkpoint=None):
-    from nonlocal_dist.models import C2DNonLocal
+def _model(name: str, sp_group=None, checkpoint=None):
+    from nonlocal_dist.models import C2DNonLocal, I3DNonLocal
 
     torch.manual_seed(0)
-    return C2DNonLocal(in_channels=2, num_classes=3, widths=(4, 8), nonlocal_after=(0, 1), sp_group=sp_group,
-                       checkpoint=checkpoint)
+    if name == "c2d":
+        return C2DNonLocal(in_channels=2, num_classes=3, widths=(4, 8), nonlocal_after=(0, 1), sp_group=sp_group,
+                           checkpoint=checkpoint)
+    # Temporal kernels 3 in the stem, the pool (stride 2) and both inflated blocks: halos at every layer.
+    return I3DNonLocal(2, 3, stem_channels=4, stem_stride=1, widths=(8, 8), depths=(1, 2), strides=(1, 2),
+                       inflate=((1,), (1, 1)), inflate_style="3x3x3", nonlocal_stages=((1,), (0, 1)))
+
+
+def _sharded_i3d(sp_group, checkpoint):
+    """The single-device I3D, sharded over time from outside, its non-local blocks checkpointed from outside."""
+    from nonlocal_dist import parallelize
+    from nonlocal_dist.checkpointing import apply_activation_checkpointing
+
+    model = parallelize(_model("i3d"), sp_group, axis="t")
+    return model if checkpoint is None else apply_activation_checkpointing(model, checkpoint)
 
 
 def _open_nonlocal_blocks(model):
@@ -49,14 +64,15 @@ def _open_nonlocal_blocks(model):
     return model
 
 
-def _data():
+def _data(name: str):
     gen = torch.Generator().manual_seed(1)
-    return torch.randn(*SHAPE, generator=gen), torch.randint(0, 3, (SHAPE[0],), generator=gen)
+    shape = SHAPES[name]
+    return torch.randn(*shape, generator=gen), torch.randint(0, 3, (shape[0],), generator=gen)
 
 
-def _reference(stage: int, steps: int):
-    model = _open_nonlocal_blocks(_model()).double()
-    x, y = _data()
+def _reference(name: str, stage: int, steps: int):
+    model = _open_nonlocal_blocks(_model(name)).double()
+    x, y = _data(name)
     x = x.double()
     opt = torch.optim.SGD(model.parameters(), **_config(stage)["optimizer"]["params"])
     grads = None
@@ -69,7 +85,7 @@ def _reference(stage: int, steps: int):
     return grads, {n: p.detach().clone() for n, p in model.named_parameters()}, dict(model.named_buffers())
 
 
-def _sp_worker(rank, world, stage, steps, checkpoint):
+def _sp_worker(rank, world, name, stage, steps, checkpoint):
     from deepspeed.utils import safe_get_full_fp32_param, safe_get_full_grad
 
     from nonlocal_dist.integrations.deepspeed_sp import init_sequence_parallel, initialize, loss_scale, model_context
@@ -80,10 +96,10 @@ def _sp_worker(rank, world, stage, steps, checkpoint):
     sp = init_sequence_parallel(2)
     cfg = _config(stage)
     with model_context(cfg, sp):
-        model = _model(sp.sp_group, checkpoint)
+        model = _model(name, sp.sp_group, checkpoint) if name == "c2d" else _sharded_i3d(sp.sp_group, checkpoint)
     _open_nonlocal_blocks(model)
     engine = initialize(model, cfg, sp)
-    x, y = _data()
+    x, y = _data(name)
     x_local = shard_tensor(x, "b c t h w", "t", sp.sp_group)
     grads, weights_after_each = None, []
     for step in range(steps):
@@ -99,25 +115,39 @@ def _sp_worker(rank, world, stage, steps, checkpoint):
     return grads, weights_after_each[-1], buffers
 
 
+# float32 (DeepSpeed) against float64: (gradient, weight and statistics) tolerances. The I3D is deeper
+# and its max pooling and BatchNorm over 2 clips amplify rounding: a single-process float32 run is
+# itself 4e-6 off in the first gradients and 2e-4 off in the weights after 3 steps; a missing halo or
+# a wrong reduction is off by 1e-2 or more. Weights are compared relative to themselves, with a floor
+# for the biases whose gradient is analytically zero (a shift that a later 1x1x1 conv + BN removes).
+TOL = {"c2d": (1e-5, 1e-5), "i3d": (3e-5, 1e-3)}
+
+
 # Activation checkpointing of the non-local blocks (recomputed in the backward, with collectives
 # under SP) must leave every gradient, weight and BatchNorm statistic unchanged.
-@pytest.mark.parametrize("stage, checkpoint", [(0, None), (1, None), (2, None), (3, None), (2, "deepspeed"), (3, "torch")])
-def test_sp2_step_matches_single_process(stage, checkpoint):
+@pytest.mark.parametrize("name, stage, checkpoint", [
+    ("c2d", 0, None), ("c2d", 1, None), ("c2d", 2, None), ("c2d", 3, None),
+    ("c2d", 2, "deepspeed"), ("c2d", 3, "torch"),
+    ("i3d", 1, None), ("i3d", 2, "deepspeed"), ("i3d", 3, "torch"),
+])
+def test_sp2_step_matches_single_process(name, stage, checkpoint):
     steps = 3
-    ref_grads, ref_weights, ref_buffers = _reference(stage, steps)
+    ref_grads, ref_weights, ref_buffers = _reference(name, stage, steps)
     assert all(g.abs().max() > 0 for g in ref_grads.values()), "every parameter must receive a gradient"
-    results = run_ranks(_sp_worker, 2, stage, steps, checkpoint, timeout=240)
-    # DeepSpeed runs float32, the reference float64: gradients compared on the scale of the largest
-    # one (a BatchNorm weight's gradient is a cancelling sum), weights relative to themselves.
+    results = run_ranks(_sp_worker, 2, name, stage, steps, checkpoint, timeout=240)
+    # Gradients compared on the scale of the largest one (a BatchNorm weight's gradient is a cancelling sum).
     grad_scale = max(g.abs().max().item() for g in ref_grads.values())
+    grad_tol, tol = TOL[name]
     for rank, (grads, weights, buffers) in enumerate(results):
-        for name, ref in ref_grads.items():
-            err = rel_err(grads[name], ref, floor=grad_scale)
-            assert err <= 1e-5, f"rank {rank} grad {name}: {err:.2e}"
-        for name, ref in ref_weights.items():
-            assert rel_err(weights[name], ref) <= 1e-5, f"rank {rank} weight {name} after {steps} steps"
-        for name, ref in ref_buffers.items():
-            assert rel_err(buffers[name].to(ref.dtype), ref) <= 1e-5, f"rank {rank} buffer {name} after {steps} steps"
+        for key, ref in ref_grads.items():
+            err = rel_err(grads[key], ref, floor=grad_scale)
+            assert err <= grad_tol, f"rank {rank} grad {key}: {err:.2e}"
+        for key, ref in ref_weights.items():
+            err = rel_err(weights[key], ref, floor=1e-2)
+            assert err <= tol, f"rank {rank} weight {key} after {steps} steps: {err:.2e}"
+        for key, ref in ref_buffers.items():
+            err = rel_err(buffers[key].to(ref.dtype), ref)
+            assert err <= tol, f"rank {rank} buffer {key} after {steps} steps: {err:.2e}"
     # The SP ranks hold identical weights after several steps.
-    for name in ref_weights:
-        assert torch.equal(results[0][1][name], results[1][1][name]), name
+    for key in ref_weights:
+        assert torch.equal(results[0][1][key], results[1][1][key]), key

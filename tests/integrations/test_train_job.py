@@ -1,5 +1,6 @@
 """The main job (scripts/train.py) under real launchers: a short SP=2 ZeRO-2 run logged to W&B
-offline, and preemption + --resume giving exactly the losses of an uninterrupted run."""
+offline, preemption + --resume giving exactly the losses of an uninterrupted run, and the I3D
+model sharded over time by ``parallelize``."""
 from __future__ import annotations
 
 import glob
@@ -76,3 +77,14 @@ def test_shipped_configs_train(tmp_path, config):
     result = _result(tmp_path)
     assert result["finished"] and len(result["history"]) == 2
     assert all(h["loss"] == h["loss"] and h["loss"] > 0 for h in result["history"])
+
+
+def test_i3d_sharded_over_time_trains(tmp_path):
+    """--model i3d: the single-device I3D, sharded over time (SP = 2) by parallelize, its non-local
+    blocks checkpointed, trains and evaluates on 16-frame clips."""
+    proc = _launch(tmp_path, "--model", "i3d", "--steps", "3", "--ckpt-dir", str(tmp_path / "ckpt"),
+                   "--wandb", "disabled", "--activation-checkpoint", "torch")
+    result = _result(tmp_path, "i3d-nonlocal-sp2-zero2")
+    assert result["finished"] and [h["step"] for h in result["history"]] == [1, 2, 3]
+    assert all(0 < h["loss"] < 10 for h in result["history"])
+    assert 0 <= result["test_accuracy"] <= 1 and "| i3d-nonlocal-sp2-zero2 | 3 |" in proc.stdout

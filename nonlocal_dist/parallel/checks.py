@@ -156,7 +156,7 @@ def agree_on_shards(
 
     Locally: x is a tensor of the layout with ``channels`` channels, plus ``extra()`` (more local
     checks returning ``(result, fields)`` for ``extra_names``). Across ranks: every axis but the
-    shard axis equal, the extra fields equal, and every shard length a multiple of the shard axis's
+    shard axis equal, one dtype, the extra fields equal, and every shard length a multiple of the shard axis's
     ``sub_sample`` factor (a pooling window must not cross ranks). Returns ``(extra's result, every
     rank's shard length)``; raises on every rank otherwise.
     """
@@ -170,10 +170,11 @@ def agree_on_shards(
         sizes = layout.sizes(x)
         result, fields = extra() if extra is not None else (None, {})
         length = sizes[shard_axis]
-        return result, {**{n: sizes[n] for n in others}, "shard_length": length, "pool_remainder": length % factor, **fields}
+        return result, {**{n: sizes[n] for n in others}, "dtype": x.dtype, "shard_length": length,
+                        "pool_remainder": length % factor, **fields}
 
     result, values = agree_across_ranks(
-        group, validate, (*others, "shard_length", "pool_remainder", *extra_names), what=what,
+        group, validate, (*others, "dtype", "shard_length", "pool_remainder", *extra_names), what=what,
         free=("shard_length", "pool_remainder"),
     )
     if any(values["pool_remainder"]):

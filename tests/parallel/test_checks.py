@@ -69,7 +69,10 @@ def _disagreements(rank, world):
     group = dist.group.WORLD
     theta = torch.randn(1, 2, 3, 4)
     other = rank % 2 == 1
+    block = NonLocalBlock(4, sp_group=group, shard_axis="t")
+    x = torch.randn(1, 4, 2, 3, 3)
     return {
+        "block dtype": _outcome(lambda: block.to(torch.float64 if other else torch.float32)(x.to(block.g.weight.dtype))),
         "mode": _outcome(lambda: nonlocal_op(theta, theta, theta, "dot_product" if other else "embedded_gaussian", group=group)),
         "strategy": _outcome(lambda: nonlocal_op(theta, theta, theta, group=group, strategy="allgather" if other else "ring")),
         "dtype": _outcome(lambda: nonlocal_op(*[theta.double() if other else theta] * 3, group=group)),
@@ -83,6 +86,7 @@ def test_disagreements_name_every_rank_value_in_the_users_terms():
         assert "strategy per rank = ['ring', 'allgather']" in outcomes["strategy"], outcomes["strategy"]
         assert "dtype per rank = [torch.float32, torch.float64]" in outcomes["dtype"], outcomes["dtype"]
         assert "scale per rank = [0.25, 0.5]" in outcomes["scale"], outcomes["scale"]
+        assert "dtype per rank = [torch.float32, torch.float64]" in outcomes["block dtype"], outcomes["block dtype"]
 
 
 def _replicated_weights(rank, world):

@@ -248,3 +248,23 @@ def _i3d_worker(rank, world, lengths):
 def test_i3d_with_nonlocal_blocks_equals_single_process(world, lengths):
     for failures in run_ranks(_i3d_worker, world, lengths, timeout=300):
         assert not failures, failures
+
+
+def _bf16_norm_worker(rank, world):
+    """DeepSpeed's bf16: bf16 input and parameters, float32 running statistics (group_batch_norm's path)."""
+    torch.manual_seed(0)
+    whole = nn.BatchNorm3d(3)
+    sharded = parallelize(nn.Sequential(copy.deepcopy(whole)), dist.group.WORLD, "t")[0]
+    for p in sharded.parameters():
+        p.data = p.data.bfloat16()
+    x = torch.randn(2, 3, 7, 4, 4, generator=torch.Generator().manual_seed(1))
+    want = whole.double()(x.double())
+    got = sharded(x.split([4, 3], dim=2)[rank].bfloat16().requires_grad_())
+    got.float().sum().backward()
+    full = gather_tensor(got.detach().float(), "b c t h w", "t", dist.group.WORLD)
+    return rel_err(full, want), rel_err(sharded.running_var, whole.running_var), got.dtype
+
+
+def test_bf16_batchnorm_with_float32_statistics():
+    for out_err, stats_err, dtype in run_ranks(_bf16_norm_worker, 2):
+        assert dtype == torch.bfloat16 and out_err < 2e-2 and stats_err < 1e-2, (out_err, stats_err)

@@ -128,8 +128,9 @@ def max_pool_positions(x: Tensor, axes: tuple[str, ...], factors: dict[str, int]
     if not factors:
         return x
     index = [slice(None)] + [slice(0, x.shape[1 + i] - x.shape[1 + i] % factors.get(a, 1)) for i, a in enumerate(axes)]
+    sizes = x.shape[1:-1]
     x = x[tuple(index)]
-    if 0 in x.shape[1:-1]:
+    if any(before and not after for before, after in zip(sizes, x.shape[1:-1])):  # an empty SP shard may stay empty
         raise ValueError(
             f"sub_sample {factors} leaves no positions on an axis of size smaller than its factor "
             f"(position sizes {dict(zip(axes, x.shape[1:-1]))}); lower the factor"

@@ -8,6 +8,7 @@ own key shard; see ``nonlocal_dist.parallel.affinity`` for the communication.
 """
 from __future__ import annotations
 
+import math
 import operator
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
@@ -139,7 +140,7 @@ def affinity_rows(block: NonLocalBlock, x: Tensor, queries: Sequence[Sequence[in
         f = normalise_scores(affinity_scores(theta, phi, block.mode, block.scale, w), block.mode, phi.shape[-2])
         return f.unflatten(-1, key_grid)
     pooled = [length // block.sub_sample.get(block.shard_axis, 1) for length in lengths]
-    others = phi.shape[-2] // max(key_grid[k], 1)
+    others = math.prod(size for i, size in enumerate(key_grid) if i != k)  # keys per shard-axis position
     theta = share_query_rows(theta, block.sp_group)
     f = sharded_affinity_rows(theta, phi, block.mode, block.scale, w, block.sp_group, [p * others for p in pooled])
     return all_gather_varlen(f.unflatten(-1, key_grid), pooled, dim=3 + k, group=block.sp_group)

@@ -30,8 +30,9 @@ def nonlocal_op(
     ``f = theta_i·phi_j``, ``C = M``; ``concatenation``: ``f = ReLU(w_θ·theta_i + w_φ·phi_j)``,
     ``C = M``, with ``concat_weight = [w_θ, w_φ]`` of shape (2d,) or (H, 2d).
 
-    ``backend``: ``auto`` (the fastest exact path that can run the inputs), ``sdpa``, ``xformers``,
-    ``linear`` (dot product), ``sorted`` (concatenation) or ``reference`` (materialised oracle).
+    ``backend``: ``auto`` (the fastest exact path that can run the inputs), ``sdpa``, ``blocked``
+    (softmax materialised per query block, any head width), ``xformers``, ``linear`` (dot product),
+    ``sorted`` (concatenation) or ``reference`` (materialised oracle).
 
     ``group``: a ``torch.distributed`` process group. Then theta is this rank's shard of the query
     positions, phi and g its shard of the key positions (shard sizes may differ between ranks), and

@@ -185,5 +185,6 @@ def test_without_pillow_images_are_off_said_once_and_metrics_go_on(tmp_path, mon
         where = logger.finish()
     assert capsys.readouterr().out.count("pillow is not installed") == 1
     assert not maps.enabled and maps.seconds == 0.0
+    # RunLogger.finish returns once the run file is on disk (before the fix: often only its header).
     assert b"train/loss" in Path(glob.glob(f"{where}/run-*.wandb")[0]).read_bytes()
     assert not glob.glob(f"{where}/files/media/images/**/*.png", recursive=True)

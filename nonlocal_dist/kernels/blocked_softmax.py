@@ -11,6 +11,8 @@ tensor-core matmuls and only their outputs are float32, as the fused kernels do.
 """
 from __future__ import annotations
 
+from functools import lru_cache
+
 import torch
 from torch import Tensor
 
@@ -42,8 +44,17 @@ def query_block_size(q: Tensor, k: Tensor) -> int:
     return max(rows // _ROUND * _ROUND, min(rows, _ROUND))
 
 
-def _has_float32_out_bmm() -> bool:
-    return hasattr(torch.ops.aten.bmm, "dtype")
+@lru_cache(maxsize=None)
+def _float32_out_bmm(device: torch.device, dtype: torch.dtype) -> bool:
+    """Whether ``torch.bmm(..., out_dtype=torch.float32)`` runs for ``dtype`` operands on ``device``
+    (torch >= 2.8 on CUDA); asked once per device and dtype with a 1x1 product."""
+    if not hasattr(torch.ops.aten.bmm, "dtype"):
+        return False
+    try:
+        one = torch.ones(1, 1, 1, device=device, dtype=dtype)
+        return torch.bmm(one, one, out_dtype=torch.float32).dtype == torch.float32
+    except (RuntimeError, TypeError, NotImplementedError):
+        return False
 
 
 def matmul_acc(a: Tensor, b: Tensor) -> Tensor:
@@ -53,7 +64,7 @@ def matmul_acc(a: Tensor, b: Tensor) -> Tensor:
     elsewhere the operands are cast to the accumulation dtype first.
     """
     acc = accumulation_dtype(a.dtype)
-    if a.dtype in HALF_DTYPES and a.is_cuda and _has_float32_out_bmm():
+    if a.dtype in HALF_DTYPES and a.is_cuda and _float32_out_bmm(a.device, a.dtype):
         lead = torch.broadcast_shapes(a.shape[:-2], b.shape[:-2])
         a3 = a.expand(*lead, *a.shape[-2:]).flatten(0, -3) if lead else a.unsqueeze(0)
         b3 = b.expand(*lead, *b.shape[-2:]).flatten(0, -3) if lead else b.unsqueeze(0)
@@ -64,19 +75,10 @@ def matmul_acc(a: Tensor, b: Tensor) -> Tensor:
 
 def _tracked(*tensors: Tensor) -> bool:
     """Whether autograd or a ``torch.func`` transform sees these ops: then no in-place updates."""
-    if any(torch._C._functorch.is_functorch_wrapped_tensor(t) for t in tensors):
+    wrapped = torch._C._functorch.is_functorch_wrapped_tensor
+    if not torch.compiler.is_compiling() and any(wrapped(t) for t in tensors):
         return True
     return torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
-
-
-def _scores(q_b: Tensor, k_t: Tensor, scale: float, in_place: bool) -> Tensor:
-    s = matmul_acc(q_b, k_t)
-    return s.mul_(scale) if in_place else s * scale
-
-
-def _probabilities(s: Tensor, lse: Tensor, in_place: bool) -> Tensor:
-    """``exp(s - lse)``, overwriting the scores where nothing else needs them."""
-    return s.sub_(lse.unsqueeze(-1)).exp_() if in_place else torch.exp(s - lse.unsqueeze(-1))
 
 
 def blocked_forward(q: Tensor, k: Tensor, v: Tensor, scale: float, block: int | None = None) -> tuple[Tensor, Tensor]:
@@ -90,11 +92,15 @@ def blocked_forward(q: Tensor, k: Tensor, v: Tensor, scale: float, block: int | 
     k_t = k.transpose(-1, -2)
     outs, lses = [], []
     for q_b in q.split(block, dim=-2):
-        s = _scores(q_b, k_t, scale, in_place)
-        lse = torch.logsumexp(s, dim=-1)
-        p = _probabilities(s, lse, in_place)
+        s = matmul_acc(q_b, k_t)
+        s = s.mul_(scale) if in_place else s * scale
+        # One fused softmax pass; the LSE from the largest probability, p_max >= 1/M, so
+        # lse = s_max - log p_max loses nothing (a separate logsumexp would read the scores twice more).
+        s_max, at = s.max(dim=-1, keepdim=True)
+        p = torch.softmax(s, dim=-1)
+        del s
+        lses.append((s_max - torch.log(p.gather(-1, at))).squeeze(-1))
         outs.append(matmul_acc(p.to(v.dtype), v))
-        lses.append(lse)
     return torch.cat(outs, dim=-2).to(v.dtype), torch.cat(lses, dim=-1)
 
 
@@ -110,21 +116,22 @@ def blocked_backward(
     acc = accumulation_dtype(q.dtype)
     block = block or query_block_size(q, k)
     in_place = not _tracked(dout, q, k, v, out, lse)
-    delta = (dout.to(acc) * out.to(acc)).sum(dim=-1)
+    delta = (dout.to(acc) * out.to(acc)).sum(dim=-1, keepdim=True)
+    neg_lse = -lse.to(acc).unsqueeze(-1)
     k_t, v_t = k.transpose(-1, -2), v.transpose(-1, -2)
     dqs, dk, dv = [], None, None
-    parts = zip(q.split(block, -2), dout.split(block, -2), lse.split(block, -1), delta.split(block, -1))
-    for q_b, dout_b, lse_b, delta_b in parts:
-        p = _probabilities(_scores(q_b, k_t, scale, in_place), lse_b.to(acc), in_place)
+    parts = zip(q.split(block, -2), dout.split(block, -2), neg_lse.split(block, -2), delta.split(block, -2))
+    for q_b, dout_b, neg_lse_b, delta_b in parts:
+        p = torch.add(neg_lse_b, matmul_acc(q_b, k_t), alpha=scale)
+        p = p.exp_() if in_place else p.exp()
         dv_b = matmul_acc(p.to(v.dtype).transpose(-1, -2), dout_b)
         dp = matmul_acc(dout_b, v_t)
-        if in_place:
-            ds = dp.sub_(delta_b.unsqueeze(-1)).mul_(p).mul_(scale).to(q.dtype)
-        else:
-            ds = (p * (dp - delta_b.unsqueeze(-1)) * scale).to(q.dtype)
+        ds = dp.sub_(delta_b).mul_(p) if in_place else (dp - delta_b) * p
         del p, dp
-        dqs.append(matmul_acc(ds, k))
-        dk_b = matmul_acc(ds.transpose(-1, -2), q_b)
+        # The factor scale of ds goes on the (N, d) products, not on the (N, M) block.
+        ds = ds.to(q.dtype)
+        dqs.append(matmul_acc(ds, k) * scale)
+        dk_b = matmul_acc(ds.transpose(-1, -2), q_b) * scale
         dk = dk_b if dk is None else dk + dk_b
         dv = dv_b if dv is None else dv + dv_b
     return torch.cat(dqs, dim=-2).to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)

@@ -22,23 +22,12 @@ import torch
 from torch import Tensor
 
 from nonlocal_dist.conventions import accumulation_dtype
-from nonlocal_dist.kernels import attention_backward, attention_forward
+from nonlocal_dist.kernels import attention_backward, attention_forward, preferred_chunk
 from nonlocal_dist.parallel.comm import LocalComm, RingComm, local_comms
 from nonlocal_dist.parallel.merge import merge_partial
 from nonlocal_dist.parallel.shard import shard_sizes
 
-CPU_BACKWARD_CHUNK = 512  # positions per kernel call in the CPU ring backward: bounds the kernels' buffers
-
 Schedule = Generator[None, None, tuple]
-
-
-def backward_chunk(device: torch.device) -> int | None:
-    """Positions per kernel call in the ring backward (queries and keys); None: whole blocks.
-
-    CPU: memory-bounded chunks (the CPU kernels' buffers grow with the block). Accelerators: whole
-    blocks, one kernel call per block and step, since chunking there only adds launches.
-    """
-    return CPU_BACKWARD_CHUNK if device.type == "cpu" else None
 
 
 def _block_shape(x: Tensor, positions: int) -> tuple[int, ...]:
@@ -95,11 +84,12 @@ def ring_backward(
     key chunk is done it leaves for the next rank (keys, values and their gradient so far) while the
     same chunk of the next block arrives and the following chunk is computed: transfers overlap
     computation, and the rank holds one block (k, v, dk, dv) plus one chunk in flight. After the
-    last step only the gradients travel, to the block's owner. Chunk size: ``backward_chunk``.
+    last step only the gradients travel, to the block's owner. Chunk size: ``kernels.preferred_chunk``
+    (CPU: memory-bounded; CUDA: whole blocks, one kernel call per block and step).
     """
     if comm.world == 1:  # nothing travels (a group's queries are never all empty: the API checks that)
         return attention_backward(dout, q, k, v, out, lse, scale)
-    chunk = backward_chunk(q.device)
+    chunk = preferred_chunk(q.device)  # CPU: memory-bounded chunks; GPU: whole blocks
     acc = accumulation_dtype(q.dtype)
     nonempty = [m for m in m_sizes if m]
     count = max(1, min(min(nonempty), _chunk_count(max(nonempty), chunk)))  # key chunks per block, same on every rank

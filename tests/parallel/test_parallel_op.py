@@ -21,7 +21,7 @@ def _split(t, world, dim):
 
 def _case(rank, world, mode, ring_chunk=None):
     if ring_chunk is not None:  # many query and key chunks per ring step, of uneven sizes
-        ring.backward_chunk = lambda device: ring_chunk
+        ring.preferred_chunk = lambda device: ring_chunk
     failures = []
     for case_index, (b, h, n, m, d, dv) in enumerate(CASES):
         gen = torch.Generator().manual_seed(100 + case_index)

@@ -40,7 +40,7 @@ def _run(q, k, v, grad_y, fn):
 def test_local_ring_matches_float64_oracle(device, case, dtype, tol, chunk, monkeypatch):
     if device == "cuda" and dtype == torch.float64:
         pytest.skip("the CUDA fused kernels take no float64")
-    monkeypatch.setattr(ring, "backward_chunk", lambda device: chunk)  # 2: many uneven chunks per block
+    monkeypatch.setattr(ring, "preferred_chunk", lambda device: chunk)  # 2: many uneven chunks per block
     q, k, v, grad_y = _inputs(case, dtype, device)
     got = _run(q, k, v, grad_y, lambda q, k, v: local_ring_attention(q, k, v, 0.3, case[-1]))
     want = _run(*(t.double() for t in (q, k, v, grad_y)), lambda q, k, v: naive_nonlocal(q, k, v, "embedded_gaussian", 0.3))
@@ -75,7 +75,7 @@ def _distributed(rank, world, case, chunk):
     import pytest as _pytest
 
     monkeypatch = _pytest.MonkeyPatch()
-    monkeypatch.setattr(ring, "backward_chunk", lambda device: chunk)
+    monkeypatch.setattr(ring, "preferred_chunk", lambda device: chunk)
     calls = []
     _recording(monkeypatch, calls)
     q, k, v, grad_y = _inputs(case, torch.float64, "cpu")
@@ -91,7 +91,7 @@ def test_local_ring_runs_the_distributed_schedule(case, monkeypatch):
     """Same kernel and merge calls with the same shapes, and bit-identical results, as on real gloo ranks."""
     world, chunk = case[-1], 2
     per_rank = run_ranks(_distributed, world, case, chunk, timeout=180)
-    monkeypatch.setattr(ring, "backward_chunk", lambda device: chunk)
+    monkeypatch.setattr(ring, "preferred_chunk", lambda device: chunk)
     calls = []
     _recording(monkeypatch, calls)
     q, k, v, grad_y = _inputs(case, torch.float64, "cpu")

@@ -29,6 +29,8 @@ from torch import nn
 
 from bench_utils import peak_memory_mb, print_table
 from nonlocal_dist import NonLocalBlock, nonlocal_op
+from nonlocal_dist.backends import BACKENDS
+from nonlocal_dist.validate import check_op_inputs
 from nonlocal_dist.parallel.ring import local_ring_attention
 
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
@@ -114,9 +116,15 @@ def _rows_against_floor(case: str, impls: dict[str, dict], floor: str, flops: fl
         records.append({"suite": "device", "case": case, "impl": impl, **m})
 
 
+def _runnable(backend: str, q, k, v, scale) -> bool:
+    inputs, _ = check_op_inputs(q, k, v, "embedded_gaussian", scale, None, backend)
+    return not BACKENDS[backend].not_supported_reasons(inputs)
+
+
 def _softmax_impls(timer, q, k, v, scale, backends, reference_limit):
     impls = {"bare F.sdpa": timer.measure(lambda: F.scaled_dot_product_attention(q, k, v, scale=scale), [q, k, v])}
-    for backend in backends:
+    # xformers, where it can run, side by side with torch's kernels: the evidence for AUTO_ORDER.
+    for backend in [*backends, *(["xformers"] if _runnable("xformers", q, k, v, scale) else [])]:
         impls[f"nonlocal_op {backend}"] = timer.measure(
             lambda backend=backend: nonlocal_op(q, k, v, scale=scale, backend=backend), [q, k, v])
     if q.shape[0] * q.shape[1] * q.shape[2] * k.shape[2] <= reference_limit:

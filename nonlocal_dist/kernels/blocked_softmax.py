@@ -64,13 +64,15 @@ def matmul_acc(a: Tensor, b: Tensor) -> Tensor:
     elsewhere the operands are cast to the accumulation dtype first.
     """
     acc = accumulation_dtype(a.dtype)
-    if a.dtype in HALF_DTYPES and a.is_cuda and _float32_out_bmm(a.device, a.dtype):
-        lead = torch.broadcast_shapes(a.shape[:-2], b.shape[:-2])
-        a3 = a.expand(*lead, *a.shape[-2:]).flatten(0, -3) if lead else a.unsqueeze(0)
-        b3 = b.expand(*lead, *b.shape[-2:]).flatten(0, -3) if lead else b.unsqueeze(0)
-        out = torch.bmm(a3, b3, out_dtype=acc)
-        return out.unflatten(0, lead) if lead else out.squeeze(0)
-    return a.to(acc) @ b.to(acc)
+    # Under torch.autocast a float32 matmul would run (and return) in the autocast dtype.
+    with torch.autocast(a.device.type, enabled=False):
+        if a.dtype in HALF_DTYPES and a.is_cuda and _float32_out_bmm(a.device, a.dtype):
+            lead = torch.broadcast_shapes(a.shape[:-2], b.shape[:-2])
+            a3 = a.expand(*lead, *a.shape[-2:]).flatten(0, -3) if lead else a.unsqueeze(0)
+            b3 = b.expand(*lead, *b.shape[-2:]).flatten(0, -3) if lead else b.unsqueeze(0)
+            out = torch.bmm(a3, b3, out_dtype=acc)
+            return out.unflatten(0, lead) if lead else out.squeeze(0)
+        return a.to(acc) @ b.to(acc)
 
 
 def _tracked(*tensors: Tensor) -> bool:

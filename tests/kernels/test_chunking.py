@@ -7,6 +7,7 @@ import torch
 from helpers import assert_rel
 from nonlocal_dist import nonlocal_op
 from nonlocal_dist.backends import BACKENDS
+from nonlocal_dist.kernels import preferred_chunk
 from oracle import naive_nonlocal
 
 
@@ -58,3 +59,10 @@ def test_no_chunks_without_a_limit(monkeypatch):
     nonlocal_op(theta, theta, theta, backend="sdpa")
     assert calls == [(3, 50)]
 
+
+
+def test_backward_chunk_per_device():
+    # CPU: memory-bounded kernel calls; CUDA: whole blocks (512-position chunks were 174x slower
+    # than one flash backward on a 32768-position block, issue 10).
+    assert preferred_chunk("cpu") == 512 and preferred_chunk(torch.device("cpu")) == 512
+    assert preferred_chunk("cuda") is None and preferred_chunk(torch.device("cuda", 0)) is None

@@ -51,22 +51,23 @@ def _fused_head_size(q: Tensor, v: Tensor) -> int:
     return -(-e // 8) * 8 if q.is_cuda else e
 
 
-def _flash_ok(q: Tensor) -> bool:
-    return (
-        q.dtype in HALF_DTYPES
-        and torch.backends.cuda.is_flash_attention_available()
-        and torch.cuda.get_device_capability(q.device) >= (8, 0)
-    )
+def _flash_ok(q: Tensor, head: int) -> bool:
+    if q.dtype not in HALF_DTYPES or not torch.backends.cuda.is_flash_attention_available():
+        return False
+    capability = torch.cuda.get_device_capability(q.device)
+    # sm86/sm89 have no flash backward past head size 192 (torch's own SDPA checks the same).
+    return capability >= (8, 0) and not (capability in ((8, 6), (8, 9)) and head > 192)
 
 
 def kernel_for(q: Tensor, v: Tensor) -> str:
     """``flash``, ``efficient``, ``cpu_flash`` or ``blocked``: the kernel for q (.., d), v (.., dv)."""
-    if max(q.shape[-1], v.shape[-1]) > FUSED_MAX_HEAD:
+    head = max(q.shape[-1], v.shape[-1])
+    if head > FUSED_MAX_HEAD:
         return "blocked"
     if q.is_cuda:
         if q.dtype == torch.float64:
             return "blocked"
-        return "flash" if _flash_ok(q) else "efficient"
+        return "flash" if _flash_ok(q, _fused_head_size(q, v)) else "efficient"
     return "cpu_flash"
 
 

@@ -27,16 +27,17 @@ def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
 def compute_dtype(*tensors: Tensor | None) -> torch.dtype:
     """One dtype for tensors that meet in one operation.
 
-    Under ``torch.autocast`` the autocast dtype of the tensors' device (what a Linear gives);
-    otherwise the widest floating dtype among them (``torch.promote_types``).
+    The widest floating dtype among them (``torch.promote_types``), where under ``torch.autocast``
+    every tensor but a float64 one counts as the autocast dtype of its device (what a Linear
+    gives: autocast leaves float64 alone).
     """
     present = [t for t in tensors if t is not None]
     device_type = present[0].device.type
-    if torch.is_autocast_enabled(device_type):
-        return torch.get_autocast_dtype(device_type)
-    dtype = present[0].dtype
-    for t in present[1:]:
-        dtype = torch.promote_types(dtype, t.dtype)
+    cast = torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else None
+    dtypes = [t.dtype if cast is None or t.dtype == torch.float64 else cast for t in present]
+    dtype = dtypes[0]
+    for other in dtypes[1:]:
+        dtype = torch.promote_types(dtype, other)
     return dtype
 
 

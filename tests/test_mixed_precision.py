@@ -113,3 +113,14 @@ def _sp_autocast(rank, world, mode):
 def test_sequence_parallel_block_under_autocast_equals_single_process(mode):
     for errors in run_ranks(_sp_autocast, 2, mode):
         assert all(err < 3e-2 for err in errors.values()), errors
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_float64_block_under_autocast_stays_float64(mode):
+    # autocast leaves float64 alone (a Linear on float64 stays float64): so does the operation.
+    block = _block(mode).double().eval()
+    x = _x(2, 8, 3, 6, 6).double()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        z = block(x)
+    assert z.dtype == torch.float64
+    assert_rel(z, oracle_block(block, x), 1e-12, "z")

@@ -16,7 +16,6 @@ from nonlocal_dist.conventions import SOFTMAX_MODES
 from nonlocal_dist.kernels.sorted_concat import concat_projections
 
 
-
 def affinity_scores(theta: Tensor, phi: Tensor, mode: str, scale: float, concat_weight: Tensor | None = None) -> Tensor:
     """Scores s (B, H, N, M) for theta (B, H, N, d), phi (B, H, M, d).
 

@@ -26,7 +26,9 @@ def positive_int(name: str, value: object) -> int:
 def one_of(name: str, value: object, options: Sequence[str]) -> str:
     """``value`` if it is one of the strings ``options``; TypeError for a non-string."""
     if not isinstance(value, str):
-        raise TypeError(f"{name} must be a string, one of {', '.join(options)}; got {value!r} ({type(value).__name__})")
+        raise TypeError(
+            f"{name} must be a string, one of {', '.join(options)}; got {value!r} ({type(value).__name__})"
+        )
     if value not in options:
         raise ValueError(f"unknown {name} {value!r}; expected one of {', '.join(options)}")
     return str(value)

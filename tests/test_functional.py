@@ -157,7 +157,8 @@ def test_float16_sums_over_many_keys_do_not_overflow(mode):
     theta, phi = (torch.full((1, n, 2), 8.0) + torch.rand(1, n, 2, generator=gen) for n in (3, 4096))
     g = torch.full((1, 4096, 2), 8.0) + torch.rand(1, 4096, 2, generator=gen)
     w = torch.tensor([0.5, 0.5, 0.5, 0.5]) if mode == "concatenation" else None
-    y = nonlocal_op(theta.half(), phi.half(), g.half(), mode, concat_weight=w, scale=1e-3 if mode in ("gaussian", "embedded_gaussian") else None)
-    want = naive_nonlocal(*(t.half().double() for t in (theta, phi, g)), mode, 1e-3 if mode in ("gaussian", "embedded_gaussian") else 1.0,
-                          None if w is None else w.double())
+    scale = 1e-3 if mode in ("gaussian", "embedded_gaussian") else None
+    y = nonlocal_op(theta.half(), phi.half(), g.half(), mode, concat_weight=w, scale=scale)
+    rounded = (t.half().double() for t in (theta, phi, g))
+    want = naive_nonlocal(*rounded, mode, scale or 1.0, None if w is None else w.double())
     assert_rel(y, want, 2e-3, mode)

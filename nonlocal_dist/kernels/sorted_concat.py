@@ -103,6 +103,11 @@ def _ieee_sum(mask: Tensor, factor: Tensor, g: Tensor) -> Tensor:
     return torch.where(mask.unsqueeze(-1), factor.unsqueeze(-1) * g, 0).sum(-2, keepdim=True)
 
 
+def _nan_if_any(mask: Tensor) -> Tensor:
+    """NaN where some key of the row of (B, H, M) ``mask`` is set, else 0; (B, H, 1, 1)."""
+    return torch.where(mask.any(-1), torch.nan, 0.0)[..., None, None]
+
+
 @torch.no_grad()
 def nonfinite_terms(a: Tensor, b: Tensor, g: Tensor) -> Tensor:
     """What non-finite a, b or g add to ``Σ_j ReLU(a_i + b_j) g_j`` beyond the finite part (B, H, N, dv).
@@ -125,8 +130,8 @@ def nonfinite_terms(a: Tensor, b: Tensor, g: Tensor) -> Tensor:
     terms = column + torch.where(a_col + beta <= 0, torch.nan, counted)
     # Rows with a = +inf: inf·g_j for every key with b > -inf, NaN for the others; a = -inf: 0·g_j
     # for b < inf, NaN for the others; a = NaN: NaN.
-    plus_inf = _ieee_sum(b > -inf, inf.expand_as(b), g) + torch.where((b == -inf) | b_nan, torch.nan, 0).sum(-1)[..., None, None]
-    minus_inf = _ieee_sum(b < inf, torch.zeros_like(b), g) + torch.where((b == inf) | b_nan, torch.nan, 0).sum(-1)[..., None, None]
+    plus_inf = _ieee_sum(b > -inf, inf.expand_as(b), g) + _nan_if_any((b == -inf) | b_nan)
+    minus_inf = _ieee_sum(b < inf, torch.zeros_like(b), g) + _nan_if_any((b == inf) | b_nan)
     terms = torch.where(a_col == inf, plus_inf, terms)
     terms = torch.where(a_col == -inf, minus_inf, terms)
     return torch.where(torch.isnan(a_col), torch.nan, terms)

@@ -72,10 +72,12 @@ def kernel_for(q: Tensor, v: Tensor) -> str:
 
 
 def _finite(*tensors: Tensor) -> bool:
-    # A float64 sum is NaN or inf exactly when an input is (up to float32 magnitudes; a float64 sum
-    # overflowing only costs the exact blocked path), and it reads each tensor once without a mask:
-    # 5-10x cheaper than isfinite().all().
-    return all(math.isfinite(t.detach().sum(dtype=torch.float64)) for t in tensors)
+    # A sum is NaN or inf exactly when an input is (a finite sum overflowing only costs the exact
+    # blocked path), and it reads each tensor once without a mask: 5-10x cheaper than
+    # isfinite().all(). Summed in the tensor's own dtype (float32 for float16, whose range is short):
+    # sum(dtype=float64) first makes a float64 copy, twice a float32 input, and took 50x longer
+    # (80 vs 1.6 ms for 2 x 2 x 16384 x 64 float32, 1 thread).
+    return all(math.isfinite(t.detach().sum(dtype=torch.float32 if t.dtype == torch.float16 else None)) for t in tensors)
 
 
 def _use_blocked(kernel: str, *tensors: Tensor) -> bool:

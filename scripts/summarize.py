@@ -14,11 +14,12 @@ def main() -> None:
     finished = [r for r in results if r.get("finished")]
     if not finished:
         raise SystemExit(f"no finished run in {args.run_dir}")
-    print("\n| run | steps | train accuracy | held-out accuracy | held-out loss | W&B run |")
-    print("|---|---|---|---|---|---|")
+    print("\n| run | steps | train accuracy | held-out accuracy | held-out loss | training loop (s) | W&B run |")
+    print("|---|---|---|---|---|---|---|")
     for r in finished:
+        seconds = r.get("train_seconds", "-")  # absent from the results of older runs
         print(f"| {r['name']} | {r['history'][-1]['step']} | {r['train_accuracy']:.3f} | {r['test_accuracy']:.3f} "
-              f"| {r['test_loss']:.3f} | {r.get('wandb_dir') or '-'} |")
+              f"| {r['test_loss']:.3f} | {seconds} | {r.get('wandb_dir') or '-'} |")
 
 
 if __name__ == "__main__":

@@ -247,7 +247,8 @@ def train(args, fault: Fault | None, guard: StepGuard) -> None:
     logger.rank_table("perf/ranks", rank_perf(steps_this_run * micro, time.perf_counter() - loop_start - maps.seconds,
                                               sp_rank=sp.sp_rank, dp_rank=sp.dp_rank))
     finished = start_step + steps_this_run == t["steps"]
-    result = {"name": name, "history": history, "skipped_steps": skipped, "finished": finished}
+    result = {"name": name, "history": history, "skipped_steps": skipped, "finished": finished,
+              "train_seconds": round(time.perf_counter() - loop_start, 1)}
     if finished:
         train_acc, train_loss = evaluate(engine, train_x[: d["test_clips"]], train_y[: d["test_clips"]], sp, micro, dtype)
         test_acc, test_loss = evaluate(engine, test_x, test_y, sp, micro, dtype)

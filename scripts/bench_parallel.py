@@ -1,7 +1,9 @@
 """Sequence-parallel suite: each strategy on 1, 2, 4 gloo ranks (1 thread each) at a fixed total N,
-next to single-process SDPA with the same total number of threads, measured in one run.
+next to single-process SDPA with the same total number of threads, measured in one run; then, on
+2 ranks, ``allgather`` and ``ulysses`` next to plain code doing the same on the same inputs (an
+autograd all-gather of k and v followed by SDPA; DeepSpeed's ``DistributedAttention`` around SDPA).
 
-Run through ``python scripts/benchmark.py --suite parallel [--n 16384] [--worlds 1 2 4]``.
+Run through ``python scripts/benchmark.py --suite parallel [--n 16384] [--worlds 1 2 4] [--compare-n 16384 32768]``.
 """
 from __future__ import annotations
 
@@ -16,8 +18,13 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 import torch.nn.functional as F
 
+import torch.distributed._functional_collectives as funcol
+
 from bench_utils import best_time, peak_memory_mb, print_table
 from nonlocal_dist import nonlocal_op
+
+# torch's differentiable all-gather along any dim (renamed in torch 2.13)
+_all_gather_autograd = getattr(funcol, "all_gather_single_autograd", None) or funcol.all_gather_tensor_autograd
 
 # (mode, strategy, heads): ulysses needs heads divisible by the group size.
 CASES = [
@@ -47,12 +54,82 @@ def _step(mode, strategy, shards, w, group):
     return run
 
 
+def _plain_allgather(shards, group):
+    """The baseline of ``allgather``: k and v all-gathered by torch's differentiable collective, then SDPA."""
+    q, k, v = shards
+
+    def run():
+        k_full, v_full = _all_gather_autograd(k, 2, group), _all_gather_autograd(v, 2, group)
+        y = F.scaled_dot_product_attention(q, k_full, v_full, scale=1 / math.sqrt(q.shape[-1]))
+        y.backward(torch.ones_like(y))
+        dist.barrier(group)
+    return run
+
+
+def _deepspeed_ulysses(shards, group):
+    """The baseline of ``ulysses``: DeepSpeed's DistributedAttention (its all-to-alls) around SDPA.
+
+    Its layout is (B, L, H, d): the same values, transposed once before timing.
+    """
+    import deepspeed
+    from deepspeed.sequence.layer import DistributedAttention
+
+    deepspeed.init_distributed(dist_backend="gloo")
+    scale = 1 / math.sqrt(shards[0].shape[-1])
+
+    def local_attention(q, k, v, *args, **kwargs):  # (B, N, H/P, d) -> SDPA on (B, H/P, N, d)
+        return F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
+                                              scale=scale).transpose(1, 2)
+
+    attention = DistributedAttention(local_attention, group, scatter_idx=2, gather_idx=1)
+    q, k, v = (t.detach().transpose(1, 2).contiguous().requires_grad_() for t in shards)
+
+    def run():
+        y = attention(q, k, v, 0)
+        y.backward(torch.ones_like(y))
+        dist.barrier(group)
+    return run
+
+
+def _comparisons(rank, world, args, group) -> list:
+    """(n, strategy, baseline, t, peak, baseline t, baseline peak) for allgather and ulysses."""
+    rows = []
+    for n in args.compare_n:
+        shards, w = _inputs(n, args.d, args.compare_heads, rank, world)
+        pairs = [("allgather", "all-gather k, v + SDPA", _plain_allgather(shards, group))]
+        if args.compare_heads % world == 0:
+            try:
+                pairs.append(("ulysses", "DeepSpeed DistributedAttention + SDPA", _deepspeed_ulysses(shards, group)))
+            except ImportError:
+                print("DeepSpeed is not installed: ulysses is shown without its baseline")
+                pairs.append(("ulysses", "-", None))
+        for strategy, name, baseline in pairs:
+            run = _step("embedded_gaussian", strategy, shards, w, group)
+            measured = [best_time(run, args.repeats), _least_peak(run)]
+            if baseline is not None:
+                measured += [best_time(baseline, args.repeats), _least_peak(baseline)]
+            else:
+                measured += [float("nan"), float("nan")]
+            rows.append((n, strategy, name, *measured))
+    return rows
+
+
+def _least_peak(run) -> float:
+    # The smaller peak of two runs: gloo's worker threads free their buffers at moments that vary
+    # from run to run (one gathered tensor more or less at the peak, either system alike).
+    return min(peak_memory_mb(run) for _ in range(2))
+
+
 def _rank_main(rank, world, port, args, queue):
     os.environ["OMP_NUM_THREADS"] = "1"
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
                             timeout=timedelta(minutes=10))
     group = dist.group.WORLD
+    if args.compare_only:
+        queue.put((rank, _comparisons(rank, world, args, group)))
+        dist.destroy_process_group()
+        return
     results = []
     for mode, strategy, heads in CASES:
         if heads % world and strategy == "ulysses":
@@ -69,7 +146,8 @@ def _rank_main(rank, world, port, args, queue):
     dist.destroy_process_group()
 
 
-def _run_world(world: int, args) -> list:
+def _spawn(world: int, args) -> dict:
+    """Every rank's result list of ``_rank_main``, by rank."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
@@ -81,6 +159,11 @@ def _run_world(world: int, args) -> list:
     per_rank = dict(queue.get(timeout=3600) for _ in procs)
     for p in procs:
         p.join()
+    return per_rank
+
+
+def _run_world(world: int, args) -> list:
+    per_rank = _spawn(world, args)
     # Per case: the slowest rank's time and the largest rank's peak memory.
     merged = []
     for i, (mode, strategy, heads, n, _, _) in enumerate(per_rank[0]):
@@ -107,7 +190,11 @@ def main(argv) -> list:
     parser.add_argument("--d", type=int, default=64)
     parser.add_argument("--worlds", type=int, nargs="+", default=[1, 2, 4])
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--compare-n", type=int, nargs="*", default=[16384, 32768],
+                        help="total N of the 2-rank comparison with plain all-gather + SDPA and DeepSpeed (none: skip)")
+    parser.add_argument("--compare-heads", type=int, default=2, help="heads of the comparison (d per head: --d)")
     args = parser.parse_args(argv)
+    args.compare_only = False
     rows, records = [], []
     memory = {}
     for world in args.worlds:
@@ -134,4 +221,27 @@ def main(argv) -> list:
         print_table(f"Ring, embedded gaussian, N = {args.memory_n} total, d = {args.d}: peak memory per rank during fwd+bwd",
                     ["ranks", "peak MiB per rank", "vs 1 rank"], mem_rows)
         records += [{"suite": "parallel_memory", "world": w, "n": args.memory_n, "peak_mb_per_rank": memory[w]} for w in memory]
+    if args.compare_n:
+        records += _compare(args)
+    return records
+
+
+def _compare(args) -> list:
+    """2 ranks: allgather and ulysses next to their baselines, the largest rank's peak and the slowest rank's time."""
+    args.compare_only = True
+    per_rank = _spawn(2, args)
+    rows, records = [], []
+    for i, (n, strategy, baseline, *_) in enumerate(per_rank[0]):
+        t, mem, base_t, base_mem = (max(per_rank[r][i][3 + j] for r in per_rank) for j in range(4))
+        rows.append([n, strategy, 1e3 * t, mem, baseline, 1e3 * base_t, base_mem, f"{mem / base_mem:.2f}x", f"{t / base_t:.2f}x"])
+        records.append({"suite": "parallel_baselines", "strategy": strategy, "baseline": baseline, "world": 2, "n": n,
+                        "d": args.d, "heads": args.compare_heads, "fwd_bwd_ms": 1e3 * t, "peak_mb_per_rank": mem,
+                        "baseline_ms": 1e3 * base_t, "baseline_peak_mb": base_mem})
+    print_table(
+        f"Embedded gaussian on 2 gloo ranks, d = {args.d}, H = {args.compare_heads}, float32, 1 thread per rank: "
+        "each strategy next to plain code doing the same on the same inputs (peak: the larger rank's, torch allocator)",
+        ["N total", "strategy", "fwd+bwd ms", "peak MiB per rank", "baseline", "baseline ms", "baseline peak MiB",
+         "memory / baseline", "time / baseline"],
+        rows,
+    )
     return records

@@ -13,6 +13,11 @@ import torch.distributed as dist
 from torch import Tensor
 
 
+# One-tensor collectives (named ``all_gather_into_tensor``/``reduce_scatter_tensor`` before torch 2.13).
+_all_gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+_reduce_scatter = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
+
+
 def _pad_to(x: Tensor, size: int, dim: int) -> Tensor:
     if x.shape[dim] == size:
         return x.contiguous()
@@ -32,11 +37,18 @@ def all_gather_varlen(x: Tensor, sizes: list[int], dim: int, group) -> Tensor:
     Memory: the received shards (padded to the longest) and the result, once each.
     """
     dim = dim % x.dim()
+    if min(sizes) == max(sizes):  # gloo writes each rank's shard straight into its slice of the result
+        shape = list(x.shape)
+        shape[dim] = sum(sizes)
+        out = x.new_empty(shape)
+        dist.all_gather(list(out.split(sizes, dim=dim)), x.contiguous(), group=group)
+        return out
     longest = max(sizes)
     padded = _pad_to(x, longest, dim)
-    parts = [torch.empty_like(padded) for _ in sizes]
-    dist.all_gather(parts, padded, group=group)
+    parts = padded.new_empty((len(sizes) * padded.shape[0], *padded.shape[1:]))  # rank-major, as the collective fills it
+    _all_gather(parts, padded, group=group)
     del padded
+    parts = parts.unflatten(0, (len(sizes), -1))
     return torch.cat([p.narrow(dim, 0, s) for p, s in zip(parts, sizes)], dim=dim)
 
 
@@ -54,7 +66,7 @@ def reduce_scatter_varlen(x: Tensor, sizes: list[int], dim: int, group) -> Tenso
     for slot, chunk in zip(stacked, x.split(sizes, dim=dim)):
         slot.narrow(dim, 0, chunk.shape[dim]).copy_(chunk)
     out = x.new_empty(shard_shape)
-    dist.reduce_scatter_tensor(out, stacked.view(-1, *shard_shape[1:]), group=group)
+    _reduce_scatter(out, stacked.view(-1, *shard_shape[1:]), group=group)
     return out.narrow(dim, 0, sizes[dist.get_rank(group)])
 
 

@@ -34,21 +34,22 @@ def _leading(shape: torch.Size | list[int], dim: int) -> int:
 def all_gather_varlen(x: Tensor, sizes: list[int], dim: int, group) -> Tensor:
     """Concatenate every rank's ``x`` along ``dim``; rank r's shard has ``sizes[r]`` entries there.
 
-    Memory: the received shards (padded to the longest) and the result, once each.
+    Memory: even shards are received straight into their slices of the result (the collective's own
+    buffer aside); uneven ones into one buffer of shards padded to the longest, then copied out.
     """
     dim = dim % x.dim()
-    if min(sizes) == max(sizes):  # gloo writes each rank's shard straight into its slice of the result
+    if min(sizes) == max(sizes):
         shape = list(x.shape)
         shape[dim] = sum(sizes)
         out = x.new_empty(shape)
         dist.all_gather(list(out.split(sizes, dim=dim)), x.contiguous(), group=group)
         return out
-    longest = max(sizes)
-    padded = _pad_to(x, longest, dim)
-    parts = padded.new_empty((len(sizes) * padded.shape[0], *padded.shape[1:]))  # rank-major, as the collective fills it
+    padded = _pad_to(x, max(sizes), dim)
+    shard_shape = padded.shape
+    parts = padded.new_empty((len(sizes) * shard_shape[0], *shard_shape[1:]))  # rank-major, as the collective fills it
     _all_gather(parts, padded, group=group)
     del padded
-    parts = parts.unflatten(0, (len(sizes), -1))
+    parts = parts.view(len(sizes), *shard_shape)
     return torch.cat([p.narrow(dim, 0, s) for p, s in zip(parts, sizes)], dim=dim)
 
 
@@ -66,7 +67,7 @@ def reduce_scatter_varlen(x: Tensor, sizes: list[int], dim: int, group) -> Tenso
     for slot, chunk in zip(stacked, x.split(sizes, dim=dim)):
         slot.narrow(dim, 0, chunk.shape[dim]).copy_(chunk)
     out = x.new_empty(shard_shape)
-    _reduce_scatter(out, stacked.view(-1, *shard_shape[1:]), group=group)
+    _reduce_scatter(out, stacked.view(len(sizes) * shard_shape[0], *shard_shape[1:]), group=group)
     return out.narrow(dim, 0, sizes[dist.get_rank(group)])
 
 
@@ -78,6 +79,8 @@ def all_to_all_varlen(x: Tensor, send_dim: int, send_sizes: list[int], recv_dim:
     gives (B, H/P, Σ L, c). The send buffer is ``x`` itself when its slices are contiguous, else one
     copy; the result is the receive buffer itself when its pieces are adjacent, else one copy.
     """
+    if len(send_sizes) == 1:  # a group of one: nothing moves
+        return x
     rank = dist.get_rank(group)
     pieces = x.split(send_sizes, dim=send_dim)
     if x.is_contiguous() and _leading(x.shape, send_dim) == 1:

@@ -1,6 +1,9 @@
 """I3DNonLocal on one device: shapes, gradients, determinism, inflation and strides."""
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 import pytest
 import torch
 from torch import nn
@@ -92,3 +95,30 @@ def test_ablation_has_no_nonlocal_blocks():
 def test_bad_arguments(kwargs, match):
     with pytest.raises(ValueError, match=match):
         I3DNonLocal(2, 3, **kwargs)
+
+
+def test_main_job_ablation_cannot_see_both_digits():
+    """configs/experiment_i3d.json: without non-local blocks no feature before the global pool sees
+    more than ``min_gap`` consecutive frames, so none sees both digits (at least that far apart).
+    In eval mode: training-mode BatchNorm mixes all positions, but only through per-channel sums."""
+    exp = json.loads((Path(__file__).resolve().parents[2] / "configs/experiment_i3d.json").read_text())
+    config = {key: value for key, value in exp["model"].items() if key != "name"}
+    model = I3DNonLocal(1, 2, **{**config, "nonlocal_stages": ()}).double().eval()
+    d = exp["data"]
+    x = torch.randn(1, 1, d["frames"], d["size"], d["size"], dtype=torch.float64, requires_grad=True)
+    features = {}
+    model.avgpool.register_forward_pre_hook(lambda module, args: features.setdefault("x", args[0]))
+    model(x)
+    seen = []
+    for t in range(features["x"].shape[2]):
+        (grad,) = torch.autograd.grad(features["x"][:, :, t].sum(), x, retain_graph=True)
+        frames = torch.nonzero(grad.abs().sum((0, 1, 3, 4))).flatten()
+        seen.append(int(frames[-1] - frames[0]) + 1)
+    assert max(seen) <= d["min_gap"], (seen, d["min_gap"])
+    # With its non-local blocks one feature of the first time step sees every frame.
+    model = _open_nonlocal_blocks(I3DNonLocal(1, 2, **config).double().eval())
+    features.clear()
+    model.avgpool.register_forward_pre_hook(lambda module, args: features.setdefault("x", args[0]))
+    model(x)
+    (grad,) = torch.autograd.grad(features["x"][:, :, 0].sum(), x)
+    assert (grad.abs().sum((0, 1, 3, 4)) > 0).all()

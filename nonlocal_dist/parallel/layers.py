@@ -14,10 +14,9 @@ from __future__ import annotations
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from nonlocal_dist.parallel.batchnorm import lean_group_batch_norm
 from nonlocal_dist.parallel.collectives import all_reduce
 from nonlocal_dist.parallel.halo import shard_lengths
-from nonlocal_dist.parallel.norm import batch_norm_rows
+from nonlocal_dist.parallel.norm import group_batch_norm
 from nonlocal_dist.parallel.window import Window, sliding_window
 
 _CONV = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
@@ -156,21 +155,16 @@ def _per_dim(value, n: int) -> tuple:
 
 class _ShardedBatchNorm(_Sharded):
     """BatchNorm whose batch statistics span every rank's positions; takes any (B, C, *spatial) input,
-    as BatchNorm1d subclasses used on video do. float32/float64: ``lean_group_batch_norm`` (saves what
-    torch's BatchNorm saves); other precisions: ``group_batch_norm`` on rows."""
+    as BatchNorm1d subclasses used on video do, in any precision (``group_batch_norm``: keeps what
+    torch's BatchNorm keeps for backward)."""
 
     def forward(self, x: Tensor) -> Tensor:
-        # No metadata all-gather here: the statistics' all-reduce has num_features entries on every
-        # rank (one model), so only a wrong channel count could mismatch, and that fails every rank.
+        # No metadata all-gather here: the statistics' all-gather has 2C + 1 entries on every rank
+        # (one model), so only a wrong channel count could mismatch, and that fails every rank.
         if x.dim() < 2 or x.shape[1] != self.num_features:
             raise ValueError(f"{type(self).__name__}({self.num_features}) expects (B, {self.num_features}, ...), "
                              f"got shape {tuple(x.shape)}")
-        out = lean_group_batch_norm(x, self, self.sp_group)
-        if out is not None:
-            return out
-        rows = x.movedim(1, -1).reshape(-1, x.shape[1])
-        out = batch_norm_rows(rows, self, self.sp_group)
-        return out.view(x.shape[0], *x.shape[2:], x.shape[1]).movedim(-1, 1)
+        return group_batch_norm(x, self, self.sp_group)
 
 
 class ShardedBatchNorm1d(_ShardedBatchNorm, nn.BatchNorm1d):

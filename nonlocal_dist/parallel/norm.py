@@ -1,15 +1,32 @@
-"""BatchNorm whose statistics span the sequence-parallel group (works on gloo/CPU, uneven shards)."""
+"""BatchNorm whose statistics span the sequence-parallel group (works on gloo/CPU, uneven and empty shards).
+
+One autograd Function serves rows (L, C) and (B, C, *spatial) in every precision. It keeps what
+torch's own BatchNorm keeps for backward (the input, the mean and 1/std), so sharding divides
+BatchNorm's activation memory instead of doubling it:
+
+- statistics from one all-gather of each rank's count, mean and sum of squared deviations from its
+  own mean, combined exactly (Chan et al.): ``M2 = Σ_r M2_r + Σ_r n_r (mean_r - mean)²`` (no
+  ``E[x²] - mean²`` cancellation);
+- backward by the BatchNorm formula with one all-reduce of ``[Σ dy, Σ dy·x̂]`` over the group:
+  ``dx = w/σ · (dy - Σdy/N - x̂ Σ(dy·x̂)/N)``, ``dw = Σ dy·x̂``, ``db = Σ dy`` (this rank's parts);
+- computed in ``accumulation_dtype(x.dtype)`` (float32 for half x; float32 parameters and running
+  statistics beside bf16 x, as DeepSpeed's bf16 and autocast leave them), returned in x's dtype;
+- a graph of the backward (``create_graph=True``) recomputes the statistics from x by
+  differentiable collectives, so second-order gradients are exact too.
+"""
 from __future__ import annotations
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from nonlocal_dist.parallel.collectives import all_reduce
 from nonlocal_dist.conventions import HALF_DTYPES, accumulation_dtype
+from nonlocal_dist.parallel.collectives import all_reduce
+from nonlocal_dist.parallel.comm import all_reduce_sum
 
 
-def batch_norm_rows(x: Tensor, bn: nn.BatchNorm1d, group=None) -> Tensor:
+def batch_norm_rows(x: Tensor, bn: nn.BatchNorm1d, group: dist.ProcessGroup | None = None) -> Tensor:
     """``bn`` applied to rows x (L_r, C); statistics over every rank of ``group`` when one is given.
 
     Without a group, BatchNorm's own forward wherever torch's kernel keeps its statistics in
@@ -25,47 +42,113 @@ def batch_norm_rows(x: Tensor, bn: nn.BatchNorm1d, group=None) -> Tensor:
     return group_batch_norm(x, bn, group)
 
 
-def group_batch_norm(x: Tensor, bn: nn.BatchNorm1d, group) -> Tensor:
-    """``bn`` applied to x (L_r, C) as if the rows of every rank of ``group`` were one batch.
+def group_batch_norm(x: Tensor, bn: nn.modules.batchnorm._BatchNorm, group: dist.ProcessGroup | None = None) -> Tensor:
+    """``bn`` applied to x (L_r, C) or (B, C, *spatial_r) as if every rank's x were one batch.
 
-    Training: the group mean from one all-reduce of ``[Σx, count]``, then the biased variance from
-    a second of ``Σ(x - mean)²`` (two passes: ``E[x²] - mean²`` loses float32 precision when the
-    mean is large); running stats updated with the unbiased variance, as ``nn.BatchNorm1d`` does on
-    the whole batch. Eval: the running statistics. ``group=None``: this rank's rows alone.
-    Computed in float32 (float64 for float64 input), returned in x's dtype.
+    Training (or no running statistics): the group's mean and biased variance per channel; running
+    statistics updated as ``nn.BatchNorm`` does on the whole batch (unbiased variance, momentum
+    None = cumulative average, ``num_batches_tracked``); a group with no rows leaves them untouched
+    (the counter still counts); one value per channel over the group raises on every rank. Eval:
+    the running statistics (``F.batch_norm``, so ``torch.func`` transforms run). ``group=None``:
+    this process's rows alone, no collective. Same dtype as x.
     """
     acc = accumulation_dtype(x.dtype)
-    weight = bn.weight.to(acc) if bn.affine else None
-    bias = bn.bias.to(acc) if bn.affine else None
-    if not bn.training and bn.track_running_stats:
+    if not bn.training and bn.running_mean is not None:
+        weight, bias = (None, None) if not bn.affine else (bn.weight.to(acc), bn.bias.to(acc))
         stats = (bn.running_mean.to(acc), bn.running_var.to(acc))
         return F.batch_norm(x.to(acc), *stats, weight, bias, False, 0.0, bn.eps).to(x.dtype)
-    reduce = (lambda t: all_reduce(t, group)) if group is not None else (lambda t: t)
-    xf = x.to(acc)
-    sums = reduce(torch.cat([xf.sum(0), xf.new_full((1,), float(x.shape[0]))]))
-    total = sums[-1]
-    rows = x.shape[0] if group is None else int(total)  # the same count on every rank of the group
-    if rows == 1:
-        raise ValueError(
-            "Expected more than 1 value per channel when training, got input size "
-            f"{tuple(x.shape)}" + ("" if group is None else " (1 row over the sequence-parallel group)")
-        )
-    mean = sums[:-1] / total
-    centred = xf - mean
-    var = reduce((centred * centred).sum(0)) / total
-    if bn.training and bn.track_running_stats:
-        _update_running_stats(bn, mean, var, rows)
-    y = centred * torch.rsqrt(var + bn.eps)
-    if bn.affine:
-        y = y * weight + bias
-    return y.to(x.dtype)
+    return _GroupBatchNorm.apply(x, bn.weight, bn.bias, bn, group)
+
+
+class _GroupBatchNorm(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, weight, bias, bn, group):
+        acc = accumulation_dtype(x.dtype)
+        xa = x.to(acc)
+        mean, var, rows = _moments(xa, group)
+        if rows == 1:  # torch's own message; rows is the group's count, so every rank raises
+            where = "" if group is None else " (1 value over the sequence-parallel group)"
+            raise ValueError(
+                f"Expected more than 1 value per channel when training, got input size {tuple(x.shape)}{where}"
+            )
+        if bn.training and bn.track_running_stats and bn.running_mean is not None:
+            _update_running_stats(bn, mean, var, rows)
+        invstd = torch.rsqrt(var + bn.eps)
+        ctx.save_for_backward(x, mean, invstd, weight)
+        ctx.group, ctx.rows, ctx.eps = group, rows, bn.eps
+        w, b = (None, None) if weight is None else (weight.to(acc), bias.to(acc))
+        return F.batch_norm(xa, mean, var, w, b, False, 0.0, bn.eps).to(x.dtype)
+
+    @staticmethod
+    def backward(ctx, dy):
+        x, mean, invstd, weight = ctx.saved_tensors
+        acc = mean.dtype
+        xa, dy = x.to(acc), dy.to(acc)
+        if torch.is_grad_enabled():  # a graph of this backward is asked for: statistics as functions of x
+            mean, var, _ = _moments(xa, ctx.group)
+            invstd = torch.rsqrt(var + ctx.eps)
+        dims, shape = _reduced_dims(x), _channel_shape(x)
+        x_hat = (xa - mean.view(shape)) * invstd.view(shape)
+        local = torch.cat([dy.sum(dims), (dy * x_hat).sum(dims)])
+        glob = (local if ctx.group is None else all_reduce(local, ctx.group)) / max(ctx.rows, 1)
+        channels = x.shape[1]
+        scale = invstd if weight is None else invstd * weight.to(acc)
+        dx = torch.addcmul(dy - glob[:channels].view(shape), x_hat, glob[channels:].view(shape), value=-1)
+        dx = (dx * scale.view(shape)).to(x.dtype)
+        if weight is None:
+            return dx, None, None, None, None
+        return dx, local[channels:].to(weight.dtype), local[:channels].to(weight.dtype), None, None
+
+
+def _reduced_dims(x: Tensor) -> list[int]:
+    """Every dim but the channels' (dim 1): rows (L, C) and (B, C, *spatial) alike."""
+    return [0, *range(2, x.dim())]
+
+
+def _channel_shape(x: Tensor) -> list[int]:
+    return [1, x.shape[1]] + [1] * (x.dim() - 2)
+
+
+def _moments(x: Tensor, group: dist.ProcessGroup | None) -> tuple[Tensor, Tensor, int]:
+    """Group mean and biased variance per channel (C,), and the group's count of values per channel.
+
+    Each rank's count, mean and sum of squared deviations from its own mean (two local passes) in
+    one all-gather, combined exactly (Chan et al.). Differentiable in x (the gather's backward
+    all-reduces), for the graph of the backward.
+    """
+    dims, channels = _reduced_dims(x), x.shape[1]
+    rows = x.numel() // channels if channels else 0
+    local_mean = x.sum(dims) / max(rows, 1)
+    m2 = (x - local_mean.view(_channel_shape(x))).square().sum(dims)
+    local = torch.cat([x.new_full((1,), float(rows)), local_mean, m2])
+    stats = local[None] if group is None else _GatherStats.apply(local, group)
+    counts, means, m2s = stats[:, :1], stats[:, 1 : 1 + channels], stats[:, 1 + channels :]
+    total = counts.sum()
+    mean = (counts * means).sum(0) / total.clamp_min(1)
+    m2 = m2s.sum(0) + (counts * (means - mean).square()).sum(0)
+    return mean, m2 / total.clamp_min(1), int(total)
+
+
+class _GatherStats(torch.autograd.Function):
+    """(K,) on each rank -> (P, K), rank r's in row r; backward: this rank's row of the summed gradients."""
+
+    @staticmethod
+    def forward(ctx, local, group):
+        ctx.group = group
+        table = local.new_empty(dist.get_world_size(group), local.numel())
+        dist.all_gather(list(table.unbind(0)), local.contiguous(), group=group)
+        return table
+
+    @staticmethod
+    def backward(ctx, grad):
+        return all_reduce_sum(grad.contiguous(), ctx.group)[dist.get_rank(ctx.group)], None
 
 
 @torch.no_grad()
-def _update_running_stats(bn: nn.BatchNorm1d, mean: Tensor, var: Tensor, rows: int) -> None:
-    """Move the running statistics towards this batch's (unbiased variance), as nn.BatchNorm1d."""
+def _update_running_stats(bn: nn.modules.batchnorm._BatchNorm, mean: Tensor, var: Tensor, rows: int) -> None:
+    """Move the running statistics towards this batch's (unbiased variance), as nn.BatchNorm."""
     bn.num_batches_tracked += 1
-    if rows == 0:  # counted, as nn.BatchNorm1d counts an empty batch, but nothing to move towards
+    if rows == 0:  # counted, as nn.BatchNorm counts an empty batch, but nothing to move towards
         return
     momentum = bn.momentum if bn.momentum is not None else 1.0 / float(bn.num_batches_tracked)
     unbiased = var * rows / max(rows - 1, 1)

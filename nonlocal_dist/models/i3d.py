@@ -122,7 +122,7 @@ class I3DNonLocal(nn.Module):
         self.num_stages = len(widths)
         self.avgpool = nn.AdaptiveAvgPool3d(1)
         self.head = nn.Linear(cin, num_classes)
-        if any(any(m) for m in nonlocal_stages):
+        if nonlocal_stages:  # an all-zero mask is checked against the stages and inserts nothing
             insert_nonlocal(self, nonlocal_stages, mode=mode, **(nonlocal_kwargs or {}))
 
     def forward(self, x: Tensor) -> Tensor:

@@ -91,6 +91,7 @@ def test_ablation_has_no_nonlocal_blocks():
     (dict(depths=(1, 2)), "one entry per stage"),
     (dict(inflate=((1,), (1,), (1, 0))), "one 0/1 per block"),
     (dict(stem_kernel=(3, 5)), "stem_kernel"),
+    (dict(nonlocal_stages=((0,), (0, 0))), r"lengths \[1, 2, 2\]"),
 ])
 def test_bad_arguments(kwargs, match):
     with pytest.raises(ValueError, match=match):

@@ -19,6 +19,8 @@ from torch import nn
 
 from nonlocal_dist.block import NonLocalBlock
 
+__all__ = ["KINDS", "apply_activation_checkpointing", "checkpointed_call"]
+
 KINDS = ("torch", "deepspeed")
 
 

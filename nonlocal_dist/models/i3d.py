@@ -17,6 +17,8 @@ from torch import Tensor, nn
 
 from nonlocal_dist.models.insert import insert_nonlocal
 
+__all__ = ["Bottleneck3d", "I3DNonLocal"]
+
 INFLATE_STYLES = ("3x1x1", "3x3x3")
 
 

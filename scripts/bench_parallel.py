@@ -9,18 +9,14 @@ from __future__ import annotations
 
 import argparse
 import math
-import os
-import socket
-from datetime import timedelta
 
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 import torch.nn.functional as F
 
 import torch.distributed._functional_collectives as funcol
 
-from bench_utils import best_time, peak_memory_mb, print_table
+from bench_utils import best_time, peak_memory_mb, print_table, spawn_ranks
 from nonlocal_dist import nonlocal_op
 
 # torch's differentiable all-gather along any dim (renamed in torch 2.13)
@@ -120,16 +116,9 @@ def _least_peak(run) -> float:
     return min(peak_memory_mb(run) for _ in range(2))
 
 
-def _rank_main(rank, world, port, args, queue):
-    os.environ["OMP_NUM_THREADS"] = "1"
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
-                            timeout=timedelta(minutes=10))
-    group = dist.group.WORLD
+def _rank_main(rank, world, args, group) -> list:
     if args.compare_only:
-        queue.put((rank, _comparisons(rank, world, args, group)))
-        dist.destroy_process_group()
-        return
+        return _comparisons(rank, world, args, group)
     results = []
     for mode, strategy, heads in CASES:
         if heads % world and strategy == "ulysses":
@@ -142,24 +131,12 @@ def _rank_main(rank, world, port, args, queue):
     run = _step("embedded_gaussian", "ring", shards, w, group)
     run()
     results.append(("embedded_gaussian", "ring (memory case)", 1, args.memory_n, float("nan"), peak_memory_mb(run)))
-    queue.put((rank, results))
-    dist.destroy_process_group()
+    return results
 
 
 def _spawn(world: int, args) -> dict:
     """Every rank's result list of ``_rank_main``, by rank."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    ctx = mp.get_context("spawn")
-    queue = ctx.Queue()
-    procs = [ctx.Process(target=_rank_main, args=(r, world, port, args, queue)) for r in range(world)]
-    for p in procs:
-        p.start()
-    per_rank = dict(queue.get(timeout=3600) for _ in procs)
-    for p in procs:
-        p.join()
-    return per_rank
+    return spawn_ranks(_rank_main, world, args, timeout_min=60)
 
 
 def _run_world(world: int, args) -> list:

@@ -9,15 +9,11 @@ or ``python scripts/bench_video.py``.
 from __future__ import annotations
 
 import argparse
-import os
-import socket
-from datetime import timedelta
 
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 
-from bench_utils import best_time, peak_memory_mb, print_table
+from bench_utils import best_time, peak_memory_mb, print_table, spawn_ranks
 from nonlocal_dist import parallelize
 from nonlocal_dist.models import I3DNonLocal
 from nonlocal_dist.parallel import shard_tensor
@@ -42,33 +38,16 @@ def _clip(args) -> torch.Tensor:
     return torch.randn(*args.clip, generator=torch.Generator().manual_seed(1))
 
 
-def _rank_main(rank, world, port, args, queue):
-    os.environ["OMP_NUM_THREADS"] = "1"
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
-                            timeout=timedelta(minutes=30))
-    group = dist.group.WORLD
+def _rank_main(rank, world, args, group) -> tuple[float, float]:
     model = parallelize(_model(args), group, "t")
     run = _step(model, shard_tensor(_clip(args), "b c t h w", "t", group), world, group)
-    t = best_time(run, args.repeats)
-    queue.put((rank, t, peak_memory_mb(run)))
-    dist.destroy_process_group()
+    return best_time(run, args.repeats), peak_memory_mb(run)
 
 
 def _run_world(world: int, args) -> tuple[float, float]:
     """(slowest rank's fwd+bwd seconds, largest rank's peak MiB) on ``world`` ranks."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    ctx = mp.get_context("spawn")
-    queue = ctx.Queue()
-    procs = [ctx.Process(target=_rank_main, args=(r, world, port, args, queue)) for r in range(world)]
-    for p in procs:
-        p.start()
-    results = [queue.get(timeout=7200) for _ in procs]
-    for p in procs:
-        p.join()
-    return max(r[1] for r in results), max(r[2] for r in results)
+    results = spawn_ranks(_rank_main, world, args, timeout_min=120).values()
+    return max(t for t, _ in results), max(mem for _, mem in results)
 
 
 def _single_process(args, threads: int) -> tuple[float, float]:

@@ -13,13 +13,11 @@ zeros for a NaN query row when there are fewer than 16 keys, and NaN for an inf 
 """
 from __future__ import annotations
 
-import math
-
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from nonlocal_dist.conventions import HALF_DTYPES
+from nonlocal_dist.conventions import HALF_DTYPES, all_finite
 from nonlocal_dist.kernels.blocked_softmax import blocked_backward, blocked_forward, blocked_jvp
 
 # Widest head for the fused kernels. CUDA: no fused backward past 256 (torch falls back to a path
@@ -71,21 +69,12 @@ def kernel_for(q: Tensor, v: Tensor) -> str:
     return "cpu_flash"
 
 
-def _finite(*tensors: Tensor) -> bool:
-    # A sum is NaN or inf exactly when an input is (a finite sum overflowing only costs the exact
-    # blocked path), and it reads each tensor once without a mask: 5-10x cheaper than
-    # isfinite().all(). Summed in the tensor's own dtype (float32 for float16, whose range is short):
-    # sum(dtype=float64) first makes a float64 copy, twice a float32 input, and took 50x longer
-    # (80 vs 1.6 ms for 2 x 2 x 16384 x 64 float32, 1 thread).
-    return all(math.isfinite(t.detach().sum(dtype=torch.float32 if t.dtype == torch.float16 else None)) for t in tensors)
-
-
 def _use_blocked(kernel: str, *tensors: Tensor) -> bool:
     # The finiteness check is a host sync on CUDA: only the CPU kernel, whose quirk it avoids, pays
     # it; a graph traced by torch.compile keeps the fused kernel (a data-dependent branch breaks it).
     if kernel == "blocked":
         return True
-    return kernel == "cpu_flash" and not torch.compiler.is_compiling() and not _finite(*tensors)
+    return kernel == "cpu_flash" and not torch.compiler.is_compiling() and not all_finite(*tensors)
 
 
 def attention_forward(q: Tensor, k: Tensor, v: Tensor, scale: float) -> tuple[Tensor, Tensor]:

@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from nonlocal_dist.conventions import accumulation_dtype
+from nonlocal_dist.conventions import accumulation_dtype, all_finite
 
 
 def concat_projections(theta: Tensor, phi: Tensor, concat_weight: Tensor) -> tuple[Tensor, Tensor]:
@@ -142,7 +142,7 @@ def _may_be_nonfinite(*tensors: Tensor) -> bool:
     overflowing sum of finite terms merely takes the exact non-finite path)."""
     if torch.compiler.is_compiling() or torch._C._are_functorch_transforms_active():
         return True  # no data-dependent branch there: the non-finite path is exact for finite inputs too
-    return not bool(torch.isfinite(sum(t.sum() for t in tensors)))
+    return not all_finite(*tensors)
 
 
 def relu_sums(a: Tensor, b: Tensor, g: Tensor) -> Tensor:

@@ -65,8 +65,7 @@ class _GroupBatchNorm(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, bias, bn, group):
         acc = accumulation_dtype(x.dtype)
-        xa = x.to(acc)
-        mean, var, rows = _moments(xa, group)
+        mean, var, rows = _group_moments(x, group)
         if rows == 1:  # torch's own message; rows is the group's count, so every rank raises
             where = "" if group is None else " (1 value over the sequence-parallel group)"
             raise ValueError(
@@ -74,34 +73,64 @@ class _GroupBatchNorm(torch.autograd.Function):
             )
         if bn.training and bn.track_running_stats and bn.running_mean is not None:
             _update_running_stats(bn, mean, var, rows)
-        invstd = torch.rsqrt(var + bn.eps)
-        ctx.save_for_backward(x, mean, invstd, weight)
+        ctx.save_for_backward(x, mean, var, weight)
         ctx.group, ctx.rows, ctx.eps = group, rows, bn.eps
         w, b = (None, None) if weight is None else (weight.to(acc), bias.to(acc))
-        return F.batch_norm(xa, mean, var, w, b, False, 0.0, bn.eps).to(x.dtype)
+        # x in its own dtype: torch's kernel reads half x with float32 statistics and parameters.
+        return F.batch_norm(x, mean, var, w, b, False, 0.0, bn.eps)
 
     @staticmethod
     def backward(ctx, dy):
-        x, mean, invstd, weight = ctx.saved_tensors
-        acc = mean.dtype
-        xa, dy = x.to(acc), dy.to(acc)
-        if torch.is_grad_enabled():  # a graph of this backward is asked for: statistics as functions of x
-            mean, var, _ = _moments(xa, ctx.group)
-            invstd = torch.rsqrt(var + ctx.eps)
-        dims, shape = _reduced_dims(x), _channel_shape(x)
-        x_hat = (xa - mean.view(shape)) * invstd.view(shape)
+        x, mean, var, weight = ctx.saved_tensors
+        if torch.is_grad_enabled():  # a graph of this backward is asked for
+            return _differentiable_backward(ctx, x, dy, weight)
+        acc, shape = mean.dtype, _channel_shape(x)
+        invstd = torch.rsqrt(var + ctx.eps)
+        w = None if weight is None else weight.to(acc)
+        # Σ dy and Σ dy·x̂ in one fused pass (BatchNorm's eval-mode backward with the group's statistics).
+        if x.numel():
+            _, sum_dy_x_hat, sum_dy = torch.ops.aten.native_batch_norm_backward(
+                dy, x, w, mean, var, None, None, False, ctx.eps, [False, True, True]
+            )
+        else:  # an empty shard (the kernel does not take one): its sums are 0, the all-reduce still runs
+            sum_dy_x_hat = sum_dy = mean.new_zeros(mean.shape)
         # Σ x̂ (0 but for the mean's rounding) rides along: x̂ re-centred on it keeps Σ dx at the
         # rounding of a sum, as autograd's centring of the mean's gradient does (without it a bias
         # before BatchNorm drifted 5x further from float64 over 3 SGD steps).
-        local = torch.cat([dy.sum(dims), (dy * x_hat).sum(dims), x_hat.sum(dims)])
+        sum_x_hat = (x.sum(_reduced_dims(x), dtype=acc) - x.numel() // max(x.shape[1], 1) * mean) * invstd
+        local = torch.cat([sum_dy.to(acc), sum_dy_x_hat.to(acc), sum_x_hat])
         glob = (local if ctx.group is None else all_reduce(local, ctx.group)) / max(ctx.rows, 1)
-        mean_dy, mean_dy_x_hat, mean_x_hat = (t.view(shape) for t in glob.chunk(3))
-        scale = invstd if weight is None else invstd * weight.to(acc)
-        dx = ((dy - (mean_dy - mean_dy_x_hat * mean_x_hat) - x_hat * mean_dy_x_hat) * scale.view(shape)).to(x.dtype)
+        mean_dy, mean_dy_x_hat, mean_x_hat = glob.chunk(3)
+        scale = invstd if w is None else invstd * w
+        # dx = scale·(dy - mean_dy + mean_x_hat·mean_dy_x_hat - x̂·mean_dy_x_hat), x̂ = (x - mean)·invstd,
+        # as dy·a + x·b + c per channel: two fused passes.
+        a = scale
+        b = -scale * invstd * mean_dy_x_hat
+        c = scale * (mean_dy_x_hat * (mean_x_hat + mean * invstd) - mean_dy)
+        dx = torch.addcmul(c.view(shape), x, b.view(shape)).addcmul_(dy, a.view(shape)).to(x.dtype)
         if weight is None:
             return dx, None, None, None, None
-        sum_dy, sum_dy_x_hat, _ = local.chunk(3)
         return dx, sum_dy_x_hat.to(weight.dtype), sum_dy.to(weight.dtype), None, None
+
+
+def _differentiable_backward(ctx, x, dy, weight):
+    """The backward as a function of x and dy (statistics recomputed by differentiable collectives),
+    for ``create_graph=True``: second-order gradients stay exact."""
+    acc = accumulation_dtype(x.dtype)
+    xa, dy = x.to(acc), dy.to(acc)
+    mean, var, _ = _moments(xa, ctx.group)
+    invstd = torch.rsqrt(var + ctx.eps)
+    dims, shape = _reduced_dims(x), _channel_shape(x)
+    x_hat = (xa - mean.view(shape)) * invstd.view(shape)
+    local = torch.cat([dy.sum(dims), (dy * x_hat).sum(dims), x_hat.sum(dims)])
+    glob = (local if ctx.group is None else all_reduce(local, ctx.group)) / max(ctx.rows, 1)
+    mean_dy, mean_dy_x_hat, mean_x_hat = (t.view(shape) for t in glob.chunk(3))
+    scale = invstd if weight is None else invstd * weight.to(acc)
+    dx = ((dy - (mean_dy - mean_dy_x_hat * mean_x_hat) - x_hat * mean_dy_x_hat) * scale.view(shape)).to(x.dtype)
+    if weight is None:
+        return dx, None, None, None, None
+    sum_dy, sum_dy_x_hat, _ = local.chunk(3)
+    return dx, sum_dy_x_hat.to(weight.dtype), sum_dy.to(weight.dtype), None, None
 
 
 def _reduced_dims(x: Tensor) -> list[int]:
@@ -111,6 +140,19 @@ def _reduced_dims(x: Tensor) -> list[int]:
 
 def _channel_shape(x: Tensor) -> list[int]:
     return [1, x.shape[1]] + [1] * (x.dim() - 2)
+
+
+def _group_moments(x: Tensor, group: dist.ProcessGroup | None) -> tuple[Tensor, Tensor, int]:
+    """``_moments`` for the forward (no graph): each rank's mean and variance from torch's fused
+    two-pass statistics kernel, in ``accumulation_dtype(x.dtype)`` (half x is read as float32)."""
+    acc, channels = accumulation_dtype(x.dtype), x.shape[1]
+    rows = x.numel() // channels if channels else 0
+    if rows == 0:
+        local_mean = local_m2 = x.new_zeros(channels, dtype=acc)
+    else:
+        local_mean, local_var = torch.batch_norm_update_stats(x if x.dtype == acc else x.to(acc), None, None, 0.0)
+        local_m2 = local_var * rows
+    return _combine(torch.cat([x.new_full((1,), float(rows), dtype=acc), local_mean, local_m2]), channels, group)
 
 
 def _moments(x: Tensor, group: dist.ProcessGroup | None) -> tuple[Tensor, Tensor, int]:
@@ -124,7 +166,11 @@ def _moments(x: Tensor, group: dist.ProcessGroup | None) -> tuple[Tensor, Tensor
     rows = x.numel() // channels if channels else 0
     local_mean = x.sum(dims) / max(rows, 1)
     m2 = (x - local_mean.view(_channel_shape(x))).square().sum(dims)
-    local = torch.cat([x.new_full((1,), float(rows)), local_mean, m2])
+    return _combine(torch.cat([x.new_full((1,), float(rows)), local_mean, m2]), channels, group)
+
+
+def _combine(local: Tensor, channels: int, group: dist.ProcessGroup | None) -> tuple[Tensor, Tensor, int]:
+    """Every rank's [count, mean (C), M2 (C)] -> the group's mean, biased variance and count (Chan et al.)."""
     stats = local[None] if group is None else _GatherStats.apply(local, group)
     counts, means, m2s = stats[:, :1], stats[:, 1 : 1 + channels], stats[:, 1 + channels :]
     total = counts.sum()

@@ -7,12 +7,11 @@ special case: every rank sends whatever part of its shard falls in another rank'
 halo is assembled from several ranks. Positions outside ``[0, N)`` do not exist; the layer's own
 padding (``fill``) stands for them at the global edges.
 
-``start_halo_exchange`` launches the all-to-all and returns at once, so that a layer computes the
-outputs that need no halo while the halos travel (``window.sliding_window``); ``halo_exchange`` is
-the same with the wait and the concatenation done. The backward is the reverse all-to-all: each
-halo's gradient goes back to the rank that owns those positions and is added to that rank's input
-gradient. Every rank runs exactly one all-to-all in the forward and one in the backward, the edge
-ranks too (with empty messages where they have nothing to send), so the group never waits on a
+The exchange returns the extended axis (fill, halos, shard, halos, fill) in one tensor, so the
+layer runs once on it. The backward is the reverse all-to-all: each halo's gradient goes back to
+the rank that owns those positions and is added to that rank's input gradient. Every rank runs
+exactly one all-to-all in the forward and one in the backward, the edge ranks too (with empty
+messages where they have nothing to send), so the group never waits on a
 rank that skipped a collective.
 """
 from __future__ import annotations
@@ -127,12 +126,12 @@ def halo_exchange(
     of the higher ranks, in global order (a shard shorter than the halo is spanned: the positions come
     from as many ranks as needed); ``fill`` adds that many positions of ``value`` at the two ends
     (the layer's padding at the global edges). ``sizes[r]`` is L_r on rank r (``shard_lengths``).
-    Differentiable: the halos' gradients are sent back and added to their owners' gradients.
+    Differentiable: the halos' gradients are sent back and added to their owners' gradients; x's
+    gradient is a view of the extended tensor's where no halo left this rank (one copy otherwise).
     Collective: every rank of ``group`` must call it with the same ``before``/``after``.
     """
-    handle, halo_before, halo_after = start_halo_exchange(x, dim, before, after, sizes, group)
-    halo_before, halo_after = handle.wait(halo_before, halo_after)
-    return torch.cat([edge_fill(x, dim, fill[0], value), halo_before, x, halo_after, edge_fill(x, dim, fill[1], value)], dim)
+    plan = halo_plan(sizes, dist.get_rank(group), before, after)
+    return _HaloExchange.apply(x, dim, plan, group, fill, value)
 
 
 def edge_fill(x: Tensor, dim: int, length: int, value: float) -> Tensor:
@@ -142,81 +141,35 @@ def edge_fill(x: Tensor, dim: int, length: int, value: float) -> Tensor:
     return x.new_full(shape, value)
 
 
-class HaloHandle:
-    """An exchange in flight (``start_halo_exchange``): compute on the shard meanwhile, then ``wait``."""
-
-    def __init__(self) -> None:
-        self.work = None
-        self.send: Tensor | None = None  # kept alive until the exchange completes
-
-    def wait(self, before: Tensor, after: Tensor) -> tuple[Tensor, Tensor]:
-        """The halos returned by ``start_halo_exchange``, now filled (differentiable)."""
-        return _HaloWait.apply(self, before, after)
-
-
-class _HaloStart(torch.autograd.Function):
+class _HaloExchange(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, dim, plan, group, handle):
+    def forward(ctx, x, dim, plan, group, fill, value):
         rest = x.movedim(dim, 0).shape[1:]
-        per_position = rest.numel()
-        out_splits = [n * per_position for n in plan.recv]
-        recv = x.new_empty(sum(out_splits))
-        if len(plan.recv) > 1:
-            chunks = [_positions_first(x, dim, off, n) for off, n in plan.send]
-            handle.send = torch.cat([c.reshape(-1) for c in chunks])
-            handle.work = dist.all_to_all_single(
-                recv, handle.send, out_splits, [c.numel() for c in chunks], group=group, async_op=True
-            )
-        # The lower ranks' positions come first in the receive buffer, then the higher ranks': two views.
-        split = plan.before * per_position
-        before = recv[:split].view(plan.before, *rest).movedim(0, dim)
-        after = recv[split:].view(plan.after, *rest).movedim(0, dim)
-        ctx.dim, ctx.plan, ctx.group, ctx.rest = dim, plan, group, rest
-        ctx.shape, ctx.options = x.shape, {"dtype": x.dtype, "device": x.device}  # not x itself
-        return before, after
+        chunks = [_positions_first(x, dim, off, n) for off, n in plan.send]
+        received = _all_to_all(chunks, list(plan.recv), rest, group)
+        # Received in rank order: the lower ranks' positions precede the shard, the higher ranks' follow it.
+        halo_before = torch.cat(received[: plan.rank]).movedim(0, dim) if plan.before else edge_fill(x, dim, 0, value)
+        halo_after = torch.cat(received[plan.rank + 1 :]).movedim(0, dim) if plan.after else edge_fill(x, dim, 0, value)
+        ctx.dim, ctx.plan, ctx.group, ctx.rest, ctx.fill = dim, plan, group, rest, fill
+        ctx.length = x.shape[dim]
+        parts = [edge_fill(x, dim, fill[0], value), halo_before, x, halo_after, edge_fill(x, dim, fill[1], value)]
+        return torch.cat(parts, dim)
 
     @staticmethod
-    def backward(ctx, grad_before, grad_after):
-        dim, plan = ctx.dim, ctx.plan
-        back = []
-        for grad, lengths in ((grad_before, plan.recv[: plan.rank]), (grad_after, plan.recv[plan.rank + 1 :])):
-            offset = 0
-            for n in lengths:
-                back.append(_positions_first(grad, dim, offset, n) if grad is not None else torch.zeros(n, *ctx.rest, **ctx.options))
-                offset += n
-        back.insert(plan.rank, torch.zeros(0, *ctx.rest, **ctx.options))
+    def backward(ctx, grad):
+        dim, plan, length = ctx.dim, ctx.plan, ctx.length
+        start = ctx.fill[0] + plan.before  # the shard's first position in the extended axis
+        back, offset = [], ctx.fill[0]
+        for q, n in enumerate(plan.recv):
+            if q == plan.rank:
+                offset = start + length
+            back.append(_positions_first(grad, dim, offset, n))
+            offset += n
         returned = _all_to_all(back, [n for _, n in plan.send], ctx.rest, ctx.group)
-        grad_x = torch.zeros(ctx.shape, **ctx.options)
-        for (off, n), piece in zip(plan.send, returned):
-            if n:
-                grad_x.narrow(dim, off, n).add_(piece.movedim(0, dim))
-        return grad_x, None, None, None, None
-
-
-class _HaloWait(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, handle, before, after):
-        if handle.work is not None:
-            handle.work.wait()
-        handle.work = handle.send = None
-        return before.view_as(before), after.view_as(after)
-
-    @staticmethod
-    def backward(ctx, grad_before, grad_after):
-        return None, grad_before, grad_after
-
-
-def start_halo_exchange(
-    x: Tensor, dim: int, before: int, after: int, sizes: list[int], group
-) -> tuple[HaloHandle, Tensor, Tensor]:
-    """Begin ``halo_exchange`` without waiting: ``(handle, before, after)``; the halos (..., h_b, ...)
-    and (..., h_a, ...) are filled once ``handle.wait(before, after)`` returns them.
-
-    Work on x (an interior convolution) may run in between; no other collective may, so that every
-    rank issues its collectives in the same order. The backward sends the halos' gradients back
-    (one all-to-all), as ``halo_exchange`` does.
-    """
-    plan = halo_plan(sizes, dist.get_rank(group), before, after)
-    handle = HaloHandle()
-    halo_before, halo_after = _HaloStart.apply(x, dim, plan, group, handle)
-    return handle, halo_before, halo_after
+        grad_x = grad.narrow(dim, start, length)
+        if any(n for _, n in plan.send):
+            grad_x = grad_x.clone()
+            for (off, n), piece in zip(plan.send, returned):
+                if n:
+                    grad_x.narrow(dim, off, n).add_(piece.movedim(0, dim))
+        return grad_x, None, None, None, None, None

@@ -14,12 +14,11 @@ from dataclasses import dataclass
 from itertools import accumulate
 from typing import Callable
 
-import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor
 
-from nonlocal_dist.parallel.halo import edge_fill, start_halo_exchange
+from nonlocal_dist.parallel.halo import halo_exchange
 
 
 @dataclass(frozen=True)
@@ -79,37 +78,19 @@ def sliding_window(
 
     Rank r's window of the padded axis is ``[a_r - pad_left, end)``: ``pad_left`` positions before
     its shard (the lower ranks' halo, or ``value`` beyond the global start), the shard, then
-    ``extent - pad_left`` after it (or the last rank's ``pad_right``). The halos travel while ``fn``
-    runs on the interior (the outputs whose window lies inside the shard: no copy of x); then the
-    two boundary slabs, each a few positions of x next to its halo. Returns the outputs and
-    ``(left, right, length)``: the padding positions at the two ends of the window and its length.
-    ``sizes``: every rank's L. Raises on every rank when the shard boundaries are off the stride grid.
+    ``extent - pad_left`` after it (or the last rank's ``pad_right``), assembled by one
+    ``halo_exchange``; ``fn`` runs once on it. Returns the outputs and ``(left, right, length)``:
+    the padding positions at the two ends of the window and its length. ``sizes``: every rank's L.
+    Raises on every rank when the shard boundaries are off the stride grid.
     """
     _check_alignment(sizes, window.stride, what)
     rank, world, total = dist.get_rank(group), len(sizes), sum(sizes)
-    start, length, stride, extent = sum(sizes[:rank]), x.shape[dim], window.stride, window.extent
+    start, length, extent = sum(sizes[:rank]), x.shape[dim], window.extent
     end = start + length - window.pad_left + extent
     end = total + window.pad_right if rank == world - 1 else min(end, total + window.pad_right)
     left, right = max(0, window.pad_left - start), max(0, end - total)
-    handle, before, after = start_halo_exchange(x, dim, window.pad_left, extent - window.pad_left, sizes, group)
-    head = window.pad_left  # positions of the window before x: halo + left padding
-    first = -(-head // stride)  # first output whose window starts inside x
-    last = (head + length - 1 - extent) // stride  # last output whose window ends inside x
-    interior = fn(x.narrow(dim, first * stride - head, (last - first) * stride + extent + 1)) if last >= first else None
-    before, after = handle.wait(before, after)
-    before = torch.cat([edge_fill(x, dim, left, value), before], dim)
-    after = torch.cat([after, edge_fill(x, dim, right, value)], dim)
-    geometry = (left, right, head + length + after.shape[dim])
-    if interior is None:
-        return apply_window(fn, torch.cat([before, x, after], dim), dim, window, value), geometry
-    parts = [interior]
-    if first > 0:
-        parts.insert(0, fn(torch.cat([before, x.narrow(dim, 0, (first - 1) * stride + extent + 1 - head)], dim)))
-    tail_start = (last + 1) * stride - head  # in x's coordinates; may lie in the after halo for a large stride
-    tail = torch.cat([x.narrow(dim, min(tail_start, length), length - min(tail_start, length)), after], dim)
-    skip = min(tail_start - min(tail_start, length), tail.shape[dim])
-    parts.append(apply_window(fn, tail.narrow(dim, skip, tail.shape[dim] - skip), dim, window, value))
-    return torch.cat(parts, dim), geometry
+    ext = halo_exchange(x, dim, window.pad_left, extent - window.pad_left, sizes, group, (left, right), value)
+    return apply_window(fn, ext, dim, window, value), (left, right, ext.shape[dim])
 
 
 def apply_window(fn: Callable[[Tensor], Tensor], ext: Tensor, dim: int, window: Window, value: float) -> Tensor:

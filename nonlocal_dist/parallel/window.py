@@ -10,10 +10,12 @@ last rank also takes every output past the last input position (``pad_right`` la
 """
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 from itertools import accumulate
 from typing import Callable
 
+import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor
@@ -90,7 +92,50 @@ def sliding_window(
     end = total + window.pad_right if rank == world - 1 else min(end, total + window.pad_right)
     left, right = max(0, window.pad_left - start), max(0, end - total)
     ext = halo_exchange(x, dim, window.pad_left, extent - window.pad_left, sizes, group, (left, right), value)
-    return apply_window(fn, ext, dim, window, value), (left, right, ext.shape[dim])
+    with _saved_as_shard(ext, x, dim, window.pad_left):
+        out = apply_window(fn, ext, dim, window, value)
+    return out, (left, right, ext.shape[dim])
+
+
+class _Rebuilt:
+    """``ext`` as saved for backward: the shard x (alive anyway) and copies of ext's two short ends."""
+
+    def __init__(self, x: Tensor, ends: tuple[Tensor, Tensor], dim: int) -> None:
+        self.x, self.version, self.ends, self.dim = x.detach(), x._version, ends, dim
+
+    def tensor(self) -> Tensor:
+        if self.x._version != self.version:
+            raise RuntimeError(
+                "the input of a sharded convolution/pooling layer (saved for its backward) was modified by an "
+                f"in-place operation after the layer ran (version {self.x._version}, expected {self.version}); "
+                "use the out-of-place operation (e.g. relu instead of relu_) on that tensor"
+            )
+        return torch.cat([self.ends[0], self.x, self.ends[1]], self.dim)
+
+
+def _saved_as_shard(ext: Tensor, x: Tensor, dim: int, offset: int):
+    """While the window op runs on ``ext`` (x at ``offset`` along ``dim``, halos and padding around it):
+    where the op saves ``ext`` for backward, keep x (alive anyway: the layer before saved it, or it is
+    the input) and copies of ext's two short ends, and rebuild ``ext`` by one concatenation in the
+    backward. Saves a copy of the shard per layer between forward and backward. Inside an
+    activation-checkpointed region (an outer saved-tensor mechanism, which recomputes instead of
+    saving) nothing is changed."""
+    outer = torch._C._autograd._top_saved_tensors_default_hooks(False)
+    if not (torch.is_grad_enabled() and ext.numel()) or outer is not None:
+        return contextlib.nullcontext()
+    # The hooks live as long as what they saved: they must not hold ext, only how to recognise it.
+    tail = offset + x.shape[dim]
+    ends = (ext.narrow(dim, 0, offset).clone(), ext.narrow(dim, tail, ext.shape[dim] - tail).clone())
+    rebuilt = _Rebuilt(x, ends, dim)
+    key = (ext.data_ptr(), ext.shape, ext.stride(), ext.dtype)
+
+    def pack(t: Tensor):
+        return rebuilt if (t.data_ptr(), t.shape, t.stride(), t.dtype) == key else t
+
+    def unpack(packed):
+        return packed.tensor() if isinstance(packed, _Rebuilt) else packed
+
+    return torch.autograd.graph.saved_tensors_hooks(pack, unpack)
 
 
 def apply_window(fn: Callable[[Tensor], Tensor], ext: Tensor, dim: int, window: Window, value: float) -> Tensor:

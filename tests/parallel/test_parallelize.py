@@ -268,3 +268,46 @@ def _bf16_norm_worker(rank, world):
 def test_bf16_batchnorm_with_float32_statistics():
     for out_err, stats_err, dtype in run_ranks(_bf16_norm_worker, 2):
         assert dtype == torch.bfloat16 and out_err < 2e-2 and stats_err < 1e-2, (out_err, stats_err)
+
+
+def _retained_bytes(fn) -> int:
+    """Bytes that torch's allocator still holds after ``fn()`` beyond those held before (profiler events)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        out = fn()
+    retained = sum(e.nbytes() for e in prof.profiler.kineto_results.events() if e.name() == "[memory]")
+    del out
+    return retained
+
+
+def _saved_input_worker(rank, world):
+    """A sharded window layer keeps no copy of its extended shard for backward (it rebuilds it), and an
+    in-place change of its input before the backward raises instead of giving a wrong gradient."""
+    torch.manual_seed(0)
+    whole = nn.Sequential(nn.Conv3d(4, 4, (3, 1, 1), padding=(1, 0, 0)), nn.MaxPool3d((3, 1, 1), 1, (1, 0, 0)))
+    sharded = parallelize(copy.deepcopy(whole), dist.group.WORLD, "t")
+    x = torch.randn(1, 4, 32, 16, 16).split([16, 16], dim=2)[rank].requires_grad_()
+    shard_bytes = x.numel() * x.element_size()
+    kept, y = {}, x * 1.0  # y: the layers' input, alive beforehand (in a network the layer before saved it)
+    for name, layer in (("plain conv", whole[0]), ("sharded conv", sharded[0]),
+                        ("plain pool", whole[1]), ("sharded pool", sharded[1])):
+        kept[name] = [_retained_bytes(lambda: layer(y)) for _ in range(2)][-1] / shard_bytes
+    y = x * 1.0
+    out = sharded[0](y)
+    y.add_(1.0)
+    try:
+        out.sum().backward()
+        error = None
+    except RuntimeError as exc:
+        error = str(exc)
+    dist.barrier()
+    return kept, error
+
+
+def test_window_layers_keep_no_copy_of_the_shard():
+    for kept, error in run_ranks(_saved_input_worker, 2):
+        # retained beyond the plain layer's: the two halo positions (1/8 shard), not the extended shard (+9/8)
+        assert kept["sharded conv"] < kept["plain conv"] + 0.5, kept
+        assert kept["sharded pool"] < kept["plain pool"] + 0.5, kept
+        assert error is not None and "in-place" in error, error

@@ -36,7 +36,8 @@ def nonlocal_op(
 
     ``group``: a ``torch.distributed`` process group. Then theta is this rank's shard of the query
     positions, phi and g its shard of the key positions (shard sizes may differ between ranks), and
-    the result is this rank's shard of y. ``strategy``: ``ring`` (softmax modes, default),
+    the result is this rank's shard of y. ``strategy``: ``ring`` (softmax modes, default on more than two ranks;
+    ``allgather`` on two),
     ``allgather``, ``ulysses`` (heads divisible by the group size), ``allreduce`` (dot product,
     default), ``sorted_stats`` (concatenation, default). Replicated inputs (``concat_weight``) get
     this rank's partial gradient; their sum over the group is the single-device gradient.

@@ -5,13 +5,13 @@ import torch.distributed as dist
 from torch import Tensor
 
 from nonlocal_dist.parallel.checks import agree_across_ranks
-from nonlocal_dist.parallel.strategies import MODE_STRATEGIES, STRATEGIES
+from nonlocal_dist.parallel.strategies import MODE_STRATEGIES, STRATEGIES, default_strategy
 from nonlocal_dist.validate import check_op_inputs
 
 
 def _check_strategy(mode: str, strategy: str | None, heads: int, world: int, backend: str) -> str:
     allowed = MODE_STRATEGIES[mode]
-    strategy = allowed[0] if strategy is None else strategy
+    strategy = default_strategy(mode, world) if strategy is None else strategy
     if strategy not in allowed:
         raise ValueError(f"strategy {strategy!r} cannot run mode {mode!r}; choose one of {', '.join(allowed)} (or None)")
     if strategy == "ulysses" and heads % world:

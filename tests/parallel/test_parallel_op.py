@@ -102,3 +102,11 @@ def test_mismatch_raises_on_every_rank(kind, match):
     messages = run_ranks(_mismatch, 2, kind, timeout=60)
     for rank, message in enumerate(messages):
         assert re.search(match, message), f"rank {rank}: {message}"
+
+
+def test_default_strategy_is_allgather_on_two_ranks_and_the_ring_above():
+    from nonlocal_dist.parallel.strategies import default_strategy
+
+    assert [default_strategy("embedded_gaussian", p) for p in (1, 2, 3, 8)] == ["allgather", "allgather", "ring", "ring"]
+    assert [default_strategy("gaussian", p) for p in (2, 4)] == ["allgather", "ring"]
+    assert [default_strategy(m, 2) for m in ("dot_product", "concatenation")] == ["allreduce", "sorted_stats"]

@@ -20,6 +20,7 @@ from torch.nn.modules.utils import _ntuple
 
 from nonlocal_dist.block import NonLocalBlock
 from nonlocal_dist.parallel import layers
+from nonlocal_dist.parallel.agreement import ForwardAgreement
 from nonlocal_dist.parallel.window import Window
 
 AXES = ("t", "h", "w")
@@ -149,12 +150,14 @@ def parallelize(
     classes to pass unchanged (custom activations). Loss: a loss computed on every rank from the
     pooled features is divided by the group size (``integrations.deepspeed_sp.loss_scale``), so that
     each rank's parameter gradient is its part and their sum is the single-device gradient.
+    The converted layers agree on shard lengths once per model input shapes (one all-gather when
+    ``model``'s forward starts: ``parallel.agreement``), not once per layer and step.
     """
     if not isinstance(group, dist.ProcessGroup):
         raise TypeError(f"group must be a torch.distributed ProcessGroup (dist.group.WORLD for all ranks), got {group!r}")
     if axis not in AXES:
         raise ValueError(f"axis must be one of {AXES}, got {axis!r}")
-    pooled, skip = False, []
+    pooled, skip, agreement = False, [], ForwardAgreement(group)
     for path, module in model.named_modules():
         if any(path.startswith(prefix) for prefix in skip):
             continue
@@ -185,6 +188,10 @@ def parallelize(
         elif not list(module.children()):
             raise _refuse(path, module, axis, "parallelize cannot tell whether it is position-wise; if it is, "
                           f"pass position_wise=({type(module).__name__},)")
+    for module in model.modules():
+        if isinstance(module, layers._Sharded) or isinstance(module, NonLocalBlock):
+            module.sp_agreement = agreement
+    agreement.attach(model)
     return model
 
 

@@ -11,9 +11,11 @@ sum over the group is the single-device gradient.
 """
 from __future__ import annotations
 
+import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from nonlocal_dist.parallel.agreement import ForwardAgreement
 from nonlocal_dist.parallel.collectives import all_reduce
 from nonlocal_dist.parallel.halo import shard_lengths
 from nonlocal_dist.parallel.norm import group_batch_norm
@@ -31,10 +33,25 @@ class _Sharded:
     sp_group: object
     shard_dim: int
     spatial_dims: int
+    sp_agreement: ForwardAgreement | None = None  # set by parallelize: lengths agreed once per model forward
 
     def _shard_lengths(self, x: Tensor) -> list[int]:
         """Every rank's length along the shard dim; raises on every rank for a bad or mismatched input."""
-        return shard_lengths(x, self.shard_dim, self.sp_group, type(self).__name__, self.spatial_dims + 2)
+        what = type(self).__name__
+
+        def run() -> list[int]:
+            return shard_lengths(x, self.shard_dim, self.sp_group, what, self.spatial_dims + 2)
+
+        def check(sizes: list[int]) -> None:
+            if x.dim() != self.spatial_dims + 2 or x.shape[self.shard_dim] != sizes[dist.get_rank(self.sp_group)]:
+                raise RuntimeError(
+                    f"{what} got shape {tuple(x.shape)} where an earlier forward with the same model inputs gave it "
+                    f"{sizes[dist.get_rank(self.sp_group)]} positions along dim {self.shard_dim}: the model's forward "
+                    "depends on more than its inputs' shapes, so the ranks cannot reuse their agreed shard lengths. "
+                    "Make the forward a function of the input shapes, or call the layers outside parallelize's model."
+                )
+
+        return run() if self.sp_agreement is None else self.sp_agreement.agree(self, run, check)
 
     def _others_zeroed(self, values: tuple) -> tuple:
         """``values`` per spatial dim with the shard dim's entry set to 0 (its padding is done by hand)."""

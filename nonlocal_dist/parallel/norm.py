@@ -94,20 +94,21 @@ class _GroupBatchNorm(torch.autograd.Function):
             )
         else:  # an empty shard (the kernel does not take one): its sums are 0, the all-reduce still runs
             sum_dy_x_hat = sum_dy = mean.new_zeros(mean.shape)
+        # x - mean once (not x·b + c: that cancels where the mean is large against the spread).
+        centred = (x if x.dtype == acc else x.to(acc)) - mean.view(shape)
         # Σ x̂ (0 but for the mean's rounding) rides along: x̂ re-centred on it keeps Σ dx at the
         # rounding of a sum, as autograd's centring of the mean's gradient does (without it a bias
         # before BatchNorm drifted 5x further from float64 over 3 SGD steps).
-        sum_x_hat = (x.sum(_reduced_dims(x), dtype=acc) - x.numel() // max(x.shape[1], 1) * mean) * invstd
+        sum_x_hat = centred.sum(_reduced_dims(x)) * invstd
         local = torch.cat([sum_dy.to(acc), sum_dy_x_hat.to(acc), sum_x_hat])
         glob = (local if ctx.group is None else all_reduce(local, ctx.group)) / max(ctx.rows, 1)
         mean_dy, mean_dy_x_hat, mean_x_hat = glob.chunk(3)
         scale = invstd if w is None else invstd * w
-        # dx = scale·(dy - mean_dy + mean_x_hat·mean_dy_x_hat - x̂·mean_dy_x_hat), x̂ = (x - mean)·invstd,
-        # as dy·a + x·b + c per channel: two fused passes.
-        a = scale
+        # dx = scale·(dy - mean_dy + mean_x_hat·mean_dy_x_hat - x̂·mean_dy_x_hat), x̂ = (x - mean)·invstd:
+        # per channel (x - mean)·b + c + dy·scale, in two fused passes.
         b = -scale * invstd * mean_dy_x_hat
-        c = scale * (mean_dy_x_hat * (mean_x_hat + mean * invstd) - mean_dy)
-        dx = torch.addcmul(c.view(shape), x, b.view(shape)).addcmul_(dy, a.view(shape)).to(x.dtype)
+        c = scale * (mean_dy_x_hat * mean_x_hat - mean_dy)
+        dx = torch.addcmul(c.view(shape), centred, b.view(shape)).addcmul_(dy, scale.view(shape)).to(x.dtype)
         if weight is None:
             return dx, None, None, None, None
         return dx, sum_dy_x_hat.to(weight.dtype), sum_dy.to(weight.dtype), None, None

@@ -311,3 +311,36 @@ def test_window_layers_keep_no_copy_of_the_shard():
         assert kept["sharded conv"] < kept["plain conv"] + 0.5, kept
         assert kept["sharded pool"] < kept["plain pool"] + 0.5, kept
         assert error is not None and "in-place" in error, error
+
+
+def _agreement_worker(rank, world):
+    """Shard lengths are agreed once per model input shapes: the second forward with the same shapes runs
+    no per-layer agreement; a change of one rank's shard alone (rank 0's input keeps its shape) makes every
+    rank agree afresh, and the outputs stay exact."""
+    import nonlocal_dist.parallel.layers as sharded_layers
+
+    calls = []
+    original = sharded_layers.shard_lengths
+    sharded_layers.shard_lengths = lambda *a, **k: calls.append(a[3]) or original(*a, **k)
+    try:
+        torch.manual_seed(0)
+        whole = nn.Sequential(nn.Conv3d(2, 4, 3, padding=1), nn.BatchNorm3d(4), nn.ReLU(),
+                              nn.MaxPool3d((3, 1, 1), 1, (1, 0, 0)), nn.Conv3d(4, 4, (3, 1, 1), padding=(1, 0, 0)))
+        whole = whole.double()
+        sharded = parallelize(copy.deepcopy(whole), dist.group.WORLD, "t")
+        counts, errors = [], []
+        for lengths in ([4, 4], [4, 4], [4, 3], [4, 3]):
+            x = torch.randn(1, 2, sum(lengths), 6, 6, generator=torch.Generator().manual_seed(len(calls)), dtype=torch.float64)
+            before = len(calls)
+            ys = sharded(x.split(lengths, dim=2)[rank])
+            counts.append(len(calls) - before)
+            errors.append(rel_err(gather_tensor(ys.detach(), "b c t h w", "t", dist.group.WORLD), whole(x)))
+    finally:
+        sharded_layers.shard_lengths = original
+    return counts, errors
+
+
+def test_shard_lengths_agreed_once_per_input_shapes():
+    for counts, errors in run_ranks(_agreement_worker, 2):
+        assert counts == [3, 0, 3, 0], counts  # conv, pool, conv: agreed at the first forward of each shape
+        assert max(errors) < TOL, errors

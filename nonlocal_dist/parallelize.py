@@ -13,6 +13,7 @@ as a module (``nn.AdaptiveAvgPool3d(1)``).
 """
 from __future__ import annotations
 
+import torch
 import torch.distributed as dist
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
@@ -21,6 +22,7 @@ from torch.nn.modules.utils import _ntuple
 from nonlocal_dist.block import NonLocalBlock
 from nonlocal_dist.parallel import layers
 from nonlocal_dist.parallel.agreement import ForwardAgreement
+from nonlocal_dist.parallel.checks import _exchange_device
 from nonlocal_dist.parallel.window import Window
 
 AXES = ("t", "h", "w")
@@ -150,14 +152,16 @@ def parallelize(
     classes to pass unchanged (custom activations). Loss: a loss computed on every rank from the
     pooled features is divided by the group size (``integrations.deepspeed_sp.loss_scale``), so that
     each rank's parameter gradient is its part and their sum is the single-device gradient.
-    The converted layers agree on shard lengths once per model input shapes (one all-gather when
+    ``nn.Dropout`` after the pool becomes ``ReplicatedDropout`` (one mask on every rank: a seed
+    broadcast from the group's first rank, so parallelize is then a collective call). The
+    converted layers agree on shard lengths once per model input shapes (one all-gather when
     ``model``'s forward starts: ``parallel.agreement``), not once per layer and step.
     """
     if not isinstance(group, dist.ProcessGroup):
         raise TypeError(f"group must be a torch.distributed ProcessGroup (dist.group.WORLD for all ranks), got {group!r}")
     if axis not in AXES:
         raise ValueError(f"axis must be one of {AXES}, got {axis!r}")
-    pooled, skip, agreement = False, [], ForwardAgreement(group)
+    pooled, skip, agreement, dropouts = False, [], ForwardAgreement(group), []
     for path, module in model.named_modules():
         if any(path.startswith(prefix) for prefix in skip):
             continue
@@ -166,6 +170,8 @@ def parallelize(
         if isinstance(module, NonLocalBlock):
             _convert_block(path, module, group, axis, strategy)
             skip.append(path + "." if path else "")
+        elif pooled and isinstance(module, nn.modules.dropout._DropoutNd):
+            dropouts.append(_convert_head_dropout(path, module, axis))
         elif isinstance(module, tuple(position_wise) + _POSITION_WISE):
             continue
         elif row := _match(module, _CONVS + _MAX_POOLS + _AVG_POOLS):
@@ -192,7 +198,21 @@ def parallelize(
         if isinstance(module, layers._Sharded) or isinstance(module, NonLocalBlock):
             module.sp_agreement = agreement
     agreement.attach(model)
+    if dropouts:  # the same on every rank (one model): so is this broadcast
+        seed = torch.tensor([torch.initial_seed() % 2**62], dtype=torch.int64, device=_exchange_device(group))
+        dist.broadcast(seed, src=dist.get_global_rank(group, 0), group=group)
+        for index, module in enumerate(dropouts):
+            module.seed = int(seed) + index
     return model
+
+
+def _convert_head_dropout(path: str, module: nn.Module, axis: str) -> nn.Module:
+    """Dropout after the global pool acts on features every rank holds whole: the same mask everywhere."""
+    if type(module) is not nn.Dropout:
+        raise _refuse(path, module, axis, f"{type(module).__name__} after the global pooling would draw a different mask "
+                      "on each rank for the features they all hold; use nn.Dropout there (it becomes ReplicatedDropout)")
+    module.__class__ = layers.ReplicatedDropout
+    return module
 
 
 def _convert_global_pool(path, module, row, group, axis) -> bool:

@@ -1,10 +1,12 @@
 """Video suite: an I3D-style network with non-local blocks, fwd+bwd on one clip, sharded over time by
 ``nonlocal_dist.parallelize`` on gloo ranks (1 thread each) next to the unchanged model in one process.
 
-Measured in one run: peak memory per rank (torch's allocator) at each world size against the
-single-process model, and time on ``--time-world`` ranks x 1 thread against one process with that
-many threads. Run through ``python scripts/benchmark.py --suite parallel [--parallel-parts video] [--video-clip 1 3 64 112 112]``
-or ``python scripts/bench_video.py``.
+Measured in one run, per clip (default 64x112x112 and the paper's 64x224x224): peak memory per rank
+(torch's allocator) at each world size against the single-process model, time on ``--time-world``
+ranks x 1 thread against one process with that many threads, and the collectives each rank issues
+per step; then what one collective costs between compute slices on this machine (``sync_cost``).
+Run through ``python scripts/benchmark.py --suite parallel [--parallel-parts video] [--video-clip B C T H W ...]``
+or ``python scripts/bench_video.py [--clip B C T H W ...]``.
 """
 from __future__ import annotations
 
@@ -38,16 +40,61 @@ def _clip(args) -> torch.Tensor:
     return torch.randn(*args.clip, generator=torch.Generator().manual_seed(1))
 
 
-def _rank_main(rank, world, args, group) -> tuple[float, float]:
+_COLLECTIVES = ("all_gather", "all_reduce", "all_to_all_single", "batch_isend_irecv", "all_gather_into_tensor",
+                "reduce_scatter_tensor", "broadcast")
+
+
+def _count_collectives(run) -> int:
+    """Collectives one call of ``run`` issues on this rank (each a synchronisation point of the group)."""
+    count = [0]
+    originals = {name: getattr(dist, name) for name in _COLLECTIVES}
+
+    def counted(fn):
+        def call(*a, **k):
+            count[0] += 1
+            return fn(*a, **k)
+        return call
+
+    for name, fn in originals.items():
+        setattr(dist, name, counted(fn))
+    try:
+        run()
+    finally:
+        for name, fn in originals.items():
+            setattr(dist, name, fn)
+    return count[0]  # the step's closing dist.barrier is not among them
+
+
+def _rank_main(rank, world, args, group) -> tuple[float, float, int]:
     model = parallelize(_model(args), group, "t")
     run = _step(model, shard_tensor(_clip(args), "b c t h w", "t", group), world, group)
-    return best_time(run, args.repeats), peak_memory_mb(run)
+    return best_time(run, args.repeats), peak_memory_mb(run), _count_collectives(run)
 
 
-def _run_world(world: int, args) -> tuple[float, float]:
-    """(slowest rank's fwd+bwd seconds, largest rank's peak MiB) on ``world`` ranks."""
+def _run_world(world: int, args) -> tuple[float, float, int]:
+    """(slowest rank's fwd+bwd seconds, largest rank's peak MiB, collectives per step) on ``world`` ranks."""
     results = spawn_ranks(_rank_main, world, args, timeout_min=120).values()
-    return max(t for t, _ in results), max(mem for _, mem in results)
+    return max(r[0] for r in results), max(r[1] for r in results), max(r[2] for r in results)
+
+
+def _sync_rank(rank, world, args, group) -> float:
+    """Seconds one small all-reduce adds between ~1 ms slices of single-thread compute on this machine."""
+    a, x = torch.randn(160, 160), torch.zeros(64)
+
+    def compute():
+        for _ in range(8):
+            a @ a
+
+    def with_sync():
+        compute()
+        dist.all_reduce(x, group=group)
+
+    return best_time(lambda: [with_sync() for _ in range(200)], 3) / 200 - best_time(lambda: [compute() for _ in range(200)], 3) / 200
+
+
+def sync_cost(world: int) -> float:
+    """The slowest rank's cost of one collective between compute slices, seconds (``_sync_rank``)."""
+    return max(spawn_ranks(_sync_rank, world, None).values())
 
 
 def _single_process(args, threads: int) -> tuple[float, float]:
@@ -58,7 +105,8 @@ def _single_process(args, threads: int) -> tuple[float, float]:
 
 def main(argv=None) -> list:
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--clip", type=int, nargs=5, default=[1, 3, 64, 112, 112], metavar=("B", "C", "T", "H", "W"))
+    parser.add_argument("--clip", type=int, nargs=5, action="append", metavar=("B", "C", "T", "H", "W"),
+                        help="clip size (repeatable; default: 1 3 64 112 112 and 1 3 64 224 224)")
     parser.add_argument("--widths", type=int, nargs="+", default=[32, 64, 128], help="I3D stage widths")
     parser.add_argument("--stem", type=int, default=16, help="stem channels")
     parser.add_argument("--classes", type=int, default=10)
@@ -66,24 +114,37 @@ def main(argv=None) -> list:
     parser.add_argument("--time-world", type=int, default=2, help="ranks compared with one process of as many threads")
     parser.add_argument("--repeats", type=int, default=2)
     args = parser.parse_args(argv)
+    clips = args.clip or [[1, 3, 64, 112, 112], [1, 3, 64, 224, 224]]
+    records = []
+    for clip in clips:
+        args.clip = clip
+        records += _one_clip(args)
+    cost = sync_cost(args.time_world)
+    print(f"\nOne collective between ~1 ms compute slices costs {1e3 * cost:.2f} ms on {args.time_world} gloo ranks "
+          "of this machine (scripts/bench_video.py sync_cost).")
+    records.append({"suite": "video", "case": "sync_cost", "ranks": args.time_world, "ms": 1e3 * cost})
+    return records
+
+
+def _one_clip(args) -> list:
     base_t, base_mem = _single_process(args, 1)
     threaded_t, _ = _single_process(args, args.time_world)
-    rows = [["1 process, 1 thread", 1e3 * base_t, base_mem, "1.00x", "-"],
-            [f"1 process, {args.time_world} threads", 1e3 * threaded_t, "-", "-", "1.00x"]]
+    rows = [["1 process, 1 thread", 1e3 * base_t, base_mem, "1.00x", "-", "-"],
+            [f"1 process, {args.time_world} threads", 1e3 * threaded_t, "-", "-", "1.00x", "-"]]
     records = [{"suite": "video", "ranks": 1, "threads": 1, "clip": args.clip, "fwd_bwd_ms": 1e3 * base_t,
                 "peak_mb_per_rank": base_mem},
                {"suite": "video", "ranks": 1, "threads": args.time_world, "clip": args.clip, "fwd_bwd_ms": 1e3 * threaded_t}]
     for world in args.worlds:
-        t, mem = _run_world(world, args)
+        t, mem, collectives = _run_world(world, args)
         vs_threads = f"{t / threaded_t:.2f}x" if world == args.time_world else "-"
-        rows.append([f"{world} ranks x 1 thread", 1e3 * t, mem, f"{mem / base_mem:.2f}x", vs_threads])
+        rows.append([f"{world} ranks x 1 thread", 1e3 * t, mem, f"{mem / base_mem:.2f}x", vs_threads, collectives])
         records.append({"suite": "video", "ranks": world, "threads": 1, "clip": args.clip, "fwd_bwd_ms": 1e3 * t,
-                        "peak_mb_per_rank": mem, "memory_vs_one_process": mem / base_mem})
+                        "peak_mb_per_rank": mem, "memory_vs_one_process": mem / base_mem, "collectives": collectives})
     print_table(
         f"I3D-style network with non-local blocks (widths {args.widths}), clip {tuple(args.clip)}, float32, fwd+bwd, "
         "parallelize(model, group, 't') on gloo",
         ["run", "fwd+bwd ms (slowest rank)", "peak MiB per rank", "memory vs 1 process",
-         f"time vs 1 process x {args.time_world} threads"],
+         f"time vs 1 process x {args.time_world} threads", "collectives per step per rank"],
         rows,
     )
     return records

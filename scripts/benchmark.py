@@ -224,8 +224,8 @@ def main(argv=None) -> None:
     parser.add_argument("--parallel-parts", nargs="+", default=["strategies", "video"], choices=["strategies", "video"],
                         help="parallel-suite parts: the non-local strategies (bench_parallel.py) and the sharded "
                              "I3D network (bench_video.py)")
-    parser.add_argument("--video-clip", type=int, nargs=5, default=[1, 3, 64, 112, 112], metavar=("B", "C", "T", "H", "W"),
-                        help="clip of the parallel suite's video part")
+    parser.add_argument("--video-clip", type=int, nargs=5, action="append", metavar=("B", "C", "T", "H", "W"),
+                        help="clip of the parallel suite's video part (repeatable; default: 64x112x112 and 64x224x224)")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--json", metavar="PATH", help="write every measured number to PATH")
     args, rest = parser.parse_known_args(argv)
@@ -241,7 +241,8 @@ def main(argv=None) -> None:
         if "video" in args.parallel_parts:
             import bench_video
 
-            records += bench_video.main(["--clip", *map(str, args.video_clip)])
+            clips = [arg for clip in args.video_clip or [] for arg in ("--clip", *map(str, clip))]
+            records += bench_video.main(clips)
     else:
         if rest:
             parser.error(f"unrecognised arguments: {' '.join(rest)}")

@@ -11,6 +11,7 @@ sum over the group is the single-device gradient.
 """
 from __future__ import annotations
 
+import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -223,3 +224,23 @@ class ShardedAdaptiveAvgPool2d(_ShardedGlobalAvgPool, nn.AdaptiveAvgPool2d):
 
 class ShardedAdaptiveAvgPool3d(_ShardedGlobalAvgPool, nn.AdaptiveAvgPool3d):
     """``nn.AdaptiveAvgPool3d`` with size 1 along the shard axis, over (B, C, T, H, W) shards."""
+
+
+class ReplicatedDropout(nn.Dropout):
+    """``nn.Dropout`` on features that every rank holds whole (after the global pool): the same mask
+    on every rank of the group, drawn from a generator per device seeded alike on all of them
+    (``parallelize`` broadcasts ``seed``), so the replicated head gives the same logits everywhere,
+    as one device would. (Plain dropout draws from each rank's own RNG: the ranks' logits and
+    gradients would belong to different masks.)"""
+
+    seed: int
+
+    def forward(self, x: Tensor) -> Tensor:
+        if not self.training or self.p == 0.0:
+            return x
+        generators = self.__dict__.setdefault("_generators", {})
+        if x.device not in generators:
+            generators[x.device] = torch.Generator(x.device).manual_seed(self.seed)
+        keep = torch.empty_like(x).bernoulli_(1.0 - self.p, generator=generators[x.device])
+        scaled = keep.div_(1.0 - self.p) if self.p < 1.0 else keep
+        return x.mul_(scaled) if self.inplace else x * scaled

@@ -344,3 +344,32 @@ def test_shard_lengths_agreed_once_per_input_shapes():
     for counts, errors in run_ranks(_agreement_worker, 2):
         assert counts == [3, 0, 3, 0], counts  # conv, pool, conv: agreed at the first forward of each shape
         assert max(errors) < TOL, errors
+
+
+def _head_dropout_worker(rank, world):
+    """Dropout after the global pool: every rank draws the same mask (its RNG differs from the others')."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv3d(2, 64, (3, 1, 1), padding=(1, 0, 0)), nn.AdaptiveAvgPool3d(1), nn.Flatten(),
+                          nn.Dropout(0.5), nn.Linear(64, 3))
+    sharded = parallelize(model, dist.group.WORLD, "t")
+    torch.manual_seed(100 + rank)  # each rank's own RNG stream, as after differing data loading
+    x = torch.randn(4, 2, 6, 3, 3, generator=torch.Generator().manual_seed(1)).split([3, 3], dim=2)[rank]
+    features = sharded[:3](x)
+    dropped = [sharded[3](features) for _ in range(20)]
+    sharded.eval()
+    same_in_eval = torch.equal(sharded[3](features), features)
+    zeros = sum((d == 0).sum().item() for d in dropped) / (20 * features.numel())
+    try:
+        parallelize(nn.Sequential(nn.AdaptiveAvgPool3d(1), nn.Flatten(), nn.AlphaDropout(0.5)), dist.group.WORLD, "t")
+        refusal = None
+    except ValueError as exc:
+        refusal = str(exc)
+    return type(sharded[3]).__name__, torch.stack(dropped), zeros, same_in_eval, refusal
+
+
+def test_head_dropout_draws_one_mask_on_every_rank():
+    (name, first, zeros, same_in_eval, refusal), (_, second, *_) = run_ranks(_head_dropout_worker, 2)
+    assert name == "ReplicatedDropout" and same_in_eval
+    assert torch.equal(first, second)  # the same masks, step after step
+    assert 0.45 < zeros < 0.55, zeros
+    assert refusal is not None and "AlphaDropout after the global pooling" in refusal, refusal

@@ -6,9 +6,10 @@ import pytest
 import torch
 import torch.distributed as dist
 
+from block_parity import sharded_block_failures
 from dist_harness import run_ranks
 from helpers import rel_err
-from nonlocal_dist import NonLocalBlock, nonlocal_op
+from nonlocal_dist import nonlocal_op
 from nonlocal_dist.parallel import MODE_STRATEGIES, shard_tensor
 from oracle import naive_nonlocal
 
@@ -96,43 +97,7 @@ def test_shard_tensor_fewer_positions_than_ranks():
 BLOCK_CONFIGS = [("t", None, (2, 8, 2, 5, 4)), ("t", {"h": 2, "w": 2}, (2, 8, 2, 5, 4)), ("h", {"w": 2}, (1, 8, 3, 2, 4))]
 
 
-def _block_case(rank, world, mode):
-    failures = []
-    group = dist.group.WORLD
-    for index, (shard_axis, sub_sample, shape) in enumerate(BLOCK_CONFIGS):
-        torch.manual_seed(index)
-        whole = NonLocalBlock(8, mode=mode, sub_sample=sub_sample, heads=2).double()
-        with torch.no_grad():
-            for p in whole.parameters():
-                p.copy_(torch.randn_like(p) * 0.4)
-        sharded = NonLocalBlock(8, mode=mode, sub_sample=sub_sample, heads=2, sp_group=group, shard_axis=shard_axis).double()
-        sharded.load_state_dict(whole.state_dict())
-        x, grad = torch.randn(*shape, dtype=torch.float64), torch.randn(*shape, dtype=torch.float64)
-        shard = lambda t: shard_tensor(t, "b c t h w", shard_axis, group)  # noqa: E731 (the last rank's is empty)
-        for train in (True, False):
-            whole.train(train), sharded.train(train)
-            whole.zero_grad(), sharded.zero_grad()
-            xw = x.clone().requires_grad_()
-            zw = whole(xw)
-            zw.backward(grad)
-            xs = shard(x).requires_grad_()
-            zs = sharded(xs)
-            zs.backward(shard(grad))
-            checks = {"z": (zs, shard(zw)), "dx": (xs.grad, shard(xw.grad))}
-            grad_scale = max(p.grad.abs().max().item() for p in whole.parameters())
-            for (name, p), pw in zip(sharded.named_parameters(), whole.parameters()):
-                total = torch.zeros_like(pw) if p.grad is None else p.grad.clone()
-                dist.all_reduce(total, group=group)
-                checks[f"d{name} (sum over ranks)"] = (total, pw.grad)
-            checks["running_var"] = (sharded.norm.running_var, whole.norm.running_var)
-            for name, (got, want) in checks.items():
-                err = 0.0 if want.numel() == 0 else rel_err(got, want, grad_scale if name.startswith("dW") or "(sum" in name else 0.0)
-                if got.shape != want.shape or not err <= 1e-10 or got.isnan().any():
-                    failures.append(f"config {index} train={train}: {name} {tuple(got.shape)} rel err {err:.2e}")
-    return failures
-
-
 @pytest.mark.parametrize("mode", ["gaussian", "embedded_gaussian", "dot_product", "concatenation"])
 def test_block_with_an_empty_shard(mode):
-    failures = run_ranks(_block_case, 3, mode, timeout=240)
+    failures = run_ranks(sharded_block_failures, 3, mode, BLOCK_CONFIGS, 0, timeout=240)
     assert not any(failures), failures

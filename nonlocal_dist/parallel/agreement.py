@@ -4,11 +4,15 @@ A sharded layer needs every rank's shard length (its halo plan) and a check that
 match; each costs a small all-gather, a synchronisation point (about 1 ms on gloo between two CPU
 processes, a device sync on GPU). In a network those facts follow from the model's input: given
 every rank's input shapes, each layer sees the same shapes at its k-th call of a forward. So
-``ForwardAgreement`` all-gathers one digest of every rank's input shapes, dtypes and training flag
-when the model's forward starts (a forward pre-hook that ``parallelize`` registers) and lets each
+``ForwardAgreement`` all-gathers one digest of every rank's input shapes and dtypes, submodules'
+training flags, grad mode and autocast state when the model's forward starts (a forward pre-hook
+that ``parallelize`` registers) and lets each
 layer's agreement run at its first forward under that key; later forwards with the same key reuse
 its result without a collective. Every rank hits or misses together, because the key is the same
-on every rank.
+on every rank. What a layer's own agreement would have caught (a block in eval mode on one rank
+alone, autocast on one rank) changes the key, so every rank agrees afresh and the layer raises.
+The non-local operation's own exchange still runs every forward: it also checks that replicated
+parameters (``concat_weight``) are bit-equal across ranks, which change every step.
 
 Outside the model's forward (a layer called alone, or recomputed by activation checkpointing in
 the backward) every agreement runs as usual.
@@ -30,9 +34,13 @@ T = TypeVar("T")
 
 
 def _describe_inputs(module: nn.Module, args: tuple, kwargs: dict) -> int:
-    """A 63-bit digest of the module's training flag and its tensor inputs' shapes and dtypes."""
+    """A 63-bit digest of what decides each layer's shapes, dtypes and collectives in this forward: the
+    tensor inputs' shapes and dtypes, every submodule's training flag (a block put in eval mode on one
+    rank alone must still be caught), grad mode and autocast."""
     h = hashlib.blake2b(digest_size=8)
-    h.update(repr(module.training).encode())
+    flags = "".join("1" if m.training else "0" for m in module.modules())
+    autocast = [(d, torch.is_autocast_enabled(d), torch.get_autocast_dtype(d)) for d in ("cpu", "cuda")]
+    h.update(f"{flags} {torch.is_grad_enabled()} {autocast}".encode())
     for leaf in tree_leaves((args, kwargs)):
         if isinstance(leaf, Tensor):
             h.update(f"{tuple(leaf.shape)} {leaf.dtype};".encode())

@@ -373,3 +373,25 @@ def test_head_dropout_draws_one_mask_on_every_rank():
     assert torch.equal(first, second)  # the same masks, step after step
     assert 0.45 < zeros < 0.55, zeros
     assert refusal is not None and "AlphaDropout after the global pooling" in refusal, refusal
+
+
+def _eval_on_one_rank_worker(rank, world):
+    """A non-local block put in eval mode on one rank alone is still refused on every rank after the
+    shard lengths were agreed (the agreement's key holds every submodule's training flag)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv3d(2, 8, (3, 1, 1), padding=(1, 0, 0)), NonLocalBlock(8, layout="b c t h w"))
+    sharded = parallelize(model, dist.group.WORLD, "t")
+    x = torch.randn(1, 2, 8, 3, 3, generator=torch.Generator().manual_seed(1)).split([4, 4], dim=2)[rank]
+    sharded(x)
+    if rank == 1:
+        sharded[1].eval()
+    try:
+        sharded(x)
+    except ValueError as exc:
+        return str(exc)
+    return None
+
+
+def test_block_in_eval_mode_on_one_rank_is_refused_on_every_rank():
+    for message in run_ranks(_eval_on_one_rank_worker, 2, timeout=60):
+        assert message is not None and "training" in message, message

@@ -1,4 +1,5 @@
-"""Run a function on real gloo ranks (spawned processes, 127.0.0.1, a free port) with a timeout."""
+"""Run a function on real gloo ranks (spawned processes, 127.0.0.1, a free port) with a timeout
+(NCCL on request, for a one-rank group on a GPU)."""
 from __future__ import annotations
 
 import os
@@ -18,12 +19,14 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def _worker(rank, world, port, fn, args, queue):
+def _worker(rank, world, port, fn, args, queue, backend="gloo"):
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     torch.set_num_threads(1)
     try:
+        if backend == "nccl":
+            torch.cuda.set_device(rank)
         dist.init_process_group(
-            "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world, timeout=timedelta(seconds=60)
+            backend, init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world, timeout=timedelta(seconds=60)
         )
         result = fn(rank, world, *args)
         # Plain pickling copies tensors by value: torch's shared-memory handles would die with the rank.
@@ -35,8 +38,9 @@ def _worker(rank, world, port, fn, args, queue):
             dist.destroy_process_group()
 
 
-def run_ranks(fn, world: int, *args, timeout: float = 120.0) -> list:
-    """Run ``fn(rank, world, *args)`` on ``world`` gloo ranks; return the results in rank order.
+def run_ranks(fn, world: int, *args, timeout: float = 120.0, backend: str = "gloo") -> list:
+    """Run ``fn(rank, world, *args)`` on ``world`` gloo ranks (``backend="nccl"``: rank r on GPU r);
+    return the results in rank order.
 
     Fails (AssertionError with every rank's traceback) when a rank raises, and when the ranks do not
     finish within ``timeout`` seconds (they are killed: a hang fails instead of blocking CI).
@@ -44,7 +48,7 @@ def run_ranks(fn, world: int, *args, timeout: float = 120.0) -> list:
     ctx = mp.get_context("spawn")
     queue = ctx.Queue()
     port = free_port()
-    procs = [ctx.Process(target=_worker, args=(r, world, port, fn, args, queue)) for r in range(world)]
+    procs = [ctx.Process(target=_worker, args=(r, world, port, fn, args, queue, backend)) for r in range(world)]
     for p in procs:
         p.start()
     results, errors = {}, {}

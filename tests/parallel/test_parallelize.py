@@ -395,3 +395,36 @@ def _eval_on_one_rank_worker(rank, world):
 def test_block_in_eval_mode_on_one_rank_is_refused_on_every_rank():
     for message in run_ranks(_eval_on_one_rank_worker, 2, timeout=60):
         assert message is not None and "training" in message, message
+
+
+def _one_rank_worker(rank, world, device):
+    """The I3D with non-local blocks parallelized over a group of one on ``device``: the sharded layers'
+    own code (group BatchNorm's fused kernels, the halo Function, the rebuilt saved input, the agreement,
+    the strategies) against the unchanged model, float32 without TF32, two forward+backward passes."""
+    from nonlocal_dist.models import I3DNonLocal
+
+    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
+    torch.manual_seed(0)
+    plain = I3DNonLocal(3, 5, stem_channels=8, widths=(16, 32, 64)).to(device)
+    sharded = parallelize(copy.deepcopy(plain), dist.group.WORLD, "t")
+    x = torch.randn(2, 3, 8, 32, 32, generator=torch.Generator().manual_seed(1)).to(device)
+    errors = {}
+    for step in range(2):
+        plain.zero_grad(), sharded.zero_grad()
+        yp, ys = plain(x), sharded(x)
+        yp.square().sum().backward()
+        ys.square().sum().backward()
+        errors[f"logits {step}"] = rel_err(ys, yp)
+        scale = max(q.grad.abs().max().item() for q in plain.parameters())
+        for (name, p), q in zip(sharded.named_parameters(), plain.parameters()):
+            errors[f"grad {name} {step}"] = rel_err(p.grad, q.grad, floor=scale)
+    for (name, b), c in zip(sharded.named_buffers(), plain.buffers()):
+        errors[f"buffer {name}"] = rel_err(b.double(), c.double())
+    return {k: v for k, v in errors.items() if not v <= 1e-4}
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="needs a CUDA device"))])
+def test_one_rank_group_equals_the_plain_model(device):
+    (failures,) = run_ranks(_one_rank_worker, 1, device, timeout=240, backend="nccl" if device == "cuda" else "gloo")
+    assert not failures, failures

@@ -22,7 +22,7 @@ from torch.nn.modules.utils import _ntuple
 from nonlocal_dist.block import NonLocalBlock
 from nonlocal_dist.parallel import layers
 from nonlocal_dist.parallel.agreement import ForwardAgreement
-from nonlocal_dist.parallel.checks import _exchange_device
+from nonlocal_dist.parallel.checks import exchange_device
 from nonlocal_dist.parallel.window import Window
 
 AXES = ("t", "h", "w")
@@ -199,7 +199,7 @@ def parallelize(
             module.sp_agreement = agreement
     agreement.attach(model)
     if dropouts:  # the same on every rank (one model): so is this broadcast
-        seed = torch.tensor([torch.initial_seed() % 2**62], dtype=torch.int64, device=_exchange_device(group))
+        seed = torch.tensor([torch.initial_seed() % 2**62], dtype=torch.int64, device=exchange_device(group))
         dist.broadcast(seed, src=dist.get_global_rank(group, 0), group=group)
         for index, module in enumerate(dropouts):
             module.seed = int(seed) + index

@@ -28,7 +28,7 @@ import torch.distributed as dist
 from torch import Tensor, nn
 from torch.utils._pytree import tree_leaves
 
-from nonlocal_dist.parallel.checks import _exchange_device
+from nonlocal_dist.parallel.checks import exchange_device
 
 T = TypeVar("T")
 
@@ -63,7 +63,7 @@ class ForwardAgreement:
         model.register_forward_hook(self._end, always_call=True)
 
     def _begin(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
-        local = torch.tensor([_describe_inputs(module, args, kwargs)], dtype=torch.int64, device=_exchange_device(self.group))
+        local = torch.tensor([_describe_inputs(module, args, kwargs)], dtype=torch.int64, device=exchange_device(self.group))
         table = local.new_empty(dist.get_world_size(self.group))
         dist.all_gather(list(table.split(1)), local, group=self.group)
         key = tuple(table.tolist())

@@ -52,7 +52,7 @@ def _describe(value: Value) -> str:
     return str(value)
 
 
-def _exchange_device(group) -> torch.device:
+def exchange_device(group) -> torch.device:
     """CPU for gloo (and mixed backends), this process's GPU where the group has only NCCL."""
     backend = str(dist.get_backend(group))
     return torch.device("cuda", torch.cuda.current_device()) if backend == "nccl" else torch.device("cpu")
@@ -92,7 +92,7 @@ def agree_across_ranks(
         (v if isinstance(v, int) and not isinstance(v, bool) else _digest(v)) if error is None else -1
         for v in plain.values()
     ]
-    local = torch.tensor([dist.get_world_size(group), *codes], dtype=torch.int64, device=_exchange_device(group))
+    local = torch.tensor([dist.get_world_size(group), *codes], dtype=torch.int64, device=exchange_device(group))
     table = [torch.empty_like(local) for _ in range(dist.get_world_size(group))]
     dist.all_gather(table, local, group=group)
     rows = torch.stack(table).cpu().tolist()
@@ -186,4 +186,4 @@ def agree_on_shards(
     return result, values["shard_length"]
 
 
-__all__ = ["agree_across_ranks", "agree_on_shards"]
+__all__ = ["agree_across_ranks", "agree_on_shards", "exchange_device"]

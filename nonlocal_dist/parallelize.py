@@ -195,7 +195,7 @@ def parallelize(
             raise _refuse(path, module, axis, "parallelize cannot tell whether it is position-wise; if it is, "
                           f"pass position_wise=({type(module).__name__},)")
     for module in model.modules():
-        if isinstance(module, layers._Sharded) or isinstance(module, NonLocalBlock):
+        if isinstance(module, (layers._Sharded, NonLocalBlock)):
             module.sp_agreement = agreement
     agreement.attach(model)
     if dropouts:  # the same on every rank (one model): so is this broadcast

@@ -19,7 +19,6 @@ the backward) every agreement runs as usual.
 """
 from __future__ import annotations
 
-import hashlib
 from collections.abc import Callable
 from typing import TypeVar
 
@@ -28,7 +27,7 @@ import torch.distributed as dist
 from torch import Tensor, nn
 from torch.utils._pytree import tree_leaves
 
-from nonlocal_dist.parallel.checks import exchange_device
+from nonlocal_dist.parallel.checks import digest, exchange_device
 
 T = TypeVar("T")
 
@@ -37,14 +36,10 @@ def _describe_inputs(module: nn.Module, args: tuple, kwargs: dict) -> int:
     """A 63-bit digest of what decides each layer's shapes, dtypes and collectives in this forward: the
     tensor inputs' shapes and dtypes, every submodule's training flag (a block put in eval mode on one
     rank alone must still be caught), grad mode and autocast."""
-    h = hashlib.blake2b(digest_size=8)
     flags = "".join("1" if m.training else "0" for m in module.modules())
-    autocast = [(d, torch.is_autocast_enabled(d), torch.get_autocast_dtype(d)) for d in ("cpu", "cuda")]
-    h.update(f"{flags} {torch.is_grad_enabled()} {autocast}".encode())
-    for leaf in tree_leaves((args, kwargs)):
-        if isinstance(leaf, Tensor):
-            h.update(f"{tuple(leaf.shape)} {leaf.dtype};".encode())
-    return int.from_bytes(h.digest(), "little") >> 1
+    autocast = tuple((d, torch.is_autocast_enabled(d), torch.get_autocast_dtype(d)) for d in ("cpu", "cuda"))
+    shapes = tuple((tuple(t.shape), t.dtype) for t in tree_leaves((args, kwargs)) if isinstance(t, Tensor))
+    return digest((flags, torch.is_grad_enabled(), autocast, shapes))
 
 
 class ForwardAgreement:

@@ -30,7 +30,7 @@ _HINTS = {
 }
 
 
-def _digest(value: Value) -> int:
+def digest(value: Value) -> int:
     """A 63-bit digest equal on every process for equal values (tensors: dtype, shape and exact bits)."""
     h = hashlib.blake2b(digest_size=8)
     if isinstance(value, Tensor):
@@ -89,7 +89,7 @@ def agree_across_ranks(
     plain = {name: fields.get(name) for name in names}
     # ints travel as themselves (shapes are shown per rank); the rest as digests; -1 stands in on a failed rank.
     codes = [0 if error is None else 1] + [
-        (v if isinstance(v, int) and not isinstance(v, bool) else _digest(v)) if error is None else -1
+        (v if isinstance(v, int) and not isinstance(v, bool) else digest(v)) if error is None else -1
         for v in plain.values()
     ]
     local = torch.tensor([dist.get_world_size(group), *codes], dtype=torch.int64, device=exchange_device(group))
@@ -186,4 +186,4 @@ def agree_on_shards(
     return result, values["shard_length"]
 
 
-__all__ = ["agree_across_ranks", "agree_on_shards", "exchange_device"]
+__all__ = ["agree_across_ranks", "agree_on_shards", "digest", "exchange_device"]

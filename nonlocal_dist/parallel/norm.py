@@ -1,7 +1,7 @@
 """BatchNorm whose statistics span the sequence-parallel group (works on gloo/CPU, uneven and empty shards).
 
 One autograd Function serves rows (L, C) and (B, C, *spatial) in every precision. It keeps what
-torch's own BatchNorm keeps for backward (the input, the mean and 1/std), so sharding divides
+torch's own BatchNorm keeps for backward (the input and the statistics), so sharding divides
 BatchNorm's activation memory instead of doubling it:
 
 - statistics from one all-gather of each rank's count, mean and sum of squared deviations from its
@@ -65,7 +65,7 @@ class _GroupBatchNorm(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, bias, bn, group):
         acc = accumulation_dtype(x.dtype)
-        mean, var, rows = _group_moments(x, group)
+        mean, var, rows = _moments(x, group, fused=True)
         if rows == 1:  # torch's own message; rows is the group's count, so every rank raises
             where = "" if group is None else " (1 value over the sequence-parallel group)"
             raise ValueError(
@@ -143,31 +143,23 @@ def _channel_shape(x: Tensor) -> list[int]:
     return [1, x.shape[1]] + [1] * (x.dim() - 2)
 
 
-def _group_moments(x: Tensor, group: dist.ProcessGroup | None) -> tuple[Tensor, Tensor, int]:
-    """``_moments`` for the forward (no graph): each rank's mean and variance from torch's fused
-    two-pass statistics kernel, in ``accumulation_dtype(x.dtype)`` (half x is read as float32)."""
-    acc, channels = accumulation_dtype(x.dtype), x.shape[1]
-    rows = x.numel() // channels if channels else 0
-    if rows == 0:
-        local_mean = local_m2 = x.new_zeros(channels, dtype=acc)
-    else:
-        local_mean, local_var = torch.batch_norm_update_stats(x if x.dtype == acc else x.to(acc), None, None, 0.0)
-        local_m2 = local_var * rows
-    return _combine(torch.cat([x.new_full((1,), float(rows), dtype=acc), local_mean, local_m2]), channels, group)
-
-
-def _moments(x: Tensor, group: dist.ProcessGroup | None) -> tuple[Tensor, Tensor, int]:
+def _moments(x: Tensor, group: dist.ProcessGroup | None, *, fused: bool = False) -> tuple[Tensor, Tensor, int]:
     """Group mean and biased variance per channel (C,), and the group's count of values per channel.
 
-    Each rank's count, mean and sum of squared deviations from its own mean (two local passes) in
-    one all-gather, combined exactly (Chan et al.). Differentiable in x (the gather's backward
-    all-reduces), for the graph of the backward.
+    Each rank's count, mean and sum of squared deviations from its own mean in one all-gather,
+    combined exactly (Chan et al.). ``fused``: the local moments from torch's fused two-pass
+    statistics kernel (the forward; half x is read as ``accumulation_dtype``); otherwise two
+    differentiable local passes (the gather's backward all-reduces), for the graph of the backward.
     """
-    dims, channels = _reduced_dims(x), x.shape[1]
+    acc, dims, channels = accumulation_dtype(x.dtype), _reduced_dims(x), x.shape[1]
     rows = x.numel() // channels if channels else 0
-    local_mean = x.sum(dims) / max(rows, 1)
-    m2 = (x - local_mean.view(_channel_shape(x))).square().sum(dims)
-    return _combine(torch.cat([x.new_full((1,), float(rows)), local_mean, m2]), channels, group)
+    if fused and rows:
+        local_mean, local_var = torch.batch_norm_update_stats(x if x.dtype == acc else x.to(acc), None, None, 0.0)
+        m2 = local_var * rows
+    else:
+        local_mean = x.sum(dims, dtype=acc) / max(rows, 1)
+        m2 = (x - local_mean.view(_channel_shape(x))).square().sum(dims, dtype=acc)
+    return _combine(torch.cat([local_mean.new_full((1,), float(rows)), local_mean, m2]), channels, group)
 
 
 def _combine(local: Tensor, channels: int, group: dist.ProcessGroup | None) -> tuple[Tensor, Tensor, int]:

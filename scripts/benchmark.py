@@ -22,6 +22,7 @@ import torch.nn.functional as F
 import bench_gpu
 from bench_utils import best_time, peak_memory_mb, print_table
 from nonlocal_dist import MODES, NonLocalBlock, nonlocal_op
+from nonlocal_dist.parallel import group_batch_norm
 
 
 def _op_inputs(n: int, d: int, heads: int = 1, requires_grad: bool = True):
@@ -202,12 +203,28 @@ def suite_concat(args, records: list) -> None:
     print_table(f"Concatenation, N = M = {n}, d = {d}, forward+backward", ["impl", "ms", "peak MiB", "speed-up", "memory saving"], rows)
 
 
+def suite_norm(args, records: list) -> None:
+    """Group BatchNorm (``group_batch_norm``, no group) against ``nn.BatchNorm3d``, training fwd+bwd, on the
+    activations of the video suite's I3D (one rank's shard of 64 frames at 112x112 over 2 ranks)."""
+    rows = []
+    for shape in [(1, 16, 32, 56, 56), (1, 32, 16, 28, 28), (1, 64, 16, 14, 14), (1, 128, 16, 7, 7)]:
+        x = torch.randn(shape, generator=torch.Generator().manual_seed(0)).requires_grad_()
+        dy = torch.randn(shape, generator=torch.Generator().manual_seed(1))
+        bn = torch.nn.BatchNorm3d(shape[1])
+        t_torch = best_time(lambda: bn(x).backward(dy), args.repeats)
+        t_group = best_time(lambda: group_batch_norm(x, bn, None).backward(dy), args.repeats)
+        rows.append([str(shape), 1e3 * t_group, 1e3 * t_torch, f"{t_group / t_torch:.2f}x"])
+        records.append({"suite": "norm", "shape": shape, "group_ms": 1e3 * t_group, "torch_ms": 1e3 * t_torch})
+    print_table("Group BatchNorm without a group vs nn.BatchNorm3d, training forward+backward, float32",
+                ["activation", "group_batch_norm ms", "nn.BatchNorm3d ms", "time / torch"], rows)
+
+
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--suite", choices=["single", "parallel", "device"],
                         help="single (CPU, the default), parallel (gloo ranks) or device (every path against its "
                              "floor on --device; the default with --device cuda)")
-    parser.add_argument("--parts", nargs="+", help="parts of the suite to run (single: modes flops concat large; "
+    parser.add_argument("--parts", nargs="+", help="parts of the suite to run (single: modes flops concat large norm; "
                                                    "device: softmax modes ring block)")
     parser.add_argument("--device", default="cpu", help="device suite: cpu or cuda")
     parser.add_argument("--dtype", choices=sorted(bench_gpu.DTYPES), default="bfloat16", help="device suite dtype")
@@ -249,7 +266,8 @@ def main(argv=None) -> None:
         if args.device == "cpu":
             torch.set_num_threads(args.threads)
         suites = bench_gpu.SUITES if args.suite == "device" else {
-            "modes": suite_modes, "flops": suite_flops, "concat": suite_concat, "large": suite_large}
+            "modes": suite_modes, "flops": suite_flops, "concat": suite_concat, "large": suite_large,
+            "norm": suite_norm}
         args.parts = args.parts or list(suites)
         if set(args.parts) - set(suites):
             parser.error(f"--parts of suite {args.suite}: choose from {' '.join(suites)}, given {' '.join(args.parts)}")

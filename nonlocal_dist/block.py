@@ -17,6 +17,7 @@ from nonlocal_dist.layout import flatten_positions, max_pool_positions, normalis
 from nonlocal_dist.parallel import batch_norm_rows
 from nonlocal_dist.validate import one_of, positive_int
 from nonlocal_dist.parallel.checks import agree_on_shards
+from nonlocal_dist.parallel.sharded import ShardedTensor, ShardingRefusal, user_frame
 
 
 class NonLocalBlock(nn.Module):
@@ -178,7 +179,9 @@ class NonLocalBlock(nn.Module):
             self.sp_agreement.agree(self, run, check)
 
     def forward(self, x: Tensor) -> Tensor:
-        """x in ``layout`` -> z of the same shape."""
+        """x in ``layout`` -> z of the same shape (a ``ShardedTensor`` in, the same shards out)."""
+        if isinstance(x, ShardedTensor):
+            return self._forward_sharded(x)
         if self.sp_group is None:
             self.layout.check(x, self.in_channels)
         else:  # the layout too is checked inside the exchange: a bad slice on one rank raises on all
@@ -188,6 +191,26 @@ class NonLocalBlock(nn.Module):
         y = self.attend(*self.embed(xp))
         z = self.output(y).view(xp.shape)
         return x + self.layout.from_positions(z, sizes)
+
+
+    def _forward_sharded(self, x: ShardedTensor) -> ShardedTensor:
+        """The block on a sharded activation: its one sharded axis is the block's shard axis and group."""
+        dims = x.spec.dims
+        names = self.layout.names
+        if len(dims) != 1 or names[dims[0][0]] not in self.layout.axes:
+            raise ShardingRefusal(
+                f"NonLocalBlock (layout {self.layout.text!r}, axes {self.layout.axes}) got an activation sharded on dims "
+                f"{[d for d, _ in dims]}: it takes one sharded dim, one of its interacting axes (at {user_frame()})"
+            )
+        dim, shard = dims[0]
+        saved = (self.sp_group, self.shard_axis)
+        self.sp_group, self.shard_axis = shard.group, names[dim]
+        try:
+            with torch._C.DisableTorchFunctionSubclass():
+                z = self.forward(x.to_local())
+        finally:
+            self.sp_group, self.shard_axis = saved
+        return ShardedTensor.wrap(z, x.spec)
 
 
 def _contiguous_grad(grad: Tensor | None) -> Tensor | None:

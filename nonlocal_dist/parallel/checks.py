@@ -16,6 +16,9 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
+from nonlocal_dist.parallel.comm import all_gather_into
+from nonlocal_dist.parallel.failure import everywhere
+
 T = TypeVar("T")
 
 #: Exchanged as is; anything else travels as a digest and is gathered only to name a disagreement.
@@ -94,7 +97,7 @@ def agree_across_ranks(
     ]
     local = torch.tensor([dist.get_world_size(group), *codes], dtype=torch.int64, device=exchange_device(group))
     table = [torch.empty_like(local) for _ in range(dist.get_world_size(group))]
-    dist.all_gather(table, local, group=group)
+    all_gather_into(table, local, group)
     rows = torch.stack(table).cpu().tolist()
     failed = [rank for rank, row in enumerate(rows) if row[1]]
     if failed:
@@ -115,12 +118,12 @@ def _raise_failed(group, failed: list[int], error: Exception | None, what: str) 
     texts: list = [None] * dist.get_world_size(group)
     dist.all_gather_object(texts, None if error is None else f"{type(error).__name__}: {error}", group=group)
     if error is not None:
-        raise error
+        raise everywhere(error)
     reasons = "; ".join(f"rank {rank}: {texts[rank]}" for rank in failed)
-    raise ValueError(
+    raise everywhere(ValueError(
         f"rank(s) {failed} of the sequence-parallel group rejected their inputs to {what}, so this rank stops "
         f"too instead of waiting for them: {reasons}"
-    )
+    ))
 
 
 def _raise_mismatch(group, differing: list[str], values: dict, plain: dict, what: str, free: tuple[str, ...]) -> None:
@@ -134,10 +137,10 @@ def _raise_mismatch(group, differing: list[str], values: dict, plain: dict, what
         parts.append(f"{name} per rank = [{', '.join(map(str, per_rank))}]")
     hints = "".join(f" Fix: {_HINTS[n]}." for n in differing if n in _HINTS)
     varying = " (only the number of positions of each rank's shard may differ)" if free else ""
-    raise ValueError(
+    raise everywhere(ValueError(
         f"sequence-parallel ranks disagree before the first collective: {'; '.join(parts)}. Every rank of the "
         f"group must call {what} with the same settings and shapes{varying}.{hints}"
-    )
+    ))
 
 
 def agree_on_shards(
@@ -178,11 +181,11 @@ def agree_on_shards(
         free=("shard_length", "pool_remainder"),
     )
     if any(values["pool_remainder"]):
-        raise ValueError(
+        raise everywhere(ValueError(
             f"sub_sample pools shard axis {shard_axis!r} by {factor}, but the shard lengths "
             f"{values['shard_length']} are not all divisible by {factor}: pooling windows would cross "
             "rank boundaries. Shard so that every rank holds a multiple of the factor."
-        )
+        ))
     return result, values["shard_length"]
 
 

@@ -1,7 +1,10 @@
-"""Communication helpers for sequence parallelism: uneven gathers/scatters and ring communicators
-(``RingComm`` over a process group, ``LocalComm`` for simulated ranks in one process).
+"""The raw collectives of this package (every c10d call goes through here): uneven gathers/scatters,
+all-to-all, all-reduce and ring communicators (``RingComm`` over a process group, ``LocalComm`` for
+simulated ranks in one process). Their autograd forms are in ``collectives.py``.
 
-Nothing here knows about the non-local math; every function takes the process group explicitly.
+Every collective is started asynchronously and waited for by ``failure.wait``: a peer that fails
+meanwhile makes this rank raise instead of waiting for the process group's timeout. Nothing here
+knows about the non-local math; every function takes the process group explicitly.
 """
 from __future__ import annotations
 
@@ -12,10 +15,32 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
+from nonlocal_dist.parallel import failure
+
 
 # One-tensor collectives (named ``all_gather_into_tensor``/``reduce_scatter_tensor`` before torch 2.13).
 _all_gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
 _reduce_scatter = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
+
+
+def _run(collective, *args, **kwargs) -> None:
+    """Start ``collective`` asynchronously and wait for it (raising if a peer fails meanwhile)."""
+    failure.wait(collective(*args, async_op=True, **kwargs))
+
+
+def all_gather_into(out: list[Tensor], x: Tensor, group) -> None:
+    """``dist.all_gather``: rank r's ``x`` into ``out[r]``."""
+    _run(dist.all_gather, out, x, group=group)
+
+
+def broadcast_(x: Tensor, src_rank: int, group) -> None:
+    """``x`` of the group's rank ``src_rank`` on every rank, in place."""
+    _run(dist.broadcast, x, src=dist.get_global_rank(group, src_rank), group=group)
+
+
+def all_to_all_flat(recv: Tensor, send: Tensor, recv_splits: list[int], send_splits: list[int], group) -> None:
+    """``dist.all_to_all_single`` of flat buffers: ``send_splits[q]`` elements to rank q."""
+    _run(dist.all_to_all_single, recv, send, recv_splits, send_splits, group=group)
 
 
 def _pad_to(x: Tensor, size: int, dim: int) -> Tensor:
@@ -42,12 +67,12 @@ def all_gather_varlen(x: Tensor, sizes: list[int], dim: int, group) -> Tensor:
         shape = list(x.shape)
         shape[dim] = sum(sizes)
         out = x.new_empty(shape)
-        dist.all_gather(list(out.split(sizes, dim=dim)), x.contiguous(), group=group)
+        all_gather_into(list(out.split(sizes, dim=dim)), x.contiguous(), group)
         return out
     padded = _pad_to(x, max(sizes), dim)
     shard_shape = padded.shape
     parts = padded.new_empty((len(sizes) * shard_shape[0], *shard_shape[1:]))  # rank-major, as the collective fills it
-    _all_gather(parts, padded, group=group)
+    _run(_all_gather, parts, padded, group=group)
     del padded
     parts = parts.view(len(sizes), *shard_shape)
     return torch.cat([p.narrow(dim, 0, s) for p, s in zip(parts, sizes)], dim=dim)
@@ -67,7 +92,7 @@ def reduce_scatter_varlen(x: Tensor, sizes: list[int], dim: int, group) -> Tenso
     for slot, chunk in zip(stacked, x.split(sizes, dim=dim)):
         slot.narrow(dim, 0, chunk.shape[dim]).copy_(chunk)
     out = x.new_empty(shard_shape)
-    _reduce_scatter(out, stacked.view(len(sizes) * shard_shape[0], *shard_shape[1:]), group=group)
+    _run(_reduce_scatter, out, stacked.view(len(sizes) * shard_shape[0], *shard_shape[1:]), group=group)
     return out.narrow(dim, 0, sizes[dist.get_rank(group)])
 
 
@@ -99,7 +124,7 @@ def all_to_all_varlen(x: Tensor, send_dim: int, send_sizes: list[int], recv_dim:
         recv_shapes[-1][recv_dim] = size
     recv_numels = [math.prod(s) for s in recv_shapes]
     recv = x.new_empty(sum(recv_numels))
-    dist.all_to_all_single(recv, send, recv_numels, [p.numel() for p in pieces], group=group)
+    all_to_all_flat(recv, send, recv_numels, [p.numel() for p in pieces], group)
     del send, pieces
     out_shape = list(piece_shape)
     out_shape[recv_dim] = sum(recv_sizes)
@@ -110,13 +135,13 @@ def all_to_all_varlen(x: Tensor, send_dim: int, send_sizes: list[int], recv_dim:
 
 def all_reduce_sum(x: Tensor, group) -> Tensor:
     x = x.contiguous().clone()
-    dist.all_reduce(x, group=group)
+    _run(dist.all_reduce, x, group=group)
     return x
 
 
 def all_reduce_max(x: Tensor, group) -> Tensor:
     x = x.contiguous().clone()
-    dist.all_reduce(x, op=dist.ReduceOp.MAX, group=group)
+    _run(dist.all_reduce, x, op=dist.ReduceOp.MAX, group=group)
     return x
 
 
@@ -156,7 +181,7 @@ class RingComm:
     def wait(self) -> None:
         """Block until the committed transfers are done (nothing to do when none are in flight)."""
         for req in self._reqs:
-            req.wait()
+            failure.wait(req)
         self._reqs, self._in_flight = [], False
 
 

@@ -24,6 +24,7 @@ import torch.distributed as dist
 from torch import Tensor
 
 from nonlocal_dist.parallel.checks import agree_across_ranks
+from nonlocal_dist.parallel.comm import all_to_all_flat
 
 
 @dataclass(frozen=True)
@@ -102,7 +103,7 @@ def _all_to_all(chunks: list[Tensor], recv_lengths: list[int], rest: torch.Size,
     send = torch.cat([c.reshape(-1) for c in chunks])
     out_splits = [n * per_position for n in recv_lengths]
     recv = send.new_empty(sum(out_splits))
-    dist.all_to_all_single(recv, send, out_splits, [c.numel() for c in chunks], group=group)
+    all_to_all_flat(recv, send, out_splits, [c.numel() for c in chunks], group)
     return [piece.view(n, *rest) for piece, n in zip(recv.split(out_splits), recv_lengths)]
 
 

@@ -24,7 +24,8 @@ from torch import Tensor, nn
 
 from nonlocal_dist.conventions import HALF_DTYPES, accumulation_dtype
 from nonlocal_dist.parallel.collectives import all_reduce
-from nonlocal_dist.parallel.comm import all_reduce_sum
+from nonlocal_dist.parallel.comm import all_gather_into, all_reduce_sum
+from nonlocal_dist.parallel.failure import everywhere
 
 
 def batch_norm_rows(x: Tensor, bn: nn.BatchNorm1d, group: dist.ProcessGroup | None = None) -> Tensor:
@@ -53,31 +54,47 @@ def group_batch_norm(x: Tensor, bn: nn.modules.batchnorm._BatchNorm, group: dist
     the running statistics (``F.batch_norm``, so ``torch.func`` transforms run). ``group=None``:
     this process's rows alone, no collective. Same dtype as x.
     """
+    training = bn.training or bn.running_mean is None
+    momentum = 0.0
+    if bn.training and bn.track_running_stats and bn.running_mean is not None:
+        bn.num_batches_tracked.add_(1)
+        momentum = bn.momentum if bn.momentum is not None else 1.0 / float(bn.num_batches_tracked)
+    running = (bn.running_mean, bn.running_var) if bn.track_running_stats or not bn.training else (None, None)
+    groups = () if group is None else (group,)
+    return batch_norm(x, *running, bn.weight, bn.bias, training, momentum, bn.eps, groups)
+
+
+def batch_norm(x: Tensor, running_mean: Tensor | None, running_var: Tensor | None, weight: Tensor | None,
+               bias: Tensor | None, training: bool, momentum: float, eps: float, groups: tuple = ()) -> Tensor:
+    """``F.batch_norm`` with its statistics over every rank of ``groups`` (one after another: the
+    dims of a mesh); x (L_r, C) or (B, C, *spatial_r). Running statistics move by ``momentum``
+    towards the group's (unbiased variance), as ``F.batch_norm`` moves them on one device."""
     acc = accumulation_dtype(x.dtype)
-    if not bn.training and bn.running_mean is not None:
-        weight, bias = (None, None) if not bn.affine else (bn.weight.to(acc), bn.bias.to(acc))
-        stats = (bn.running_mean.to(acc), bn.running_var.to(acc))
-        return F.batch_norm(x.to(acc), *stats, weight, bias, False, 0.0, bn.eps).to(x.dtype)
-    return _GroupBatchNorm.apply(x, bn.weight, bn.bias, bn, group)
+    if not training and running_mean is not None:
+        weight, bias = (None, None) if weight is None else (weight.to(acc), bias.to(acc))
+        stats = (running_mean.to(acc), running_var.to(acc))
+        return F.batch_norm(x.to(acc), *stats, weight, bias, False, 0.0, eps).to(x.dtype)
+    return _GroupBatchNorm.apply(x, weight, bias, running_mean if training else None, running_var, momentum, eps,
+                                 tuple(groups))
 
 
 class _GroupBatchNorm(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, weight, bias, bn, group):
+    def forward(ctx, x, weight, bias, running_mean, running_var, momentum, eps, groups):
         acc = accumulation_dtype(x.dtype)
-        mean, var, rows = _moments(x, group, fused=True)
+        mean, var, rows = _moments(x, groups, fused=True)
         if rows == 1:  # torch's own message; rows is the group's count, so every rank raises
-            where = "" if group is None else " (1 value over the sequence-parallel group)"
-            raise ValueError(
+            where = "" if not groups else " (1 value over the sequence-parallel group)"
+            raise everywhere(ValueError(
                 f"Expected more than 1 value per channel when training, got input size {tuple(x.shape)}{where}"
-            )
-        if bn.training and bn.track_running_stats and bn.running_mean is not None:
-            _update_running_stats(bn, mean, var, rows)
+            ))
+        if running_mean is not None:
+            _update_running_stats(running_mean, running_var, momentum, mean, var, rows)
         ctx.save_for_backward(x, mean, var, weight)
-        ctx.group, ctx.rows, ctx.eps = group, rows, bn.eps
+        ctx.groups, ctx.rows, ctx.eps = groups, rows, eps
         w, b = (None, None) if weight is None else (weight.to(acc), bias.to(acc))
         # x in its own dtype: torch's kernel reads half x with float32 statistics and parameters.
-        return F.batch_norm(x, mean, var, w, b, False, 0.0, bn.eps)
+        return F.batch_norm(x, mean, var, w, b, False, 0.0, eps)
 
     @staticmethod
     def backward(ctx, dy):
@@ -101,7 +118,7 @@ class _GroupBatchNorm(torch.autograd.Function):
         # before BatchNorm drifted 5x further from float64 over 3 SGD steps).
         sum_x_hat = centred.sum(_reduced_dims(x)) * invstd
         local = torch.cat([sum_dy.to(acc), sum_dy_x_hat.to(acc), sum_x_hat])
-        glob = (local if ctx.group is None else all_reduce(local, ctx.group)) / max(ctx.rows, 1)
+        glob = _sum_over(local, ctx.groups) / max(ctx.rows, 1)
         mean_dy, mean_dy_x_hat, mean_x_hat = glob.chunk(3)
         scale = invstd if w is None else invstd * w
         # dx = scale·(dy - mean_dy + mean_x_hat·mean_dy_x_hat - x̂·mean_dy_x_hat), x̂ = (x - mean)·invstd:
@@ -110,8 +127,15 @@ class _GroupBatchNorm(torch.autograd.Function):
         c = scale * (mean_dy_x_hat * mean_x_hat - mean_dy)
         dx = torch.addcmul(c.view(shape), centred, b.view(shape)).addcmul_(dy, scale.view(shape)).to(x.dtype)
         if weight is None:
-            return dx, None, None, None, None
-        return dx, sum_dy_x_hat.to(weight.dtype), sum_dy.to(weight.dtype), None, None
+            return dx, None, None, None, None, None, None, None
+        return dx, sum_dy_x_hat.to(weight.dtype), sum_dy.to(weight.dtype), None, None, None, None, None
+
+
+def _sum_over(t: Tensor, groups: tuple) -> Tensor:
+    """Differentiable sum of ``t`` over each group in turn."""
+    for group in groups:
+        t = all_reduce(t, group)
+    return t
 
 
 def _differentiable_backward(ctx, x, dy, weight):
@@ -119,19 +143,19 @@ def _differentiable_backward(ctx, x, dy, weight):
     for ``create_graph=True``: second-order gradients stay exact."""
     acc = accumulation_dtype(x.dtype)
     xa, dy = x.to(acc), dy.to(acc)
-    mean, var, _ = _moments(xa, ctx.group)
+    mean, var, _ = _moments(xa, ctx.groups)
     invstd = torch.rsqrt(var + ctx.eps)
     dims, shape = _reduced_dims(x), _channel_shape(x)
     x_hat = (xa - mean.view(shape)) * invstd.view(shape)
     local = torch.cat([dy.sum(dims), (dy * x_hat).sum(dims), x_hat.sum(dims)])
-    glob = (local if ctx.group is None else all_reduce(local, ctx.group)) / max(ctx.rows, 1)
+    glob = _sum_over(local, ctx.groups) / max(ctx.rows, 1)
     mean_dy, mean_dy_x_hat, mean_x_hat = (t.view(shape) for t in glob.chunk(3))
     scale = invstd if weight is None else invstd * weight.to(acc)
     dx = ((dy - (mean_dy - mean_dy_x_hat * mean_x_hat) - x_hat * mean_dy_x_hat) * scale.view(shape)).to(x.dtype)
     if weight is None:
-        return dx, None, None, None, None
+        return dx, None, None, None, None, None, None, None
     sum_dy, sum_dy_x_hat, _ = local.chunk(3)
-    return dx, sum_dy_x_hat.to(weight.dtype), sum_dy.to(weight.dtype), None, None
+    return dx, sum_dy_x_hat.to(weight.dtype), sum_dy.to(weight.dtype), None, None, None, None, None
 
 
 def _reduced_dims(x: Tensor) -> list[int]:
@@ -143,7 +167,7 @@ def _channel_shape(x: Tensor) -> list[int]:
     return [1, x.shape[1]] + [1] * (x.dim() - 2)
 
 
-def _moments(x: Tensor, group: dist.ProcessGroup | None, *, fused: bool = False) -> tuple[Tensor, Tensor, int]:
+def _moments(x: Tensor, groups: tuple, *, fused: bool = False) -> tuple[Tensor, Tensor, int]:
     """Group mean and biased variance per channel (C,), and the group's count of values per channel.
 
     Each rank's count, mean and sum of squared deviations from its own mean in one all-gather,
@@ -159,17 +183,22 @@ def _moments(x: Tensor, group: dist.ProcessGroup | None, *, fused: bool = False)
     else:
         local_mean = x.sum(dims, dtype=acc) / max(rows, 1)
         m2 = (x - local_mean.view(_channel_shape(x))).square().sum(dims, dtype=acc)
-    return _combine(torch.cat([local_mean.new_full((1,), float(rows)), local_mean, m2]), channels, group)
+    local = torch.cat([local_mean.new_full((1,), float(rows)), local_mean, m2])
+    for group in groups:  # a mesh's dims one after another: Chan's combination is associative
+        local = _combine(local, channels, group)
+    counts, mean, m2 = local[:1], local[1 : 1 + channels], local[1 + channels :]
+    total = int(counts.sum())
+    return mean, m2 / max(total, 1), total
 
 
-def _combine(local: Tensor, channels: int, group: dist.ProcessGroup | None) -> tuple[Tensor, Tensor, int]:
-    """Every rank's [count, mean (C), M2 (C)] -> the group's mean, biased variance and count (Chan et al.)."""
-    stats = local[None] if group is None else _GatherStats.apply(local, group)
+def _combine(local: Tensor, channels: int, group: dist.ProcessGroup) -> Tensor:
+    """Every rank's [count, mean (C), M2 (C)] -> the group's [count, mean, M2] (Chan et al.)."""
+    stats = _GatherStats.apply(local, group)
     counts, means, m2s = stats[:, :1], stats[:, 1 : 1 + channels], stats[:, 1 + channels :]
-    total = counts.sum()
+    total = counts.sum(0)
     mean = (counts * means).sum(0) / total.clamp_min(1)
     m2 = m2s.sum(0) + (counts * (means - mean).square()).sum(0)
-    return mean, m2 / total.clamp_min(1), int(total)
+    return torch.cat([total, mean, m2])
 
 
 class _GatherStats(torch.autograd.Function):
@@ -179,7 +208,7 @@ class _GatherStats(torch.autograd.Function):
     def forward(ctx, local, group):
         ctx.group = group
         table = local.new_empty(dist.get_world_size(group), local.numel())
-        dist.all_gather(list(table.unbind(0)), local.contiguous(), group=group)
+        all_gather_into(list(table.unbind(0)), local.contiguous(), group)
         return table
 
     @staticmethod
@@ -188,12 +217,11 @@ class _GatherStats(torch.autograd.Function):
 
 
 @torch.no_grad()
-def _update_running_stats(bn: nn.modules.batchnorm._BatchNorm, mean: Tensor, var: Tensor, rows: int) -> None:
-    """Move the running statistics towards this batch's (unbiased variance), as nn.BatchNorm."""
-    bn.num_batches_tracked += 1
-    if rows == 0:  # counted, as nn.BatchNorm counts an empty batch, but nothing to move towards
+def _update_running_stats(running_mean: Tensor, running_var: Tensor, momentum: float, mean: Tensor, var: Tensor,
+                          rows: int) -> None:
+    """Move the running statistics towards this batch's (unbiased variance), as F.batch_norm."""
+    if rows == 0:  # nothing to move towards (nn.BatchNorm still counts the batch)
         return
-    momentum = bn.momentum if bn.momentum is not None else 1.0 / float(bn.num_batches_tracked)
     unbiased = var * rows / max(rows - 1, 1)
-    bn.running_mean.mul_(1 - momentum).add_(momentum * mean.to(bn.running_mean.dtype))
-    bn.running_var.mul_(1 - momentum).add_(momentum * unbiased.to(bn.running_var.dtype))
+    running_mean.mul_(1 - momentum).add_(momentum * mean.to(running_mean.dtype))
+    running_var.mul_(1 - momentum).add_(momentum * unbiased.to(running_var.dtype))

@@ -5,7 +5,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from nonlocal_dist.parallel.comm import all_gather_varlen
+from nonlocal_dist.parallel.comm import all_gather_into, all_gather_varlen
 
 
 def shard_sizes(length: int, world: int) -> list[int]:
@@ -37,5 +37,5 @@ def gather_tensor(x: Tensor, layout: str, axis: str, group) -> Tensor:
     world = dist.get_world_size(group)
     size = torch.tensor([x.shape[dim]], dtype=torch.int64, device=x.device)
     sizes = [torch.empty_like(size) for _ in range(world)]
-    dist.all_gather(sizes, size, group=group)
+    all_gather_into(sizes, size, group)
     return all_gather_varlen(x.contiguous(), [int(s) for s in sizes], dim=dim, group=group)

@@ -1,0 +1,206 @@
+"""Entry points of the sharded-activation runtime: ``distribute`` a tensor, ``parallelize`` a model.
+
+``distribute(x, mesh, layout, axes)`` cuts a whole tensor (the same on every rank) into this rank's
+``ShardedTensor``; ``from_local`` wraps shards the ranks already hold (decoded per rank) after one
+agreement on their lengths. ``parallelize(model, mesh, axes)`` registers two hooks and nothing
+else: the forward pre-hook distributes the model's tensor inputs, the post-hook returns plain
+tensors (replicated outputs as they are, sharded ones gathered, or kept with ``output="local"``).
+The model is not changed: parameters, buffers, ``deepcopy``, ``torch.save``, EMA, ZeRO-3 and
+FSDP see the plain model. Every op in its forward runs sharded or is refused (``sharded.py``).
+
+Mesh: a process group (one mesh dim), a tuple of groups (one per mesh dim), or a
+``torch.distributed.device_mesh.DeviceMesh``; ``axes[i]`` is sharded over mesh dim i (a
+``DeviceMesh`` with named dims takes each axis over the dim of the same name, so a further
+``"dp"`` dim stays data parallel).
+"""
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+import torch.distributed as dist
+from torch import Tensor, nn
+from torch.utils._pytree import tree_map
+
+from nonlocal_dist.parallel import failure, ops  # noqa: F401  (ops registers the rules)
+from nonlocal_dist.parallel.checks import agree_across_ranks, exchange_device
+from nonlocal_dist.parallel.collectives import gather_positions
+from nonlocal_dist.parallel.comm import broadcast_
+from nonlocal_dist.parallel.sharded import ShardedTensor
+from nonlocal_dist.parallel.spec import Shard, ShardSpec, even_sizes
+
+
+def mesh_groups(mesh, axes: Sequence[str]) -> tuple[dist.ProcessGroup, ...]:
+    """One process group per axis: ``mesh`` a group, a tuple of groups, or a DeviceMesh."""
+    if isinstance(mesh, dist.ProcessGroup):
+        groups = (mesh,)
+    elif isinstance(mesh, (tuple, list)) and all(isinstance(g, dist.ProcessGroup) for g in mesh):
+        groups = tuple(mesh)
+    elif hasattr(mesh, "get_group") and hasattr(mesh, "mesh_dim_names"):
+        names = mesh.mesh_dim_names
+        if names and all(a in names for a in axes):
+            groups = tuple(mesh.get_group(a) for a in axes)
+        else:
+            groups = tuple(mesh.get_group(i) for i in range(mesh.ndim))
+    else:
+        raise TypeError(f"mesh must be a torch.distributed ProcessGroup, a tuple of them or a DeviceMesh, got {mesh!r}")
+    if len(groups) != len(axes):
+        raise ValueError(f"{len(axes)} sharded axes {tuple(axes)} need as many mesh dims, got {len(groups)}; "
+                         "give one axis per mesh dim (or name the DeviceMesh dims after the axes)")
+    return groups
+
+
+def _axes(axes) -> tuple[str, ...]:
+    return (axes,) if isinstance(axes, str) else tuple(axes)
+
+
+def _dims(layout: str, axes: tuple[str, ...], ndim: int) -> list[int]:
+    names = layout.split()
+    if len(names) != ndim or len(set(names)) != len(names):
+        raise ValueError(f"layout {layout!r} must name each of the tensor's {ndim} dims once")
+    missing = [a for a in axes if a not in names]
+    if missing:
+        raise ValueError(f"axes {missing} are not in layout {layout!r}")
+    return [names.index(a) for a in axes]
+
+
+def split_sizes(length: int, world: int, align: int = 1) -> tuple[int, ...]:
+    """Shard lengths: as even as possible, every rank but the last a multiple of ``align`` (a network's
+    stride along the axis: its strided layers then start every rank on their stride grid)."""
+    if align == 1:
+        return even_sizes(length, world)
+    units = even_sizes(length // align, world)
+    sizes = [u * align for u in units]
+    sizes[-1] += length - sum(sizes)
+    return tuple(sizes)
+
+
+def distribute(x: Tensor, mesh, layout: str, axes: str | Sequence[str], *, align: int | Sequence[int] = 1,
+               sizes: Sequence[Sequence[int]] | None = None) -> ShardedTensor:
+    """This rank's shard of the whole tensor ``x`` (the same on every rank), split along ``axes``.
+
+    ``x`` (any shape named by ``layout``, e.g. ``"b c t h w"``); each axis in ``axes`` is cut into
+    contiguous pieces over its mesh dim (``split_sizes``: even, every rank but the last a multiple
+    of ``align``; empty pieces when N < P), or by the given ``sizes`` (one list per axis).
+    Differentiable: the gradient of the shard flows back to ``x``.
+    """
+    axes = _axes(axes)
+    groups = mesh_groups(mesh, axes)
+    dims = _dims(layout, axes, x.dim())
+    aligns = [align] * len(axes) if isinstance(align, int) else list(align)
+    shards = {}
+    local = x.as_subclass(Tensor) if isinstance(x, ShardedTensor) else x
+    for i, (d, group) in enumerate(zip(dims, groups)):
+        world, rank = dist.get_world_size(group), dist.get_rank(group)
+        split = split_sizes(local.shape[d], world, aligns[i]) if sizes is None else tuple(sizes[i])
+        if len(split) != world or sum(split) != local.shape[d] or min(split) < 0:
+            raise ValueError(f"sizes {list(split)} for axis {axes[i]!r} must be {world} lengths >= 0 summing to "
+                             f"its length {local.shape[d]}")
+        shard = Shard(group, split, rank)
+        local = local.narrow(d, shard.start, shard.local)
+        shards[d] = shard
+    return ShardedTensor.wrap(local, ShardSpec(x.dim(), tuple(sorted(shards.items())), groups))
+
+
+def from_local(x: Tensor, mesh, layout: str, axes: str | Sequence[str]) -> ShardedTensor:
+    """Wrap the shard this rank holds already (e.g. decoded frames); one agreement on every rank's
+    length along each axis, the other dims and the dtype (raises on every rank on a mismatch)."""
+    axes = _axes(axes)
+    groups = mesh_groups(mesh, axes)
+    dims = _dims(layout, axes, x.dim())
+    shards = {}
+    for d, group in zip(dims, groups):
+        def validate():
+            others = tuple(-1 if k == d else n for k, n in enumerate(x.shape))
+            return None, {"shape": others, "dtype": x.dtype, "length": int(x.shape[d])}
+
+        _, values = agree_across_ranks(group, validate, ("shape", "dtype", "length"), what="from_local",
+                                       free=("length",))
+        shards[d] = Shard(group, tuple(values["length"]), dist.get_rank(group))
+    return ShardedTensor.wrap(x, ShardSpec(x.dim(), tuple(sorted(shards.items())), groups))
+
+
+def full_tensor(x: Tensor) -> Tensor:
+    """The whole tensor on every rank (differentiable all-gather along each sharded dim)."""
+    if not isinstance(x, ShardedTensor):
+        return x
+    local = x.as_subclass(Tensor)
+    for d, shard in x.spec.dims:
+        moved = local.movedim(d, -2)
+        moved = gather_positions(shard.group, list(shard.sizes), moved.reshape(-1, *moved.shape[-2:]))[0]
+        shape = list(local.movedim(d, -2).shape)
+        shape[-2] = shard.total
+        local = moved.reshape(shape).movedim(-2, d)
+    return local
+
+
+class _Hooks:
+    """parallelize's two hooks and its settings (picklable state; no process group kept on the model)."""
+
+    def __init__(self, mesh, layout: str, axes: tuple[str, ...], output: str, align) -> None:
+        self.mesh, self.layout, self.axes, self.output, self.align = mesh, layout, axes, output, align
+
+    def __deepcopy__(self, memo) -> _Hooks:  # a copy of the model (EMA) runs on the same mesh
+        return self
+
+    def __getstate__(self) -> dict:  # torch.save(model): a mesh does not travel; a loaded model runs plain
+        return {**self.__dict__, "mesh": None}
+
+    def pre(self, module: nn.Module, args: tuple, kwargs: dict):
+        if self.mesh is None:
+            return None
+
+        def one(t):
+            if isinstance(t, ShardedTensor) or not isinstance(t, Tensor) or t.dim() != len(self.layout.split()):
+                return t
+            return distribute(t, self.mesh, self.layout, self.axes, align=self.align)
+
+        return tree_map(one, args), tree_map(one, kwargs)
+
+    def post(self, module: nn.Module, args: tuple, output):
+        if output is None:  # the forward raised: tell the other ranks (always_call hook)
+            failure.post_current(f"in the forward of {type(module).__name__}")
+            return None
+
+        def one(t):
+            if not isinstance(t, ShardedTensor):
+                return t
+            if t.spec.replicated or self.output == "local":
+                return t.to_local()
+            return full_tensor(t)
+
+        return tree_map(one, output)
+
+
+def parallelize(model: nn.Module, mesh, axes: str | Sequence[str] = "t", *, layout: str = "b c t h w",
+                output: str = "full", align: int | Sequence[int] = 1, seed_dropout: bool = True) -> nn.Module:
+    """Run ``model`` with its inputs sharded along ``axes`` over ``mesh``; returns ``model`` (hooks added).
+
+    Inputs: whole tensors named by ``layout`` (the same clip on every rank of the mesh; other
+    tensor arguments of another rank pass unchanged) or ``ShardedTensor``s (``from_local``).
+    Outputs: replicated ones (logits after a global pooling) as plain tensors; sharded ones
+    gathered whole (``output="full"``) or this rank's shard (``output="local"``). Every op of the
+    forward runs exact on the shards or raises on every rank naming the op and the source line.
+    Loss convention: a loss computed on every rank from replicated outputs is divided by the group
+    size (``integrations.deepspeed_sp.loss_scale``); each rank's parameter gradient is then its
+    part, and their sum (DeepSpeed's reduction) is the single-device gradient. ``align``: shard
+    lengths a multiple of it (``split_sizes``; the network's stride along the axis). ``seed_dropout``:
+    one broadcast of rank 0's seed so that dropout on replicated values (a head) draws one mask on
+    every rank (a collective call, once).
+    """
+    axes = _axes(axes)
+    if output not in ("full", "local"):
+        raise ValueError(f"output must be 'full' or 'local', got {output!r}")
+    groups = mesh_groups(mesh, axes)
+    _dims(layout, axes, len(layout.split()))
+    hooks = _Hooks(mesh, layout, axes, output, align)
+    model.register_forward_pre_hook(hooks.pre, with_kwargs=True)
+    model.register_forward_hook(hooks.post, always_call=True)
+    if seed_dropout:
+        from nonlocal_dist.parallel.ops.pointwise import seed_replicated_dropout
+
+        seed = torch.tensor([torch.initial_seed() % 2**62], dtype=torch.int64, device=exchange_device(groups[0]))
+        for group in groups:
+            broadcast_(seed, 0, group)
+        seed_replicated_dropout(groups, int(seed))
+    return model

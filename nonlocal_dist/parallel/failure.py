@@ -1,0 +1,93 @@
+"""No rank left waiting: a rank that fails tells the others, which stop instead of hanging.
+
+A rank that raises between two collectives (in user code, in a data-dependent check, in one of the
+sharded ops) never reaches the next collective, and the other ranks would wait in it until the
+process group's timeout. So the sharded runtime waits for its collectives in slices
+(``wait``), and between slices looks for a failure notice in the job's key-value store (the store
+``init_process_group`` made, shared by every rank). ``post`` writes that notice: ``parallelize``'s
+forward hook posts any exception its model's forward raised, and the sharded ops post their own.
+The waiting ranks then raise ``PeerFailure`` naming the rank and its error.
+
+After a failure the process group is unusable (collectives were abandoned half-way), as after an
+NCCL error: destroy it and restart. On NCCL a collective's ``wait`` does not block the host, so
+there the notice is seen only where the host waits (gloo, the CPU path, is covered fully).
+"""
+from __future__ import annotations
+
+import sys
+import warnings
+from datetime import timedelta
+
+import torch.distributed as dist
+
+_KEY = "nonlocal_dist/failure"
+_SLICE = timedelta(milliseconds=100)
+_store_state: dict = {}
+
+
+class PeerFailure(RuntimeError):
+    """Raised on a rank whose peer failed while this rank waited for it in a collective."""
+
+
+def _store():
+    """The job's store (``init_process_group``'s), or None where this torch has no way to reach it."""
+    if "store" not in _store_state:
+        try:
+            _store_state["store"] = dist.distributed_c10d._get_default_store()
+        except Exception as exc:  # a torch without the private accessor: waits block as plain waits
+            warnings.warn(f"nonlocal_dist: no access to the process group's store ({exc}); a rank that fails "
+                          "mid-forward will leave the others waiting until the process group's timeout")
+            _store_state["store"] = None
+    return _store_state["store"]
+
+
+def everywhere(exc: BaseException) -> BaseException:
+    """Mark ``exc`` as raised by every rank together (a decision from shared metadata): not posted."""
+    exc.raised_on_every_rank = True
+    return exc
+
+
+def post(exc: BaseException, where: str = "") -> None:
+    """Tell every rank that this rank failed with ``exc`` (first notice wins; never raises). Errors that
+    every rank raises together (``everywhere``) and ``PeerFailure`` itself are not posted."""
+    if not dist.is_initialized() or isinstance(exc, PeerFailure) or getattr(exc, "raised_on_every_rank", False):
+        return
+    store = _store()
+    if store is None:
+        return
+    text = f"rank {dist.get_rank()} raised {type(exc).__name__}: {exc}" + (f" ({where})" if where else "")
+    try:
+        store.compare_set(_KEY, "", text)
+    except Exception:  # the store is gone (shutdown): nothing to tell
+        pass
+
+
+def check() -> None:
+    """Raise ``PeerFailure`` when some rank has posted a failure."""
+    store = _store()
+    if store is not None and store.check([_KEY]):
+        notice = store.get(_KEY).decode()
+        raise PeerFailure(f"{notice}; this rank stops too instead of waiting for it in a collective "
+                          "(the process group is unusable now: destroy it and restart)")
+
+
+def wait(work) -> None:
+    """Wait for an async collective, raising ``PeerFailure`` if a peer fails meanwhile."""
+    if _store() is None:
+        work.wait()
+        return
+    while True:
+        try:
+            work.wait(timeout=_SLICE)
+            return
+        except RuntimeError as exc:
+            if "timed out" not in str(exc).lower():
+                raise
+        check()
+
+
+def post_current(where: str = "") -> None:
+    """``post`` the exception being handled (for hooks that run while an exception propagates)."""
+    exc = sys.exc_info()[1]
+    if exc is not None:
+        post(exc, where)

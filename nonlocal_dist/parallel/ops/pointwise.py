@@ -1,0 +1,226 @@
+"""Position-wise ops: elementwise math, activations, casts, broadcasting with plain tensors.
+
+Broadcasting follows the global shapes. Along a dim that the output shards, every other operand
+must be sharded alike, or have length 1 there (it broadcasts), or be a plain/replicated tensor of
+the global length (a positional embedding, a per-frame weight): it is sliced to this rank's part.
+Any other length is refused: it would be read as the wrong positions.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+from torch.utils._pytree import tree_map
+
+from nonlocal_dist.parallel.sharded import Op, ShardedTensor, rule
+from nonlocal_dist.parallel.spec import Shard
+
+_UNARY = [
+    "abs", "neg", "negative", "exp", "exp2", "expm1", "log", "log1p", "log2", "log10", "sqrt", "rsqrt", "sin", "cos",
+    "tan", "tanh", "sigmoid", "relu", "erf", "erfc", "reciprocal", "sign", "sgn", "floor", "ceil", "round", "trunc",
+    "frac", "square", "clamp", "clip", "clamp_min", "clamp_max", "nan_to_num", "isfinite", "isnan", "isinf",
+    "logical_not", "bitwise_not", "asin", "acos", "atan", "sinh", "cosh", "asinh", "acosh", "atanh", "logit",
+    "positive", "signbit", "deg2rad", "rad2deg", "float_power", "threshold",
+]
+_BINARY = [
+    "add", "sub", "subtract", "mul", "multiply", "div", "divide", "true_divide", "floor_divide", "remainder", "fmod",
+    "pow", "maximum", "minimum", "fmax", "fmin", "atan2", "where", "lerp", "addcmul", "addcdiv", "eq", "ne", "lt",
+    "le", "gt", "ge", "greater", "less", "logical_and", "logical_or", "logical_xor", "bitwise_and", "bitwise_or",
+    "bitwise_xor", "masked_fill", "copysign", "hypot", "xlogy", "isclose", "heaviside",
+]
+_DUNDER = [
+    "__add__", "__radd__", "__iadd__", "__sub__", "__rsub__", "__isub__", "__mul__", "__rmul__", "__imul__",
+    "__truediv__", "__rtruediv__", "__itruediv__", "__div__", "__rdiv__", "__floordiv__", "__rfloordiv__",
+    "__ifloordiv__", "__mod__", "__rmod__", "__pow__", "__rpow__", "__ipow__", "__neg__", "__abs__", "__pos__",
+    "__eq__", "__ne__", "__lt__", "__le__", "__gt__", "__ge__", "__and__", "__rand__", "__iand__", "__or__",
+    "__ror__", "__ior__", "__xor__", "__rxor__", "__ixor__", "__invert__", "__lshift__", "__rshift__",
+]
+# Casts and copies that keep every position where it is.
+_SAME = [
+    "float", "double", "half", "bfloat16", "int", "long", "bool", "to", "type", "type_as", "contiguous", "clone",
+    "detach", "detach_", "requires_grad_", "cpu", "cuda", "zero_", "fill_", "copy_", "zeros_like", "ones_like",
+    "empty_like", "full_like", "rand_like", "randn_like", "bernoulli", "bernoulli_", "normal_", "uniform_",
+    "pin_memory", "share_memory_", "retain_grad", "abs_", "neg_", "exp_", "relu_", "sigmoid_", "tanh_", "clamp_",
+    "clamp_min_", "clamp_max_", "mul_", "add_", "sub_", "div_", "masked_fill_", "fill_diagonal_", "nan_to_num_",
+    "sqrt_", "rsqrt_", "pow_", "lerp_", "addcmul_", "addcdiv_", "floor_", "ceil_", "round_", "sign_", "erf_",
+    "square_", "log_", "reciprocal_", "where_", "threshold_",
+]
+_FUNCTIONAL = [
+    "relu", "relu_", "relu6", "gelu", "silu", "mish", "hardswish", "hardsigmoid", "hardtanh", "hardtanh_", "elu",
+    "elu_", "selu", "celu", "leaky_relu", "leaky_relu_", "softplus", "softsign", "logsigmoid", "tanhshrink",
+    "softshrink", "hardshrink", "threshold", "threshold_", "sigmoid", "tanh",
+]
+
+
+def _targets():
+    for name in _UNARY + _BINARY + _SAME:
+        for owner in (torch, Tensor):
+            if hasattr(owner, name):
+                yield getattr(owner, name)
+            if hasattr(owner, name + "_"):
+                yield getattr(owner, name + "_")
+    for name in _DUNDER:
+        if hasattr(Tensor, name):
+            yield getattr(Tensor, name)
+    for name in _FUNCTIONAL:
+        if hasattr(F, name):
+            yield getattr(F, name)
+
+
+def output_dims(op: Op, ndim: int) -> dict[int, Shard]:
+    """The output's sharded dims (right-aligned broadcasting), every sharded operand agreeing."""
+    dims: dict[int, Shard] = {}
+    for t in op.sharded():
+        for d, shard in t.spec.dims:
+            od = d + ndim - t.dim()
+            if od in dims and not dims[od].same(shard):
+                raise op.refuse(
+                    f"its operands are sharded differently along output dim {od} ({dims[od]} vs {shard})", od,
+                    "reshard one operand, or compute them from the same sharded input",
+                )
+            dims[od] = shard
+    return dims
+
+
+def localise(op: Op, t, dims: dict[int, Shard], ndim: int):
+    """Operand ``t`` as this rank needs it: sharded dims kept; global-length dims sliced; length 1 kept."""
+    if not isinstance(t, Tensor):
+        return t
+    own = t.spec.sharded if isinstance(t, ShardedTensor) else {}
+    base = t.as_subclass(Tensor) if isinstance(t, ShardedTensor) else t
+    for od, shard in dims.items():
+        d = od - ndim + t.dim()
+        if d < 0 or d in own:
+            continue
+        length = base.shape[d]
+        if length == shard.total and shard.total != 1:
+            base = base.narrow(d, shard.start, shard.local)
+        elif length != 1:
+            raise op.refuse(
+                f"an operand of length {length} along dim {d} meets an activation sharded there with global length "
+                f"{shard.total}; only the global length (sliced to each rank's part) or 1 (broadcast) line up", od,
+                f"give that operand length {shard.total} or 1 along that dim",
+            )
+    return base
+
+
+def broadcast_rule(op: Op):
+    """Elementwise ops over operands broadcast by their global shapes."""
+    tensors = op.tensors()
+    ndim = max(t.dim() for t in tensors)
+    dims = output_dims(op, ndim)
+    first = op.sharded()[0]
+    inplace = _inplace(op)
+    if inplace is not None and not isinstance(inplace, ShardedTensor) and dims:
+        raise op.refuse("an in-place op would write sharded values into a plain tensor",
+                        fix="use the out-of-place op")
+    if not dims:  # replicated operands only: the op as it is on every rank
+        spec = first.spec.remap(ndim, {})
+    else:
+        spec = first.spec.remap(ndim, dims)
+    if isinstance(inplace, ShardedTensor) and dict(inplace.spec.dims) != {d - ndim + inplace.dim(): s for d, s in dims.items()}:
+        raise op.refuse("an in-place op would change which positions its target holds", fix="use the out-of-place op")
+    args = tree_map(lambda t: localise(op, t, dims, ndim), op.args)
+    kwargs = tree_map(lambda t: localise(op, t, dims, ndim), op.kwargs)
+    out = op.run(*args, **kwargs)
+    if inplace is not None:
+        return inplace
+    plain = [t for t in tensors if not isinstance(t, ShardedTensor)]
+    return tree_map(
+        lambda t: ShardedTensor.wrap(t, spec.remap(t.dim(), {d - ndim + t.dim(): s for d, s in spec.dims}))
+        if isinstance(t, Tensor) and not any(t is p for p in plain) else t,
+        out,
+    )
+
+
+def _inplace(op: Op):
+    """The tensor an in-place op writes to, or None."""
+    name = getattr(op.func, "__name__", "")
+    if (name.endswith("_") and not name.endswith("__")) or name.startswith("__i"):
+        return op.args[0]
+    if op.kwargs.get("inplace") or (name in ("relu", "dropout", "threshold", "hardtanh", "elu", "leaky_relu",
+                                            "relu6", "selu", "celu", "rrelu", "hardswish", "silu", "mish")
+                                    and _positional_inplace(op)):
+        return op.args[0]
+    return None
+
+
+def _positional_inplace(op: Op) -> bool:
+    """F.relu(x, True)-style inplace flags given positionally."""
+    import inspect
+
+    try:
+        params = list(inspect.signature(op.func).parameters)
+    except (TypeError, ValueError):
+        return False
+    if "inplace" not in params:
+        return False
+    index = params.index("inplace")
+    return len(op.args) > index and bool(op.args[index])
+
+
+for _func in set(_targets()):
+    rule(_func)(broadcast_rule)
+
+
+# Dropout: one mask for what every rank holds alike. parallelize seeds a generator per mesh from a
+# broadcast of rank 0's seed, so a head's dropout (replicated features) and a channel dropout
+# (one mask per sample and channel, whatever positions a rank holds) draw the same mask everywhere.
+_SEEDS: dict[tuple[int, ...], int] = {}
+_GENERATORS: dict[tuple, torch.Generator] = {}
+
+
+def seed_replicated_dropout(groups, seed: int) -> None:
+    """Seed the shared dropout generator of the mesh made of ``groups`` (the same seed on every rank)."""
+    key = tuple(sorted(id(g) for g in groups))
+    _SEEDS[key] = seed
+    for k in [k for k in _GENERATORS if k[0] == key]:
+        del _GENERATORS[k]
+
+
+def _shared_generator(op: Op, groups, device) -> torch.Generator:
+    key = tuple(sorted(id(g) for g in groups))
+    if key not in _SEEDS:
+        raise op.refuse("dropout on values every rank holds alike needs one mask on every rank",
+                        fix="parallelize the model (it seeds a shared generator), or apply dropout before sharding")
+    if (key, device) not in _GENERATORS:
+        _GENERATORS[(key, device)] = torch.Generator(device).manual_seed(_SEEDS[key])
+    return _GENERATORS[(key, device)]
+
+
+def _dropout_ref(input, p=0.5, training=True, inplace=False):
+    """Signature of F.dropout and its channel variants."""
+
+
+def _dropout(op: Op):
+    from nonlocal_dist.parallel.ops.window import bind
+
+    a = bind(op, _dropout_ref)
+    x, p = a["input"], a["p"]
+    name = op.func.__name__
+    channel = name in ("dropout1d", "dropout2d", "dropout3d", "feature_alpha_dropout")
+    if not a["training"] or p == 0.0:
+        return x
+    if name in ("alpha_dropout", "feature_alpha_dropout"):
+        raise op.refuse("alpha dropout on a sharded activation", fix="use nn.Dropout")
+    if not channel and not x.spec.replicated:  # independent per position: each rank's own draws
+        local = x.as_subclass(Tensor)
+        out = F.dropout(local, p, True, a["inplace"])
+        return x if a["inplace"] else ShardedTensor.wrap(out, x.spec)
+    local = x.as_subclass(Tensor)
+    shape = list(local.shape)
+    if channel:
+        shape = shape[:2] + [1] * (len(shape) - 2) if x.dim() > 2 else shape[:1] + [1] * (len(shape) - 1)
+        if any(d < (2 if x.dim() > 2 else 1) for d, _ in x.spec.dims):
+            raise op.refuse("channel dropout with the batch or channel dim sharded")
+    generator = _shared_generator(op, x.spec.groups, local.device)
+    keep = torch.empty(shape, dtype=local.dtype, device=local.device).bernoulli_(1.0 - p, generator=generator)
+    scale = keep.div_(1.0 - p) if p < 1.0 else keep
+    if a["inplace"]:
+        local.mul_(scale)
+        return x
+    return ShardedTensor.wrap(local * scale, x.spec)
+
+
+for _name in ("dropout", "alpha_dropout", "feature_alpha_dropout", "dropout1d", "dropout2d", "dropout3d"):
+    rule(getattr(F, _name))(_dropout)

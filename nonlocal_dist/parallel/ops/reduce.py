@@ -1,0 +1,211 @@
+"""Reductions over sharded dims: each rank reduces its shard, one collective combines the ranks.
+
+``sum``/``mean`` all-reduce partial sums (differentiable: the backward all-reduces the gradient,
+the project's convention that each rank's parameter gradient is its part), ``amax``/``amin``
+all-gather each rank's extreme and take it again (ties across ranks share the gradient as on one
+device), ``var``/``std`` all-reduce the sum for the mean, then the squared deviations (two passes,
+no cancellation). Adaptive average/max pooling to 1 along a sharded dim is the same reduction,
+anywhere in a network (squeeze-excitation): the result is replicated along that dim and
+broadcasts back onto the shards. The result of reducing every sharded dim is replicated.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from nonlocal_dist.parallel.collectives import all_reduce, gather_positions
+from nonlocal_dist.parallel.ops.window import bind, per_dim
+from nonlocal_dist.parallel.sharded import Op, ShardedTensor, rule
+from nonlocal_dist.parallel.spec import Shard
+
+
+def _dims_arg(op: Op, x: Tensor, position: int = 1, name: str = "dim") -> list[int] | None:
+    dim = op.args[position] if len(op.args) > position else op.kwargs.get(name)
+    if dim is None or (isinstance(dim, (tuple, list)) and len(dim) == 0):
+        return None
+    dims = [dim] if isinstance(dim, int) else list(dim)
+    return sorted({d % x.dim() for d in dims})
+
+
+def _keepdim(op: Op, position: int = 2) -> bool:
+    return bool(op.args[position] if len(op.args) > position else op.kwargs.get("keepdim", False))
+
+
+def sum_over_groups(t: Tensor, shards: list[Shard]) -> Tensor:
+    """Differentiable sum of ``t`` over the groups of ``shards`` (one all-reduce per mesh dim)."""
+    for shard in shards:
+        if shard.world > 1:
+            t = all_reduce(t, shard.group)
+    return t
+
+
+def extreme_over_groups(t: Tensor, shards: list[Shard], largest: bool) -> Tensor:
+    """Differentiable max (or min) of ``t`` over the groups of ``shards``."""
+    for shard in shards:
+        if shard.world > 1:
+            flat = t.reshape(1, -1)
+            table = gather_positions(shard.group, [1] * shard.world, flat)[0]
+            t = (table.amax(0) if largest else table.amin(0)).view(t.shape)
+    return t
+
+
+def _result(op: Op, x: ShardedTensor, out: Tensor, dims: list[int], keepdim: bool) -> Tensor:
+    remaining = {}
+    for d, shard in x.spec.dims:
+        if d in dims:
+            continue
+        remaining[d if keepdim else d - sum(k < d for k in dims)] = shard
+    return ShardedTensor.wrap(out, x.spec.remap(out.dim(), remaining))
+
+
+def _reduce(op: Op, kind: str):
+    x = op.args[0]
+    local = x.as_subclass(Tensor)
+    dims = _dims_arg(op, x) or list(range(x.dim()))
+    keepdim = _keepdim(op) if _dims_arg(op, x) is not None else bool(op.kwargs.get("keepdim", False))
+    dtype = op.kwargs.get("dtype")
+    shards = [s for d, s in x.spec.dims if d in dims]
+    if kind in ("sum", "mean"):
+        total = local.sum(dims, keepdim=True, dtype=dtype)
+        total = sum_over_groups(total, shards)
+        if kind == "mean":
+            count = 1
+            for d in dims:
+                count *= x.spec.sharded[d].total if d in x.spec.sharded else local.shape[d]
+            total = total / count
+    else:
+        largest = kind == "amax"
+        if local.numel() == 0:
+            shape = [1 if d in dims else n for d, n in enumerate(local.shape)]
+            total = local.new_full(shape, float("-inf") if largest else float("inf"))
+        else:
+            total = local.amax(dims, keepdim=True) if largest else local.amin(dims, keepdim=True)
+        total = extreme_over_groups(total, shards, largest)
+    if not keepdim:
+        total = total.squeeze(dims) if dims else total
+    return _result(op, x, total, dims, keepdim)
+
+
+def _touches_shard(op: Op, position: int = 1) -> bool:
+    x = op.args[0]
+    dims = _dims_arg(op, x, position)
+    return dims is None or any(d in x.spec.sharded for d in dims)
+
+
+def _local_reduce(op: Op):
+    x = op.args[0]
+    dims = _dims_arg(op, x)
+    keepdim = _keepdim(op)
+    out = op.run(*[a.as_subclass(Tensor) if a is x else a for a in op.args], **op.kwargs)
+    return _result(op, x, out, dims, keepdim)
+
+
+def _make(kind: str):
+    def run(op: Op):
+        if not isinstance(op.args[0], ShardedTensor) or op.args[0].spec.replicated or not _touches_shard(op):
+            return _local_reduce(op) if isinstance(op.args[0], ShardedTensor) and not op.args[0].spec.replicated \
+                else _replicated(op)
+        return _reduce(op, kind)
+
+    return run
+
+
+def _replicated(op: Op):
+    x = op.args[0]
+    out = op.run(*[a.as_subclass(Tensor) if a is x else a for a in op.args], **op.kwargs)
+    return ShardedTensor.wrap(out, x.spec.remap(out.dim(), {}))
+
+
+for _kind, _funcs in (("sum", (torch.sum, Tensor.sum)), ("mean", (torch.mean, Tensor.mean)),
+                      ("amax", (torch.amax, Tensor.amax)), ("amin", (torch.amin, Tensor.amin))):
+    rule(*_funcs)(_make(_kind))
+
+
+def _var_std(op: Op):
+    x = op.args[0]
+    if x.spec.replicated:
+        return _replicated(op)
+    if not _touches_shard(op):
+        return _local_reduce(op)
+    local = x.as_subclass(Tensor)
+    dims = _dims_arg(op, x) or list(range(x.dim()))
+    keepdim = bool(op.kwargs.get("keepdim", op.args[3] if len(op.args) > 3 and isinstance(op.args[3], bool) else False))
+    correction = op.kwargs.get("correction")
+    if correction is None:
+        unbiased = op.kwargs.get("unbiased", op.args[2] if len(op.args) > 2 and isinstance(op.args[2], bool) else True)
+        correction = 1 if unbiased else 0
+    shards = [s for d, s in x.spec.dims if d in dims]
+    count = 1
+    for d in dims:
+        count *= x.spec.sharded[d].total if d in x.spec.sharded else local.shape[d]
+    mean = sum_over_groups(local.sum(dims, keepdim=True), shards) / count
+    m2 = sum_over_groups((local - mean).square().sum(dims, keepdim=True), shards)
+    out = m2 / max(count - correction, 0)
+    if getattr(op.func, "__name__", "") == "std":
+        out = out.sqrt()
+    if not keepdim:
+        out = out.squeeze(dims)
+    return _result(op, x, out, dims, keepdim)
+
+
+rule(torch.var, Tensor.var, torch.std, Tensor.std)(_var_std)
+
+
+def _adaptive(n: int, pool, largest: bool | None):
+    """adaptive_{avg,max}_pool{n}d: output size 1 (or the global length, or None) along sharded dims."""
+
+    def run(op: Op):
+        a = bind(op, _adaptive_ref)
+        x = a["input"]
+        if x.spec.replicated:
+            return _replicated(op)
+        if a.get("return_indices"):
+            raise op.refuse("return_indices=True (indices would be local to each shard)")
+        sizes = per_dim(a["output_size"], n)
+        first = x.dim() - n
+        local = x.as_subclass(Tensor)
+        reduce, keep = [], {}
+        for d, shard in x.spec.dims:
+            if d < first:
+                raise op.refuse(f"dim {d} is not one of its {n} spatial dims", d)
+            size = sizes[d - first]
+            if size == 1:
+                reduce.append(d)
+            elif size is None or size == shard.total:
+                keep[d] = shard
+            else:
+                raise op.refuse(f"output size {size} along it (global length {shard.total}); only 1 or the whole "
+                                "length are exact", d, "pool to 1 along the sharded dim, or shard another dim")
+        shards = [x.spec.sharded[d] for d in reduce]
+        if largest is None:
+            t = sum_over_groups(local.sum(reduce, keepdim=True), shards) / _prod(x.spec.sharded[d].total for d in reduce)
+        else:
+            t = local.amax(reduce, keepdim=True) if local.numel() else local.new_full(
+                [1 if d in reduce else s for d, s in enumerate(local.shape)], float("-inf"))
+            t = extreme_over_groups(t, shards, True)
+        local_sizes = [None if (first + i) in keep else s for i, s in enumerate(sizes)]
+        local_sizes = [t.shape[first + i] if s is None else s for i, s in enumerate(local_sizes)]
+        out = pool(t, local_sizes)
+        return ShardedTensor.wrap(out, x.spec.remap(out.dim(), keep))
+
+    return run
+
+
+def _adaptive_ref(input, output_size, return_indices=False):
+    """Signature of F.adaptive_{avg,max}_pool{n}d."""
+
+
+def _prod(values) -> int:
+    out = 1
+    for v in values:
+        out *= v
+    return out
+
+
+for _n, (_avg, _max) in enumerate(((F.adaptive_avg_pool1d, F.adaptive_max_pool1d),
+                                   (F.adaptive_avg_pool2d, F.adaptive_max_pool2d),
+                                   (F.adaptive_avg_pool3d, F.adaptive_max_pool3d)), 1):
+    rule(_avg)(_adaptive(_n, _avg, None))
+    rule(_max)(_adaptive(_n, _max, True))
+rule(torch.adaptive_avg_pool1d)(_adaptive(1, F.adaptive_avg_pool1d, None))

@@ -1,0 +1,242 @@
+"""``ShardedTensor``: an activation that carries its shard spec through every op.
+
+Why ``__torch_function__`` (not ``__torch_dispatch__``): it sees each op as the network wrote it
+(``F.conv3d`` with its padding, ``F.pad`` with its mode, ``F.interpolate``, ``torch.mean``), with the
+user's frame on the stack to name in an error, and before autograd: every rule runs on the local
+tensors with this package's differentiable collectives, so autograd records a plain graph and the
+backward runs no Python dispatch at all. (A ``__torch_dispatch__`` tensor would need a sharding
+rule for every backward aten op too, and sees ``F.pad(mode="reflect")`` only as its decomposition.)
+
+The object *is* this rank's shard (its storage, its autograd history); ``spec`` says which dims are
+split over which process groups and every rank's length there. The Python-visible ``shape``,
+``size()``, ``numel()`` and ``len()`` are the global ones, as in DTensor, so a network that reads
+sizes off its activations (``F.pad`` by ``x.shape[2]``, a positional embedding sliced to the
+length) computes them globally; ``to_local()`` gives the shard as a plain tensor.
+
+Every op either has a rule here (``RULES``, filled by ``nonlocal_dist.parallel.ops``) that runs it
+partitioned and exact, or raises ``ShardingRefusal`` naming the op, the sharded dim and the user's
+source line. Rules decide from the spec alone, which is the same on every rank, so a refusal is
+raised by every rank at the same op: none is left waiting. An op whose tensors are all replicated
+(no sharded dim) runs locally, unchanged, on every rank.
+"""
+from __future__ import annotations
+
+import os
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+from torch.utils._pytree import tree_flatten, tree_map
+
+from nonlocal_dist.parallel import failure
+from nonlocal_dist.parallel.spec import Shard, ShardSpec
+
+RULES: dict[Callable, Callable[[Op], object]] = {}
+
+_INTERNAL = tuple(
+    os.path.dirname(os.path.abspath(m.__file__)) + os.sep
+    for m in (sys.modules["torch"], sys.modules[__name__.rsplit(".", 1)[0]])
+)
+
+
+class ShardingRefusal(ValueError):
+    """An op this runtime cannot run exactly on a sharded activation; raised on every rank alike."""
+
+    raised_on_every_rank = True
+
+
+def rule(*funcs: Callable) -> Callable:
+    """Register the decorated ``fn(op)`` as the rule for each of ``funcs`` (torch functions/methods)."""
+
+    def register(fn):
+        for func in funcs:
+            RULES[func] = fn
+        return fn
+
+    return register
+
+
+def user_frame() -> str:
+    """``file:line (function): code`` of the innermost caller outside torch, einops and this package."""
+    frame = sys._getframe(1)
+    while frame is not None:
+        path = os.path.abspath(frame.f_code.co_filename)
+        if not path.startswith(_INTERNAL) and f"{os.sep}einops{os.sep}" not in path and "<frozen" not in path:
+            import linecache
+
+            code = linecache.getline(path, frame.f_lineno).strip()
+            return f"{path}:{frame.f_lineno} ({frame.f_code.co_name}): {code}"
+        frame = frame.f_back
+    return "<unknown>"
+
+
+def op_name(func: Callable) -> str:
+    if getattr(func, "__name__", "") == "__get__" and hasattr(func, "__self__"):
+        return f"Tensor.{func.__self__.__name__}"
+    module = getattr(func, "__module__", None) or ""
+    name = getattr(func, "__name__", repr(func))
+    if module.startswith("torch.nn.functional") or module == "torch.nn.functional":
+        return f"F.{name}"
+    qual = getattr(func, "__qualname__", name)
+    if qual.startswith(("TensorBase.", "Tensor.")):
+        return "Tensor." + qual.split(".", 1)[1]
+    return f"torch.{name}"
+
+
+@dataclass
+class Op:
+    """One intercepted call: the torch function, its arguments, and helpers for rules."""
+
+    func: Callable
+    args: tuple
+    kwargs: dict
+
+    @property
+    def name(self) -> str:
+        return op_name(self.func)
+
+    def refuse(self, why: str, dim: int | None = None, fix: str = "") -> ShardingRefusal:
+        """The error to raise: op, dim, the user's line, why, and how to fix."""
+        where = f" along sharded dim {dim}" if dim is not None else ""
+        shapes = ", ".join(
+            f"{tuple(t.spec.global_shape(t.shape))} sharded on dims {[d for d, _ in t.spec.dims]}"
+            for t in self.sharded()
+        )
+        text = f"{self.name}{where} cannot run on a sharded activation ({shapes}) at {user_frame()}: {why}"
+        return ShardingRefusal(text + (f". Fix: {fix}" if fix else ""))
+
+    def tensors(self) -> list[Tensor]:
+        return [a for a in tree_flatten((self.args, self.kwargs))[0] if isinstance(a, Tensor)]
+
+    def sharded(self) -> list[ShardedTensor]:
+        return [a for a in self.tensors() if isinstance(a, ShardedTensor)]
+
+    def run(self, *args, **kwargs):
+        """The torch function on local tensors (the shard's own storage, autograd as usual)."""
+        return self.func(*args, **kwargs)
+
+
+class ShardedTensor(Tensor):
+    """This rank's shard of a global activation, with its ``ShardSpec`` (see the module docstring)."""
+
+    spec: ShardSpec
+
+    @staticmethod
+    def wrap(local: Tensor, spec: ShardSpec) -> ShardedTensor:
+        """``local`` as a sharded tensor with ``spec`` (no copy, autograd history kept)."""
+        if isinstance(local, ShardedTensor) or type(local) is not Tensor:
+            local = local.as_subclass(Tensor)
+        local.__class__ = ShardedTensor
+        local.spec = spec
+        return local
+
+    def to_local(self) -> Tensor:
+        """This rank's shard as a plain tensor (a view: gradients flow back to this tensor)."""
+        with torch._C.DisableTorchFunctionSubclass():
+            return self.as_subclass(Tensor)
+
+    def __repr__(self, *, tensor_contents=None) -> str:
+        with torch._C.DisableTorchFunctionSubclass():
+            shape = tuple(self.spec.global_shape(self.shape))
+            return f"ShardedTensor(global shape {shape}, {self.spec}, local=\n{self.as_subclass(Tensor)!r})"
+
+    @classmethod
+    def __torch_function__(cls, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        with torch._C.DisableTorchFunctionSubclass():
+            handler = RULES.get(func) or _fallback(func)
+            op = Op(func, args, kwargs)
+            try:
+                return handler(op)
+            except ShardingRefusal:
+                raise
+            except Exception as exc:
+                failure.post(exc, f"{op.name} at {user_frame()}")
+                raise
+
+
+def local(t):
+    """The plain local tensor of ``t`` (anything else unchanged)."""
+    if isinstance(t, ShardedTensor):
+        with torch._C.DisableTorchFunctionSubclass():
+            return t.as_subclass(Tensor)
+    return t
+
+
+def wrap_like(out, spec: ShardSpec, avoid: tuple = ()):
+    """Wrap every tensor in ``out`` with ``spec``; a replicated spec too (the value stays on the mesh)."""
+
+    def one(t):
+        if not isinstance(t, Tensor) or any(t is a for a in avoid):
+            return t
+        return ShardedTensor.wrap(t, spec)
+
+    return tree_map(one, out)
+
+
+def replicated_spec(spec: ShardSpec, ndim: int) -> ShardSpec:
+    return ShardSpec(ndim, (), spec.groups)
+
+
+# Property getters whose value depends on the global shape.
+_SHAPE_PROPERTIES = {"shape", "ndim", "T", "mT", "H", "mH"}
+
+
+def _fallback(func: Callable) -> Callable[[Op], object]:
+    """Rule for a function with no registered rule: property getters; replicated-only ops run as they
+    are; anything else touching a sharded activation is refused."""
+    if getattr(func, "__name__", "") == "__get__" and hasattr(func, "__self__"):
+        prop = func.__self__.__name__
+        if prop in _SHAPE_PROPERTIES:
+            return RULES.get(("property", prop), _refuse_unknown)
+        return _property
+    return _replicated_or_refuse
+
+
+def _property(op: Op):
+    """dtype, device, requires_grad, grad_fn, grad, data, ...: the local tensor's; a tensor of the
+    shard's shape (``data``, ``grad``) keeps the spec."""
+    (self,) = op.args
+    value = op.run(self)
+    if isinstance(value, Tensor) and value is not self and value.shape == self.shape:
+        return ShardedTensor.wrap(value, self.spec)
+    return value
+
+
+_RANDOM = {"rand_like", "randn_like", "randint_like", "bernoulli", "bernoulli_", "normal_", "uniform_",
+           "exponential_", "geometric_", "cauchy_", "log_normal_", "random_", "multinomial", "poisson"}
+
+
+def _replicated_or_refuse(op: Op):
+    """Ops with only replicated activations: the same values on every rank give the same result."""
+    sharded = op.sharded()
+    if any(not t.spec.replicated for t in sharded):
+        return _refuse_unknown(op)
+    if getattr(op.func, "__name__", "") in _RANDOM:
+        raise op.refuse("a random op on a replicated value would draw different values on each rank",
+                        fix="draw it before sharding, or from a generator seeded alike on every rank")
+    spec = sharded[0].spec
+    plain = [t for t in op.tensors() if not isinstance(t, ShardedTensor)]
+
+    def one(t):
+        if not isinstance(t, Tensor) or isinstance(t, ShardedTensor) or any(t is a for a in plain):
+            return t
+        return ShardedTensor.wrap(t, replicated_spec(spec, t.dim()))
+
+    return tree_map(one, op.run(*op.args, **op.kwargs))
+
+
+def _refuse_unknown(op: Op):
+    dims = sorted({d for t in op.sharded() for d, _ in t.spec.dims})
+    raise op.refuse(
+        "no sharding rule for this op, so it cannot be shown to be exact",
+        dims[0] if len(dims) == 1 else None,
+        "apply it where the activation is whole (after a global pooling), call .to_local() if it is position-wise "
+        "per rank, or ask for a rule for it (nonlocal_dist.parallel.ops)",
+    )
+
+
+def shard_of(t: Tensor, dim: int) -> Shard | None:
+    return t.spec.sharded.get(dim) if isinstance(t, ShardedTensor) else None

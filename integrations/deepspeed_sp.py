@@ -14,7 +14,9 @@ from dataclasses import dataclass
 
 import torch.distributed as dist
 
-from nonlocal_dist.parallel.shard import gather_tensor, shard_tensor
+from nonlocal_dist.parallel.distribute import distribute, full_tensor
+from nonlocal_dist.parallel.sharded import ShardedTensor
+from nonlocal_dist.parallel.shard import gather_tensor
 
 
 @dataclass(frozen=True)
@@ -105,12 +107,14 @@ def initialize(model, config: dict, sp: SequenceParallel):
 
 
 def shard_batch(x, sp: SequenceParallel, layout: str = "b c t h w", axis: str = "t"):
-    """This rank's contiguous slice of a batch along ``axis`` (uneven when it does not divide);
-    the batch itself when ``sp_size`` is 1. ``layout`` names x's axes, as ``NonLocalBlock``'s."""
-    return x if sp.sp_group is None else shard_tensor(x, layout, axis, sp.sp_group)
+    """This rank's contiguous slice of a batch along ``axis`` as a ``ShardedTensor`` (uneven when it does
+    not divide); the batch itself when ``sp_size`` is 1. ``layout`` names x's axes."""
+    return x if sp.sp_group is None else distribute(x, sp.sp_group, layout, axis)
 
 
 def gather_predictions(y, sp: SequenceParallel, layout: str = "b c t h w", axis: str = "t"):
     """Dense predictions (or any per-position output) of every SP rank concatenated along ``axis``,
     on every rank: the inverse of ``shard_batch``. Not differentiable (for evaluation and logging)."""
+    if isinstance(y, ShardedTensor):
+        return full_tensor(y).detach()
     return y if sp.sp_group is None else gather_tensor(y, layout, axis, sp.sp_group)

@@ -5,7 +5,7 @@ from nonlocal_dist.backends import BACKENDS
 from nonlocal_dist.conventions import MODES
 from nonlocal_dist.block import NonLocalBlock
 from nonlocal_dist.functional import nonlocal_op
-from nonlocal_dist.parallelize import parallelize
+from nonlocal_dist.parallel.distribute import distribute, parallelize
 from nonlocal_dist.models.insert import insert_nonlocal
 
-__all__ = ["BACKENDS", "MODES", "NonLocalBlock", "insert_nonlocal", "nonlocal_op", "parallelize"]
+__all__ = ["BACKENDS", "MODES", "NonLocalBlock", "distribute", "insert_nonlocal", "nonlocal_op", "parallelize"]

@@ -83,7 +83,6 @@ class NonLocalBlock(nn.Module):
                 "(an axis folded into the batch needs no communication: shard it as data instead)"
             )
         self.sp_group, self.shard_axis, self.sp_strategy = sp_group, shard_axis, sp_strategy
-        self.sp_agreement = None  # parallelize's ForwardAgreement: the shard check once per model input shapes
         self.in_channels, self.inter_channels, self.heads = in_channels, inter_channels, heads
         self.mode, self.backend, self.use_scale = mode, backend, use_scale
         # use_scale (mmcv's) tempers the softmax; dot product and concatenation normalise by M instead.
@@ -156,27 +155,11 @@ class NonLocalBlock(nn.Module):
         return z
 
     def _check_shards(self, x: Tensor) -> None:
-        """This rank's slice checked and agreed on by every rank of ``sp_group`` (raises on every rank);
-        once per model input shapes when ``parallelize`` set ``sp_agreement``."""
-
-        def run() -> list[int]:
-            return agree_on_shards(
-                self.sp_group, x, self.layout, self.in_channels, self.shard_axis, self.sub_sample,
-                what="NonLocalBlock", extra=lambda: (None, {"training": self.training}), extra_names=("training",),
-            )[1]
-
-        def check(lengths: list[int]) -> None:
-            self.layout.check(x, self.in_channels)
-            if self.layout.sizes(x)[self.shard_axis] != lengths[dist.get_rank(self.sp_group)]:
-                raise RuntimeError(
-                    f"NonLocalBlock got shape {tuple(x.shape)} where an earlier forward with the same model inputs "
-                    "gave it another shard length: the model's forward depends on more than its inputs' shapes"
-                )
-
-        if self.sp_agreement is None:
-            run()
-        else:
-            self.sp_agreement.agree(self, run, check)
+        """This rank's slice checked and agreed on by every rank of ``sp_group`` (raises on every rank)."""
+        agree_on_shards(
+            self.sp_group, x, self.layout, self.in_channels, self.shard_axis, self.sub_sample,
+            what="NonLocalBlock", extra=lambda: (None, {"training": self.training}), extra_names=("training",),
+        )
 
     def forward(self, x: Tensor) -> Tensor:
         """x in ``layout`` -> z of the same shape (a ``ShardedTensor`` in, the same shards out)."""

@@ -18,7 +18,7 @@ import torch.distributed as dist
 from bench_utils import best_time, peak_memory_mb, print_table, spawn_ranks
 from nonlocal_dist import parallelize
 from nonlocal_dist.models import I3DNonLocal
-from nonlocal_dist.parallel import shard_tensor
+from nonlocal_dist.parallel import distribute
 
 
 def _model(args) -> torch.nn.Module:
@@ -67,7 +67,7 @@ def _count_collectives(run) -> int:
 
 def _rank_main(rank, world, args, group) -> tuple[float, float, int]:
     model = parallelize(_model(args), group, "t")
-    run = _step(model, shard_tensor(_clip(args), "b c t h w", "t", group), world, group)
+    run = _step(model, distribute(_clip(args), group, "b c t h w", "t"), world, group)
     return best_time(run, args.repeats), peak_memory_mb(run), _count_collectives(run)
 
 

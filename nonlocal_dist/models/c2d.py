@@ -2,9 +2,9 @@
 
 Every convolution is 1×k×k (no temporal extent, as in the paper's C2D baseline), so frames only
 meet through the non-local blocks and the final pooling. The model is written for one device;
-``nonlocal_dist.parallelize(model, group, axis="t")`` shards it over time from outside (the 1×k×k
-convolutions need no halo; BatchNorm statistics, the non-local blocks and the global pooling span
-the group), and the logits equal the single-device logits.
+``nonlocal_dist.parallelize(model, group, "t")`` shards its activations over time from outside (the
+1×k×k convolutions need no halo; BatchNorm statistics, the non-local blocks and the global pooling
+span the group), and the logits equal the single-device logits.
 """
 from __future__ import annotations
 
@@ -13,17 +13,15 @@ import torch.utils.checkpoint
 from torch import Tensor, nn
 
 from nonlocal_dist.block import NonLocalBlock
-from nonlocal_dist.parallel import batch_norm_rows
-from nonlocal_dist.parallelize import parallelize
+from nonlocal_dist.parallel import group_batch_norm
+from nonlocal_dist.parallel.distribute import parallelize
 
 
 class _Norm3d(nn.BatchNorm1d):
     """BatchNorm over (B, C, T, H, W) that also takes DeepSpeed's bf16 (bf16 weights, float32 buffers)."""
 
     def forward(self, x: Tensor) -> Tensor:
-        rows = x.movedim(1, -1).reshape(-1, x.shape[1])
-        out = batch_norm_rows(rows, self)
-        return out.view(*x.shape[:1], *x.shape[2:], x.shape[1]).movedim(-1, 1)
+        return group_batch_norm(x, self)
 
 
 class _Stage(nn.Sequential):
@@ -69,7 +67,7 @@ class C2DNonLocal(nn.Module):
                 layers.append(NonLocalBlock(width, mode=mode, sub_sample={"h": 2, "w": 2}, use_scale=True))
             cin = width
         self.features = nn.Sequential(*layers)
-        self.pool = nn.AdaptiveAvgPool3d(1)  # a module, so that parallelize makes it a mean over the group
+        self.pool = nn.AdaptiveAvgPool3d(1)
         self.head = nn.Linear(cin, num_classes)
         if sp_group is not None:
             parallelize(self, sp_group, "t", strategy=sp_strategy)

@@ -15,12 +15,13 @@ Mesh: a process group (one mesh dim), a tuple of groups (one per mesh dim), or a
 """
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 import torch
 import torch.distributed as dist
 from torch import Tensor, nn
-from torch.utils._pytree import tree_map
+from torch.utils._pytree import tree_flatten, tree_map
 
 from nonlocal_dist.parallel import failure, ops  # noqa: F401  (ops registers the rules)
 from nonlocal_dist.parallel.checks import agree_across_ranks, exchange_device
@@ -127,18 +128,19 @@ def full_tensor(x: Tensor) -> Tensor:
     local = x.as_subclass(Tensor)
     for d, shard in x.spec.dims:
         moved = local.movedim(d, -2)
-        moved = gather_positions(shard.group, list(shard.sizes), moved.reshape(-1, *moved.shape[-2:]))[0]
-        shape = list(local.movedim(d, -2).shape)
+        shape = list(moved.shape)
+        flat = moved.reshape(math.prod(shape[:-2]), *shape[-2:])
         shape[-2] = shard.total
-        local = moved.reshape(shape).movedim(-2, d)
+        local = gather_positions(shard.group, list(shard.sizes), flat)[0].reshape(shape).movedim(-2, d)
     return local
 
 
 class _Hooks:
     """parallelize's two hooks and its settings (picklable state; no process group kept on the model)."""
 
-    def __init__(self, mesh, layout: str, axes: tuple[str, ...], output: str, align) -> None:
-        self.mesh, self.layout, self.axes, self.output, self.align = mesh, layout, axes, output, align
+    def __init__(self, mesh, layout: str, axes: tuple[str, ...], output: str, align, sizes) -> None:
+        self.mesh, self.layout, self.axes, self.output = mesh, layout, axes, output
+        self.align, self.sizes = align, sizes
 
     def __deepcopy__(self, memo) -> _Hooks:  # a copy of the model (EMA) runs on the same mesh
         return self
@@ -150,12 +152,23 @@ class _Hooks:
         if self.mesh is None:
             return None
 
+        self._agree((args, kwargs))
+
         def one(t):
             if isinstance(t, ShardedTensor) or not isinstance(t, Tensor) or t.dim() != len(self.layout.split()):
                 return t
-            return distribute(t, self.mesh, self.layout, self.axes, align=self.align)
+            return distribute(t, self.mesh, self.layout, self.axes, align=self.align, sizes=self.sizes)
 
         return tree_map(one, args), tree_map(one, kwargs)
+
+    def _agree(self, inputs) -> None:
+        """One small all-gather per mesh dim: every rank's whole inputs have the same shapes and dtypes
+        (a rank fed another clip size, or its own slice, raises on every rank instead of hanging)."""
+        described = tuple((tuple(t.shape), str(t.dtype)) if isinstance(t, Tensor) and not isinstance(t, ShardedTensor)
+                          else type(t).__name__ for t in tree_flatten(inputs)[0])
+        for group in mesh_groups(self.mesh, self.axes):
+            agree_across_ranks(group, lambda: (None, {"input shapes": described}), ("input shapes",),
+                               what="the parallelized model (whole inputs, the same clip on every rank)")
 
     def post(self, module: nn.Module, args: tuple, output):
         if output is None:  # the forward raised: tell the other ranks (always_call hook)
@@ -172,9 +185,11 @@ class _Hooks:
         return tree_map(one, output)
 
 
-def parallelize(model: nn.Module, mesh, axes: str | Sequence[str] = "t", *, layout: str = "b c t h w",
-                output: str = "full", align: int | Sequence[int] = 1, seed_dropout: bool = True) -> nn.Module:
-    """Run ``model`` with its inputs sharded along ``axes`` over ``mesh``; returns ``model`` (hooks added).
+def parallelize(model: nn.Module, mesh, axis: str | Sequence[str] = "t", *, layout: str = "b c t h w",
+                output: str = "full", align: int | Sequence[int] = 1, sizes: Sequence[Sequence[int]] | None = None,
+                strategy: str | None = None, seed_dropout: bool = True) -> nn.Module:
+    """Run ``model`` with its inputs sharded along ``axis`` (one axis name, or one per mesh dim) over ``mesh``;
+    returns ``model`` (two hooks added).
 
     Inputs: whole tensors named by ``layout`` (the same clip on every rank of the mesh; other
     tensor arguments of another rank pass unchanged) or ``ShardedTensor``s (``from_local``).
@@ -184,16 +199,24 @@ def parallelize(model: nn.Module, mesh, axes: str | Sequence[str] = "t", *, layo
     Loss convention: a loss computed on every rank from replicated outputs is divided by the group
     size (``integrations.deepspeed_sp.loss_scale``); each rank's parameter gradient is then its
     part, and their sum (DeepSpeed's reduction) is the single-device gradient. ``align``: shard
-    lengths a multiple of it (``split_sizes``; the network's stride along the axis). ``seed_dropout``:
+    lengths a multiple of it (``split_sizes``; the network's stride along the axis), or ``sizes``: the
+    lengths, one list per axis. ``strategy``: the
+    sequence-parallel strategy of every ``NonLocalBlock`` (``nonlocal_op``'s). ``seed_dropout``:
     one broadcast of rank 0's seed so that dropout on replicated values (a head) draws one mask on
     every rank (a collective call, once).
     """
-    axes = _axes(axes)
+    axes = _axes(axis)
     if output not in ("full", "local"):
         raise ValueError(f"output must be 'full' or 'local', got {output!r}")
     groups = mesh_groups(mesh, axes)
     _dims(layout, axes, len(layout.split()))
-    hooks = _Hooks(mesh, layout, axes, output, align)
+    if strategy is not None:
+        from nonlocal_dist.block import NonLocalBlock
+
+        for block in model.modules():
+            if isinstance(block, NonLocalBlock):
+                block.sp_strategy = strategy
+    hooks = _Hooks(mesh, layout, axes, output, align, sizes)
     model.register_forward_pre_hook(hooks.pre, with_kwargs=True)
     model.register_forward_hook(hooks.post, always_call=True)
     if seed_dropout:

@@ -65,8 +65,11 @@ def post(exc: BaseException, where: str = "") -> None:
 def check() -> None:
     """Raise ``PeerFailure`` when some rank has posted a failure."""
     store = _store()
-    if store is not None and store.check([_KEY]):
-        notice = store.get(_KEY).decode()
+    try:
+        notice = store.get(_KEY).decode() if store is not None and store.check([_KEY]) else None
+    except Exception:  # the store's host rank is gone: no notice to read
+        notice = None
+    if notice is not None:
         raise PeerFailure(f"{notice}; this rank stops too instead of waiting for it in a collective "
                           "(the process group is unusable now: destroy it and restart)")
 
@@ -82,6 +85,7 @@ def wait(work) -> None:
             return
         except RuntimeError as exc:
             if "timed out" not in str(exc).lower():
+                check()  # a peer that failed and exited closes its connections: name its error
                 raise
         check()
 

@@ -26,6 +26,7 @@ from nonlocal_dist.conventions import HALF_DTYPES, accumulation_dtype
 from nonlocal_dist.parallel.collectives import all_reduce
 from nonlocal_dist.parallel.comm import all_gather_into, all_reduce_sum
 from nonlocal_dist.parallel.failure import everywhere
+from nonlocal_dist.parallel.sharded import ShardedTensor
 
 
 def batch_norm_rows(x: Tensor, bn: nn.BatchNorm1d, group: dist.ProcessGroup | None = None) -> Tensor:
@@ -39,7 +40,7 @@ def batch_norm_rows(x: Tensor, bn: nn.BatchNorm1d, group: dist.ProcessGroup | No
     """
     params = {t.dtype for t in (bn.weight, bn.bias, bn.running_mean, bn.running_var) if t is not None}
     own_kernel = params == {x.dtype} or (x.dtype in HALF_DTYPES and params <= {torch.float32})
-    if group is None and own_kernel:  # BatchNorm's own forward (bn may subclass it and call here)
+    if group is None and own_kernel and not isinstance(x, ShardedTensor):  # BatchNorm's own forward
         return nn.modules.batchnorm._BatchNorm.forward(bn, x)
     return group_batch_norm(x, bn, group)
 
@@ -54,13 +55,20 @@ def group_batch_norm(x: Tensor, bn: nn.modules.batchnorm._BatchNorm, group: dist
     the running statistics (``F.batch_norm``, so ``torch.func`` transforms run). ``group=None``:
     this process's rows alone, no collective. Same dtype as x.
     """
+    if isinstance(x, ShardedTensor):  # statistics over every mesh dim the activation is sharded on
+        groups = tuple(s.group for _, s in x.spec.dims if s.world > 1)
+        out = _module_batch_norm(x.to_local(), bn, groups)
+        return ShardedTensor.wrap(out, x.spec)
+    return _module_batch_norm(x, bn, () if group is None else (group,))
+
+
+def _module_batch_norm(x: Tensor, bn: nn.modules.batchnorm._BatchNorm, groups: tuple) -> Tensor:
     training = bn.training or bn.running_mean is None
     momentum = 0.0
     if bn.training and bn.track_running_stats and bn.running_mean is not None:
         bn.num_batches_tracked.add_(1)
         momentum = bn.momentum if bn.momentum is not None else 1.0 / float(bn.num_batches_tracked)
     running = (bn.running_mean, bn.running_var) if bn.track_running_stats or not bn.training else (None, None)
-    groups = () if group is None else (group,)
     return batch_norm(x, *running, bn.weight, bn.bias, training, momentum, bn.eps, groups)
 
 

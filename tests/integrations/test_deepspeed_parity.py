@@ -89,7 +89,7 @@ def _sp_worker(rank, world, name, stage, steps, checkpoint):
     from deepspeed.utils import safe_get_full_fp32_param, safe_get_full_grad
 
     from nonlocal_dist.integrations.deepspeed_sp import init_sequence_parallel, initialize, loss_scale, model_context
-    from nonlocal_dist.parallel import shard_tensor
+    from nonlocal_dist.parallel import distribute
 
     os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world))
     deepspeed.init_distributed(dist_backend="gloo")
@@ -100,7 +100,7 @@ def _sp_worker(rank, world, name, stage, steps, checkpoint):
     _open_nonlocal_blocks(model)
     engine = initialize(model, cfg, sp)
     x, y = _data(name)
-    x_local = shard_tensor(x, "b c t h w", "t", sp.sp_group)
+    x_local = distribute(x, sp.sp_group, "b c t h w", "t")
     grads, weights_after_each = None, []
     for step in range(steps):
         loss = F.cross_entropy(engine(x_local), y) * loss_scale(cfg, sp)

@@ -20,6 +20,7 @@ def _worker(rank, world, sp_size):
     per_frame = local.mean(dim=(1, 3, 4))  # (B, T_r) "predictions" along the sharded axis
     gathered = gather_predictions(per_frame, sp, layout="b t", axis="t")
     sizes = [torch.zeros(1, dtype=torch.int64) for _ in range(world)]
+    local = local.to_local() if sp_size > 1 else local
     dist.all_gather(sizes, torch.tensor([local.shape[2]]))
     return {
         "frames": [int(s) for s in sizes],

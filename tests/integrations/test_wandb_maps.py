@@ -22,7 +22,7 @@ from nonlocal_dist.integrations.wandb_maps import (
     KEY_COLOUR, QUERY_COLOUR, AttentionMapLogger, ink_queries, map_caption, render_maps, top_keys, viridis,
 )
 from nonlocal_dist.models import C2DNonLocal
-from nonlocal_dist.parallel import shard_tensor
+from nonlocal_dist.parallel import distribute
 
 ROOT = Path(__file__).resolve().parents[2]
 GREEN = np.array([26, 255, 51], dtype=np.uint8)  # QUERY_COLOUR
@@ -107,7 +107,7 @@ def _capture_case(rank, world):
     clip[0, 0, 1, 2:6, 9:15] = torch.rand(4, 6, dtype=torch.float64)
     off = RunLogger(rank=1, mode="disabled", project="", config={}, run_dir="")  # captures, logs nothing
     want = AttentionMapLogger(whole, off, 1, clip, whole).capture()
-    got = AttentionMapLogger(sharded, off, 1, clip, lambda c: sharded(shard_tensor(c, "b c t h w", "t", group))).capture()
+    got = AttentionMapLogger(sharded, off, 1, clip, lambda c: sharded(distribute(c, group, "b c t h w", "t"))).capture()
     failures = [] if sorted(got) == sorted(want) == ["features.2", "features.4"] else [f"blocks {sorted(got)}"]
     for name, (maps, cells, grid) in want.items():
         if got[name][1:] != (cells, grid) or got[name][0].shape != maps.shape or rel_err(torch.from_numpy(got[name][0]), torch.from_numpy(maps)) > 1e-12:

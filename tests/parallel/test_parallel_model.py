@@ -11,7 +11,6 @@ from dist_harness import run_ranks
 from helpers import rel_err
 from nonlocal_dist import NonLocalBlock
 from nonlocal_dist.models import C2DNonLocal
-from nonlocal_dist.parallel import shard_tensor
 
 
 def _model(sp_group=None, checkpoint=None):
@@ -31,7 +30,7 @@ def _worker(rank, world, checkpoint):
     y = torch.randint(0, 3, (2,), generator=gen)
     whole, sharded = _model(), _model(dist.group.WORLD, checkpoint)
     F.cross_entropy(whole(x), y).backward()
-    (F.cross_entropy(sharded(shard_tensor(x, "b c t h w", "t", dist.group.WORLD)), y) / world).backward()
+    (F.cross_entropy(sharded(x), y) / world).backward()
     scale = max(p.grad.abs().max().item() for p in whole.parameters())
     errors = {}
     for (name, p), q in zip(sharded.named_parameters(), whole.parameters()):

@@ -192,7 +192,7 @@ def _fallback(func: Callable) -> Callable[[Op], object]:
         if prop in _SHAPE_PROPERTIES:
             return RULES.get(("property", prop), _refuse_unknown)
         return _property
-    return _replicated_or_refuse
+    return replicated_or_refuse
 
 
 def _property(op: Op):
@@ -209,7 +209,7 @@ _RANDOM = {"rand_like", "randn_like", "randint_like", "bernoulli", "bernoulli_",
            "exponential_", "geometric_", "cauchy_", "log_normal_", "random_", "multinomial", "poisson"}
 
 
-def _replicated_or_refuse(op: Op):
+def replicated_or_refuse(op: Op):
     """Ops with only replicated activations: the same values on every rank give the same result."""
     sharded = op.sharded()
     if any(not t.spec.replicated for t in sharded):

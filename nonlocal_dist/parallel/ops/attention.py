@@ -14,11 +14,17 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from nonlocal_dist.parallel.ops.window import bind
-from nonlocal_dist.parallel.sharded import Op, ShardedTensor, rule
+from nonlocal_dist.parallel.sharded import Op, ShardedTensor, replicated_or_refuse, rule
+
+
+def _all_replicated(op: Op) -> bool:
+    return all(t.spec.replicated for t in op.sharded())
 
 
 @rule(F.linear)
 def _linear(op: Op):
+    if _all_replicated(op):
+        return replicated_or_refuse(op)
     x = op.args[0]
     if not isinstance(x, ShardedTensor) or any(isinstance(t, ShardedTensor) for t in op.tensors()[1:]):
         raise op.refuse("a sharded weight", fix="keep parameters plain (replicated)")
@@ -31,6 +37,8 @@ def _linear(op: Op):
 
 @rule(torch.matmul, Tensor.matmul, Tensor.__matmul__, Tensor.__rmatmul__)
 def _matmul(op: Op):
+    if _all_replicated(op):  # e.g. a weight gradient from a replicated head's input (ZeRO-3's linear)
+        return replicated_or_refuse(op)
     a, b = op.args[:2]
     if getattr(op.func, "__name__", "") == "__rmatmul__":
         a, b = b, a

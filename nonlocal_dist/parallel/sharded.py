@@ -187,6 +187,8 @@ _SHAPE_PROPERTIES = {"shape", "ndim", "T", "mT", "H", "mH"}
 def _fallback(func: Callable) -> Callable[[Op], object]:
     """Rule for a function with no registered rule: property getters; replicated-only ops run as they
     are; anything else touching a sharded activation is refused."""
+    if getattr(func, "__name__", "") == "__set__" and hasattr(func, "__self__"):  # requires_grad, grad, data
+        return lambda op: op.run(*op.args, **op.kwargs)
     if getattr(func, "__name__", "") == "__get__" and hasattr(func, "__self__"):
         prop = func.__self__.__name__
         if prop in _SHAPE_PROPERTIES:

@@ -262,3 +262,16 @@ def _expand(op: Op):
             raise op.refuse(f"expanding sharded dim {d - lead} to {target[d]}", d - lead)
     local_target = [dims[d].local if d in dims else s for d, s in enumerate(target)]
     return _wrap(op, x.as_subclass(Tensor).expand(local_target), dims)
+
+
+_METADATA = ["is_floating_point", "is_complex", "is_signed", "element_size", "get_device", "is_contiguous", "stride",
+             "data_ptr", "storage_offset", "is_pinned", "is_shared", "untyped_storage", "register_hook",
+             "backward", "__hash__", "__format__", "__bool__", "is_nonzero", "dim_order", "nbytes", "itemsize"]
+
+
+@rule(*[getattr(Tensor, n) for n in _METADATA if hasattr(Tensor, n)], torch.is_floating_point, torch.is_complex,
+      torch.autograd.backward, torch.autograd.grad,
+      torch.is_tensor)
+def _metadata(op: Op):
+    """Facts about the local tensor that do not depend on the global shape (dtype class, device, layout)."""
+    return op.run(*op.args, **op.kwargs)

@@ -37,7 +37,7 @@ RULES: dict[Callable, Callable[[Op], object]] = {}
 
 _INTERNAL = tuple(
     os.path.dirname(os.path.abspath(m.__file__)) + os.sep
-    for m in (sys.modules["torch"], sys.modules[__name__.rsplit(".", 1)[0]])
+    for m in (sys.modules["torch"], sys.modules[__name__.split(".", 1)[0]])
 )
 
 

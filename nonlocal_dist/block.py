@@ -165,6 +165,9 @@ class NonLocalBlock(nn.Module):
         """x in ``layout`` -> z of the same shape (a ``ShardedTensor`` in, the same shards out)."""
         if isinstance(x, ShardedTensor):
             return self._forward_sharded(x)
+        return self._forward_plain(x)
+
+    def _forward_plain(self, x: Tensor) -> Tensor:
         if self.sp_group is None:
             self.layout.check(x, self.in_channels)
         else:  # the layout too is checked inside the exchange: a bad slice on one rank raises on all
@@ -190,7 +193,9 @@ class NonLocalBlock(nn.Module):
         self.sp_group, self.shard_axis = shard.group, names[dim]
         try:
             with torch._C.DisableTorchFunctionSubclass():
-                z = self.forward(x.to_local())
+                # Not self.forward: checkpointing from outside replaces it on the instance, and a nested
+                # checkpoint would recompute after the group below is put back.
+                z = self._forward_plain(x.to_local())
         finally:
             self.sp_group, self.shard_axis = saved
         return ShardedTensor.wrap(z, x.spec)

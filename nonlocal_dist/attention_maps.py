@@ -124,6 +124,11 @@ def affinity_rows(block: NonLocalBlock, x: Tensor, queries: Sequence[Sequence[in
     it with the same queries and every rank gets the full rows, equal to the single-process ones; a
     bad input or queries on one rank raise on every rank.
     """
+    with block.on_shards(x) as local:  # a ShardedTensor: its shard, the block's group from its spec
+        return _affinity_rows(block, local, queries)
+
+
+def _affinity_rows(block: NonLocalBlock, x: Tensor, queries: Sequence[Sequence[int]] | Tensor) -> Tensor:
     rows, grid, lengths = _checked_queries(block, x, queries)
     axes = block.layout.axes
     xp = block.layout.to_positions(x)

@@ -1,6 +1,7 @@
 """``NonLocalBlock``: the block of the paper over any named axes of a tensor."""
 from __future__ import annotations
 
+import contextlib
 import math
 from typing import Sequence
 
@@ -181,8 +182,21 @@ class NonLocalBlock(nn.Module):
 
     def _forward_sharded(self, x: ShardedTensor) -> ShardedTensor:
         """The block on a sharded activation: its one sharded axis is the block's shard axis and group."""
-        dims = x.spec.dims
-        names = self.layout.names
+        with self.on_shards(x) as local:
+            # Not self.forward: checkpointing from outside replaces it on the instance, and a nested
+            # checkpoint would recompute after the group is put back.
+            z = self._forward_plain(local)
+        return ShardedTensor.wrap(z, x.spec)
+
+    @contextlib.contextmanager
+    def on_shards(self, x: Tensor):
+        """Yield x's local shard with ``sp_group``/``shard_axis`` taken from its spec for the duration
+        (a plain x is yielded as it is). Refuses, on every rank, an activation sharded on more than one
+        dim or on a dim that is not one of the block's interacting axes."""
+        if not isinstance(x, ShardedTensor):
+            yield x
+            return
+        dims, names = x.spec.dims, self.layout.names
         if len(dims) != 1 or names[dims[0][0]] not in self.layout.axes:
             raise ShardingRefusal(
                 f"NonLocalBlock (layout {self.layout.text!r}, axes {self.layout.axes}) got an activation sharded on dims "
@@ -193,12 +207,9 @@ class NonLocalBlock(nn.Module):
         self.sp_group, self.shard_axis = shard.group, names[dim]
         try:
             with torch._C.DisableTorchFunctionSubclass():
-                # Not self.forward: checkpointing from outside replaces it on the instance, and a nested
-                # checkpoint would recompute after the group below is put back.
-                z = self._forward_plain(x.to_local())
+                yield x.to_local()
         finally:
             self.sp_group, self.shard_axis = saved
-        return ShardedTensor.wrap(z, x.spec)
 
 
 def _contiguous_grad(grad: Tensor | None) -> Tensor | None:

@@ -15,7 +15,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from nonlocal_dist.parallel import failure
+import nonlocal_dist.parallel.failure as failure
 
 
 # One-tensor collectives (named ``all_gather_into_tensor``/``reduce_scatter_tensor`` before torch 2.13).

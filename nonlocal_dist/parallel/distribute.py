@@ -23,7 +23,8 @@ import torch.distributed as dist
 from torch import Tensor, nn
 from torch.utils._pytree import tree_flatten, tree_map
 
-from nonlocal_dist.parallel import failure, ops  # noqa: F401  (ops registers the rules)
+import nonlocal_dist.parallel.failure as failure
+import nonlocal_dist.parallel.ops  # noqa: F401  (importing registers the rules)
 from nonlocal_dist.parallel.checks import agree_across_ranks, exchange_device
 from nonlocal_dist.parallel.collectives import gather_positions
 from nonlocal_dist.parallel.comm import broadcast_
@@ -211,10 +212,8 @@ def parallelize(model: nn.Module, mesh, axis: str | Sequence[str] = "t", *, layo
     groups = mesh_groups(mesh, axes)
     _dims(layout, axes, len(layout.split()))
     if strategy is not None:
-        from nonlocal_dist.block import NonLocalBlock
-
-        for block in model.modules():
-            if isinstance(block, NonLocalBlock):
+        for block in model.modules():  # NonLocalBlocks (the block sits above this package: no import)
+            if hasattr(block, "sp_strategy"):
                 block.sp_strategy = strategy
     hooks = _Hooks(mesh, layout, axes, output, align, sizes)
     model.register_forward_pre_hook(hooks.pre, with_kwargs=True)

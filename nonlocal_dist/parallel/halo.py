@@ -142,35 +142,94 @@ def edge_fill(x: Tensor, dim: int, length: int, value: float) -> Tensor:
     return x.new_full(shape, value)
 
 
+def _extend(x: Tensor, dim: int, plan: HaloPlan, group, fill: tuple[int, int], value: float) -> Tensor:
+    """x (this rank's positions) -> (fill, halo before, x, halo after, fill): one all-to-all."""
+    rest = x.movedim(dim, 0).shape[1:]
+    chunks = [_positions_first(x, dim, off, n) for off, n in plan.send]
+    received = _all_to_all(chunks, list(plan.recv), rest, group)
+    # Received in rank order: the lower ranks' positions precede the shard, the higher ranks' follow it.
+    halo_before = torch.cat(received[: plan.rank]).movedim(0, dim) if plan.before else edge_fill(x, dim, 0, value)
+    halo_after = torch.cat(received[plan.rank + 1 :]).movedim(0, dim) if plan.after else edge_fill(x, dim, 0, value)
+    parts = [edge_fill(x, dim, fill[0], value), halo_before, x, halo_after, edge_fill(x, dim, fill[1], value)]
+    return torch.cat(parts, dim)
+
+
+def _fold(ext: Tensor, dim: int, plan: HaloPlan, group, fill: tuple[int, int], length: int) -> Tensor:
+    """The adjoint of ``_extend``: ext (fill, halo before, shard, halo after, fill) -> the shard's
+    ``length`` positions plus every halo position sent back to (and added on) the rank owning it;
+    the fill positions are dropped. One all-to-all. A view of ext where nothing came back (one copy
+    otherwise)."""
+    rest = ext.movedim(dim, 0).shape[1:]
+    start = fill[0] + plan.before  # the shard's first position in the extended axis
+    back, offset = [], fill[0]
+    for q, n in enumerate(plan.recv):
+        if q == plan.rank:
+            offset = start + length
+        back.append(_positions_first(ext, dim, offset, n))
+        offset += n
+    returned = _all_to_all(back, [n for _, n in plan.send], rest, group)
+    out = ext.narrow(dim, start, length)
+    if any(n for _, n in plan.send):
+        out = out.clone()
+        for (off, n), piece in zip(plan.send, returned):
+            if n:
+                out.narrow(dim, off, n).add_(piece.movedim(0, dim))
+    return out
+
+
 class _HaloExchange(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, dim, plan, group, fill, value):
-        rest = x.movedim(dim, 0).shape[1:]
-        chunks = [_positions_first(x, dim, off, n) for off, n in plan.send]
-        received = _all_to_all(chunks, list(plan.recv), rest, group)
-        # Received in rank order: the lower ranks' positions precede the shard, the higher ranks' follow it.
-        halo_before = torch.cat(received[: plan.rank]).movedim(0, dim) if plan.before else edge_fill(x, dim, 0, value)
-        halo_after = torch.cat(received[plan.rank + 1 :]).movedim(0, dim) if plan.after else edge_fill(x, dim, 0, value)
-        ctx.dim, ctx.plan, ctx.group, ctx.rest, ctx.fill = dim, plan, group, rest, fill
+        ctx.dim, ctx.plan, ctx.group, ctx.fill = dim, plan, group, fill
         ctx.length = x.shape[dim]
-        parts = [edge_fill(x, dim, fill[0], value), halo_before, x, halo_after, edge_fill(x, dim, fill[1], value)]
-        return torch.cat(parts, dim)
+        return _extend(x, dim, plan, group, fill, value)
 
     @staticmethod
     def backward(ctx, grad):
-        dim, plan, length = ctx.dim, ctx.plan, ctx.length
-        start = ctx.fill[0] + plan.before  # the shard's first position in the extended axis
-        back, offset = [], ctx.fill[0]
-        for q, n in enumerate(plan.recv):
-            if q == plan.rank:
-                offset = start + length
-            back.append(_positions_first(grad, dim, offset, n))
-            offset += n
-        returned = _all_to_all(back, [n for _, n in plan.send], ctx.rest, ctx.group)
-        grad_x = grad.narrow(dim, start, length)
-        if any(n for _, n in plan.send):
-            grad_x = grad_x.clone()
-            for (off, n), piece in zip(plan.send, returned):
-                if n:
-                    grad_x.narrow(dim, off, n).add_(piece.movedim(0, dim))
-        return grad_x, None, None, None, None, None
+        return _fold(grad, ctx.dim, ctx.plan, ctx.group, ctx.fill, ctx.length), None, None, None, None, None
+
+
+def halo_reduce(
+    ext: Tensor,
+    dim: int,
+    before: int,
+    after: int,
+    sizes: list[int],
+    group,
+    fill: tuple[int, int] = (0, 0),
+) -> Tensor:
+    """The adjoint of ``halo_exchange`` (an overlap-add): ext (..., fill[0] + h_b + L_r + h_a + fill[1], ...)
+    -> (..., L_r, ...).
+
+    ``ext`` is laid out as ``halo_exchange`` returns it on this rank (same ``before``, ``after``,
+    ``sizes``, ``fill``): values for the global positions ``[a_r - h_b, a_r + L_r + h_a)`` of an axis
+    of which rank r owns ``[a_r, a_r + L_r)``. Each halo position is sent to the rank owning it and
+    added there to that rank's own values; the fill positions are dropped. Rank r returns its
+    ``L_r`` positions, summed over every rank whose window covers them (several ranks when a shard
+    is shorter than the halo). Used by a transposed convolution, whose local outputs spill over
+    onto the following ranks' positions. Differentiable: the backward is ``halo_exchange`` of the
+    gradient (zero fill). Collective: every rank of ``group`` must call it with the same
+    ``before``/``after``.
+    """
+    rank = dist.get_rank(group)
+    plan = halo_plan(sizes, rank, before, after)
+    expected = fill[0] + plan.before + sizes[rank] + plan.after + fill[1]
+    if ext.shape[dim] != expected:
+        raise ValueError(
+            f"halo_reduce: rank {rank} expects {expected} positions along dim {dim} (fill {fill[0]} + halo "
+            f"{plan.before} + own {sizes[rank]} + halo {plan.after} + fill {fill[1]}), got {ext.shape[dim]}"
+        )
+    return _HaloReduce.apply(ext, dim, plan, group, fill, sizes[rank])
+
+
+class _HaloReduce(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, ext, dim, plan, group, fill, length):
+        ctx.dim, ctx.plan, ctx.group, ctx.fill = dim, plan, group, fill
+        out = _fold(ext, dim, plan, group, fill, length)
+        # A custom Function's output that is a view of its input could not be modified in place later.
+        return out if any(n for _, n in plan.send) else out.clone()
+
+    @staticmethod
+    def backward(ctx, grad):
+        return _extend(grad, ctx.dim, ctx.plan, ctx.group, ctx.fill, 0.0), None, None, None, None, None

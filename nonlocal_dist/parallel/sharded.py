@@ -30,15 +30,15 @@ import torch
 from torch import Tensor
 from torch.utils._pytree import tree_flatten, tree_map
 
-from nonlocal_dist.parallel import failure
+import nonlocal_dist.parallel.failure as failure
 from nonlocal_dist.parallel.spec import Shard, ShardSpec
 
 RULES: dict[Callable, Callable[[Op], object]] = {}
 
 _INTERNAL = tuple(
     os.path.dirname(os.path.abspath(m.__file__)) + os.sep
-    for m in (sys.modules["torch"], sys.modules[__name__.split(".", 1)[0]])
-)
+    for m in (sys.modules["torch"], sys.modules[__name__.split(".", 1)[0]], sys.modules["contextlib"])
+)  # torch, this package, and the standard library (a context manager's frame is not the user's line)
 
 
 class ShardingRefusal(ValueError):

@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from nonlocal_dist.parallel.api import parallel_nonlocal
 from nonlocal_dist.parallel.ops.window import bind
 from nonlocal_dist.parallel.sharded import Op, ShardedTensor, replicated_or_refuse, rule
 
@@ -59,8 +60,6 @@ def _sdpa_ref(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False,
 
 @rule(F.scaled_dot_product_attention)
 def _sdpa(op: Op):
-    from nonlocal_dist.functional import nonlocal_op
-
     a = bind(op, _sdpa_ref)
     q, k, v = a["query"], a["key"], a["value"]
     if a["attn_mask"] is not None or a["is_causal"] or a["dropout_p"] or a["enable_gqa"]:
@@ -77,5 +76,6 @@ def _sdpa(op: Op):
     shard = specs[0][seq]
     scale = a["scale"] if a["scale"] is not None else 1.0 / math.sqrt(q.shape[-1])
     local = [t.as_subclass(Tensor) for t in tensors]
-    y = nonlocal_op(*local, "embedded_gaussian", scale=scale, group=shard.group)
+    y = parallel_nonlocal(*local, "embedded_gaussian", scale=scale, concat_weight=None, backend="auto",
+                          group=shard.group, strategy=None)
     return ShardedTensor.wrap(y, q.spec.remap(y.dim(), {seq: shard}))

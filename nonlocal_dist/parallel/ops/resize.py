@@ -42,7 +42,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from nonlocal_dist.parallel import failure
+import nonlocal_dist.parallel.failure as failure
 from nonlocal_dist.parallel.fetch import fetch_positions
 from nonlocal_dist.parallel.halo import edge_fill
 from nonlocal_dist.parallel.ops.window import bind

@@ -181,7 +181,7 @@ class RingComm:
     def wait(self) -> None:
         """Block until the committed transfers are done (nothing to do when none are in flight)."""
         for req in self._reqs:
-            failure.wait(req)
+            failure.wait(req, p2p=True)
         self._reqs, self._in_flight = [], False
 
 

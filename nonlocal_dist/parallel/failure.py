@@ -74,9 +74,16 @@ def check() -> None:
                           "(the process group is unusable now: destroy it and restart)")
 
 
-def wait(work) -> None:
-    """Wait for an async collective, raising ``PeerFailure`` if a peer fails meanwhile."""
-    if _store() is None:
+def wait(work, *, p2p: bool = False) -> None:
+    """Wait for an async collective, raising ``PeerFailure`` if a peer fails meanwhile.
+
+    Collectives are waited for in timed slices (gloo resumes a timed-out collective wait). A
+    point-to-point request (``p2p``) is waited for plainly: a timed-out gloo send/recv wait closes
+    the connection, and gloo marks it complete only inside ``wait``, so it cannot be polled either.
+    A peer that exits still ends the wait (its connection closes); one that raised and lives on is
+    not seen there.
+    """
+    if p2p or _store() is None:
         work.wait()
         return
     while True:
@@ -95,3 +102,4 @@ def post_current(where: str = "") -> None:
     exc = sys.exc_info()[1]
     if exc is not None:
         post(exc, where)
+

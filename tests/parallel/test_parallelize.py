@@ -97,6 +97,9 @@ def _layer_cases(world: int):
         ("avgpool3d exclude pad", lambda: nn.AvgPool3d(3, stride=1, padding=1, count_include_pad=False), (1, 2, 7, 4, 4), _lengths(7, world, "short"), "t"),
         ("avgpool1d exclude pad s2", lambda: nn.AvgPool1d(3, stride=2, padding=1, count_include_pad=False), (2, 2, 8), ALIGNED8[world], "t"),
         ("batchnorm3d", lambda: nn.BatchNorm3d(2), (2, 2, 5, 3, 3), _lengths(5, world, "short"), "t"),
+        ("instancenorm3d running stats", lambda: nn.InstanceNorm3d(2, affine=True, track_running_stats=True),
+         (2, 2, 5, 3, 3), _lengths(5, world, "short"), "t"),
+        ("groupnorm", lambda: nn.GroupNorm(1, 2), (2, 2, 5, 3, 3), _lengths(5, world, "short"), "t"),
         ("global pool", lambda: nn.Sequential(nn.AdaptiveAvgPool3d((1, 2, 2)), nn.Flatten(), nn.Linear(8, 3)), (2, 2, 7, 4, 4), _lengths(7, world, "short"), "t"),
     ]
     return cases

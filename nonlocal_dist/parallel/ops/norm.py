@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from nonlocal_dist.parallel.norm import batch_norm
-from nonlocal_dist.parallel.ops.reduce import sum_over_groups
+from nonlocal_dist.parallel.ops.reduce import global_count, sum_over_groups
 from nonlocal_dist.parallel.ops.window import bind
 from nonlocal_dist.parallel.sharded import Op, ShardedTensor, rule
 
@@ -50,9 +50,7 @@ def normalize(x: ShardedTensor, dims: list[int], eps: float) -> tuple[Tensor, Te
     """(x - mean) / sqrt(var + eps) over ``dims`` (global), keepdim; also the mean and biased var."""
     local = x.as_subclass(Tensor)
     shards = [s for d, s in x.spec.dims if d in dims and s.world > 1]
-    count = 1
-    for d in dims:
-        count *= x.spec.sharded[d].total if d in x.spec.sharded else local.shape[d]
+    count = global_count(x, dims)
     mean = sum_over_groups(local.sum(dims, keepdim=True), shards) / count
     centred = local - mean
     var = sum_over_groups(centred.square().sum(dims, keepdim=True), shards) / count
@@ -112,9 +110,7 @@ def _instance_norm(op: Op):
     normed, mean, var = normalize(x, dims, a["eps"])
     running_mean, running_var = _plain(a["running_mean"]), _plain(a["running_var"])
     if running_mean is not None:
-        count = 1
-        for d in dims:
-            count *= x.shape[d]
+        count = global_count(x, dims)  # the unbiased variance's count over every rank (x.shape is local here)
         with torch.no_grad():
             m = a["momentum"] if a["momentum"] is not None else 0.1
             running_mean.mul_(1 - m).add_(m * mean.detach().flatten(2).mean(0).flatten().to(running_mean.dtype))

@@ -10,6 +10,8 @@ broadcasts back onto the shards. The result of reducing every sharded dim is rep
 """
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor
@@ -30,6 +32,12 @@ def _dims_arg(op: Op, x: Tensor, position: int = 1, name: str = "dim") -> list[i
 
 def _keepdim(op: Op, position: int = 2) -> bool:
     return bool(op.args[position] if len(op.args) > position else op.kwargs.get("keepdim", False))
+
+
+def global_count(x: ShardedTensor, dims: list[int]) -> int:
+    """The number of values a reduction over ``dims`` of the global tensor combines."""
+    shape = x.spec.global_shape(x.shape)  # x.shape is the local one inside a rule
+    return math.prod(shape[d] for d in dims)
 
 
 def sum_over_groups(t: Tensor, shards: list[Shard]) -> Tensor:
@@ -62,18 +70,16 @@ def _result(op: Op, x: ShardedTensor, out: Tensor, dims: list[int], keepdim: boo
 def _reduce(op: Op, kind: str):
     x = op.args[0]
     local = x.as_subclass(Tensor)
-    dims = _dims_arg(op, x) or list(range(x.dim()))
-    keepdim = _keepdim(op) if _dims_arg(op, x) is not None else bool(op.kwargs.get("keepdim", False))
+    given = _dims_arg(op, x)
+    dims = given or list(range(x.dim()))
+    keepdim = _keepdim(op) if given is not None else bool(op.kwargs.get("keepdim", False))
     dtype = op.kwargs.get("dtype")
     shards = [s for d, s in x.spec.dims if d in dims]
     if kind in ("sum", "mean"):
         total = local.sum(dims, keepdim=True, dtype=dtype)
         total = sum_over_groups(total, shards)
         if kind == "mean":
-            count = 1
-            for d in dims:
-                count *= x.spec.sharded[d].total if d in x.spec.sharded else local.shape[d]
-            total = total / count
+            total = total / global_count(x, dims)
     else:
         largest = kind == "amax"
         if local.numel() == 0:
@@ -136,9 +142,7 @@ def _var_std(op: Op):
         unbiased = op.kwargs.get("unbiased", op.args[2] if len(op.args) > 2 and isinstance(op.args[2], bool) else True)
         correction = 1 if unbiased else 0
     shards = [s for d, s in x.spec.dims if d in dims]
-    count = 1
-    for d in dims:
-        count *= x.spec.sharded[d].total if d in x.spec.sharded else local.shape[d]
+    count = global_count(x, dims)
     mean = sum_over_groups(local.sum(dims, keepdim=True), shards) / count
     m2 = sum_over_groups((local - mean).square().sum(dims, keepdim=True), shards)
     out = m2 / max(count - correction, 0)
@@ -179,7 +183,7 @@ def _adaptive(n: int, pool, largest: bool | None):
                                 "length are exact", d, "pool to 1 along the sharded dim, or shard another dim")
         shards = [x.spec.sharded[d] for d in reduce]
         if largest is None:
-            t = sum_over_groups(local.sum(reduce, keepdim=True), shards) / _prod(x.spec.sharded[d].total for d in reduce)
+            t = sum_over_groups(local.sum(reduce, keepdim=True), shards) / global_count(x, reduce)
         else:
             t = local.amax(reduce, keepdim=True) if local.numel() else local.new_full(
                 [1 if d in reduce else s for d, s in enumerate(local.shape)], float("-inf"))
@@ -194,13 +198,6 @@ def _adaptive(n: int, pool, largest: bool | None):
 
 def _adaptive_ref(input, output_size, return_indices=False):
     """Signature of F.adaptive_{avg,max}_pool{n}d."""
-
-
-def _prod(values) -> int:
-    out = 1
-    for v in values:
-        out *= v
-    return out
 
 
 for _n, (_avg, _max) in enumerate(((F.adaptive_avg_pool1d, F.adaptive_max_pool1d),

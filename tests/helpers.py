@@ -6,6 +6,16 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
 
+def shaped_err(actual: torch.Tensor, expected: torch.Tensor) -> float:
+    """``max |actual - expected| / max(max |expected|, 1)``; inf for a shape mismatch, 0 for empty tensors
+    (a rank's empty shard)."""
+    if actual.shape != expected.shape:
+        return float("inf")
+    if actual.numel() == 0:
+        return 0.0
+    return (actual - expected).abs().max().item() / max(expected.abs().max().item(), 1.0)
+
+
 def rel_err(actual: torch.Tensor, expected: torch.Tensor, floor: float = 0.0) -> float:
     """max |actual - expected| / max(max |expected|, floor) in float64; absolute when expected is all 0.
 

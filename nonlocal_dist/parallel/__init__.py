@@ -6,7 +6,8 @@ from nonlocal_dist.parallel.distribute import distribute, from_local, full_tenso
 from nonlocal_dist.parallel.failure import PeerFailure
 from nonlocal_dist.parallel.sharded import ShardedTensor, ShardingRefusal
 from nonlocal_dist.parallel.norm import batch_norm_rows, group_batch_norm
-from nonlocal_dist.parallel.shard import gather_tensor, shard_sizes, shard_tensor
+from nonlocal_dist.parallel.shard import gather_tensor, shard_tensor
+from nonlocal_dist.parallel.spec import even_sizes, split_sizes
 from nonlocal_dist.parallel.strategies import MODE_STRATEGIES, STRATEGIES
 
 __all__ = [
@@ -23,6 +24,7 @@ __all__ = [
     "batch_norm_rows",
     "group_batch_norm",
     "parallel_nonlocal",
-    "shard_sizes",
+    "even_sizes",
+    "split_sizes",
     "shard_tensor",
 ]

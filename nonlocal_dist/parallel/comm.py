@@ -43,6 +43,19 @@ def all_to_all_flat(recv: Tensor, send: Tensor, recv_splits: list[int], send_spl
     _run(dist.all_to_all_single, recv, send, recv_splits, send_splits, group=group)
 
 
+def all_to_all_positions(chunks: list[Tensor], recv_lengths: list[int], rest: torch.Size, group) -> list[Tensor]:
+    """Send ``chunks[q]`` (n_q, *rest) to rank q; receive (recv_lengths[q], *rest) from each rank q.
+    One ``all_to_all_single`` of the chunks laid end to end (none in a group of one)."""
+    if len(chunks) == 1:  # a group of one: nothing moves
+        return [chunks[0].new_empty((0, *rest))]
+    per_position = rest.numel()
+    send = torch.cat([c.reshape(-1) for c in chunks])
+    out_splits = [n * per_position for n in recv_lengths]
+    recv = send.new_empty(sum(out_splits))
+    all_to_all_flat(recv, send, out_splits, [c.numel() for c in chunks], group)
+    return [piece.view(n, *rest) for piece, n in zip(recv.split(out_splits), recv_lengths)]
+
+
 def _pad_to(x: Tensor, size: int, dim: int) -> Tensor:
     if x.shape[dim] == size:
         return x.contiguous()

@@ -29,7 +29,7 @@ from nonlocal_dist.parallel.checks import agree_across_ranks, exchange_device
 from nonlocal_dist.parallel.collectives import gather_positions
 from nonlocal_dist.parallel.comm import broadcast_
 from nonlocal_dist.parallel.sharded import ShardedTensor
-from nonlocal_dist.parallel.spec import Shard, ShardSpec, even_sizes
+from nonlocal_dist.parallel.spec import Shard, ShardSpec, split_sizes
 
 
 def mesh_groups(mesh, axes: Sequence[str]) -> tuple[dist.ProcessGroup, ...]:
@@ -64,17 +64,6 @@ def _dims(layout: str, axes: tuple[str, ...], ndim: int) -> list[int]:
     if missing:
         raise ValueError(f"axes {missing} are not in layout {layout!r}")
     return [names.index(a) for a in axes]
-
-
-def split_sizes(length: int, world: int, align: int = 1) -> tuple[int, ...]:
-    """Shard lengths: as even as possible, every rank but the last a multiple of ``align`` (a network's
-    stride along the axis: its strided layers then start every rank on their stride grid)."""
-    if align == 1:
-        return even_sizes(length, world)
-    units = even_sizes(length // align, world)
-    sizes = [u * align for u in units]
-    sizes[-1] += length - sum(sizes)
-    return tuple(sizes)
 
 
 def distribute(x: Tensor, mesh, layout: str, axes: str | Sequence[str], *, align: int | Sequence[int] = 1,

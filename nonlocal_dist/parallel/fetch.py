@@ -29,7 +29,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from nonlocal_dist.parallel.comm import all_to_all_flat
+from nonlocal_dist.parallel.comm import all_to_all_positions
 
 __all__ = ["FetchPlan", "fetch_plan", "fetch_positions"]
 
@@ -93,18 +93,6 @@ def fetch_plan(sizes: Sequence[int], rank: int, needs: Sequence[Sequence[int] | 
     return FetchPlan(rank, tuple(send), recv, own, order.reshape(-1))
 
 
-def _exchange(chunks: list[Tensor], recv_lengths: list[int], rest: torch.Size, group) -> list[Tensor]:
-    """Send ``chunks[q]`` (n_q, *rest) to rank q; receive (recv_lengths[q], *rest) from each rank q."""
-    if len(chunks) == 1:  # a group of one: nothing moves
-        return [chunks[0].new_empty((0, *rest))]
-    per_position = rest.numel()
-    send = torch.cat([c.reshape(-1) for c in chunks])
-    out_splits = [n * per_position for n in recv_lengths]
-    recv = send.new_empty(sum(out_splits))
-    all_to_all_flat(recv, send, out_splits, [c.numel() for c in chunks], group)
-    return [piece.view(n, *rest) for piece, n in zip(recv.split(out_splits), recv_lengths)]
-
-
 class _Fetch(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, dim, plan, group):
@@ -112,7 +100,7 @@ class _Fetch(torch.autograd.Function):
         rest = moved.shape[1:]
         device = x.device
         chunks = [moved.index_select(0, idx.to(device)) for idx in plan.send]
-        pieces = _exchange(chunks, list(plan.recv), rest, group)
+        pieces = all_to_all_positions(chunks, list(plan.recv), rest, group)
         pieces[plan.rank] = moved.index_select(0, plan.own.to(device))
         table = torch.cat(pieces, 0)
         ctx.dim, ctx.plan, ctx.group, ctx.shape = dim, plan, group, moved.shape
@@ -127,7 +115,7 @@ class _Fetch(torch.autograd.Function):
         pieces = list(table.split(plan.counts))
         own = pieces[plan.rank]
         pieces[plan.rank] = own.narrow(0, 0, 0)
-        returned = _exchange(pieces, [len(s) for s in plan.send], rest, ctx.group)
+        returned = all_to_all_positions(pieces, [len(s) for s in plan.send], rest, ctx.group)
         grad_x = moved.new_zeros(ctx.shape)
         grad_x.index_add_(0, plan.own.to(device), own)
         for idx, piece in zip(plan.send, returned):

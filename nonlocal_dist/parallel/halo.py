@@ -24,7 +24,7 @@ import torch.distributed as dist
 from torch import Tensor
 
 from nonlocal_dist.parallel.checks import agree_across_ranks
-from nonlocal_dist.parallel.comm import all_to_all_flat
+from nonlocal_dist.parallel.comm import all_to_all_positions
 
 
 @dataclass(frozen=True)
@@ -95,18 +95,6 @@ def shard_lengths(x: Tensor, dim: int, group, what: str, ndim: int | None = None
     return values["shard_length"]
 
 
-def _all_to_all(chunks: list[Tensor], recv_lengths: list[int], rest: torch.Size, group) -> list[Tensor]:
-    """Send ``chunks[q]`` (n_q, *rest) to rank q; receive (recv_lengths[q], *rest) from each rank q."""
-    if len(chunks) == 1:  # a group of one: nothing to exchange
-        return [chunks[0].view(0, *rest)]
-    per_position = rest.numel()
-    send = torch.cat([c.reshape(-1) for c in chunks])
-    out_splits = [n * per_position for n in recv_lengths]
-    recv = send.new_empty(sum(out_splits))
-    all_to_all_flat(recv, send, out_splits, [c.numel() for c in chunks], group)
-    return [piece.view(n, *rest) for piece, n in zip(recv.split(out_splits), recv_lengths)]
-
-
 def _positions_first(x: Tensor, dim: int, offset: int, length: int) -> Tensor:
     return x.narrow(dim, offset, length).movedim(dim, 0).contiguous()
 
@@ -146,7 +134,7 @@ def _extend(x: Tensor, dim: int, plan: HaloPlan, group, fill: tuple[int, int], v
     """x (this rank's positions) -> (fill, halo before, x, halo after, fill): one all-to-all."""
     rest = x.movedim(dim, 0).shape[1:]
     chunks = [_positions_first(x, dim, off, n) for off, n in plan.send]
-    received = _all_to_all(chunks, list(plan.recv), rest, group)
+    received = all_to_all_positions(chunks, list(plan.recv), rest, group)
     # Received in rank order: the lower ranks' positions precede the shard, the higher ranks' follow it.
     halo_before = torch.cat(received[: plan.rank]).movedim(0, dim) if plan.before else edge_fill(x, dim, 0, value)
     halo_after = torch.cat(received[plan.rank + 1 :]).movedim(0, dim) if plan.after else edge_fill(x, dim, 0, value)
@@ -167,7 +155,7 @@ def _fold(ext: Tensor, dim: int, plan: HaloPlan, group, fill: tuple[int, int], l
             offset = start + length
         back.append(_positions_first(ext, dim, offset, n))
         offset += n
-    returned = _all_to_all(back, [n for _, n in plan.send], rest, group)
+    returned = all_to_all_positions(back, [n for _, n in plan.send], rest, group)
     out = ext.narrow(dim, start, length)
     if any(n for _, n in plan.send):
         out = out.clone()

@@ -25,7 +25,7 @@ from nonlocal_dist.conventions import accumulation_dtype
 from nonlocal_dist.kernels import attention_backward, attention_forward, preferred_chunk
 from nonlocal_dist.parallel.comm import LocalComm, RingComm, local_comms
 from nonlocal_dist.parallel.merge import merge_partial
-from nonlocal_dist.parallel.shard import shard_sizes
+from nonlocal_dist.parallel.spec import even_sizes
 
 Schedule = Generator[None, None, tuple]
 
@@ -184,14 +184,14 @@ def ring_attention(q: Tensor, k: Tensor, v: Tensor, scale: float, group, m_sizes
 
 
 def _shards(x: Tensor, world: int) -> list[Tensor]:
-    return [t.contiguous() for t in x.split(shard_sizes(x.shape[-2], world), -2)]
+    return [t.contiguous() for t in x.split(even_sizes(x.shape[-2], world), -2)]
 
 
 class _LocalRingAttention(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, scale, world):
         qs, ks, vs = _shards(q, world), _shards(k, world), _shards(v, world)
-        m_sizes = shard_sizes(k.shape[-2], world)
+        m_sizes = list(even_sizes(k.shape[-2], world))
         comms = local_comms(world)
         results = run_in_lockstep([ring_forward(*qkv, scale, comm, m_sizes) for *qkv, comm in zip(qs, ks, vs, comms)])
         outs, lses = zip(*results)
@@ -214,7 +214,7 @@ def local_ring_attention(q: Tensor, k: Tensor, v: Tensor, scale: float, world: i
     """The ring of ``world`` ranks simulated in one process: ``softmax_j(scale q_i·k_j) v_j``, differentiable.
 
     q (B, H, N, d), k (B, H, M, d), v (B, H, M, dv) -> (B, H, N, dv). Positions are split into
-    ``world`` contiguous shards (``shard_sizes``; empty ones when fewer positions than ranks) and
+    ``world`` contiguous shards (``even_sizes``; empty ones when fewer positions than ranks) and
     every simulated rank runs the distributed ring's schedule, the transfers replaced by hand-offs
     in memory: the same kernel calls, merges and chunking each rank of a real ring runs.
     """

@@ -8,11 +8,6 @@ from torch import Tensor
 from nonlocal_dist.parallel.comm import all_gather_into, all_gather_varlen
 
 
-def shard_sizes(length: int, world: int) -> list[int]:
-    """Contiguous shard lengths, the first ``length % world`` one longer (as ``torch.tensor_split``)."""
-    return [length // world + (r < length % world) for r in range(world)]
-
-
 def _axis_index(x: Tensor, layout: str, axis: str) -> int:
     """Dimension of ``axis`` in ``layout``, space-separated names of x's dims (any names, e.g. 'b t')."""
     names = layout.split()

@@ -21,6 +21,7 @@ raised by every rank at the same op: none is left waiting. An op whose tensors a
 """
 from __future__ import annotations
 
+import linecache
 import os
 import sys
 from collections.abc import Callable
@@ -31,7 +32,7 @@ from torch import Tensor
 from torch.utils._pytree import tree_flatten, tree_map
 
 import nonlocal_dist.parallel.failure as failure
-from nonlocal_dist.parallel.spec import Shard, ShardSpec
+from nonlocal_dist.parallel.spec import ShardSpec
 
 RULES: dict[Callable, Callable[[Op], object]] = {}
 
@@ -64,8 +65,6 @@ def user_frame() -> str:
     while frame is not None:
         path = os.path.abspath(frame.f_code.co_filename)
         if not path.startswith(_INTERNAL) and f"{os.sep}einops{os.sep}" not in path and "<frozen" not in path:
-            import linecache
-
             code = linecache.getline(path, frame.f_lineno).strip()
             return f"{path}:{frame.f_lineno} ({frame.f_code.co_name}): {code}"
         frame = frame.f_back
@@ -157,25 +156,6 @@ class ShardedTensor(Tensor):
                 raise
 
 
-def local(t):
-    """The plain local tensor of ``t`` (anything else unchanged)."""
-    if isinstance(t, ShardedTensor):
-        with torch._C.DisableTorchFunctionSubclass():
-            return t.as_subclass(Tensor)
-    return t
-
-
-def wrap_like(out, spec: ShardSpec, avoid: tuple = ()):
-    """Wrap every tensor in ``out`` with ``spec``; a replicated spec too (the value stays on the mesh)."""
-
-    def one(t):
-        if not isinstance(t, Tensor) or any(t is a for a in avoid):
-            return t
-        return ShardedTensor.wrap(t, spec)
-
-    return tree_map(one, out)
-
-
 def replicated_spec(spec: ShardSpec, ndim: int) -> ShardSpec:
     return ShardSpec(ndim, (), spec.groups)
 
@@ -238,7 +218,3 @@ def _refuse_unknown(op: Op):
         "apply it where the activation is whole (after a global pooling), call .to_local() if it is position-wise "
         "per rank, or ask for a rule for it (nonlocal_dist.parallel.ops)",
     )
-
-
-def shard_of(t: Tensor, dim: int) -> Shard | None:
-    return t.spec.sharded.get(dim) if isinstance(t, ShardedTensor) else None

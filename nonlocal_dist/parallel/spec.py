@@ -21,6 +21,17 @@ def even_sizes(length: int, world: int) -> tuple[int, ...]:
     return tuple(length // world + (r < length % world) for r in range(world))
 
 
+def split_sizes(length: int, world: int, align: int = 1) -> tuple[int, ...]:
+    """Shard lengths: as even as possible, every rank but the last a multiple of ``align`` (a network's
+    stride along the axis: its strided layers then start every rank on their stride grid)."""
+    if align == 1:
+        return even_sizes(length, world)
+    units = even_sizes(length // align, world)
+    sizes = [u * align for u in units]
+    sizes[-1] += length - sum(sizes)
+    return tuple(sizes)
+
+
 @dataclass(frozen=True, eq=False)
 class Shard:
     """One tensor dim split over ``group``: rank r (of the group) holds ``sizes[r]`` positions from ``starts[r]``."""

@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from nonlocal_dist.parallel.halo import halo_exchange
+from nonlocal_dist.parallel.spec import split_sizes
 
 
 @dataclass(frozen=True)
@@ -52,13 +53,21 @@ class Window:
         return None
 
 
-def aligned_lengths(total: int, world: int, stride: int) -> list[int]:
-    """Shard lengths of ``total`` positions whose boundaries fall on the stride grid (all but the last
-    a multiple of ``stride``), as even as possible."""
-    units = [total // stride // world + (r < total // stride % world) for r in range(world)]
-    lengths = [u * stride for u in units]
-    lengths[-1] += total - sum(lengths)
-    return lengths
+def span(window: Window, sizes: list[int] | tuple[int, ...], rank: int) -> tuple[int, int, int]:
+    """Rank ``rank``'s window of the padded axis: (padding positions before it, after it, its length).
+
+    The window is ``[a_r - pad_left, end)`` with ``end = a_r + L_r - pad_left + extent`` clipped to the
+    padded axis (the last rank's reaches its end); positions outside ``[0, N)`` are padding."""
+    total, start = sum(sizes), sum(sizes[:rank])
+    end = start + sizes[rank] - window.pad_left + window.extent
+    end = total + window.pad_right if rank == len(sizes) - 1 else min(end, total + window.pad_right)
+    return max(0, window.pad_left - start), max(0, end - total), end - (start - window.pad_left)
+
+
+def output_lengths(window: Window, sizes: list[int] | tuple[int, ...]) -> tuple[int, ...]:
+    """Every rank's number of outputs along the axis (the windows that start in its shard)."""
+    return tuple(max(0, (span(window, sizes, r)[2] - window.extent - 1) // window.stride + 1)
+                 for r in range(len(sizes)))
 
 
 def _check_alignment(sizes: list[int], stride: int, what: str) -> None:
@@ -68,7 +77,7 @@ def _check_alignment(sizes: list[int], stride: int, what: str) -> None:
             f"{what} has stride {stride} along the shard axis, but the shard lengths {sizes} put rank "
             f"boundaries at {starts}, not all multiples of {stride}: each rank's outputs would start off "
             f"the stride grid. Shard so that every rank but the last holds a multiple of {stride} positions "
-            f"(of the positions this layer sees), e.g. {aligned_lengths(sum(sizes), len(sizes), stride)} "
+            f"(of the positions this layer sees), e.g. {list(split_sizes(sum(sizes), len(sizes), stride))} "
             f"for {sum(sizes)} positions on {len(sizes)} ranks."
         )
 
@@ -86,14 +95,10 @@ def sliding_window(
     Raises on every rank when the shard boundaries are off the stride grid.
     """
     _check_alignment(sizes, window.stride, what)
-    rank, world, total = dist.get_rank(group), len(sizes), sum(sizes)
-    start, length, extent = sum(sizes[:rank]), x.shape[dim], window.extent
-    end = start + length - window.pad_left + extent
-    end = total + window.pad_right if rank == world - 1 else min(end, total + window.pad_right)
-    left, right = max(0, window.pad_left - start), max(0, end - total)
-    ext = halo_exchange(x, dim, window.pad_left, extent - window.pad_left, sizes, group, (left, right), value)
+    left, right, _ = span(window, sizes, dist.get_rank(group))
+    ext = halo_exchange(x, dim, window.pad_left, window.extent - window.pad_left, sizes, group, (left, right), value)
     with _saved_as_shard(ext, x, dim, window.pad_left):
-        out = apply_window(fn, ext, dim, window, value)
+        out = apply_windows(fn, ext, {dim: window}, value)
     return out, (left, right, ext.shape[dim])
 
 
@@ -138,10 +143,13 @@ def _saved_as_shard(ext: Tensor, x: Tensor, dim: int, offset: int):
     return torch.autograd.graph.saved_tensors_hooks(pack, unpack)
 
 
-def apply_window(fn: Callable[[Tensor], Tensor], ext: Tensor, dim: int, window: Window, value: float) -> Tensor:
-    """``fn(ext)``, or its empty result (no outputs along ``dim``) when ext is shorter than one window."""
-    short = window.extent + 1 - ext.shape[dim]
-    if short <= 0:
-        return fn(ext)
-    pad = [0, 0] * (ext.dim() - 1 - dim) + [0, short]
-    return fn(F.pad(ext, pad, value=value)).narrow(dim, 0, 0)
+def apply_windows(fn: Callable[[Tensor], Tensor], ext: Tensor, windows: dict[int, Window], value: float) -> Tensor:
+    """``fn(ext)``, or its empty result along every dim of ``windows`` (dim -> window) where ext is
+    shorter than one window there (padded with ``value`` to run, emptied after)."""
+    short = {d: w.extent + 1 - ext.shape[d] for d, w in windows.items() if w.extent + 1 > ext.shape[d]}
+    for d, n in short.items():
+        ext = F.pad(ext, [0, 0] * (ext.dim() - 1 - d) + [0, n], value=value)
+    out = fn(ext)
+    for d in short:
+        out = out.narrow(d, 0, 0)
+    return out

@@ -3,7 +3,6 @@ gloo ranks, against the same model in one process: outputs, input gradient, ever
 (summed over ranks) and every buffer (running statistics)."""
 from __future__ import annotations
 
-import copy
 
 import torch
 import torch.distributed as dist

@@ -11,6 +11,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from dist_harness import run_ranks
+from helpers import shaped_err
 from nonlocal_dist.parallel import ShardingRefusal
 from nonlocal_dist.parallel.distribute import distribute
 from nonlocal_dist.parallel.fetch import fetch_plan, fetch_positions
@@ -20,14 +21,6 @@ TOL = 1e-13
 LAYOUTS = {3: "b c t", 4: "b c t w", 5: "b c t h w"}
 # Shard lengths over 3 ranks along t (T = 5): uneven, an empty last rank, an empty first rank.
 SIZES = ([4, 1, 0], [0, 2, 3], [2, 2, 1])
-
-
-def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
-    if a.shape != b.shape:
-        return float("inf")
-    if a.numel() == 0:
-        return 0.0
-    return (a - b).abs().max().item() / max(b.abs().max().item(), 1.0)
 
 
 def _compare(name: str, fn, shape: tuple, sizes: list[int], seed: int, exact: bool = False) -> list[str]:
@@ -50,13 +43,13 @@ def _compare(name: str, fn, shape: tuple, sizes: list[int], seed: int, exact: bo
         return [f"{name} {sizes}: global shape {tuple(ys.shape)} vs {tuple(yw.shape)}"]
     local = ys.to_local()
     expected = yw.detach().narrow(2, shard.start, shard.local)
-    err = _rel(local.detach(), expected)
+    err = shaped_err(local.detach(), expected)
     if (exact and not torch.equal(local.detach(), expected)) or err > TOL:
         problems.append(f"{name} {sizes}: output error {err:.2e} (shard sizes {shard.sizes})")
     (local * w.narrow(2, shard.start, shard.local)).sum().backward()
     grad = xr.grad.clone() if xr.grad is not None else torch.zeros_like(x)
     dist.all_reduce(grad)
-    err = _rel(grad, xw.grad)
+    err = shaped_err(grad, xw.grad)
     if err > TOL:
         problems.append(f"{name} {sizes}: input grad error {err:.2e}")
     return problems
@@ -188,7 +181,7 @@ def _interpolate_worker(rank, world):
                                **kwargs)
             shard = ys.spec.sharded[2]
             expected = F.interpolate(xd, mode=mode, **kwargs).narrow(2, shard.start, shard.local)
-            err = _rel(ys.to_local().double(), expected.double())
+            err = shaped_err(ys.to_local().double(), expected.double())
             if err > 4 * torch.finfo(dtype).eps:
                 problems.append(f"{dtype} {mode} {kwargs}: output error {err:.2e}")
     return problems
@@ -227,7 +220,7 @@ def _fetch_worker(rank, world):
     dist.all_reduce(grad)
     xw = x.clone().requires_grad_()
     sum((xw[:, n] * w[:, : len(n)]).sum() for n in needs).backward()
-    return ok, _rel(grad, xw.grad)
+    return ok, shaped_err(grad, xw.grad)
 
 
 def test_fetch_positions_gradient():

@@ -11,7 +11,7 @@ from helpers import rel_err
 from nonlocal_dist.parallel import ring
 from nonlocal_dist.parallel.comm import RingComm, local_comms
 from nonlocal_dist.parallel.ring import local_ring_attention, ring_attention
-from nonlocal_dist.parallel.shard import shard_sizes
+from nonlocal_dist.parallel.spec import even_sizes
 from oracle import naive_nonlocal
 
 DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device"))]
@@ -79,8 +79,8 @@ def _distributed(rank, world, case, chunk):
     calls = []
     _recording(monkeypatch, calls)
     q, k, v, grad_y = _inputs(case, torch.float64, "cpu")
-    shard = lambda t: t.split(shard_sizes(t.shape[-2], world), -2)[rank]  # noqa: E731
-    m_sizes = shard_sizes(k.shape[-2], world)
+    shard = lambda t: t.split(even_sizes(t.shape[-2], world), -2)[rank]  # noqa: E731
+    m_sizes = list(even_sizes(k.shape[-2], world))
     results = _run(shard(q), shard(k), shard(v), shard(grad_y),
                    lambda q, k, v: ring_attention(q, k, v, 0.3, dist.group.WORLD, m_sizes))
     return results, calls

@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from dist_harness import run_ranks
+from helpers import shaped_err
 from nonlocal_dist.parallel import ShardingRefusal
 from nonlocal_dist.parallel.distribute import distribute
 from nonlocal_dist.parallel.halo import halo_exchange, halo_reduce
@@ -43,14 +44,6 @@ CASES = [
 ]
 
 
-def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
-    if a.shape != b.shape:
-        return float("inf")
-    if a.numel() == 0:
-        return 0.0
-    return (a - b).abs().max().item() / max(b.abs().max().item(), 1.0)
-
-
 def _compare(name: str, fn, x: torch.Tensor, params: list[torch.Tensor], sizes: list[int], gen) -> list[str]:
     """``fn(x)`` whole and sharded; the problems found (output, input and parameter gradients)."""
     xw = x.clone().requires_grad_()
@@ -73,7 +66,7 @@ def _compare(name: str, fn, x: torch.Tensor, params: list[torch.Tensor], sizes: 
         return [f"{name} {sizes}: global shape {tuple(ys.shape)} vs {tuple(yw.shape)}"]
     local = ys.to_local()
     problems = []
-    err = _rel(local.detach(), yw.detach().narrow(2, shard.start, shard.local))
+    err = shaped_err(local.detach(), yw.detach().narrow(2, shard.start, shard.local))
     if err > TOL:
         problems.append(f"{name} {sizes}: output error {err:.2e} (output shards {shard.sizes})")
     (local * w.narrow(2, shard.start, shard.local)).sum().backward()
@@ -81,7 +74,7 @@ def _compare(name: str, fn, x: torch.Tensor, params: list[torch.Tensor], sizes: 
     for what, g, ref in zip(["input"] + [f"param{i}" for i in range(len(params))], got, want):
         g = torch.zeros_like(ref) if g is None else g.clone()
         dist.all_reduce(g)
-        err = _rel(g, ref)
+        err = shaped_err(g, ref)
         if err > TOL:
             problems.append(f"{name} {sizes}: {what} gradient error {err:.2e}")
     return problems

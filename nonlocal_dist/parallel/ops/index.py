@@ -44,7 +44,8 @@ def _slice_shard(shard: Shard, s: slice) -> tuple[slice, Shard]:
 def _getitem(op: Op):
     x, index = op.args
     if x.spec.replicated:
-        return ShardedTensor.wrap(x.as_subclass(Tensor)[index], x.spec.remap(x.as_subclass(Tensor)[index].dim(), {}))
+        out = x.as_subclass(Tensor)[index]
+        return ShardedTensor.wrap(out, x.spec.remap(out.dim(), {}))
     if isinstance(index, (Tensor, list)) or (isinstance(index, tuple) and any(isinstance(i, (Tensor, list)) for i in index)):
         raise op.refuse("tensor or list indices into a sharded activation", fix="index before sharding, or use slices")
     parts = _expand_index(index, x.dim())

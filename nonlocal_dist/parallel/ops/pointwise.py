@@ -7,6 +7,9 @@ Any other length is refused: it would be read as the wrong positions.
 """
 from __future__ import annotations
 
+import functools
+import inspect
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor
@@ -147,16 +150,18 @@ def _inplace(op: Op):
 
 def _positional_inplace(op: Op) -> bool:
     """F.relu(x, True)-style inplace flags given positionally."""
-    import inspect
+    index = _inplace_index(op.func)
+    return index is not None and len(op.args) > index and bool(op.args[index])
 
+
+@functools.cache
+def _inplace_index(func) -> int | None:
+    """Position of ``func``'s ``inplace`` parameter (read once per function: signatures are slow)."""
     try:
-        params = list(inspect.signature(op.func).parameters)
+        params = list(inspect.signature(func).parameters)
     except (TypeError, ValueError):
-        return False
-    if "inplace" not in params:
-        return False
-    index = params.index("inplace")
-    return len(op.args) > index and bool(op.args[index])
+        return None
+    return params.index("inplace") if "inplace" in params else None
 
 
 for _func in set(_targets()):

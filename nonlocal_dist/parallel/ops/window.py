@@ -19,7 +19,7 @@ from torch import Tensor
 from nonlocal_dist.parallel.halo import halo_exchange
 from nonlocal_dist.parallel.sharded import Op, ShardedTensor, rule
 from nonlocal_dist.parallel.spec import Shard
-from nonlocal_dist.parallel.window import Window, _check_alignment, apply_window, sliding_window
+from nonlocal_dist.parallel.window import Window, _check_alignment, apply_windows, output_lengths, sliding_window, span
 
 
 def bind(op: Op, reference) -> dict:
@@ -31,17 +31,6 @@ def bind(op: Op, reference) -> dict:
 
 def per_dim(value, n: int) -> list:
     return list(value) if isinstance(value, (tuple, list)) else [value] * n
-
-
-def out_sizes(window: Window, shard: Shard) -> tuple[int, ...]:
-    """Every rank's output length along a sharded dim (as ``sliding_window`` computes them)."""
-    sizes, total, world = [], shard.total, shard.world
-    for r, (start, length) in enumerate(zip(shard.starts, shard.sizes)):
-        end = start + length - window.pad_left + window.extent
-        end = total + window.pad_right if r == world - 1 else min(end, total + window.pad_right)
-        span = end - (start - window.pad_left)
-        sizes.append(max(0, (span - window.extent - 1) // window.stride + 1))
-    return tuple(sizes)
 
 
 def _check(op: Op, dim: int, window: Window, shard: Shard) -> None:
@@ -67,26 +56,12 @@ def windowed(op: Op, x: ShardedTensor, windows: dict[int, Window], fn, value: fl
         ext = local
         for d, w in windows.items():
             shard = dims[d]
-            start, total = shard.start, shard.total
-            end = start + shard.local - w.pad_left + w.extent
-            end = total + w.pad_right if shard.rank == shard.world - 1 else min(end, total + w.pad_right)
-            fill = (max(0, w.pad_left - start), max(0, end - total))
-            ext = halo_exchange(ext, d, w.pad_left, w.extent - w.pad_left, list(shard.sizes), shard.group, fill, value)
-        out = _apply_all(fn, ext, windows, value)
-    new = {d: (s.with_sizes(out_sizes(windows[d], s)) if d in windows else s) for d, s in dims.items()}
+            left, right, _ = span(w, shard.sizes, shard.rank)
+            ext = halo_exchange(ext, d, w.pad_left, w.extent - w.pad_left, list(shard.sizes), shard.group, (left, right),
+                                value)
+        out = apply_windows(fn, ext, windows, value)
+    new = {d: (s.with_sizes(output_lengths(windows[d], s.sizes)) if d in windows else s) for d, s in dims.items()}
     return ShardedTensor.wrap(out, x.spec.remap(out.dim(), new))
-
-
-def _apply_all(fn, ext: Tensor, windows: dict[int, Window], value: float) -> Tensor:
-    """``fn(ext)``, padding every dim shorter than one window first and emptying it after."""
-    short = {d: w.extent + 1 - ext.shape[d] for d, w in windows.items() if w.extent + 1 > ext.shape[d]}
-    for d, n in short.items():
-        pad = [0, 0] * (ext.dim() - 1 - d) + [0, n]
-        ext = F.pad(ext, pad, value=value)
-    out = fn(ext)
-    for d in short:
-        out = out.narrow(d, 0, 0)
-    return out
 
 
 def _spatial(x: ShardedTensor, n: int, op: Op) -> dict[int, int]:
@@ -123,7 +98,7 @@ def _conv_rule(n: int, conv):
         if not isinstance(x, ShardedTensor) or any(isinstance(t, ShardedTensor) for t in (weight, a["bias"])):
             raise op.refuse("a sharded weight", fix="keep parameters plain (replicated)")
         spatial = _spatial(x, n, op)
-        weight, bias = weight, a["bias"]
+        bias = a["bias"]
         kernel = list(weight.shape[2:])
         stride, dilation = per_dim(a["stride"], n), per_dim(a["dilation"], n)
         pads = _conv_padding(a["padding"], kernel, dilation, n)

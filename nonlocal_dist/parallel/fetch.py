@@ -31,7 +31,7 @@ from torch import Tensor
 
 from nonlocal_dist.parallel.comm import all_to_all_positions
 
-__all__ = ["FetchPlan", "fetch_plan", "fetch_positions"]
+__all__ = ["FetchPlan", "fetch_plan", "fetch_positions", "reshard"]
 
 
 @dataclass(frozen=True)
@@ -149,3 +149,17 @@ def fetch_positions(
     if x.shape[dim] != sizes[rank]:
         raise ValueError(f"x has {x.shape[dim]} positions along dim {dim}, but sizes[{rank}] = {sizes[rank]}")
     return _Fetch.apply(x, dim, plan, group)
+
+
+def reshard(x: Tensor, dim: int, sizes: Sequence[int], to_sizes: Sequence[int], group, rank: int | None = None) -> Tensor:
+    """x (..., sizes[r], ...) -> (..., to_sizes[r], ...): the same global tensor split by ``to_sizes``.
+
+    Rank r ends with the global positions ``[s_r, s_r + to_sizes[r])`` (``s_r`` the sum of the
+    lengths before it). Collective and differentiable, as ``fetch_positions`` (one all-to-all; a
+    rank keeps the positions it already holds). Both splits must cover the same length.
+    """
+    if sum(sizes) != sum(to_sizes) or len(sizes) != len(to_sizes):
+        raise ValueError(f"reshard keeps the global length and the group: {list(sizes)} -> {list(to_sizes)}")
+    starts = [0, *accumulate(to_sizes)][:-1]
+    needs = [torch.arange(s, s + n) for s, n in zip(starts, to_sizes)]
+    return fetch_positions(x, dim, needs, sizes, group, rank)

@@ -1,7 +1,8 @@
 """Position-wise ops: elementwise math, activations, casts, broadcasting with plain tensors.
 
 Broadcasting follows the global shapes. Along a dim that the output shards, every other operand
-must be sharded alike, or have length 1 there (it broadcasts), or be a plain/replicated tensor of
+must be sharded alike (an operand split differently over the same group and global length is
+resharded to the first sharded operand's split, one all-to-all), or have length 1 there (it broadcasts), or be a plain/replicated tensor of
 the global length (a positional embedding, a per-frame weight): it is sliced to this rank's part.
 Any other length is refused: it would be read as the wrong positions.
 """
@@ -15,6 +16,7 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.utils._pytree import tree_map
 
+from nonlocal_dist.parallel.fetch import reshard
 from nonlocal_dist.parallel.sharded import Op, ShardedTensor, rule
 from nonlocal_dist.parallel.spec import Shard
 
@@ -71,17 +73,20 @@ def _targets():
 
 
 def output_dims(op: Op, ndim: int) -> dict[int, Shard]:
-    """The output's sharded dims (right-aligned broadcasting), every sharded operand agreeing."""
+    """The output's sharded dims (right-aligned broadcasting): each as the first sharded operand
+    splits it. An operand split differently over the same group and length is resharded to it by
+    ``localise`` (a U-Net skip meeting its upsampled decoder path); other mismatches are refused."""
     dims: dict[int, Shard] = {}
     for t in op.sharded():
         for d, shard in t.spec.dims:
             od = d + ndim - t.dim()
-            if od in dims and not dims[od].same(shard):
+            if od not in dims:
+                dims[od] = shard
+            elif dims[od].group is not shard.group or dims[od].total != shard.total:
                 raise op.refuse(
-                    f"its operands are sharded differently along output dim {od} ({dims[od]} vs {shard})", od,
-                    "reshard one operand, or compute them from the same sharded input",
+                    f"its operands are sharded over different groups or lengths along output dim {od} "
+                    f"({dims[od]} vs {shard})", od, "compute them from the same sharded input",
                 )
-            dims[od] = shard
     return dims
 
 
@@ -93,7 +98,11 @@ def localise(op: Op, t, dims: dict[int, Shard], ndim: int):
     base = t.as_subclass(Tensor) if isinstance(t, ShardedTensor) else t
     for od, shard in dims.items():
         d = od - ndim + t.dim()
-        if d < 0 or d in own:
+        if d < 0:
+            continue
+        if d in own:
+            if not own[d].same(shard):  # decided from the specs: every rank joins the exchange
+                base = reshard(base, d, own[d].sizes, shard.sizes, shard.group, shard.rank)
             continue
         length = base.shape[d]
         if length == shard.total and shard.total != 1:

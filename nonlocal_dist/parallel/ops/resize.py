@@ -23,10 +23,12 @@ convolution with zero padding, so it runs sharded too.
 ``F.interpolate`` (modes nearest, nearest-exact, linear, bilinear, trilinear; ``size`` or
 ``scale_factor``; ``align_corners``; ``recompute_scale_factor``). Along a sharded spatial dim with
 global plan ``(i0, i1, w1)`` (``out[o] = x[i0[o]] (1 - w1[o]) + x[i1[o]] w1[o]``), rank r owns the
-outputs whose first source ``i0[o]`` lies in its shard: ``i0`` is non-decreasing, so these are a
-contiguous range, and rank r reads only its own positions plus at most the first position of the
-next non-empty shard (``i1 <= i0 + 1``), or none for the nearest modes. A rank may own no output
-(an empty shard; a short shard when downsampling). The spatial dims are resampled one after the
+outputs ``o`` whose place in the input, ``floor(o * in / out)``, lies in its shard (a contiguous
+range; for an integer factor ``s`` exactly ``[a_r s, (a_r + L_r) s)``, so an upsampled decoder
+activation is split as the encoder's skip was before its strided layer), and reads the sources of
+its outputs, its own positions plus at most one or two positions of each neighbouring shard,
+by one ``fetch_positions`` (skipped by every rank alike when all reads are local). A rank may own
+no output (an empty shard; a short shard when downsampling). The spatial dims are resampled one after the
 other, the LAST dim first (the order in which ATen's kernels blend), runs of unsharded dims by
 ATen's kernel with the other dims' sizes unchanged (an exact identity along them) and each sharded
 dim by the plan: ``addcmul(x[i1] * w1, x[i0], w0)``, the arithmetic of ATen's CPU ``linear`` and
@@ -37,6 +39,8 @@ end, as ATen does. Refused along a sharded dim: modes area/bicubic, ``antialias=
 non-floating dtypes.
 """
 from __future__ import annotations
+
+from itertools import pairwise
 
 import torch
 import torch.nn.functional as F
@@ -225,21 +229,21 @@ def _blend(src: Tensor, d: int, i0: Tensor, i1: Tensor, w1: Tensor | None, dtype
     return torch.addcmul(b * w1t, a, w0t)
 
 
-def interpolate_ranges(i0: Tensor, shard: Shard) -> list[tuple[int, int]]:
-    """Every rank's outputs ``[lo, hi)`` along a sharded dim: those whose ``i0`` lies in its shard."""
-    if len(i0) > 1 and not bool((i0[1:] >= i0[:-1]).all()):
-        raise RuntimeError("internal error: interpolate source indices are not monotone")
-    starts = torch.tensor(shard.starts, dtype=torch.int64)
-    ends = starts + torch.tensor(shard.sizes, dtype=torch.int64)
-    lo, hi = torch.searchsorted(i0, starts).tolist(), torch.searchsorted(i0, ends).tolist()
-    return list(zip(lo, hi))
+def interpolate_ranges(in_len: int, out_len: int, shard: Shard) -> list[tuple[int, int]]:
+    """Every rank's outputs ``[lo, hi)`` along a sharded dim of global length ``in_len`` resampled
+    to ``out_len``: output ``o`` belongs to the rank holding position ``floor(o * in_len / out_len)``
+    (its place in the input, whatever the mode reads). For an integer factor ``s`` rank r owns
+    ``[a_r s, (a_r + L_r) s)``, the split a strided layer's input had before it (U-Net skips line
+    up); a rank may own no output (an empty shard; a short shard when downsampling)."""
+    bounds = [-(-b * out_len // in_len) for b in (*shard.starts, shard.total)]  # ceil(b * out / in)
+    return list(pairwise(bounds))
 
 
 def _interpolate_sharded(t: Tensor, d: int, shard: Shard, plan, linear: bool,
                          dtype: torch.dtype) -> tuple[Tensor, Shard]:
     """Resample local ``t`` along sharded dim ``d`` by the global ``plan`` (i0, i1, w1)."""
     i0, i1, w1 = plan
-    ranges = interpolate_ranges(i0, shard)
+    ranges = interpolate_ranges(shard.total, len(i0), shard)
     needs = []
     for lo, hi in ranges:
         read = torch.cat([i0[lo:hi], i1[lo:hi]]) if linear else i0[lo:hi]

@@ -22,6 +22,7 @@ from nonlocal_dist.conventions import accumulation_dtype
 from nonlocal_dist.parallel.affinity import sharded_affinity_rows, share_query_rows
 from nonlocal_dist.parallel.checks import agree_on_shards
 from nonlocal_dist.parallel.comm import all_gather_varlen
+from nonlocal_dist.parallel.sharded import ShardedTensor, ShardingRefusal
 
 if TYPE_CHECKING:
     from nonlocal_dist.block import NonLocalBlock
@@ -124,6 +125,11 @@ def affinity_rows(block: NonLocalBlock, x: Tensor, queries: Sequence[Sequence[in
     it with the same queries and every rank gets the full rows, equal to the single-process ones; a
     bad input or queries on one rank raise on every rank.
     """
+    if isinstance(x, ShardedTensor) and len(x.spec.dims) > 1:
+        raise ShardingRefusal(
+            f"affinity_rows on an activation sharded on {len(x.spec.dims)} dims (a 2-D mesh): the maps take one "
+            "sharded axis; gather the activation along the others first (full_tensor) or map a 1-D-sharded run"
+        )
     with block.on_shards(x) as local:  # a ShardedTensor: its shard, the block's group from its spec
         return _affinity_rows(block, local, queries)
 

@@ -17,6 +17,7 @@ from nonlocal_dist.layout import flatten_positions, max_pool_positions, normalis
 from nonlocal_dist.parallel import batch_norm_rows
 from nonlocal_dist.validate import one_of, positive_int
 from nonlocal_dist.parallel.checks import agree_on_shards
+from nonlocal_dist.parallel.comm import span_group
 from nonlocal_dist.parallel.sharded import ShardedTensor, ShardingRefusal, user_frame
 
 
@@ -190,20 +191,24 @@ class NonLocalBlock(nn.Module):
     @contextlib.contextmanager
     def on_shards(self, x: Tensor):
         """Yield x's local shard with ``sp_group``/``shard_axis`` taken from its spec for the duration
-        (a plain x is yielded as it is). Refuses, on every rank, an activation sharded on more than one
-        dim or on a dim that is not one of the block's interacting axes."""
+        (a plain x is yielded as it is). An activation sharded over several mesh dims (t and h of a
+        2-D mesh) runs over one group spanning the mesh (``comm.span_group``): the sum over j is the
+        same in any order of the ranks. Refuses, on every rank, a sharded dim that is not one of the
+        block's interacting axes."""
         if not isinstance(x, ShardedTensor):
             yield x
             return
         dims, names = x.spec.dims, self.layout.names
-        if len(dims) != 1 or names[dims[0][0]] not in self.layout.axes:
+        if not dims or any(names[d] not in self.layout.axes for d, _ in dims):
             raise ShardingRefusal(
                 f"NonLocalBlock (layout {self.layout.text!r}, axes {self.layout.axes}) got an activation sharded on dims "
-                f"{[d for d, _ in dims]}: it takes one sharded dim, one of its interacting axes (at {user_frame()})"
+                f"{[d for d, _ in dims]} ({[names[d] for d, _ in dims]}): it takes activations sharded along its "
+                f"interacting axes only (at {user_frame()})"
             )
-        dim, shard = dims[0]
         saved = (self.sp_group, self.shard_axis)
-        self.sp_group, self.shard_axis = shard.group, names[dim]
+        axes = tuple(names[d] for d, _ in dims)
+        self.sp_group = span_group([shard.group for _, shard in dims])
+        self.shard_axis = axes[0] if len(axes) == 1 else axes
         try:
             with torch._C.DisableTorchFunctionSubclass():
                 yield x.to_local()

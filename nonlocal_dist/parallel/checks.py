@@ -148,23 +148,27 @@ def agree_on_shards(
     x: Tensor,
     layout,
     channels: int,
-    shard_axis: str,
+    shard_axis: str | tuple[str, ...],
     sub_sample: Mapping[str, int],
     *,
     what: str,
     extra: Callable[[], tuple[T, Mapping[str, Value]]] | None = None,
     extra_names: tuple[str, ...] = (),
-) -> tuple[T | None, list[int]]:
+) -> tuple[T | None, list]:
     """Check this rank's slice x of a ``layout`` tensor sharded along ``shard_axis``, on every rank at once.
 
-    Locally: x is a tensor of the layout with ``channels`` channels, plus ``extra()`` (more local
-    checks returning ``(result, fields)`` for ``extra_names``). Across ranks: every axis but the
-    shard axis equal, one dtype, the extra fields equal, and every shard length a multiple of the shard axis's
-    ``sub_sample`` factor (a pooling window must not cross ranks). Returns ``(extra's result, every
-    rank's shard length)``; raises on every rank otherwise.
+    ``shard_axis``: one axis name, or several (a tensor sharded over a 2-D mesh, ``group`` spanning
+    it). Locally: x is a tensor of the layout with ``channels`` channels, plus ``extra()`` (more
+    local checks returning ``(result, fields)`` for ``extra_names``). Across ranks: every axis but
+    the shard axes equal, one dtype, the extra fields equal, and every shard length a multiple of
+    its axis's ``sub_sample`` factor (a pooling window must not cross ranks). Returns ``(extra's
+    result, every rank's shard length)`` (per rank an int for one shard axis, a tuple for several);
+    raises on every rank otherwise.
     """
-    others = tuple(name for name in layout.names if name != shard_axis)
-    factor = sub_sample.get(shard_axis, 1)
+    shard_axes = (shard_axis,) if isinstance(shard_axis, str) else tuple(shard_axis)
+    others = tuple(name for name in layout.names if name not in shard_axes)
+    factors = [sub_sample.get(a, 1) for a in shard_axes]
+    length_names = ("shard_length",) if len(shard_axes) == 1 else tuple(f"shard_length_{a}" for a in shard_axes)
 
     def validate():
         if not isinstance(x, Tensor):
@@ -172,21 +176,25 @@ def agree_on_shards(
         layout.check(x, channels)
         sizes = layout.sizes(x)
         result, fields = extra() if extra is not None else (None, {})
-        length = sizes[shard_axis]
-        return result, {**{n: sizes[n] for n in others}, "dtype": x.dtype, "shard_length": length,
-                        "pool_remainder": length % factor, **fields}
+        lengths = {n: sizes[a] for n, a in zip(length_names, shard_axes)}
+        remainder = sum(sizes[a] % f for a, f in zip(shard_axes, factors))
+        return result, {**{n: sizes[n] for n in others}, "dtype": x.dtype, **lengths, "pool_remainder": remainder,
+                        **fields}
 
     result, values = agree_across_ranks(
-        group, validate, (*others, "dtype", "shard_length", "pool_remainder", *extra_names), what=what,
-        free=("shard_length", "pool_remainder"),
+        group, validate, (*others, "dtype", *length_names, "pool_remainder", *extra_names), what=what,
+        free=(*length_names, "pool_remainder"),
     )
+    per_axis = [values[n] for n in length_names]
+    lengths = per_axis[0] if len(per_axis) == 1 else list(zip(*per_axis))
     if any(values["pool_remainder"]):
+        factor = factors[0] if len(factors) == 1 else tuple(factors)
         raise everywhere(ValueError(
-            f"sub_sample pools shard axis {shard_axis!r} by {factor}, but the shard lengths "
-            f"{values['shard_length']} are not all divisible by {factor}: pooling windows would cross "
-            "rank boundaries. Shard so that every rank holds a multiple of the factor."
+            f"sub_sample pools shard axis {' '.join(shard_axes)} by {factor}, but the shard lengths {lengths} "
+            f"are not all divisible by {factor}: pooling windows would cross rank boundaries. Shard so that "
+            "every rank holds a multiple of the factor."
         ))
-    return result, values["shard_length"]
+    return result, lengths
 
 
 __all__ = ["agree_across_ranks", "agree_on_shards", "digest", "exchange_device"]

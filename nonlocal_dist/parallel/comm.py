@@ -249,3 +249,35 @@ def _refuse_second_commit(in_flight: bool) -> None:
     if in_flight:
         raise RuntimeError("commit() called again before wait(): the transfers already in flight would be "
                            "overwritten; call wait() first")
+
+
+_SPANS: dict[tuple, dist.ProcessGroup] = {}
+
+
+def _span_ranks(groups: tuple) -> list[int]:
+    """Global ranks of the mesh spanned by ``groups`` (this rank's line along each mesh dim), row-major."""
+    line = dist.get_process_group_ranks(groups[-1])
+    if len(groups) == 1:
+        return line
+    inner = _span_ranks(groups[1:])
+    rows: list = [None] * dist.get_world_size(groups[0])
+    dist.all_gather_object(rows, inner, group=groups[0])
+    return [r for row in rows for r in row]
+
+
+def span_group(groups) -> dist.ProcessGroup:
+    """One process group over every rank of the mesh spanned by ``groups``: this rank's process
+    group along each mesh dim, outermost first (a 2 x 2 mesh: its t-line and its h-line give all
+    four ranks). Collective over the span on first use (every rank of it calls with its own lines,
+    in the same order), cached per tuple of groups afterwards. The new group's rank order is the
+    global rank order, which need not be the mesh's: use it where the order of the ranks does not
+    matter (sums over every position, as the non-local operation's over j)."""
+    groups = tuple(groups)
+    if len(groups) == 1:
+        return groups[0]
+    if groups not in _SPANS:
+        ranks = _span_ranks(groups)
+        if len(set(ranks)) != len(ranks):
+            raise ValueError(f"the mesh dims' groups overlap (ranks {ranks}): they must be the lines of one mesh")
+        _SPANS[groups] = dist.new_group(sorted(ranks), use_local_synchronization=True)
+    return _SPANS[groups]

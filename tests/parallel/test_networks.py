@@ -100,3 +100,62 @@ def _resharded(rank, world):
 def test_operands_split_differently_are_resharded():
     for splits, err in run_ranks(_resharded, 3, timeout=120):
         assert splits == ((4, 3, 1), (4, 3, 1)) and err < 1e-12, (splits, err)
+
+
+class _NonLocalNet(torch.nn.Module):
+    """conv + BN + ReLU, a non-local block over (t, h, w) with sub-sampling, conv, mean head, Linear."""
+
+    def __init__(self, mode: str) -> None:
+        super().__init__()
+        from nonlocal_dist import NonLocalBlock
+
+        self.stem = torch.nn.Sequential(torch.nn.Conv3d(2, 8, 3, padding=1), torch.nn.BatchNorm3d(8), torch.nn.ReLU())
+        self.block = NonLocalBlock(8, mode=mode, sub_sample={"h": 2, "w": 2})
+        torch.nn.init.ones_(self.block.norm.weight)  # open the block (it starts as the identity)
+        self.conv = torch.nn.Conv3d(8, 8, (3, 3, 1), padding=(1, 1, 0))
+        self.head = torch.nn.Linear(8, 3)
+
+    def forward(self, x):
+        return self.head(self.conv(self.block(self.stem(x))).mean(dim=(2, 3, 4)))
+
+
+def _block_on_mesh(rank, world):
+    from torch.distributed.device_mesh import init_device_mesh
+
+    mesh = init_device_mesh("cpu", (2, 2), mesh_dim_names=("t", "h"))
+    outcomes = {}
+    for mode in ("gaussian", "embedded_gaussian", "dot_product", "concatenation"):
+        torch.manual_seed(0)
+        model = _NonLocalNet(mode).double()
+        x = torch.randn(2, 2, 6, 8, 4, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+        want = reference(copy.deepcopy(model), x)
+        got = sharded_run(copy.deepcopy(model), x, mesh, ("t", "h"), sizes=[[4, 2], [2, 6]])
+        try:
+            assert_parity(want, got)
+            outcomes[mode] = "exact"
+        except AssertionError as exc:
+            outcomes[mode] = f"WRONG: {exc}"
+    return outcomes
+
+
+def test_nonlocal_block_over_a_2x2_mesh():
+    """The block's positions sharded over t and h at once (uneven, pooled windows within each rank):
+    one group spans the mesh, exact in every mode."""
+    _check(run_ranks(_block_on_mesh, 4, timeout=300))
+
+
+def _block_on_mesh_off_the_pool_grid(rank, world):
+    from torch.distributed.device_mesh import init_device_mesh
+
+    mesh = init_device_mesh("cpu", (2, 2), mesh_dim_names=("t", "h"))
+    x = torch.randn(1, 2, 6, 8, 4, dtype=torch.float64)
+    try:
+        sharded_run(_NonLocalNet("embedded_gaussian").double(), x, mesh, ("t", "h"), sizes=[[4, 2], [3, 5]])
+    except ValueError as exc:
+        return str(exc)
+    return "no error"
+
+
+def test_nonlocal_block_over_a_mesh_refuses_pooling_across_ranks():
+    for message in run_ranks(_block_on_mesh_off_the_pool_grid, 4, timeout=120):
+        assert "pools shard axis t h by (1, 2)" in message and "not all divisible" in message, message

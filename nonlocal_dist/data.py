@@ -11,6 +11,8 @@ digits apart until a non-local block joins them.
 """
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import torch
 
@@ -55,3 +57,41 @@ def digit_clips(
             y, x = rng.integers(0, size - 7, 2)
             clips[i, 0, frame, y : y + 8, x : x + 8] = images[rng.choice(by_class[digit_class])]
     return torch.from_numpy(clips), torch.from_numpy(targets.astype(np.int64))
+
+
+DIGIT_VIDEO_SCALE = 240  # a pixel k/16 is stored as 15k; (15k - 0) / 240 gives k/16 back exactly
+
+
+def write_digit_videos(out_dir, num_clips: int, split: str = "train", frames: int = 8, size: int = 24, seed: int = 0,
+                       classes: int = 10, min_gap: int = 1) -> Path:
+    """``digit_clips`` written once as real video files, ``out_dir/{split}/{i:05d}.mkv`` (FFV1, lossless
+    8-bit gray, every frame a keyframe), and an mmaction2 annotation file ``out_dir/{split}.txt``
+    (``path label`` lines); returns the annotation file. Read back with ``VideoClipDataset(...,
+    fmt="gray", transform=ClipTransform(mean=(0,), std=(DIGIT_VIDEO_SCALE,)))``: the in-memory clips, bit
+    for bit. A complete earlier write of the same clips is reused."""
+    import av
+
+    clips, labels = digit_clips(num_clips, split, frames, size, seed, classes, min_gap)
+    out_dir = Path(out_dir)
+    ann = out_dir / f"{split}.txt"
+    stamp = out_dir / f".{split}.{num_clips}-{frames}-{size}-{seed}-{classes}-{min_gap}.done"
+    if ann.is_file() and stamp.is_file():
+        return ann
+    (out_dir / split).mkdir(parents=True, exist_ok=True)
+    pixels = (clips[:, 0] * 16).round().to(torch.uint8).mul_(DIGIT_VIDEO_SCALE // 16).numpy()  # (N, T, H, W)
+    lines = []
+    for i in range(num_clips):
+        name = f"{split}/{i:05d}.mkv"
+        with av.open(str(out_dir / name), "w") as container:
+            stream = container.add_stream("ffv1", rate=25)
+            stream.width, stream.height, stream.pix_fmt = size, size, "gray"
+            stream.codec_context.gop_size = 1
+            for frame in pixels[i]:
+                for packet in stream.encode(av.VideoFrame.from_ndarray(frame, format="gray")):
+                    container.mux(packet)
+            for packet in stream.encode():
+                container.mux(packet)
+        lines.append(f"{name} {int(labels[i])}\n")
+    ann.write_text("".join(lines))
+    stamp.touch()
+    return ann

@@ -6,12 +6,17 @@
 #   i3d: an I3D with temporal convolutions and strided max pooling on 12-frame clips, the whole
 #        network sharded over time by nonlocal_dist.parallelize (halo exchange); its non-local
 #        blocks start open (zero_init=False).
-# MODELS="c2d" or MODELS="i3d" runs one of them (default: both, about 11 min on 2 cores).
+# The clips are written once as lossless video files with annotation files (VIDEOS, default
+# runs/videos, kept between runs) and read back through VideoClipDataset and a DataLoader, each
+# sequence-parallel rank decoding only its own frames (the same clips, bit for bit, as in memory).
+# MODELS="c2d" or MODELS="i3d" runs one of them (default: both; about 11 min on 2 cores from memory,
+# not yet timed from files: decoding adds about 1 ms per clip and rank).
 set -euo pipefail
 cd "$(dirname "$0")/.."
-bash scripts/setup_env.sh "deepspeed,wandb,train"
+bash scripts/setup_env.sh "deepspeed,wandb,train,video"
 export OMP_NUM_THREADS=1 WANDB_SILENT=true
 run_dir="${RUN_DIR:-runs/demo}"
+videos="${VIDEOS:-runs/videos}"
 rm -rf "$run_dir"
 for model in ${MODELS:-c2d i3d}; do
     for variant in nonlocal ablation; do
@@ -20,7 +25,8 @@ for model in ${MODELS:-c2d i3d}; do
         echo "== training: $model $variant =="
         .venv/bin/deepspeed --num_gpus 2 --master_port "${MASTER_PORT:-29500}" scripts/train.py \
             --model "$model" --deepspeed_config configs/ds_zero2.json --sp-size 2 \
-            --ckpt-dir "$run_dir/ckpt-$model-$variant" --run-dir "$run_dir" --wandb offline "${extra[@]}" "$@"
+            --ckpt-dir "$run_dir/ckpt-$model-$variant" --run-dir "$run_dir" --wandb offline \
+            --videos "$videos" "${extra[@]}" "$@"
     done
 done
 .venv/bin/python scripts/summarize.py "$run_dir"

@@ -7,6 +7,8 @@ logged to W&B (offline by default).
     ... --model i3d           # I3D on 12-frame clips (configs/experiment_i3d.json), sharded by parallelize
     ... --ablation            # the same network without non-local blocks, same budget
     ... --resume              # continue from the latest checkpoint in --ckpt-dir, exactly
+    ... --videos runs/videos  # the digit clips written once as video files, read back through
+                              # VideoClipDataset + DataLoader, each SP rank decoding its own frames
 """
 from __future__ import annotations
 
@@ -17,14 +19,13 @@ import time
 from pathlib import Path
 
 import deepspeed
-import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
 from nonlocal_dist import parallelize
 from nonlocal_dist.checkpointing import KINDS as CHECKPOINT_KINDS, apply_activation_checkpointing
-from nonlocal_dist.data import digit_clips
+from nonlocal_dist.data import DIGIT_VIDEO_SCALE, digit_clips, write_digit_videos
 from nonlocal_dist.integrations.faults import (
     Fault, SkipCounter, StepGuard, apply_group_timeout, begin_fresh, check_finite, load_checkpoint, resolve_timeout,
     save_checkpoint,
@@ -35,6 +36,8 @@ from nonlocal_dist.integrations.deepspeed_sp import (
 from nonlocal_dist.integrations.wandb_logger import RunLogger, rank_perf
 from nonlocal_dist.integrations.wandb_maps import AttentionMapLogger
 from nonlocal_dist.models import C2DNonLocal, I3DNonLocal
+from nonlocal_dist.parallel import from_local
+from nonlocal_dist.video import TrainBatchSampler
 
 ROOT = Path(__file__).resolve().parents[1]
 MODELS = {"c2d": ROOT / "configs/experiment.json", "i3d": ROOT / "configs/experiment_i3d.json"}
@@ -73,6 +76,11 @@ def parse_args(argv=None):
                    help="with --skip-nonfinite: stop after more than this many consecutive skipped steps")
     p.add_argument("--fault", metavar="KIND:RANK:STEP",
                    help=f"inject a fault to test the failure paths; KIND in {Fault.KINDS}")
+    p.add_argument("--videos", metavar="DIR",
+                   help="train from video files: the experiment's digit clips are written once under DIR/<model> "
+                        "(FFV1, lossless) with annotation files, then read through VideoClipDataset and a DataLoader, "
+                        "each sequence-parallel rank decoding only its frames (default: clips in memory)")
+    p.add_argument("--video-workers", type=int, default=1, help="DataLoader workers per rank with --videos")
     p.add_argument("--local_rank", type=int, default=int(os.environ.get("LOCAL_RANK", 0)))
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     deepspeed.add_config_arguments(p)
@@ -116,25 +124,58 @@ def build_model(exp, ds, sp, ablation: bool, checkpoint: str | None = None):
     return model if checkpoint is None else apply_activation_checkpointing(model, checkpoint)
 
 
-def batch_indices(step: int, num_clips: int, global_batch: int, dp_rank: int, micro: int, seed: int) -> np.ndarray:
-    """This data-parallel rank's clip indices at ``step``: a pure function of the step (exact resume)."""
-    per_epoch = num_clips // global_batch
-    epoch, offset = divmod(step, per_epoch)
-    order = np.random.default_rng(seed + epoch).permutation(num_clips)
-    start = offset * global_batch + dp_rank * micro
-    return order[start : start + micro]
-
-
-def forward(engine, x, sp, dtype):
-    """Logits (B, classes) in float32 on the engine's device, from whole clips ``x`` (B, 1, T, H, W) on the CPU."""
+def forward(engine, x, sp, dtype, local: bool = False):
+    """Logits (B, classes) in float32 on the engine's device, from whole clips ``x`` (B, 1, T, H, W) on the CPU,
+    or (``local``) from this rank's time shards of them (B, 1, T_r, H, W), decoded by this rank."""
+    if local and sp.sp_group is not None:
+        return engine(from_local(x, sp.sp_group, "b c t h w", "t").to(engine.device, dtype)).float()
     return engine(shard_batch(x, sp).to(engine.device, dtype)).float()
 
 
-def train_step(engine, x, y, sp, dtype, scale: float, step: int, skip_nonfinite: bool, fault: Fault | None):
+class VideoData:
+    """The digit clips as video files read back per rank (``--videos``): this rank's time shard of each clip."""
+
+    def __init__(self, root: Path, d: dict, sp, workers: int):
+        from nonlocal_dist.video import ClipTransform, VideoClipDataset
+
+        clip_args = (d["frames"], d["size"], d["seed"], d["classes"], d.get("min_gap", 1))
+        if dist.get_rank() == 0:  # one writer; the others wait at the barrier
+            for split in ("train", "test"):
+                write_digit_videos(root, d[f"{split}_clips"], split, *clip_args)
+        dist.barrier()
+        common = {"clip_len": d["frames"], "fmt": "gray", "seed": d["seed"],
+                  "transform": ClipTransform(mean=(0,), std=(DIGIT_VIDEO_SCALE,))}
+        shard = (sp.sp_rank, sp.sp_size)
+        self.train = VideoClipDataset(root / "train.txt", root, shard=shard, **common)
+        self.train_eval = VideoClipDataset(root / "train.txt", root, shard=shard, test_mode=True, **common)
+        self.test = VideoClipDataset(root / "test.txt", root, shard=shard, test_mode=True, **common)
+        self.whole_test = VideoClipDataset(root / "test.txt", root, test_mode=True, **common)
+        self.sp, self.workers, self.skipped = sp, workers, 0
+
+    def loader(self, dataset, batch_sampler):
+        from torch.utils.data import DataLoader
+
+        from nonlocal_dist.video import collate_clips
+
+        return DataLoader(dataset, batch_sampler=batch_sampler, collate_fn=collate_clips, num_workers=self.workers)
+
+    def usable(self, batch) -> tuple[torch.Tensor, torch.Tensor]:
+        """This rank's shards and labels of the clips every rank of the SP group decoded (others counted, said)."""
+        from nonlocal_dist.video import agree_usable
+
+        usable, skipped = agree_usable(batch, self.sp.sp_group)
+        self.skipped += len(skipped)
+        for index, error in skipped:
+            print(f"rank {dist.get_rank()}: skipping clip {index}: {error}", flush=True)
+        return usable["clip"], usable["label"]
+
+
+def train_step(engine, x, y, sp, dtype, scale: float, step: int, skip_nonfinite: bool, fault: Fault | None,
+               local: bool = False):
     """One optimiser step; (loss, logits), or None when the loss is non-finite on some rank and the step is
     skipped, with the model's buffers (BatchNorm statistics) put back as they were before the forward."""
     buffers = [b.detach().clone() for b in engine.module.buffers()] if skip_nonfinite else None
-    logits = forward(engine, x, sp, dtype)
+    logits = forward(engine, x, sp, dtype, local)
     loss = F.cross_entropy(logits, y.to(logits.device))
     if fault is not None:
         fault.fire("kill", dist.get_rank(), step)
@@ -151,14 +192,27 @@ def train_step(engine, x, y, sp, dtype, scale: float, step: int, skip_nonfinite:
     return loss, logits
 
 
-def evaluate(engine, clips, labels, sp, micro: int, dtype) -> tuple[float, float]:
-    """Accuracy and mean loss on held-out clips, split over the data-parallel ranks."""
+def evaluate(engine, clips, labels, sp, micro: int, dtype, videos: VideoData | None = None, num_clips: int = 0
+             ) -> tuple[float, float]:
+    """Accuracy and mean loss on held-out clips, split over the data-parallel ranks: ``clips``/``labels`` in
+    memory, or with ``videos`` the first ``num_clips`` of the dataset ``clips``."""
+    from nonlocal_dist.video import EvalBatchSampler
+
     engine.eval()
     totals = torch.zeros(3, dtype=torch.float64)
+    count = num_clips if videos is not None else len(labels)
+    sampler = EvalBatchSampler(count, micro, sp.dp_rank, sp.dp_size)
+    batches = videos.loader(clips, sampler) if videos is not None else sampler
     with torch.no_grad():
-        for start in range(sp.dp_rank * micro, len(labels), sp.dp_size * micro):
-            x, y = clips[start : start + micro], labels[start : start + micro]
-            logits = forward(engine, x, sp, dtype)
+        for batch in batches:
+            if videos is not None:
+                x, y = videos.usable(batch)
+            else:
+                idx = [i for i, _ in batch]
+                x, y = clips[idx], labels[idx]
+            if len(y) == 0:
+                continue
+            logits = forward(engine, x, sp, dtype, local=videos is not None)
             y = y.to(logits.device)
             totals += torch.tensor([(logits.argmax(1) == y).sum().item(), F.cross_entropy(logits, y, reduction="sum").item(), len(y)], dtype=torch.float64)
     totals = totals.to(engine.device)  # NCCL reduces device tensors only
@@ -191,8 +245,15 @@ def train(args, fault: Fault | None, guard: StepGuard) -> None:
     dtype = torch.bfloat16 if ds.get("bf16", {}).get("enabled") else torch.float32
     d, t = exp["data"], exp["train"]
     clip_args = (d["frames"], d["size"], d["seed"], d["classes"], d.get("min_gap", 1))
-    train_x, train_y = digit_clips(d["train_clips"], "train", *clip_args)
-    test_x, test_y = digit_clips(d["test_clips"], "test", *clip_args)
+    videos = None
+    if args.videos:
+        videos = VideoData(Path(args.videos) / exp["model"]["name"], d, sp, args.video_workers)
+        train_x, train_y, test_x, test_y = videos.train, None, videos.test, None
+        first_test = videos.whole_test[0]["clip"][None]
+    else:
+        train_x, train_y = digit_clips(d["train_clips"], "train", *clip_args)
+        test_x, test_y = digit_clips(d["test_clips"], "test", *clip_args)
+        first_test = test_x[:1]
     engine = initialize(build_model(exp, ds, sp, args.ablation, args.activation_checkpoint), ds, sp)
     start_step = load_checkpoint(engine, args.ckpt_dir)["step"] if args.resume else begin_fresh(args.ckpt_dir)
     guard.step = start_step
@@ -205,7 +266,7 @@ def train(args, fault: Fault | None, guard: StepGuard) -> None:
     micro, global_batch = t["micro_batch"], t["micro_batch"] * sp.dp_size
     scale = loss_scale(ds, sp)
     maps_every = exp["wandb"].get("maps_every", 0) if args.maps_every is None else args.maps_every
-    maps = AttentionMapLogger(engine, logger, maps_every, test_x[:1], lambda clip: forward(engine, clip, sp, dtype))
+    maps = AttentionMapLogger(engine, logger, maps_every, first_test, lambda clip: forward(engine, clip, sp, dtype))
     history, skipped, skips = [], [], SkipCounter(args.max_skips)
     steps_this_run = t["steps"] - start_step if args.stop_after is None else min(args.stop_after, t["steps"] - start_step)
     progress = None
@@ -213,17 +274,30 @@ def train(args, fault: Fault | None, guard: StepGuard) -> None:
         from tqdm import tqdm
 
         progress = tqdm(total=t["steps"], initial=start_step, desc=name, unit="step")
+    sampler = TrainBatchSampler(d["train_clips"], micro, sp.dp_rank, sp.dp_size, steps=start_step + steps_this_run,
+                                start_step=start_step, seed=d["seed"])
+    batches = iter(videos.loader(train_x, sampler) if videos is not None else sampler)
+    data_seconds = step_seconds = 0.0
     clock = loop_start = time.perf_counter()
     for step in range(start_step, start_step + steps_this_run):
         guard.step = step + 1
-        idx = batch_indices(step, len(train_y), global_batch, sp.dp_rank, micro, d["seed"])
-        x = train_x[idx]
+        begin = time.perf_counter()
+        if videos is not None:
+            x, y = videos.usable(next(batches))
+        else:
+            idx = [i for i, _ in next(batches)]
+            x, y = train_x[idx], train_y[idx]
+        fed = torch.tensor([len(y)])
+        dist.all_reduce(fed, op=dist.ReduceOp.MIN)  # a data-parallel group left with no usable clip: all skip
+        data_seconds += time.perf_counter() - begin
         if fault is not None and fault.fire("nan", rank, step + 1):
             x = x.clone().fill_(float("nan"))
-        if check_finite(step + 1, args.skip_nonfinite, input=x):
-            loss, logits = train_step(engine, x, train_y[idx], sp, dtype, scale, step + 1, args.skip_nonfinite, fault)
+        if int(fed) > 0 and check_finite(step + 1, args.skip_nonfinite, input=x):
+            loss, logits = train_step(engine, x, y, sp, dtype, scale, step + 1, args.skip_nonfinite, fault,
+                                      local=videos is not None)
         else:
             loss = None
+        step_seconds += time.perf_counter() - begin
         skips.record(step + 1, loss is None)
         if loss is None:
             skipped.append(step + 1)
@@ -231,10 +305,14 @@ def train(args, fault: Fault | None, guard: StepGuard) -> None:
             history.append({"step": step + 1, "loss": loss.item()})
         if loss is not None and ((step + 1) % t["log_every"] == 0 or step + 1 == t["steps"]):
             elapsed, clock = time.perf_counter() - clock, time.perf_counter()
-            acc = (logits.argmax(1).cpu() == train_y[idx]).float().mean().item()
+            acc = (logits.argmax(1).cpu() == y).float().mean().item()
             logger.log({"train/loss": loss.item(), "train/accuracy": acc, "train/skipped_steps": len(skipped),
+                        "data/skipped_clips": videos.skipped if videos is not None else 0,
                         "perf/samples_per_s": t["log_every"] * global_batch / elapsed,
+                        "perf/data_seconds_per_step": data_seconds / t["log_every"],
+                        "perf/step_seconds": step_seconds / t["log_every"],
                         "perf/peak_rss_mb_rank0": peak_rss_mb()}, engine.global_samples)
+            data_seconds = step_seconds = 0.0
         maps.maybe_log(step + 1, engine.global_samples)
         if (step + 1) % t["checkpoint_every"] == 0 or step + 1 == t["steps"]:
             save_checkpoint(engine, args.ckpt_dir, f"step{step + 1}", {"step": step + 1}, fault, step + 1)
@@ -248,10 +326,16 @@ def train(args, fault: Fault | None, guard: StepGuard) -> None:
                                               sp_rank=sp.sp_rank, dp_rank=sp.dp_rank))
     finished = start_step + steps_this_run == t["steps"]
     result = {"name": name, "history": history, "skipped_steps": skipped, "finished": finished,
+              "skipped_clips": videos.skipped if videos is not None else 0,
               "train_seconds": round(time.perf_counter() - loop_start, 1)}
     if finished:
-        train_acc, train_loss = evaluate(engine, train_x[: d["test_clips"]], train_y[: d["test_clips"]], sp, micro, dtype)
-        test_acc, test_loss = evaluate(engine, test_x, test_y, sp, micro, dtype)
+        if videos is not None:
+            train_acc, train_loss = evaluate(engine, videos.train_eval, None, sp, micro, dtype, videos, d["test_clips"])
+            test_acc, test_loss = evaluate(engine, test_x, None, sp, micro, dtype, videos, d["test_clips"])
+        else:
+            train_acc, train_loss = evaluate(engine, train_x[: d["test_clips"]], train_y[: d["test_clips"]], sp, micro,
+                                             dtype)
+            test_acc, test_loss = evaluate(engine, test_x, test_y, sp, micro, dtype)
         result.update(train_accuracy=train_acc, test_accuracy=test_acc, test_loss=test_loss, train_loss=train_loss)
         logger.log({"eval/test_accuracy": test_acc, "eval/test_loss": test_loss, "eval/train_accuracy": train_acc},
                    engine.global_samples)

@@ -11,6 +11,12 @@ or ``python scripts/bench_video.py [--clip B C T H W ...]``.
 from __future__ import annotations
 
 import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
 
 import torch
 import torch.distributed as dist
@@ -18,7 +24,6 @@ import torch.distributed as dist
 from bench_utils import best_time, peak_memory_mb, print_table, spawn_ranks
 from nonlocal_dist import parallelize
 from nonlocal_dist.models import I3DNonLocal
-from nonlocal_dist.parallel import distribute
 
 
 def _model(args) -> torch.nn.Module:
@@ -65,9 +70,19 @@ def _count_collectives(run) -> int:
     return count[0]  # the step's closing dist.barrier is not among them
 
 
+def _sharded_input(clip: torch.Tensor, group):
+    """The clip as this package takes it: a ShardedTensor; before the redesign (``--baseline``), the
+    class-swapped model took this rank's plain slice (``shard_tensor``)."""
+    import nonlocal_dist.parallel as parallel
+
+    if hasattr(parallel, "distribute"):
+        return parallel.distribute(clip, group, "b c t h w", "t")
+    return parallel.shard_tensor(clip, "b c t h w", "t", group)
+
+
 def _rank_main(rank, world, args, group) -> tuple[float, float, int]:
     model = parallelize(_model(args), group, "t")
-    run = _step(model, distribute(_clip(args), group, "b c t h w", "t"), world, group)
+    run = _step(model, _sharded_input(_clip(args), group), world, group)
     return best_time(run, args.repeats), peak_memory_mb(run), _count_collectives(run)
 
 
@@ -97,6 +112,24 @@ def sync_cost(world: int) -> float:
     return max(spawn_ranks(_sync_rank, world, None).values())
 
 
+def _baseline_world(world: int, args) -> tuple[float, float, int]:
+    """``_run_world`` with the package as of commit ``args.baseline`` (a git worktree in the temp dir,
+    made once), in a child process whose ``nonlocal_dist`` comes from that tree."""
+    repo = Path(__file__).resolve().parent.parent
+    rev = subprocess.run(["git", "rev-parse", "--short", args.baseline], cwd=repo, check=True, capture_output=True,
+                         text=True).stdout.strip()
+    tree = Path(tempfile.gettempdir()) / f"nonlocal_dist-{rev}"
+    if not (tree / "nonlocal_dist").is_dir():
+        subprocess.run(["git", "worktree", "add", "--force", "--detach", str(tree), rev], cwd=repo, check=True,
+                       capture_output=True)
+    command = [sys.executable, __file__, "--child-world", str(world), "--clip", *map(str, args.clip),
+               "--widths", *map(str, args.widths), "--stem", str(args.stem), "--classes", str(args.classes),
+               "--repeats", str(args.repeats)]
+    path = os.pathsep.join([str(tree), str(Path(__file__).resolve().parent)])
+    done = subprocess.run(command, env={**os.environ, "PYTHONPATH": path}, check=True, capture_output=True, text=True)
+    return tuple(json.loads(done.stdout.strip().splitlines()[-1]))
+
+
 def _single_process(args, threads: int) -> tuple[float, float]:
     torch.set_num_threads(threads)
     run = _step(_model(args), _clip(args), 1, None)
@@ -113,7 +146,15 @@ def main(argv=None) -> list:
     parser.add_argument("--worlds", type=int, nargs="+", default=[2, 4], help="ranks (1 thread each)")
     parser.add_argument("--time-world", type=int, default=2, help="ranks compared with one process of as many threads")
     parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--baseline", metavar="REV",
+                        help="also run --time-world ranks with the package as of git revision REV (e.g. a2bdc3e, "
+                             "the class-swap parallelize before the redesign) and give the ratio")
+    parser.add_argument("--child-world", type=int, help=argparse.SUPPRESS)  # internal: one world, JSON out
     args = parser.parse_args(argv)
+    if args.child_world:
+        args.clip = args.clip[0]
+        print(json.dumps(_run_world(args.child_world, args)))
+        return []
     clips = args.clip or [[1, 3, 64, 112, 112], [1, 3, 64, 224, 224]]
     records = []
     for clip in clips:
@@ -140,6 +181,15 @@ def _one_clip(args) -> list:
         rows.append([f"{world} ranks x 1 thread", 1e3 * t, mem, f"{mem / base_mem:.2f}x", vs_threads, collectives])
         records.append({"suite": "video", "ranks": world, "threads": 1, "clip": args.clip, "fwd_bwd_ms": 1e3 * t,
                         "peak_mb_per_rank": mem, "memory_vs_one_process": mem / base_mem, "collectives": collectives})
+        if world == 1:  # a group of one: the dispatch of every op, no communication
+            rows[-1][0] = "1 rank x 1 thread (sharded, group of one)"
+            rows[-1][4] = f"dispatch {t / base_t - 1:+.0%} of the plain step"
+        if world == args.time_world and args.baseline:
+            bt, bmem, bcoll = _baseline_world(world, args)
+            rows.append([f"{world} ranks x 1 thread, {args.baseline} (class swap)", 1e3 * bt, bmem,
+                         f"{bmem / base_mem:.2f}x", f"new / old {t / bt:.3f}x", bcoll])
+            records.append({"suite": "video", "ranks": world, "baseline": args.baseline, "clip": args.clip,
+                            "fwd_bwd_ms": 1e3 * bt, "peak_mb_per_rank": bmem, "new_over_baseline": t / bt})
     print_table(
         f"I3D-style network with non-local blocks (widths {args.widths}), clip {tuple(args.clip)}, float32, fwd+bwd, "
         "parallelize(model, group, 't') on gloo",

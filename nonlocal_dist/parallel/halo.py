@@ -117,8 +117,13 @@ def halo_exchange(
     (the layer's padding at the global edges). ``sizes[r]`` is L_r on rank r (``shard_lengths``).
     Differentiable: the halos' gradients are sent back and added to their owners' gradients; x's
     gradient is a view of the extended tensor's where no halo left this rank (one copy otherwise).
-    Collective: every rank of ``group`` must call it with the same ``before``/``after``.
+    Collective: every rank of ``group`` must call it with the same ``before``/``after`` (none is
+    run when both are 0 or the group has one rank: the result is x with its fill, x itself if none).
     """
+    if (before == 0 and after == 0) or len(sizes) == 1:  # no rank reads another's positions: no exchange
+        if not any(fill):
+            return x
+        return torch.cat([edge_fill(x, dim, fill[0], value), x, edge_fill(x, dim, fill[1], value)], dim)
     plan = halo_plan(sizes, dist.get_rank(group), before, after)
     return _HaloExchange.apply(x, dim, plan, group, fill, value)
 

@@ -82,6 +82,8 @@ def batch_norm(x: Tensor, running_mean: Tensor | None, running_var: Tensor | Non
         weight, bias = (None, None) if weight is None else (weight.to(acc), bias.to(acc))
         stats = (running_mean.to(acc), running_var.to(acc))
         return F.batch_norm(x.to(acc), *stats, weight, bias, False, 0.0, eps).to(x.dtype)
+    if not groups and all(t is None or t.dtype == x.dtype for t in (weight, running_mean)) and x.dtype == acc:
+        return F.batch_norm(x, running_mean, running_var, weight, bias, True, momentum, eps)  # no group: torch's
     return _GroupBatchNorm.apply(x, weight, bias, running_mean if training else None, running_var, momentum, eps,
                                  tuple(groups))
 

@@ -21,6 +21,8 @@ raised by every rank at the same op: none is left waiting. An op whose tensors a
 """
 from __future__ import annotations
 
+from functools import cached_property
+
 import linecache
 import os
 import sys
@@ -106,8 +108,15 @@ class Op:
         text = f"{self.name}{where} cannot run on a sharded activation ({shapes}) at {user_frame()}: {why}"
         return ShardingRefusal(text + (f". Fix: {fix}" if fix else ""))
 
+    @cached_property
+    def _tensors(self) -> list[Tensor]:
+        flat = [*self.args, *self.kwargs.values()]
+        if any(isinstance(a, (list, tuple, dict)) for a in flat):
+            flat = tree_flatten((self.args, self.kwargs))[0]
+        return [a for a in flat if isinstance(a, Tensor)]
+
     def tensors(self) -> list[Tensor]:
-        return [a for a in tree_flatten((self.args, self.kwargs))[0] if isinstance(a, Tensor)]
+        return list(self._tensors)
 
     def sharded(self) -> list[ShardedTensor]:
         return [a for a in self.tensors() if isinstance(a, ShardedTensor)]

@@ -97,7 +97,7 @@ def sliding_window(
     _check_alignment(sizes, window.stride, what)
     left, right, _ = span(window, sizes, dist.get_rank(group))
     ext = halo_exchange(x, dim, window.pad_left, window.extent - window.pad_left, sizes, group, (left, right), value)
-    with _saved_as_shard(ext, x, dim, window.pad_left):
+    with contextlib.nullcontext() if ext is x else _saved_as_shard(ext, x, dim, window.pad_left):
         out = apply_windows(fn, ext, {dim: window}, value)
     return out, (left, right, ext.shape[dim])
 

@@ -119,6 +119,12 @@ def localise(op: Op, t, dims: dict[int, Shard], ndim: int):
 def broadcast_rule(op: Op):
     """Elementwise ops over operands broadcast by their global shapes."""
     tensors = op.tensors()
+    if len(tensors) == 1 and op.args and op.args[0] is tensors[0]:  # relu, a cast, x * 2.0: no broadcasting
+        x = tensors[0]
+        out = op.run(x.as_subclass(Tensor), *op.args[1:], **op.kwargs)
+        if _inplace(op) is not None:
+            return x
+        return _wrap_outputs(out, x.spec, x.dim(), [])
     ndim = max(t.dim() for t in tensors)
     dims = output_dims(op, ndim)
     first = op.sharded()[0]
@@ -126,10 +132,7 @@ def broadcast_rule(op: Op):
     if inplace is not None and not isinstance(inplace, ShardedTensor) and dims:
         raise op.refuse("an in-place op would write sharded values into a plain tensor",
                         fix="use the out-of-place op")
-    if not dims:  # replicated operands only: the op as it is on every rank
-        spec = first.spec.remap(ndim, {})
-    else:
-        spec = first.spec.remap(ndim, dims)
+    spec = first.spec.remap(ndim, dims)
     if isinstance(inplace, ShardedTensor) and dict(inplace.spec.dims) != {d - ndim + inplace.dim(): s for d, s in dims.items()}:
         raise op.refuse("an in-place op would change which positions its target holds", fix="use the out-of-place op")
     args = tree_map(lambda t: localise(op, t, dims, ndim), op.args)
@@ -137,12 +140,20 @@ def broadcast_rule(op: Op):
     out = op.run(*args, **kwargs)
     if inplace is not None:
         return inplace
-    plain = [t for t in tensors if not isinstance(t, ShardedTensor)]
-    return tree_map(
-        lambda t: ShardedTensor.wrap(t, spec.remap(t.dim(), {d - ndim + t.dim(): s for d, s in spec.dims}))
-        if isinstance(t, Tensor) and not any(t is p for p in plain) else t,
-        out,
-    )
+    return _wrap_outputs(out, spec, ndim, [t for t in tensors if not isinstance(t, ShardedTensor)])
+
+
+def _wrap_outputs(out, spec, ndim: int, plain: list[Tensor]):
+    """Every tensor output (but a plain operand returned as it is) sharded by ``spec`` (of ``ndim`` dims),
+    its dims right-aligned to the output's."""
+    def wrap(t):
+        if not isinstance(t, Tensor) or any(t is p for p in plain):
+            return t
+        if t.dim() == ndim:
+            return ShardedTensor.wrap(t, spec)
+        return ShardedTensor.wrap(t, spec.remap(t.dim(), {d - ndim + t.dim(): s for d, s in spec.dims}))
+
+    return wrap(out) if isinstance(out, Tensor) else tree_map(wrap, out)
 
 
 def _inplace(op: Op):

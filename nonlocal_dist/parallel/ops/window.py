@@ -9,6 +9,7 @@ spec is known everywhere without a collective.
 """
 from __future__ import annotations
 
+import functools
 import inspect
 import math
 
@@ -22,9 +23,14 @@ from nonlocal_dist.parallel.spec import Shard
 from nonlocal_dist.parallel.window import Window, _check_alignment, apply_windows, output_lengths, sliding_window, span
 
 
+@functools.cache
+def _signature(reference) -> inspect.Signature:
+    return inspect.signature(reference)
+
+
 def bind(op: Op, reference) -> dict:
     """The op's arguments by name, defaults filled (``reference``: a function with the op's signature)."""
-    bound = inspect.signature(reference).bind(*op.args, **op.kwargs)
+    bound = _signature(reference).bind(*op.args, **op.kwargs)
     bound.apply_defaults()
     return dict(bound.arguments)
 

@@ -89,6 +89,10 @@ def agree_across_ranks(
         error = exc
     if error is None and set(fields) != set(names):
         raise RuntimeError(f"{what}: validate returned fields {sorted(fields)}, expected {sorted(names)}")
+    if dist.get_world_size(group) == 1:  # nothing to agree on
+        if error is not None:
+            raise everywhere(error)
+        return result, {"world_size": [1], **{name: [fields[name]] for name in names}}
     plain = {name: fields.get(name) for name in names}
     # ints travel as themselves (shapes are shown per rank); the rest as digests; -1 stands in on a failed rank.
     codes = [0 if error is None else 1] + [

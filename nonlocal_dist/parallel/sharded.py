@@ -86,6 +86,13 @@ def op_name(func: Callable) -> str:
     return f"torch.{name}"
 
 
+COMPILE_REFUSAL = (
+    "torch.compile cannot trace ops on a ShardedTensor: they run through Python rules with collectives that "
+    "dynamo does not capture. Run the parallelized model eagerly, or compile the submodules that see no sharded "
+    "activation (e.g. the head after a global pooling)"
+)
+
+
 @dataclass
 class Op:
     """One intercepted call: the torch function, its arguments, and helpers for rules."""
@@ -152,6 +159,8 @@ class ShardedTensor(Tensor):
 
     @classmethod
     def __torch_function__(cls, func, types, args=(), kwargs=None):
+        if torch.compiler.is_compiling():
+            raise RuntimeError(COMPILE_REFUSAL)
         kwargs = kwargs or {}
         with torch._C.DisableTorchFunctionSubclass():
             handler = RULES.get(func) or _fallback(func)

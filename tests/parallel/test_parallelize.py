@@ -391,3 +391,21 @@ def _one_rank_worker(rank, world, device):
 def test_one_rank_group_equals_the_plain_model(device):
     (failures,) = run_ranks(_one_rank_worker, 1, device, timeout=240, backend="nccl" if device == "cuda" else "gloo")
     assert not failures, failures
+
+
+def _compiled_worker(rank, world):
+    import torch._dynamo as dynamo
+
+    net = nn.Sequential(nn.Conv3d(3, 4, 3, padding=1), nn.BatchNorm3d(4), nn.ReLU(), nn.AdaptiveAvgPool3d(1))
+    model = torch.compile(parallelize(net, dist.group.WORLD, "t"))
+    dynamo.reset()
+    try:
+        model(torch.randn(2, 3, 8, 4, 4))
+    except Exception as exc:  # dynamo wraps the error (InternalTorchDynamoError)
+        return str(exc)
+    return "no error"
+
+
+def test_torch_compile_of_a_parallelized_network_is_refused_on_every_rank():
+    for message in run_ranks(_compiled_worker, 2, timeout=300):
+        assert "torch.compile cannot trace ops on a ShardedTensor" in message, message

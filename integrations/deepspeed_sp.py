@@ -14,6 +14,7 @@ from dataclasses import dataclass
 
 import torch.distributed as dist
 
+from nonlocal_dist.parallel.comm import span_group
 from nonlocal_dist.parallel.distribute import distribute, full_tensor
 from nonlocal_dist.parallel.sharded import ShardedTensor
 from nonlocal_dist.parallel.shard import gather_tensor
@@ -21,7 +22,10 @@ from nonlocal_dist.parallel.shard import gather_tensor
 
 @dataclass(frozen=True)
 class SequenceParallel:
-    """This rank's place: ``sp_size`` contiguous ranks share a sample (SP); SP groups are data parallel."""
+    """This rank's place: ``sp_size`` ranks share a sample (SP); SP groups are data parallel.
+
+    ``mesh``: the DeviceMesh the groups come from (``sequence_parallel_from_mesh``), with ``sp_axes``
+    its SP dims, named after the tensor axes they shard; None for DeepSpeed's own contiguous groups."""
 
     sp_size: int
     sp_rank: int
@@ -30,6 +34,38 @@ class SequenceParallel:
     sp_group: object | None
     seq_dp_group: object | None
     mpu: object | None
+    mesh: object | None = None
+    sp_axes: tuple[str, ...] = ("t",)
+
+
+class MeshGroups:
+    """DeepSpeed's sequence-parallel ``mpu`` (the interface of its ``parallel_state_sp``) answered by
+    groups taken from a mesh: SP = one group over the mesh's SP dims, SP x DP = every rank of the mesh.
+    DeepSpeed recognises this kind of mpu by its ``initialize_sequence_parallel`` attribute."""
+
+    def __init__(self, sp_group, seq_dp_group) -> None:
+        self.sp_group, self.seq_dp_group = sp_group, seq_dp_group
+
+    def initialize_sequence_parallel(self, sequence_parallel_size: int) -> None:
+        raise RuntimeError("the sequence-parallel groups come from the DeviceMesh; nothing to initialise")
+
+    def get_sequence_parallel_group(self):
+        return self.sp_group
+
+    def get_sequence_parallel_world_size(self) -> int:
+        return dist.get_world_size(self.sp_group)
+
+    def get_sequence_parallel_rank(self) -> int:
+        return dist.get_rank(self.sp_group)
+
+    def get_sequence_data_parallel_group(self):
+        return self.seq_dp_group
+
+    def get_sequence_data_parallel_world_size(self) -> int:
+        return dist.get_world_size(self.seq_dp_group)
+
+    def get_sequence_data_parallel_rank(self) -> int:
+        return dist.get_rank(self.seq_dp_group)
 
 
 def resolve_sp_size(config: dict, sp_size: int | None) -> int:
@@ -67,6 +103,36 @@ def init_sequence_parallel(sp_size: int) -> SequenceParallel:
     )
 
 
+def sequence_parallel_from_mesh(mesh, dp_dim: str = "dp") -> SequenceParallel:
+    """SP and DP groups from a DeviceMesh with named dims: ``dp_dim`` (absent: no data parallelism) and
+    the SP dims, each named after the tensor axis it shards (``("dp", "t")``, or ``("dp", "t", "h")``
+    for a 2-D SP mesh). Every rank must call it (the SP and SP x DP groups spanning several mesh dims
+    are made here, once). ``shard_batch`` then shards along the SP dims, ``initialize`` hands DeepSpeed
+    these groups, and DeepSpeed averages gradients over ``dp_dim``.
+    """
+    names = tuple(mesh.mesh_dim_names or ())
+    if not names:
+        raise ValueError("the DeviceMesh needs named dims (init_device_mesh(..., mesh_dim_names=('dp', 't')))")
+    sp_axes = tuple(n for n in names if n != dp_dim)
+    if not sp_axes:
+        raise ValueError(f"mesh dims {names}: besides {dp_dim!r} at least one dim must shard a tensor axis (e.g. 't')")
+    if not dist.is_initialized():
+        raise RuntimeError("initialise torch.distributed (deepspeed.init_distributed()) before the SP groups")
+    import deepspeed
+
+    if not deepspeed.comm.is_initialized():
+        deepspeed.init_distributed(dist_backend=dist.get_backend())
+    sp_lines = [mesh.get_group(a) for a in sp_axes]
+    sp_group = span_group(sp_lines)
+    dp_lines = [mesh.get_group(dp_dim)] if dp_dim in names else []
+    seq_dp_group = span_group(dp_lines + sp_lines)
+    sp_size = dist.get_world_size(sp_group)
+    dp_size = dist.get_world_size(seq_dp_group) // sp_size
+    dp_rank = mesh.get_local_rank(dp_dim) if dp_lines else 0
+    return SequenceParallel(sp_size, dist.get_rank(sp_group), dp_size, dp_rank, sp_group, seq_dp_group,
+                            MeshGroups(sp_group, seq_dp_group), mesh, sp_axes)
+
+
 def zero_stage(config: dict) -> int:
     return int(config.get("zero_optimization", {}).get("stage", 0))
 
@@ -97,7 +163,7 @@ def initialize(model, config: dict, sp: SequenceParallel):
     engine, _, _, _ = deepspeed.initialize(
         model=model, model_parameters=[p for p in model.parameters() if p.requires_grad], config=config, mpu=sp.mpu
     )
-    world = dist.get_world_size()
+    world = dist.get_world_size(sp.seq_dp_group) if sp.seq_dp_group is not None else dist.get_world_size()
     if engine.seq_dp_world_size != world or engine.sequence_parallel_size != sp.sp_size:
         raise RuntimeError(
             f"DeepSpeed built sequence_parallel_size={engine.sequence_parallel_size}, "
@@ -106,10 +172,15 @@ def initialize(model, config: dict, sp: SequenceParallel):
     return engine
 
 
-def shard_batch(x, sp: SequenceParallel, layout: str = "b c t h w", axis: str = "t"):
+def shard_batch(x, sp: SequenceParallel, layout: str = "b c t h w", axis: str | None = None):
     """This rank's contiguous slice of a batch along ``axis`` as a ``ShardedTensor`` (uneven when it does
-    not divide); the batch itself when ``sp_size`` is 1. ``layout`` names x's axes."""
-    return x if sp.sp_group is None else distribute(x, sp.sp_group, layout, axis)
+    not divide); the batch itself when ``sp_size`` is 1. ``layout`` names x's axes; ``axis`` defaults
+    to the mesh's SP dims (``sequence_parallel_from_mesh``), else "t"."""
+    if sp.sp_group is None:
+        return x
+    if sp.mesh is not None:
+        return distribute(x, sp.mesh, layout, sp.sp_axes if axis is None else axis)
+    return distribute(x, sp.sp_group, layout, axis or "t")
 
 
 def gather_predictions(y, sp: SequenceParallel, layout: str = "b c t h w", axis: str = "t"):

@@ -151,3 +151,64 @@ def test_sp2_step_matches_single_process(name, stage, checkpoint):
     # The SP ranks hold identical weights after several steps.
     for key in ref_weights:
         assert torch.equal(results[0][1][key], results[1][1][key]), key
+
+
+def _mesh_worker(rank, world, stage):
+    """A (dp=2, t=2) DeviceMesh: each data-parallel group trains on its own clip, sharded over t."""
+    from deepspeed.utils import safe_get_full_fp32_param, safe_get_full_grad
+    from torch.distributed.device_mesh import init_device_mesh
+
+    from nonlocal_dist import parallelize
+    from nonlocal_dist.integrations.deepspeed_sp import (
+        initialize, loss_scale, model_context, sequence_parallel_from_mesh, shard_batch,
+    )
+
+    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world))
+    deepspeed.init_distributed(dist_backend="gloo")
+    mesh = init_device_mesh("cpu", (2, 2), mesh_dim_names=("dp", "t"))
+    sp = sequence_parallel_from_mesh(mesh)
+    cfg = {**_config(stage), "train_micro_batch_size_per_gpu": 1}
+    with model_context(cfg, sp):
+        model = parallelize(_model("i3d"), mesh, axis="t")
+    _open_nonlocal_blocks(model)
+    engine = initialize(model, cfg, sp)
+    x, y = _data("i3d")
+    d = sp.dp_rank
+    loss = F.cross_entropy(engine(shard_batch(x[d : d + 1], sp)), y[d : d + 1]) * loss_scale(cfg, sp)
+    engine.backward(loss)
+    grads = {n: safe_get_full_grad(p).clone() for n, p in engine.module.named_parameters()}
+    engine.step()
+    weights = {n: (safe_get_full_fp32_param(p) if stage else p).detach().clone() for n, p in engine.module.named_parameters()}
+    buffers = {n: b.clone() for n, b in engine.module.named_buffers()}
+    return (sp.sp_size, sp.dp_size, d), grads, weights, buffers
+
+
+@pytest.mark.parametrize("stage", [2])
+def test_dp_as_a_mesh_dim(stage):
+    """Data parallel as a DeviceMesh dim: the gradient is the mean of the two clips' single-process
+    gradients (each clip's BatchNorm statistics its own), the weights after the step follow it, and each
+    data-parallel group's running statistics are those of its clip."""
+    grads, buffers = [], []
+    for d in range(2):  # each clip alone, as its data-parallel group sees it
+        model = _open_nonlocal_blocks(_model("i3d")).double()
+        x, y = _data("i3d")
+        F.cross_entropy(model(x[d : d + 1].double()), y[d : d + 1]).backward()
+        grads.append({n: p.grad.clone() for n, p in model.named_parameters()})
+        buffers.append(dict(model.named_buffers()))
+    model = _open_nonlocal_blocks(_model("i3d")).double()
+    mean_grad = {n: (grads[0][n] + grads[1][n]) / 2 for n in grads[0]}
+    params = _config(stage)["optimizer"]["params"]
+    ref_weights = {n: p.detach() - params["lr"] * mean_grad[n] for n, p in model.named_parameters()}
+    grad_scale = max(g.abs().max().item() for g in mean_grad.values())
+    grad_tol, tol = TOL["i3d"]
+    for (sp_size, dp_size, d), got_grads, weights, got_buffers in run_ranks(_mesh_worker, 4, stage, timeout=400):
+        assert (sp_size, dp_size) == (2, 2)
+        for key, ref in mean_grad.items():
+            err = rel_err(got_grads[key], ref, floor=grad_scale)
+            assert err <= grad_tol, f"dp {d} grad {key}: {err:.2e}"
+        for key, ref in ref_weights.items():
+            err = rel_err(weights[key], ref, floor=1e-2)
+            assert err <= tol, f"dp {d} weight {key}: {err:.2e}"
+        for key, ref in buffers[d].items():
+            err = rel_err(got_buffers[key].to(ref.dtype), ref)
+            assert err <= tol, f"dp {d} buffer {key}: {err:.2e}"

@@ -2,16 +2,13 @@
 from __future__ import annotations
 
 import gc
-import os
-import socket
 import time
-from datetime import timedelta
 from typing import Callable
 
-import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 from torch.profiler import ProfilerActivity, profile
+
+from nonlocal_dist.testing import run_ranks
 
 
 def best_time(fn: Callable[[], object], repeats: int, warmup: int = 1) -> float:
@@ -61,28 +58,13 @@ def _fmt(value) -> str:
     return str(value)
 
 
-def _rank_worker(rank: int, world: int, port: int, fn, args, queue, timeout_min: float) -> None:
-    os.environ["OMP_NUM_THREADS"] = "1"
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
-                            timeout=timedelta(minutes=timeout_min))
-    queue.put((rank, fn(rank, world, args, dist.group.WORLD)))
-    dist.destroy_process_group()
+def _with_group(rank: int, world: int, fn, args):
+    return fn(rank, world, args, dist.group.WORLD)
 
 
 def spawn_ranks(fn, world: int, args, timeout_min: float = 30) -> dict:
-    """``fn(rank, world, args, group)`` on ``world`` gloo ranks of 1 thread each (127.0.0.1, a free port,
-    ``timeout_min`` for every collective and for each result); returns every rank's result, by rank."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    ctx = mp.get_context("spawn")
-    queue = ctx.Queue()
-    procs = [ctx.Process(target=_rank_worker, args=(r, world, port, fn, args, queue, timeout_min))
-             for r in range(world)]
-    for p in procs:
-        p.start()
-    results = dict(queue.get(timeout=60 * timeout_min) for _ in procs)
-    for p in procs:
-        p.join()
-    return results
+    """``fn(rank, world, args, group)`` on ``world`` gloo ranks of 1 thread each (``nonlocal_dist.testing``:
+    127.0.0.1, a free port, ``timeout_min`` for every collective and for the results); every rank's
+    result, by rank."""
+    results = run_ranks(_with_group, world, fn, args, timeout=60 * timeout_min, pg_timeout=60 * timeout_min)
+    return dict(enumerate(results))

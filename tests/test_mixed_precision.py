@@ -9,7 +9,7 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from dist_harness import run_ranks
+from nonlocal_dist.testing import run_ranks
 from helpers import assert_rel, rel_err
 from nonlocal_dist import MODES, NonLocalBlock
 from oracle import oracle_block

@@ -91,7 +91,7 @@ def _group_rows(rank, world):
 
 
 def test_group_counts_rows_over_every_rank():
-    from dist_harness import run_ranks
+    from nonlocal_dist.testing import run_ranks
 
     # One row over the whole group raises on every rank (no rank waits in a collective); a rank
     # with no rows beside one with two is a batch of two; no rows anywhere leaves the statistics.
@@ -183,7 +183,7 @@ def _group_spatial(rank, world):
 
 
 def test_group_spans_every_rank_with_second_derivatives():
-    from dist_harness import run_ranks
+    from nonlocal_dist.testing import run_ranks
 
     results = run_ranks(_group_spatial, 3, timeout=120)
     twin = _spatial_bn(2)

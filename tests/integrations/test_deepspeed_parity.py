@@ -11,7 +11,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from dist_harness import run_ranks
+from nonlocal_dist.testing import run_ranks
 from helpers import rel_err
 
 deepspeed = pytest.importorskip("deepspeed")

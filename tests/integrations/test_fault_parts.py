@@ -9,7 +9,7 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from dist_harness import run_ranks
+from nonlocal_dist.testing import run_ranks
 from nonlocal_dist.integrations.faults import (
     Fault, NonFiniteError, SkipCounter, apply_group_timeout, begin_fresh, check_finite, nonfinite_ranks, resolve_timeout,
 )

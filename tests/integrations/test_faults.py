@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from dist_harness import free_port
+from nonlocal_dist.testing import free_port
 
 pytest.importorskip("deepspeed")
 pytest.importorskip("sklearn")

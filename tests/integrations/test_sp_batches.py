@@ -5,7 +5,7 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from dist_harness import run_ranks
+from nonlocal_dist.testing import run_ranks
 
 pytest.importorskip("deepspeed")
 

@@ -15,7 +15,7 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from dist_harness import free_port, run_ranks
+from nonlocal_dist.testing import free_port, run_ranks
 from helpers import rel_err
 from nonlocal_dist.integrations.wandb_logger import RunLogger
 from nonlocal_dist.integrations.wandb_maps import (

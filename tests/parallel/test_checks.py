@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
-from dist_harness import run_ranks
+from nonlocal_dist.testing import run_ranks
 from nonlocal_dist import NonLocalBlock, nonlocal_op
 from nonlocal_dist.attention_maps import affinity_rows
 from nonlocal_dist.parallel import shard_tensor

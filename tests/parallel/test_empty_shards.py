@@ -7,7 +7,7 @@ import torch
 import torch.distributed as dist
 
 from block_parity import sharded_block_failures
-from dist_harness import run_ranks
+from nonlocal_dist.testing import run_ranks
 from helpers import rel_err
 from nonlocal_dist import nonlocal_op
 from nonlocal_dist.parallel import MODE_STRATEGIES, shard_tensor

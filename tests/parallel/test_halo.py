@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from dist_harness import run_ranks
+from nonlocal_dist.testing import run_ranks
 from nonlocal_dist.parallel.halo import halo_exchange, halo_plan
 
 # (shard lengths, before, after, fill): 1-3 ranks, uneven, halos wider than a shard, empty shards.

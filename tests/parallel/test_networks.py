@@ -8,7 +8,7 @@ import copy
 import torch
 import torch.distributed as dist
 
-from dist_harness import run_ranks
+from nonlocal_dist.testing import run_ranks
 from sharded_parity import assert_parity, reference, sharded_run
 from zoo import ZOO
 from nonlocal_dist.parallel import ShardingRefusal

@@ -6,7 +6,7 @@ import torch
 import torch.distributed as dist
 
 from block_parity import sharded_block_failures
-from dist_harness import run_ranks
+from nonlocal_dist.testing import run_ranks
 from nonlocal_dist import NonLocalBlock
 from nonlocal_dist.parallel import shard_tensor
 

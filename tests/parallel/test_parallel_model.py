@@ -7,7 +7,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from dist_harness import run_ranks
+from nonlocal_dist.testing import run_ranks
 from helpers import rel_err
 from nonlocal_dist import NonLocalBlock
 from nonlocal_dist.models import C2DNonLocal

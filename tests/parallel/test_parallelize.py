@@ -12,7 +12,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from dist_harness import run_ranks
+from nonlocal_dist.testing import run_ranks
 from helpers import rel_err
 from nonlocal_dist import NonLocalBlock, parallelize
 from nonlocal_dist.parallel import ShardingRefusal

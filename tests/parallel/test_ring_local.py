@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from dist_harness import run_ranks
+from nonlocal_dist.testing import run_ranks
 from helpers import rel_err
 from nonlocal_dist.parallel import ring
 from nonlocal_dist.parallel.comm import RingComm, local_comms

@@ -12,7 +12,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
-from dist_harness import run_ranks
+from nonlocal_dist.testing import run_ranks
 from helpers import shaped_err
 from nonlocal_dist.parallel import ShardingRefusal
 from nonlocal_dist.parallel.distribute import distribute

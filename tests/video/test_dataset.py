@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from dist_harness import run_ranks
+from nonlocal_dist.testing import run_ranks
 from torch.utils.data import DataLoader
 
 from nonlocal_dist.video import (

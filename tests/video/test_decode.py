@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 from conftest import FRAMES, KEYINT
-from dist_harness import run_ranks
+from nonlocal_dist.testing import run_ranks
 
 from nonlocal_dist.parallel.spec import even_sizes
 from nonlocal_dist.video import (

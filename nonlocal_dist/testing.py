@@ -1,5 +1,5 @@
-"""Run a function on real gloo ranks (spawned processes, 127.0.0.1, a free port) with a timeout
-(NCCL on request, for a one-rank group on a GPU)."""
+"""One rank launcher for the tests and the benchmarks: run a function on real gloo ranks (spawned
+processes, 127.0.0.1, a free port) with a timeout (NCCL on request, for a one-rank group on a GPU)."""
 from __future__ import annotations
 
 import os
@@ -19,14 +19,14 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def _worker(rank, world, port, fn, args, queue, backend="gloo"):
+def _worker(rank, world, port, fn, args, queue, backend="gloo", pg_timeout=60.0):
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     torch.set_num_threads(1)
     try:
         if backend == "nccl":
             torch.cuda.set_device(rank)
         dist.init_process_group(
-            backend, init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world, timeout=timedelta(seconds=60)
+            backend, init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world, timeout=timedelta(seconds=pg_timeout)
         )
         result = fn(rank, world, *args)
         # Plain pickling copies tensors by value: torch's shared-memory handles would die with the rank.
@@ -38,9 +38,10 @@ def _worker(rank, world, port, fn, args, queue, backend="gloo"):
             dist.destroy_process_group()
 
 
-def run_ranks(fn, world: int, *args, timeout: float = 120.0, backend: str = "gloo") -> list:
+def run_ranks(fn, world: int, *args, timeout: float = 120.0, backend: str = "gloo", pg_timeout: float = 60.0) -> list:
     """Run ``fn(rank, world, *args)`` on ``world`` gloo ranks (``backend="nccl"``: rank r on GPU r);
-    return the results in rank order.
+    return the results in rank order. ``fn`` must be picklable (a module-level function); each rank
+    runs one thread; ``pg_timeout``: seconds any one collective may wait.
 
     Fails (AssertionError with every rank's traceback) when a rank raises, and when the ranks do not
     finish within ``timeout`` seconds (they are killed: a hang fails instead of blocking CI).
@@ -48,7 +49,7 @@ def run_ranks(fn, world: int, *args, timeout: float = 120.0, backend: str = "glo
     ctx = mp.get_context("spawn")
     queue = ctx.Queue()
     port = free_port()
-    procs = [ctx.Process(target=_worker, args=(r, world, port, fn, args, queue, backend)) for r in range(world)]
+    procs = [ctx.Process(target=_worker, args=(r, world, port, fn, args, queue, backend, pg_timeout)) for r in range(world)]
     for p in procs:
         p.start()
     results, errors = {}, {}

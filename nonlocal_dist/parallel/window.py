@@ -102,6 +102,10 @@ def sliding_window(
     return out, (left, right, ext.shape[dim])
 
 
+# The innermost saved-tensor hooks (a private accessor; absent in torch 2.4 and older: None).
+_TOP_HOOKS = getattr(torch._C._autograd, "_top_saved_tensors_default_hooks", None)
+
+
 class _Rebuilt:
     """``ext`` as saved for backward: the shard x (alive anyway) and copies of ext's two short ends."""
 
@@ -125,7 +129,9 @@ def _saved_as_shard(ext: Tensor, x: Tensor, dim: int, offset: int):
     backward. Saves a copy of the shard per layer between forward and backward. Inside an
     activation-checkpointed region (an outer saved-tensor mechanism, which recomputes instead of
     saving) nothing is changed."""
-    outer = torch._C._autograd._top_saved_tensors_default_hooks(False)
+    if _TOP_HOOKS is None:  # outer hooks cannot be seen, so none are added (a copy of the shard is saved)
+        return contextlib.nullcontext()
+    outer = _TOP_HOOKS(False)
     if not (torch.is_grad_enabled() and ext.numel()) or outer is not None:
         return contextlib.nullcontext()
     # The hooks live as long as what they saved: they must not hold ext, only how to recognise it.

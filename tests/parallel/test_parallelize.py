@@ -311,6 +311,8 @@ def _saved_input_worker(rank, world):
     return kept, error
 
 
+@pytest.mark.skipif(not hasattr(torch._C._autograd, "_top_saved_tensors_default_hooks"),
+                    reason="this torch has no accessor for the outer saved-tensor hooks: the layers save a copy")
 def test_window_layers_keep_no_copy_of_the_shard():
     for kept, error in run_ranks(_saved_input_worker, 2):
         # retained beyond the plain layer's: the two halo positions (1/8 shard), not the extended shard (+9/8)

@@ -1,11 +1,22 @@
-"""Backends of the non-local operation behind one dispatch point (xformers-style).
+"""Backends of the non-local operation behind one dispatcher (xformers-style), for every path.
 
 Each backend declares what it supports and returns ``not_supported_reasons(inputs)``; a backend
 wrapping another library also asks that library whether it can run *these* inputs
-(``runtime_reasons``). ``dispatch`` picks the first backend of ``AUTO_ORDER[device type]`` that can
-run the inputs and that no measured rule declines (``auto_declines``), saying once why it skipped a
-backend that is installed but cannot run; ``backend=`` forces one, and when the forced one (or
-every one) cannot run, the ``ValueError`` lists the reasons.
+(``runtime_reasons``). Two questions, one set of declarations:
+
+- ``dispatch`` (one device; also the all-gather and Ulysses strategies, which run the op on gathered
+  keys or on a shard of the heads) picks the first backend of ``AUTO_ORDER[device type]`` that can
+  run the inputs and that no measured rule declines (``auto_declines``), saying once why it skipped
+  a backend that is installed but cannot run.
+- ``select_block_kernel`` (the ring, which merges key blocks) names the per-block kernel: a forward
+  that returns the log-sum-exp and a backward from a global output and LSE
+  (``kernels.softmax.LSE_KERNELS``). Only ``sdpa`` (torch's private LSE-returning ops, each tried
+  once per process: ``kernels.softmax.working``) and ``blocked`` have one.
+
+``backend=`` forces one; when the forced one (or every one) cannot run, the ``ValueError`` lists the
+reasons, and names the strategy that asked. The rules every path shares: heads wider than 256 and
+float64 on CUDA have no fused kernel (``sdpa`` declines them, ``auto`` runs ``blocked``); non-finite
+CPU inputs run the blocked kernel inside ``sdpa`` (``kernels.softmax.nonfinite_on_cpu``).
 """
 from __future__ import annotations
 
@@ -19,9 +30,11 @@ from types import ModuleType
 import torch
 from torch import Tensor
 
-from nonlocal_dist.conventions import FLOAT_DTYPES, MODES, SOFTMAX_MODES
-from nonlocal_dist.kernels import concat_sorted, dot_product_linear, reference_nonlocal, softmax_attention
-from nonlocal_dist.kernels.softmax import FUSED_MAX_HEAD
+from nonlocal_dist.conventions import FLOAT_DTYPES, HALF_DTYPES, MODES, SOFTMAX_MODES
+from nonlocal_dist.kernels import (
+    blocked_attention, concat_sorted, dot_product_linear, reference_nonlocal, sdpa_attention,
+)
+from nonlocal_dist.kernels.softmax import FUSED_MAX_HEAD, fused_head_size, working
 
 # CUDA launches put the batch on a grid axis limited to 65535 blocks.
 _CUDA_MAX_BATCH = 65535
@@ -58,6 +71,10 @@ class Backend:
     modes: tuple[str, ...] = MODES
     devices: tuple[str, ...] = ("cpu", "cuda")
     dtypes: tuple[torch.dtype, ...] = FLOAT_DTYPES
+    # Why a strategy that merges key blocks (the ring) cannot run this backend; None: it can.
+    no_block_kernel: str | None = (
+        "it has no per-block kernel (a forward returning the log-sum-exp, a backward from a global one)"
+    )
 
     def declared_reasons(self, inputs: OpInputs) -> list[str]:
         """Why the declarations (modes, devices, dtypes) exclude ``inputs``; empty if they do not."""
@@ -92,6 +109,11 @@ class Backend:
     def compute(self, inputs: OpInputs) -> Tensor:
         raise NotImplementedError
 
+    def block_kernel(self, inputs: OpInputs) -> str:
+        """The per-block kernel (``kernels.softmax.LSE_KERNELS``) for ``inputs``; only where
+        ``no_block_kernel`` is None and ``not_supported_reasons`` is empty."""
+        raise NotImplementedError
+
 
 # Softmax modes with wide heads (d or dv > 256) on CUDA: at most this many scores B·H·N·M, the
 # materialised form is the cheapest exact path. Source: issue 10, H200, bf16: the I3D res4 block
@@ -117,17 +139,34 @@ class ReferenceBackend(Backend):
         return reference_nonlocal(inputs.theta, inputs.phi, inputs.g, inputs.mode, inputs.scale, inputs.concat_weight)
 
 
+def _flash_ok(q: Tensor, head: int) -> bool:
+    if q.dtype not in HALF_DTYPES or not torch.backends.cuda.is_flash_attention_available():
+        return False
+    capability = torch.cuda.get_device_capability(q.device)
+    # sm86/sm89 have no flash backward past head size 192 (torch's own SDPA checks the same).
+    return capability >= (8, 0) and not (capability in ((8, 6), (8, 9)) and head > 192)
+
+
 class SdpaBackend(Backend):
-    """torch's fused attention kernels (CPU flash; CUDA flash, memory-efficient); heads wider than
-    the fused kernels take (d or dv > 256) run the query-blocked path (``kernels.softmax``)."""
+    """torch's fused attention. One device: the public ``F.scaled_dot_product_attention`` (torch picks
+    CPU flash, or cuDNN, flash or memory-efficient on CUDA). Per-block kernels of the ring: the
+    private LSE-returning ops (CUDA flash for half precision on sm80+, memory-efficient otherwise;
+    CPU flash), each tried once per process (``kernels.softmax.working``). Heads up to 256 wide, no
+    float64 on CUDA."""
 
     name = "sdpa"
     modes = SOFTMAX_MODES
+    no_block_kernel = None
 
-    def not_supported_reasons(self, inputs: OpInputs) -> list[str]:
-        reasons = super().not_supported_reasons(inputs)
+    def declared_reasons(self, inputs: OpInputs) -> list[str]:
+        reasons = super().declared_reasons(inputs)
+        head = max(inputs.theta.shape[-1], inputs.g.shape[-1])
+        if head > FUSED_MAX_HEAD:
+            reasons.append(f"head size {head} > {FUSED_MAX_HEAD}: torch's fused kernels have no fused backward there "
+                           "(backend='blocked' runs any width)")
         if inputs.device.type == "cuda" and inputs.dtype == torch.float64:
-            reasons.append("float64 on CUDA has no fused kernel (torch would materialise the affinity)")
+            reasons.append("float64 on CUDA has no fused kernel (torch would materialise the affinity; "
+                           "backend='blocked' runs it)")
         return reasons
 
     def max_batch(self, inputs: OpInputs) -> int | None:
@@ -137,7 +176,15 @@ class SdpaBackend(Backend):
         return _CUDA_MAX_QUERIES if inputs.device.type == "cuda" else None
 
     def compute(self, inputs: OpInputs) -> Tensor:
-        return softmax_attention(inputs.theta, inputs.phi, inputs.g, inputs.scale)
+        return sdpa_attention(inputs.theta, inputs.phi, inputs.g, inputs.scale)
+
+    def block_kernel(self, inputs: OpInputs) -> str:
+        q = inputs.theta
+        if q.device.type == "cpu":
+            kernel = "cpu_flash"
+        else:
+            kernel = "flash" if _flash_ok(q, fused_head_size(q, inputs.g)) else "efficient"
+        return kernel if working(kernel, q.device, q.dtype) else "blocked"
 
 
 class BlockedBackend(Backend):
@@ -146,9 +193,13 @@ class BlockedBackend(Backend):
 
     name = "blocked"
     modes = SOFTMAX_MODES
+    no_block_kernel = None
 
     def compute(self, inputs: OpInputs) -> Tensor:
-        return softmax_attention(inputs.theta, inputs.phi, inputs.g, inputs.scale, blocked=True)
+        return blocked_attention(inputs.theta, inputs.phi, inputs.g, inputs.scale)
+
+    def block_kernel(self, inputs: OpInputs) -> str:
+        return "blocked"
 
 
 @lru_cache(maxsize=1)
@@ -242,8 +293,8 @@ BACKENDS: dict[str, Backend] = {
 # What ``auto`` tries, in order, per device type: the one home of the preference. Source: issue 10
 # (H200, torch 2.11, bf16): torch's fused kernels ran softmax modes at the floor (0.98-1.04x bare
 # F.scaled_dot_product_attention) while xformers could not be timed (its operators did not load),
-# so sdpa comes before xformers; wide heads go through sdpa's blocked path (16.5 ms against 122 ms
-# for the fused fallback at d = 512, N = M = 25088), small wide heads through the materialised form
+# so sdpa comes before xformers; wide heads, which sdpa declines, go to blocked (16.5 ms against
+# 122 ms for the fused fallback at d = 512, N = M = 25088), small wide heads to the materialised form
 # (``MATERIALISE_MAX_SCORES``). ``scripts/benchmark.py --device cuda`` prints every row again.
 AUTO_ORDER: dict[str, tuple[str, ...]] = {
     "cuda": ("reference", "sdpa", "blocked", "xformers", "linear", "sorted"),
@@ -265,16 +316,18 @@ def _auto_order(device_type: str) -> tuple[str, ...]:
     return listed + tuple(name for name in BACKENDS if name not in listed and name != "reference")
 
 
-def select_backend(inputs: OpInputs, backend: str = "auto") -> Backend:
-    """The backend that will run ``inputs``; raises ``ValueError`` listing every reason otherwise."""
+def select_backend(inputs: OpInputs, backend: str = "auto", strategy: str | None = None) -> Backend:
+    """The backend that will run ``inputs``; raises ``ValueError`` listing every reason otherwise
+    (naming ``strategy``, the sequence-parallel strategy that runs the backend, if given)."""
     if backend != "auto":
         chosen = BACKENDS[backend]
         reasons = chosen.not_supported_reasons(inputs)
         if not reasons:
             return chosen
         able = [b.name for b in BACKENDS.values() if not b.not_supported_reasons(inputs)]
+        where = f"strategy {strategy!r}: " if strategy else ""
         raise ValueError(
-            f"backend={backend!r} cannot run these inputs: {'; '.join(reasons)}. "
+            f"{where}backend={backend!r} cannot run these inputs: {'; '.join(reasons)}. "
             f"Backends that can: {', '.join(able) or 'none'} (or backend='auto')."
         )
     for name in _auto_order(inputs.device.type):
@@ -290,6 +343,35 @@ def select_backend(inputs: OpInputs, backend: str = "auto") -> Backend:
     raise ValueError(
         f"no backend can run mode={inputs.mode!r} on {inputs.device.type} with {inputs.dtype}: {details}"
     )
+
+
+def _block_kernel_reasons(backend: Backend, inputs: OpInputs) -> list[str]:
+    reasons = backend.not_supported_reasons(inputs)
+    return reasons + ([backend.no_block_kernel] if backend.no_block_kernel else [])
+
+
+def select_block_kernel(inputs: OpInputs, backend: str = "auto", strategy: str = "ring") -> str:
+    """The per-block kernel (``kernels.softmax.LSE_KERNELS``) of a strategy that merges key blocks.
+
+    ``auto``: the fused kernel of ``sdpa`` where it can run ``inputs``, else ``blocked``; a fused
+    kernel whose private ops fail on this torch is replaced by ``blocked`` (``kernels.softmax.working``).
+    A forced backend without a per-block kernel, or one that cannot run ``inputs``, raises
+    ``ValueError`` naming ``strategy``, the backend and the reasons. ``inputs``: this rank's blocks
+    (B, H, L, d).
+    """
+    if backend not in BACKEND_NAMES:
+        raise ValueError(f"unknown backend {backend!r}; expected one of {', '.join(BACKEND_NAMES)}")
+    chosen = BACKENDS["blocked" if BACKENDS["sdpa"].not_supported_reasons(inputs) else "sdpa"] if backend == "auto" \
+        else BACKENDS[backend]
+    reasons = _block_kernel_reasons(chosen, inputs)
+    if reasons:
+        able = [b.name for b in BACKENDS.values() if not _block_kernel_reasons(b, inputs)]
+        raise ValueError(
+            f"strategy {strategy!r} cannot run backend={backend!r} ({chosen.name}): {'; '.join(reasons)}. "
+            f"Backends it can run here: {', '.join(['auto', *able])} (strategy='allgather' runs any backend on "
+            "the gathered keys)."
+        )
+    return chosen.block_kernel(inputs)
 
 
 def dispatch(inputs: OpInputs, backend: str = "auto") -> Tensor:

@@ -162,3 +162,22 @@ def test_float16_sums_over_many_keys_do_not_overflow(mode):
     rounded = (t.half().double() for t in (theta, phi, g))
     want = naive_nonlocal(*rounded, mode, scale or 1.0, None if w is None else w.double())
     assert_rel(y, want, 2e-3, mode)
+
+
+def test_autocast_without_the_device_argument_api(monkeypatch):
+    """torch 2.3: ``is_autocast_enabled()`` takes no device and ``get_autocast_dtype`` does not exist;
+    the dtype rule is found by feature detection, and autocast on CPU still sets the compute dtype."""
+    from nonlocal_dist import conventions
+
+    with monkeypatch.context() as old_torch:  # torch.autocast itself needs the new API: only while detecting
+        old_torch.setattr(torch, "is_autocast_enabled", lambda: False)
+        old_torch.delattr(torch, "get_autocast_dtype")
+        assert not conventions._has_device_autocast_api()
+    assert conventions._has_device_autocast_api()
+    monkeypatch.setattr(conventions, "_DEVICE_AUTOCAST_API", False)  # the torch 2.3 branch: is_autocast_cpu_enabled
+    theta, phi, g, _ = (t.detach() for t in _inputs(2, 0, 6, 5, 4, 3, torch.float32))
+    assert nonlocal_op(theta, phi, g).dtype == torch.float32
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = nonlocal_op(theta, phi, g)
+    assert y.dtype == torch.bfloat16
+    assert_rel(y, naive_nonlocal(theta.double(), phi.double(), g.double(), "embedded_gaussian"), 3e-2, "y")

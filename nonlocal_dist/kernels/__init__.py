@@ -9,7 +9,13 @@ from nonlocal_dist.kernels.affinity import affinity_matrix, affinity_scores, nor
 from nonlocal_dist.kernels.blocked_softmax import blocked_backward, blocked_forward
 from nonlocal_dist.kernels.linear import dot_product_linear
 from nonlocal_dist.kernels.reference import reference_nonlocal
-from nonlocal_dist.kernels.softmax import attention_backward, attention_forward, preferred_chunk, softmax_attention
+from nonlocal_dist.kernels.softmax import (
+    attention_backward,
+    attention_forward,
+    blocked_attention,
+    preferred_chunk,
+    sdpa_attention,
+)
 from nonlocal_dist.kernels.sorted_concat import concat_sorted
 
 __all__ = [
@@ -17,6 +23,7 @@ __all__ = [
     "affinity_scores",
     "attention_backward",
     "attention_forward",
+    "blocked_attention",
     "blocked_backward",
     "blocked_forward",
     "concat_sorted",
@@ -24,5 +31,5 @@ __all__ = [
     "normalise_scores",
     "preferred_chunk",
     "reference_nonlocal",
-    "softmax_attention",
+    "sdpa_attention",
 ]

@@ -1,23 +1,25 @@
-"""Softmax affinities (gaussian, embedded gaussian) through the fastest exact kernel of the device.
+"""Softmax affinities (gaussian, embedded gaussian): the single-device paths and the per-block kernels.
 
-``attention_forward`` returns the output and its log-sum-exp (float32 for half inputs);
-``attention_backward`` takes a *global* output and LSE, so that a key block's backward is exact
-even when the output was merged from several key blocks (the sequence-parallel ring relies on it).
+Single device (``sdpa_attention``, ``blocked_attention``): no log-sum-exp is needed, so the public
+``F.scaled_dot_product_attention`` runs, and torch picks its kernel (CPU flash; CUDA cuDNN, flash or
+memory-efficient) and its backward. The query-blocked path (``blocked_softmax``) takes non-finite
+CPU inputs, ``torch.func`` transforms and graphs of the backward (``create_graph=True``).
 
-Kernels (``kernel_for``): CUDA half precision with head width <= 256: torch's flash attention op
-(it returns the LSE; 0.61 / 1.52 ms forward / backward on a 32768² block, d = 64, H200, against
-2.24 / 8.16 ms for the memory-efficient op, issue 10); other CUDA inputs up to 256: the
-memory-efficient op; CPU: torch's flash kernel for CPU; wider heads, float64 on CUDA and
-non-finite CPU inputs: the query-blocked path of ``blocked_softmax`` (the fused CPU kernel gives
-zeros for a NaN query row when there are fewer than 16 keys, and NaN for an inf value).
+Per-block kernels (``attention_forward``/``attention_backward``, named by ``LSE_KERNELS``): a key
+block's output *and* its log-sum-exp, and a backward that takes a *global* output and LSE, so that a
+key block's gradients are exact when the output was merged from several blocks (the sequence-parallel
+ring). torch exposes these only as private ops (``FUSED_OPS``), each tried once per process
+(``working``); ``nonlocal_dist.backends`` chooses the kernel, ``blocked`` where a private op failed.
 """
 from __future__ import annotations
+
+import warnings
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from nonlocal_dist.conventions import HALF_DTYPES, all_finite
+from nonlocal_dist.conventions import all_finite
 from nonlocal_dist.kernels.blocked_softmax import blocked_backward, blocked_forward, blocked_jvp
 
 # Widest head for the fused kernels. CUDA: no fused backward past 256 (torch falls back to a path
@@ -27,6 +29,15 @@ from nonlocal_dist.kernels.blocked_softmax import blocked_backward, blocked_forw
 FUSED_MAX_HEAD = 256
 # Positions per kernel call in the ring backward on CPU: bounds the per-call buffers (issue 3).
 CPU_BACKWARD_CHUNK = 512
+# The private ops (forward, backward) behind each fused per-block kernel, looked up at call time.
+FUSED_OPS = {
+    "cpu_flash": (
+        "_scaled_dot_product_flash_attention_for_cpu", "_scaled_dot_product_flash_attention_for_cpu_backward",
+    ),
+    "flash": ("_scaled_dot_product_flash_attention", "_scaled_dot_product_flash_attention_backward"),
+    "efficient": ("_scaled_dot_product_efficient_attention", "_scaled_dot_product_efficient_attention_backward"),
+}
+LSE_KERNELS = (*FUSED_OPS, "blocked")
 
 
 def preferred_chunk(device: torch.device | str) -> int | None:
@@ -38,99 +49,119 @@ def preferred_chunk(device: torch.device | str) -> int | None:
     return None if torch.device(device).type == "cuda" else CPU_BACKWARD_CHUNK
 
 
-def _pad_last(x: Tensor, size: int) -> Tensor:
-    return x.contiguous() if x.shape[-1] == size else F.pad(x, (0, size - x.shape[-1]))
+def nonfinite_on_cpu(*tensors: Tensor) -> bool:
+    """The one rule for non-finite inputs: True when they must take the blocked path.
+
+    torch's CPU kernels (the public call and the private op alike) give zeros for a NaN query row
+    when there are fewer than 16 keys, and NaN for an inf value. Checked on CPU only (on CUDA the
+    check is a host sync, and the CUDA kernels follow the formula), never while torch.compile traces
+    (a data-dependent branch breaks the graph).
+    """
+    return tensors[0].device.type == "cpu" and not torch.compiler.is_compiling() and not all_finite(*tensors)
 
 
-def _fused_head_size(q: Tensor, v: Tensor) -> int:
-    # The fused kernels need one head size for q, k and v, a multiple of 8 on CUDA; zero-padding
-    # leaves both q·k and the weighted sum of v unchanged.
+def fused_head_size(q: Tensor, v: Tensor) -> int:
+    """One head size for q (.., d), k and v (.., dv): max(d, dv), a multiple of 8 on CUDA.
+
+    Zero-padding to it leaves both q·k and the weighted sum of v unchanged.
+    """
     e = max(q.shape[-1], v.shape[-1])
     return -(-e // 8) * 8 if q.is_cuda else e
 
 
-def _flash_ok(q: Tensor, head: int) -> bool:
-    if q.dtype not in HALF_DTYPES or not torch.backends.cuda.is_flash_attention_available():
-        return False
-    capability = torch.cuda.get_device_capability(q.device)
-    # sm86/sm89 have no flash backward past head size 192 (torch's own SDPA checks the same).
-    return capability >= (8, 0) and not (capability in ((8, 6), (8, 9)) and head > 192)
+def _pad_last(x: Tensor, size: int) -> Tensor:
+    return x.contiguous() if x.shape[-1] == size else F.pad(x, (0, size - x.shape[-1]))
 
 
-def kernel_for(q: Tensor, v: Tensor) -> str:
-    """``flash``, ``efficient``, ``cpu_flash`` or ``blocked``: the kernel for q (.., d), v (.., dv)."""
-    head = max(q.shape[-1], v.shape[-1])
-    if head > FUSED_MAX_HEAD:
-        return "blocked"
-    if q.is_cuda:
-        if q.dtype == torch.float64:
-            return "blocked"
-        return "flash" if _flash_ok(q, _fused_head_size(q, v)) else "efficient"
-    return "cpu_flash"
+def _op(name: str):
+    # Looked up per call: a build without the op raises AttributeError where the caller expects it.
+    return getattr(torch.ops.aten, name)
 
 
-def _use_blocked(kernel: str, *tensors: Tensor) -> bool:
-    # The finiteness check is a host sync on CUDA: only the CPU kernel, whose quirk it avoids, pays
-    # it; a graph traced by torch.compile keeps the fused kernel (a data-dependent branch breaks it).
-    if kernel == "blocked":
-        return True
-    return kernel == "cpu_flash" and not torch.compiler.is_compiling() and not all_finite(*tensors)
-
-
-def attention_forward(q: Tensor, k: Tensor, v: Tensor, scale: float) -> tuple[Tensor, Tensor]:
-    """``out = softmax(scale q k^T) v`` and ``lse = log Σ_j exp(scale q·k_j)``.
-
-    Shapes: q (B, H, N, d), k (B, H, M, d), v (B, H, M, dv) -> out (B, H, N, dv), lse (B, H, N).
-    """
-    kernel = kernel_for(q, v)
-    if _use_blocked(kernel, q, k, v):
-        return blocked_forward(q, k, v, scale)
-    e = _fused_head_size(q, v)
-    qp, kp, vp = _pad_last(q, e), _pad_last(k, e), _pad_last(v, e)
+def fused_forward(kernel: str, q: Tensor, k: Tensor, v: Tensor, scale: float) -> tuple[Tensor, Tensor]:
+    """One private op's forward on inputs of one head size e: out (B, H, N, e), lse (B, H, N)."""
+    op = _op(FUSED_OPS[kernel][0])
     if kernel == "cpu_flash":
-        out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
-            qp, kp, vp, 0.0, False, attn_mask=None, scale=scale
-        )
-    elif kernel == "flash":
-        out, lse = torch.ops.aten._scaled_dot_product_flash_attention(qp, kp, vp, 0.0, False, False, scale=scale)[:2]
-    else:
-        out, lse, _, _ = torch.ops.aten._scaled_dot_product_efficient_attention(
-            qp, kp, vp, None, True, 0.0, False, scale=scale
-        )
-        lse = lse[..., : q.shape[-2]]
+        return op(q, k, v, 0.0, False, attn_mask=None, scale=scale)
+    if kernel == "flash":
+        return op(q, k, v, 0.0, False, False, scale=scale)[:2]
+    out, lse = op(q, k, v, None, True, 0.0, False, scale=scale)[:2]
+    return out, lse[..., : q.shape[-2]]  # the efficient kernel pads the LSE to its tile
+
+
+def fused_backward(
+    kernel: str, dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, scale: float
+) -> tuple[Tensor, Tensor, Tensor]:
+    """One private op's backward on inputs of one head size: (dq, dk, dv)."""
+    op = _op(FUSED_OPS[kernel][1])
+    if kernel == "cpu_flash":
+        return op(dout, q, k, v, out, lse, 0.0, False, attn_mask=None, scale=scale)
+    # Dense calls: no cumulative sequence lengths; no dropout, so the philox seed and offset are never read.
+    seed = torch.zeros((), dtype=torch.int64, device=q.device)
+    if kernel == "flash":
+        return op(dout, q, k, v, out, lse, None, None, q.shape[-2], k.shape[-2], 0.0, False, seed, seed, scale=scale)
+    return op(dout, q, k, v, None, out, lse, seed, seed, 0.0, [True, True, True, False], False, scale=scale)[:3]
+
+
+# (kernel, device type, dtype) -> whether its private ops ran when first tried in this process.
+_WORKING: dict[tuple[str, str, torch.dtype], bool] = {}
+
+
+def working(kernel: str, device: torch.device, dtype: torch.dtype) -> bool:
+    """Whether the private ops of a fused per-block ``kernel`` run on this torch build, for ``device``
+    and ``dtype``: tried once per process on a tiny input (a forward and a backward). An op that
+    raises (a changed signature, a build without it) gets one warning naming it and the torch
+    version, and the callers fall back to the ``blocked`` kernel."""
+    key = (kernel, device.type, dtype)
+    if key not in _WORKING:
+        _WORKING[key] = _try_once(kernel, device, dtype)
+    return _WORKING[key]
+
+
+def _try_once(kernel: str, device: torch.device, dtype: torch.dtype) -> bool:
+    forward_op, backward_op = FUSED_OPS[kernel]
+    x = torch.linspace(-1, 1, 64, device=device).reshape(1, 1, 8, 8).to(dtype)
+    op = forward_op
+    try:
+        out, lse = fused_forward(kernel, x, x, x, 1.0)
+        op = backward_op
+        fused_backward(kernel, x, x, x, x, out, lse, 1.0)
+    except (TypeError, RuntimeError, AttributeError) as exc:
+        warnings.warn(
+            f"torch.ops.aten.{op} failed on torch {torch.__version__} ({type(exc).__name__}: {exc}); the "
+            f"per-block softmax kernel {kernel!r} falls back to 'blocked' (exact, slower) for {dtype} on "
+            f"{device.type} for the rest of this process", RuntimeWarning, stacklevel=4)
+        return False
+    return True
+
+
+def attention_forward(q: Tensor, k: Tensor, v: Tensor, scale: float, kernel: str) -> tuple[Tensor, Tensor]:
+    """``out = softmax(scale q k^T) v`` and ``lse = log Σ_j exp(scale q·k_j)`` through ``kernel``.
+
+    Shapes: q (B, H, N, d), k (B, H, M, d), v (B, H, M, dv) -> out (B, H, N, dv) in v's dtype,
+    lse (B, H, N) (float32 for half inputs). ``kernel``: one of ``LSE_KERNELS``, as chosen by
+    ``backends.select_block_kernel``; non-finite CPU inputs run ``blocked`` (``nonfinite_on_cpu``).
+    """
+    if kernel == "blocked" or nonfinite_on_cpu(q, k, v):
+        return blocked_forward(q, k, v, scale)
+    e = fused_head_size(q, v)
+    out, lse = fused_forward(kernel, _pad_last(q, e), _pad_last(k, e), _pad_last(v, e), scale)
     return out[..., : v.shape[-1]], lse
 
 
 def attention_backward(
-    dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, scale: float
+    dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, scale: float, kernel: str
 ) -> tuple[Tensor, Tensor, Tensor]:
-    """Gradients (dq, dk, dv) of ``softmax(scale q k^T) v`` for this key block.
+    """Gradients (dq, dk, dv) of ``softmax(scale q k^T) v`` for this key block through ``kernel``.
 
     ``out`` and ``lse`` (B, H, N, dv) / (B, H, N) may be those of the full key set: then dq is this
     block's contribution to the full dq and dk, dv are exact for this block.
     """
-    kernel = kernel_for(q, v)
-    if _use_blocked(kernel, dout, q, k, v):
+    if kernel == "blocked" or nonfinite_on_cpu(dout, q, k, v):
         return blocked_backward(dout, q, k, v, out, lse, scale)
-    e = _fused_head_size(q, v)
+    e = fused_head_size(q, v)
     qp, kp, vp = _pad_last(q, e), _pad_last(k, e), _pad_last(v, e)
-    doutp, outp, lse = _pad_last(dout, e), _pad_last(out, e), lse.contiguous()
-    if kernel == "cpu_flash":
-        dq, dk, dv = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(
-            doutp, qp, kp, vp, outp, lse, 0.0, False, attn_mask=None, scale=scale
-        )
-    elif kernel == "flash":
-        # Dense (not variable-length) calls: no cumulative sequence lengths; no dropout, so the
-        # philox seed and offset are never read.
-        seed = torch.zeros((), dtype=torch.int64, device=q.device)
-        dq, dk, dv = torch.ops.aten._scaled_dot_product_flash_attention_backward(
-            doutp, qp, kp, vp, outp, lse, None, None, q.shape[-2], k.shape[-2], 0.0, False, seed, seed, scale=scale
-        )
-    else:
-        seed = torch.zeros((), dtype=torch.int64, device=q.device)
-        dq, dk, dv, _ = torch.ops.aten._scaled_dot_product_efficient_attention_backward(
-            doutp, qp, kp, vp, None, outp, lse, seed, seed, 0.0, [True, True, True, False], False, scale=scale
-        )
+    dq, dk, dv = fused_backward(kernel, _pad_last(dout, e), qp, kp, vp, _pad_last(out, e), lse.contiguous(), scale)
     return dq[..., : q.shape[-1]], dk[..., : k.shape[-1]], dv[..., : v.shape[-1]]
 
 
@@ -141,79 +172,129 @@ def _transformed(*tensors: Tensor) -> bool:
     return any(torch._C._functorch.is_functorch_wrapped_tensor(t) for t in tensors)
 
 
-class _SoftmaxAttention(torch.autograd.Function):
-    """Fused (or blocked) forward and backward; differentiable recomputation where a graph of the
-    backward is asked for (``create_graph=True``, ``torch.func`` transforms); a forward-mode rule
-    (``jvp``) and a batching rule (``vmap``)."""
+def _differentiable_backward(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, scale: float):
+    # A graph of the backward itself: every term recomputed from q, k, v by plain torch ops, so
+    # second derivatives include the paths through the output and the LSE.
+    out, lse = blocked_forward(q, k, v, scale)
+    return blocked_backward(dout, q, k, v, out, lse, scale)
+
+
+class _BlockedAttention(torch.autograd.Function):
+    """The blocked forward and backward; differentiable recomputation where a graph of the backward
+    is asked for (``create_graph=True``, ``torch.func`` transforms); a batching rule (``vmap``)."""
 
     @staticmethod
-    def forward(q: Tensor, k: Tensor, v: Tensor, scale: float, blocked: bool) -> tuple[Tensor, Tensor]:
-        return blocked_forward(q, k, v, scale) if blocked else attention_forward(q, k, v, scale)
+    def forward(q: Tensor, k: Tensor, v: Tensor, scale: float) -> tuple[Tensor, Tensor]:
+        return blocked_forward(q, k, v, scale)
 
     @staticmethod
     def setup_context(ctx, inputs, output) -> None:
-        q, k, v, scale, blocked = inputs
+        q, k, v, scale = inputs
         out, lse = output
         ctx.save_for_backward(q, k, v, out, lse)
-        ctx.scale, ctx.blocked = scale, blocked
+        ctx.scale = scale
         ctx.mark_non_differentiable(lse)
 
     @staticmethod
     def backward(ctx, dout: Tensor, _dlse: Tensor | None):
         q, k, v, out, lse = ctx.saved_tensors
         if torch.is_grad_enabled() or _transformed(dout, q, k, v):
-            # A graph of the backward itself: every term recomputed from q, k, v by plain torch ops,
-            # so second derivatives include the paths through the output and the LSE.
-            out, lse = blocked_forward(q, k, v, ctx.scale)
-            dq, dk, dv = blocked_backward(dout, q, k, v, out, lse, ctx.scale)
-        elif ctx.blocked:
-            dq, dk, dv = blocked_backward(dout.contiguous(), q, k, v, out, lse, ctx.scale)
+            dq, dk, dv = _differentiable_backward(dout, q, k, v, ctx.scale)
         else:
-            dq, dk, dv = attention_backward(dout.contiguous(), q, k, v, out, lse, ctx.scale)
-        return dq, dk, dv, None, None
+            dq, dk, dv = blocked_backward(dout.contiguous(), q, k, v, out, lse, ctx.scale)
+        return dq, dk, dv, None
 
     @staticmethod
-    def vmap(info, in_dims, q: Tensor, k: Tensor, v: Tensor, scale: float, blocked: bool):
-        return _fold_vmap(_SoftmaxAttention, info, in_dims, q, k, v, scale, blocked)
+    def vmap(info, in_dims, q: Tensor, k: Tensor, v: Tensor, scale: float):
+        return _fold_vmap(_BlockedAttention, info, in_dims, q, k, v, scale)
 
 
-def _fold_vmap(function, info, in_dims, q: Tensor, k: Tensor, v: Tensor, scale: float, blocked: bool):
+def _fold_vmap(function, info, in_dims, q: Tensor, k: Tensor, v: Tensor, scale: float):
     # Batch entries are independent: the vmapped axis folds into the batch axis B.
     def fold(t: Tensor, dim: int | None) -> Tensor:
         t = t.expand(info.batch_size, *t.shape) if dim is None else t.movedim(dim, 0)
         return t.reshape(-1, *t.shape[2:]).contiguous()
 
     q, k, v = (fold(t, dim) for t, dim in zip((q, k, v), in_dims[:3]))
-    out, lse = function.apply(q, k, v, scale, blocked)
+    out, lse = function.apply(q, k, v, scale)
     return (out.unflatten(0, (info.batch_size, -1)), lse.unflatten(0, (info.batch_size, -1))), (0, 0)
 
 
-class _SoftmaxAttentionForwardMode(_SoftmaxAttention):
+class _BlockedAttentionForwardMode(_BlockedAttention):
     """The same with a forward-mode rule (``torch.func.jacfwd``, ``hessian``), used under ``torch.func``
     transforms only: torch.compile cannot trace a Function that defines ``jvp``."""
 
     @staticmethod
     def setup_context(ctx, inputs, output) -> None:
-        _SoftmaxAttention.setup_context(ctx, inputs, output)
-        q, k, v, _, _ = inputs
+        _BlockedAttention.setup_context(ctx, inputs, output)
+        q, k, v, _ = inputs
         ctx.save_for_forward(q, k, v, output[1])
 
     @staticmethod
-    def jvp(ctx, tq: Tensor | None, tk: Tensor | None, tv: Tensor | None, _scale, _blocked):
+    def jvp(ctx, tq: Tensor | None, tk: Tensor | None, tv: Tensor | None, _scale):
         q, k, v, lse = ctx.saved_tensors
         return blocked_jvp(q, k, v, lse, ctx.scale, tq, tk, tv), None
 
     @staticmethod
-    def vmap(info, in_dims, q: Tensor, k: Tensor, v: Tensor, scale: float, blocked: bool):
-        return _fold_vmap(_SoftmaxAttentionForwardMode, info, in_dims, q, k, v, scale, blocked)
+    def vmap(info, in_dims, q: Tensor, k: Tensor, v: Tensor, scale: float):
+        return _fold_vmap(_BlockedAttentionForwardMode, info, in_dims, q, k, v, scale)
 
 
-def softmax_attention(q: Tensor, k: Tensor, v: Tensor, scale: float, *, blocked: bool = False) -> Tensor:
-    """``softmax_j(scale q_i·k_j) v_j`` in O(N·d) memory; shapes as ``attention_forward``.
+def blocked_attention(q: Tensor, k: Tensor, v: Tensor, scale: float) -> Tensor:
+    """``softmax_j(scale q_i·k_j) v_j`` in query blocks, O(N·d) memory, any head width.
 
-    ``blocked``: the query-blocked path whatever the head width (``backend="blocked"``).
-    Double backward and ``torch.func`` transforms (grad, jacrev, vmap) work through either path.
+    Shapes: q (B, H, N, d), k (B, H, M, d), v (B, H, M, dv) -> (B, H, N, dv). Double backward and
+    ``torch.func`` transforms (grad, jacrev, jacfwd, vmap) work.
     """
     q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
-    function = _SoftmaxAttentionForwardMode if _transformed(q, k, v) else _SoftmaxAttention
-    return function.apply(q, k, v, scale, blocked)[0]
+    function = _BlockedAttentionForwardMode if _transformed(q, k, v) else _BlockedAttention
+    return function.apply(q, k, v, scale)[0]
+
+
+class _BackwardGraph(torch.autograd.Function):
+    """Passes the public call's output through: its backward is torch's (the gradient goes on to the
+    public call's own node, in the same backward pass), except where a graph of the backward is asked
+    for (``create_graph=True``): torch's backward has no derivative, so the blocked path, plain torch
+    ops, gives q, k, v their gradients and the public call's node gets none."""
+
+    @staticmethod
+    def forward(ctx, q: Tensor, k: Tensor, v: Tensor, out: Tensor, scale: float) -> Tensor:
+        ctx.save_for_backward(q, k, v)
+        ctx.scale = scale
+        return out.view_as(out)
+
+    @staticmethod
+    def backward(ctx, dout: Tensor):
+        if torch.is_grad_enabled():
+            q, k, v = ctx.saved_tensors
+            return (*_differentiable_backward(dout, q, k, v, ctx.scale), None, None)
+        return None, None, None, dout, None
+
+
+def sdpa_attention(q: Tensor, k: Tensor, v: Tensor, scale: float) -> Tensor:
+    """``softmax_j(scale q_i·k_j) v_j`` through the public ``F.scaled_dot_product_attention``.
+
+    Shapes: q (B, H, N, d), k (B, H, M, d), v (B, H, M, dv) -> (B, H, N, dv); d, dv <= 256
+    (``FUSED_MAX_HEAD``). Heads of different widths are zero-padded to one (torch's fused kernels
+    take one head size; it would otherwise materialise the (N, M) affinity). Non-finite CPU inputs
+    and ``torch.func`` transforms run ``blocked_attention``; double backward works.
+    """
+    if _transformed(q, k, v) or nonfinite_on_cpu(q, k, v):
+        return blocked_attention(q, k, v, scale)
+    dv = v.shape[-1]
+    if q.shape[-1] != dv:
+        e = max(q.shape[-1], dv)
+        q, k, v = _pad_last(q, e), _pad_last(k, e), _pad_last(v, e)
+    # torch's CPU flash kernel needs unit stride in the last dim (else it materialises the affinity).
+    q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
+    out = F.scaled_dot_product_attention(q, k, v, scale=scale)
+    if out.requires_grad and not torch.compiler.is_compiling():
+        out = _BackwardGraph.apply(q, k, v, out, scale)
+    return out[..., :dv]
+
+
+__all__ = [
+    "FUSED_MAX_HEAD", "FUSED_OPS", "LSE_KERNELS", "attention_backward", "attention_forward", "blocked_attention",
+    "fused_backward", "fused_forward", "fused_head_size", "nonfinite_on_cpu", "preferred_chunk", "sdpa_attention",
+    "working",
+]

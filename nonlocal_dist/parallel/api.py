@@ -5,13 +5,13 @@ import torch.distributed as dist
 from torch import Tensor
 
 from nonlocal_dist.parallel.checks import agree_across_ranks
-from nonlocal_dist.parallel.strategies import MODE_STRATEGIES, STRATEGIES, default_strategy
+from nonlocal_dist.parallel.strategies import MODE_STRATEGIES, STRATEGIES, check_backend, default_strategy
 from nonlocal_dist.validate import check_op_inputs
 
 
-def _check_strategy(mode: str, strategy: str | None, heads: int, world: int, backend: str) -> str:
+def _check_strategy(mode: str, strategy: str | None, heads: int, world: int) -> str:
     allowed = MODE_STRATEGIES[mode]
-    strategy = default_strategy(mode, world) if strategy is None else strategy
+    strategy = default_strategy(mode) if strategy is None else strategy
     if strategy not in allowed:
         raise ValueError(f"strategy {strategy!r} cannot run mode {mode!r}; choose one of {', '.join(allowed)} (or None)")
     if strategy == "ulysses" and heads % world:
@@ -19,8 +19,6 @@ def _check_strategy(mode: str, strategy: str | None, heads: int, world: int, bac
             f"strategy 'ulysses' needs the number of heads ({heads}) divisible by the group size ({world}); "
             "use strategy='ring' or 'allgather', or a heads count that the group size divides"
         )
-    if strategy == "ring" and backend not in ("auto", "sdpa"):
-        raise ValueError(f"strategy 'ring' runs the fused attention kernels; backend={backend!r} cannot (use 'auto' or 'sdpa')")
     return strategy
 
 
@@ -41,7 +39,9 @@ def parallel_nonlocal(
     Every rank first validates its inputs and all-gathers a small metadata row
     (``parallel.checks.agree_across_ranks``): a rank whose inputs are invalid raises its own error and
     all others raise too, naming it; ranks disagreeing on mode, strategy, dtype, shapes or the
-    replicated ``concat_weight`` all raise, naming every rank's value.
+    replicated ``concat_weight`` all raise, naming every rank's value. ``strategy=None`` picks the mode's
+    lowest-memory strategy (``strategies.default_strategy``); a ``backend`` the strategy cannot honour
+    is refused there too (``strategies.check_backend``), before any collective of the operation.
     """
     if not dist.is_initialized():
         raise RuntimeError("group= was given but torch.distributed is not initialised; call init_process_group first")
@@ -49,7 +49,8 @@ def parallel_nonlocal(
 
     def validate():
         inputs, added_heads = check_op_inputs(theta, phi, g, mode, scale, concat_weight, backend, allow_empty_positions=True)
-        chosen = _check_strategy(mode, strategy, inputs.theta.shape[1], world, backend)
+        chosen = _check_strategy(mode, strategy, inputs.theta.shape[1], world)
+        check_backend(chosen, inputs, backend)
         b, h, n, d = inputs.theta.shape
         fields = {"B": b, "H": h, "N": n, "M": inputs.phi.shape[2], "d": d, "dv": inputs.g.shape[-1],
                   "ndim": theta.dim(), "dtype": inputs.theta.dtype, "mode": mode, "strategy": chosen,

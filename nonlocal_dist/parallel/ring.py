@@ -13,6 +13,9 @@ every rank of a simulated ring in one process (``LocalComm``), step by step in l
 ring's compute can be timed and tested on one device with exactly the kernels, merges and chunking
 of each rank. A rank with no queries or a block with no keys skips its kernel calls but still
 takes part in every transfer.
+
+The schedule never chooses kernels: the entry points ask ``backends.select_block_kernel`` once
+(``backend=``) and pass the per-block kernel's name down.
 """
 from __future__ import annotations
 
@@ -21,6 +24,7 @@ from collections.abc import Generator
 import torch
 from torch import Tensor
 
+from nonlocal_dist.backends import OpInputs, select_block_kernel
 from nonlocal_dist.conventions import accumulation_dtype
 from nonlocal_dist.kernels import attention_backward, attention_forward, preferred_chunk
 from nonlocal_dist.parallel.comm import LocalComm, RingComm, local_comms
@@ -34,11 +38,14 @@ def _block_shape(x: Tensor, positions: int) -> tuple[int, ...]:
     return (*x.shape[:2], positions, x.shape[-1])
 
 
-def ring_forward(q: Tensor, k: Tensor, v: Tensor, scale: float, comm: RingComm | LocalComm, m_sizes: list[int]) -> Schedule:
+def ring_forward(
+    q: Tensor, k: Tensor, v: Tensor, scale: float, comm: RingComm | LocalComm, m_sizes: list[int], kernel: str
+) -> Schedule:
     """One rank's forward schedule; returns the output (B, H, N_r, dv) in q's dtype and the global LSE (B, H, N_r).
 
     k and v travel as they are (two messages per step, no packed copy): the rank holds the block in
-    hand and the one arriving, 2 (M/P)(d + dv) values.
+    hand and the one arriving, 2 (M/P)(d + dv) values. ``kernel``: the per-block kernel every call
+    runs (``kernels.softmax.attention_forward``), as ``backends.select_block_kernel`` chose it.
     """
     out = lse = None
     for step in range(comm.world):
@@ -49,7 +56,7 @@ def ring_forward(q: Tensor, k: Tensor, v: Tensor, scale: float, comm: RingComm |
             next_v = comm.send_recv(v, _block_shape(v, m_sizes[origin]))
             comm.commit()
         if q.shape[-2] and k.shape[-2]:
-            block_out, block_lse = attention_forward(q, k, v, scale)
+            block_out, block_lse = attention_forward(q, k, v, scale, kernel)
             out, lse = merge_partial(out, lse, block_out, block_lse)
             del block_out, block_lse
         if not last:
@@ -62,19 +69,13 @@ def ring_forward(q: Tensor, k: Tensor, v: Tensor, scale: float, comm: RingComm |
     return out.to(q.dtype), lse
 
 
-def _pieces(length: int, count: int) -> list[int]:
-    """``count`` near-equal sizes summing to ``length`` (the larger ones first)."""
-    base, extra = divmod(length, count)
-    return [base + (i < extra) for i in range(count)]
-
-
 def _chunk_count(length: int, chunk: int | None) -> int:
     return 1 if chunk is None else -(-length // chunk)
 
 
 def ring_backward(
     dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, scale: float,
-    comm: RingComm | LocalComm, m_sizes: list[int],
+    comm: RingComm | LocalComm, m_sizes: list[int], kernel: str,
 ) -> Schedule:
     """One rank's backward schedule; returns (dq, dk, dv) for its shards, dk/dv summed over every rank's queries.
 
@@ -88,27 +89,28 @@ def ring_backward(
     (CPU: memory-bounded; CUDA: whole blocks, one kernel call per block and step).
     """
     if comm.world == 1:  # nothing travels (a group's queries are never all empty: the API checks that)
-        return attention_backward(dout, q, k, v, out, lse, scale)
+        return attention_backward(dout, q, k, v, out, lse, scale, kernel)
     chunk = preferred_chunk(q.device)  # CPU: memory-bounded chunks; GPU: whole blocks
     acc = accumulation_dtype(q.dtype)
     nonempty = [m for m in m_sizes if m]
     count = max(1, min(min(nonempty), _chunk_count(max(nonempty), chunk)))  # key chunks per block, same on every rank
-    q_sizes = _pieces(q.shape[-2], _chunk_count(q.shape[-2], chunk)) if q.shape[-2] else []
+    q_sizes = even_sizes(q.shape[-2], _chunk_count(q.shape[-2], chunk)) if q.shape[-2] else []
     dq = torch.zeros(q.shape, dtype=acc, device=q.device)
     queries = list(zip(dout.split(q_sizes, -2), q.split(q_sizes, -2), out.split(q_sizes, -2),
                        lse.split(q_sizes, -1), dq.split(q_sizes, -2)))
-    own = _pieces(m_sizes[comm.rank], count)
+    own = even_sizes(m_sizes[comm.rank], count)
     block = [[kc, vc, None, None] for kc, vc in zip(k.split(own, -2), v.split(own, -2))]
     for step in range(comm.world):
         last = step == comm.world - 1
-        incoming = _pieces(m_sizes[(comm.rank - step - 1) % comm.world], count)
+        incoming = even_sizes(m_sizes[(comm.rank - step - 1) % comm.world], count)
         arrived = []
         for j in range(count):
             kc, vc, dkc, dvc = block[j]
             block[j] = None  # the chunk lives on only in the transfer below
             if kc.shape[-2]:
                 for dout_i, q_i, out_i, lse_i, dq_i in queries:
-                    dq_ij, dk_ij, dv_ij = attention_backward(dout_i, q_i, kc, vc, out_i, lse_i.contiguous(), scale)
+                    dq_ij, dk_ij, dv_ij = attention_backward(
+                        dout_i, q_i, kc, vc, out_i, lse_i.contiguous(), scale, kernel)
                     dq_i.add_(dq_ij)
                     if dkc is None:
                         dkc, dvc = dk_ij.to(acc), dv_ij.to(acc)
@@ -159,28 +161,38 @@ def run_in_lockstep(schedules: list[Schedule]) -> list:
     return results
 
 
+def _block_kernel(q: Tensor, k: Tensor, v: Tensor, scale: float, backend: str) -> str:
+    # Both softmax modes run the same kernels (gaussian is phi = theta).
+    return select_block_kernel(OpInputs(q, k, v, "embedded_gaussian", scale, None), backend, "ring")
+
+
 class _RingAttention(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, q, k, v, scale, group, m_sizes):
-        out, lse = run_alone(ring_forward(q, k, v, scale, RingComm(group), m_sizes))
+    def forward(ctx, q, k, v, scale, group, m_sizes, kernel):
+        out, lse = run_alone(ring_forward(q, k, v, scale, RingComm(group), m_sizes, kernel))
         ctx.save_for_backward(q, k, v, out, lse)
-        ctx.scale, ctx.group, ctx.m_sizes = scale, group, m_sizes
+        ctx.scale, ctx.group, ctx.m_sizes, ctx.kernel = scale, group, m_sizes, kernel
         return out
 
     @staticmethod
     def backward(ctx, dout):
         q, k, v, out, lse = ctx.saved_tensors
-        schedule = ring_backward(dout.contiguous(), q, k, v, out, lse, ctx.scale, RingComm(ctx.group), ctx.m_sizes)
+        schedule = ring_backward(
+            dout.contiguous(), q, k, v, out, lse, ctx.scale, RingComm(ctx.group), ctx.m_sizes, ctx.kernel)
         dq, dk, dv = run_alone(schedule)
-        return dq, dk, dv, None, None, None
+        return dq, dk, dv, None, None, None, None
 
 
-def ring_attention(q: Tensor, k: Tensor, v: Tensor, scale: float, group, m_sizes: list[int]) -> Tensor:
+def ring_attention(
+    q: Tensor, k: Tensor, v: Tensor, scale: float, group, m_sizes: list[int], backend: str = "auto"
+) -> Tensor:
     """``softmax_j(scale q_i·k_j) v_j`` over the keys of every rank; q (B, H, N_r, d) -> (B, H, N_r, dv).
 
-    ``m_sizes[r]`` is the number of key positions held by rank r of ``group``.
+    ``m_sizes[r]`` is the number of key positions held by rank r of ``group``. ``backend``: ``auto``,
+    ``sdpa`` or ``blocked``, the per-block kernels (``backends.select_block_kernel``).
     """
-    return _RingAttention.apply(q.contiguous(), k.contiguous(), v.contiguous(), scale, group, m_sizes)
+    kernel = _block_kernel(q, k, v, scale, backend)
+    return _RingAttention.apply(q.contiguous(), k.contiguous(), v.contiguous(), scale, group, m_sizes, kernel)
 
 
 def _shards(x: Tensor, world: int) -> list[Tensor]:
@@ -189,14 +201,14 @@ def _shards(x: Tensor, world: int) -> list[Tensor]:
 
 class _LocalRingAttention(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, q, k, v, scale, world):
+    def forward(ctx, q, k, v, scale, world, kernel):
         qs, ks, vs = _shards(q, world), _shards(k, world), _shards(v, world)
         m_sizes = list(even_sizes(k.shape[-2], world))
         comms = local_comms(world)
-        results = run_in_lockstep([ring_forward(*qkv, scale, comm, m_sizes) for *qkv, comm in zip(qs, ks, vs, comms)])
-        outs, lses = zip(*results)
+        schedules = [ring_forward(*qkv, scale, comm, m_sizes, kernel) for *qkv, comm in zip(qs, ks, vs, comms)]
+        outs, lses = zip(*run_in_lockstep(schedules))
         ctx.save_for_backward(*qs, *ks, *vs, *outs, *lses)
-        ctx.scale, ctx.world, ctx.m_sizes = scale, world, m_sizes
+        ctx.scale, ctx.world, ctx.m_sizes, ctx.kernel = scale, world, m_sizes, kernel
         return torch.cat(outs, -2)
 
     @staticmethod
@@ -204,23 +216,24 @@ class _LocalRingAttention(torch.autograd.Function):
         qs, ks, vs, outs, lses = (ctx.saved_tensors[i * ctx.world : (i + 1) * ctx.world] for i in range(5))
         douts = _shards(dout, ctx.world)
         comms = local_comms(ctx.world)
-        schedules = [ring_backward(do, q, k, v, o, lse, ctx.scale, comm, ctx.m_sizes)
+        schedules = [ring_backward(do, q, k, v, o, lse, ctx.scale, comm, ctx.m_sizes, ctx.kernel)
                      for do, q, k, v, o, lse, comm in zip(douts, qs, ks, vs, outs, lses, comms)]
         dqs, dks, dvs = zip(*run_in_lockstep(schedules))
-        return torch.cat(dqs, -2), torch.cat(dks, -2), torch.cat(dvs, -2), None, None
+        return torch.cat(dqs, -2), torch.cat(dks, -2), torch.cat(dvs, -2), None, None, None
 
 
-def local_ring_attention(q: Tensor, k: Tensor, v: Tensor, scale: float, world: int) -> Tensor:
+def local_ring_attention(q: Tensor, k: Tensor, v: Tensor, scale: float, world: int, backend: str = "auto") -> Tensor:
     """The ring of ``world`` ranks simulated in one process: ``softmax_j(scale q_i·k_j) v_j``, differentiable.
 
     q (B, H, N, d), k (B, H, M, d), v (B, H, M, dv) -> (B, H, N, dv). Positions are split into
     ``world`` contiguous shards (``even_sizes``; empty ones when fewer positions than ranks) and
     every simulated rank runs the distributed ring's schedule, the transfers replaced by hand-offs
     in memory: the same kernel calls, merges and chunking each rank of a real ring runs.
+    ``backend``: as ``ring_attention``.
     """
     if not isinstance(world, int) or world < 1:
         raise ValueError(f"world must be a positive int (the number of simulated ranks), given {world!r}")
     if q.shape[-2] == 0 or k.shape[-2] == 0:
         raise ValueError(f"local_ring_attention needs query and key positions; given N = {q.shape[-2]}, "
                          f"M = {k.shape[-2]} (softmax over no keys is undefined)")
-    return _LocalRingAttention.apply(q, k, v, scale, world)
+    return _LocalRingAttention.apply(q, k, v, scale, world, _block_kernel(q, k, v, scale, backend))

@@ -3,13 +3,17 @@
 Each function takes validated 4-D inputs (theta (B, H, N_r, d), phi (B, H, M_r, d), g (B, H, M_r, dv))
 and the key sizes of all ranks, and returns this rank's y (B, H, N_r, dv). Replicated inputs
 (concat_weight) get this rank's partial gradient: the sum over ranks is the single-device gradient.
+
+``backend=`` is honoured by every strategy or refused (``check_backend``): the ring runs the
+per-block kernels of ``backends.select_block_kernel``; allgather and ulysses run the single-device
+dispatch; allreduce and sorted_stats are the ``linear`` and ``sorted`` backends' formulas.
 """
 from __future__ import annotations
 
 import torch
 from torch import Tensor
 
-from nonlocal_dist.backends import OpInputs, dispatch
+from nonlocal_dist.backends import OpInputs, dispatch, select_backend, select_block_kernel
 from nonlocal_dist.kernels.sorted_concat import concat_sorted
 from nonlocal_dist.parallel.collectives import all_reduce, gather_heads, gather_positions, scatter_heads
 from nonlocal_dist.parallel.ring import ring_attention
@@ -17,7 +21,7 @@ from nonlocal_dist.parallel.ring import ring_attention
 
 def ring(inputs: OpInputs, group, n_sizes: list[int], m_sizes: list[int], backend: str) -> Tensor:
     """Softmax modes: key blocks around the ring, LSE merge in float32."""
-    return ring_attention(inputs.theta, inputs.phi, inputs.g, inputs.scale, group, m_sizes)
+    return ring_attention(inputs.theta, inputs.phi, inputs.g, inputs.scale, group, m_sizes, backend)
 
 
 def allgather(inputs: OpInputs, group, n_sizes: list[int], m_sizes: list[int], backend: str) -> Tensor:
@@ -70,20 +74,41 @@ def sorted_stats(inputs: OpInputs, group, n_sizes: list[int], m_sizes: list[int]
 
 
 STRATEGIES = {"ring": ring, "allgather": allgather, "ulysses": ulysses, "allreduce": allreduce, "sorted_stats": sorted_stats}
-# Which strategies can run each mode; the first is the default (but see ``default_strategy``).
+# Which strategies can run each mode; the first, the one with the lowest peak memory per rank, is
+# the default (``default_strategy``).
 MODE_STRATEGIES = {
     "gaussian": ("ring", "allgather", "ulysses"),
     "embedded_gaussian": ("ring", "allgather", "ulysses"),
     "dot_product": ("allreduce", "allgather", "ulysses"),
     "concatenation": ("sorted_stats", "allgather", "ulysses"),
 }
+# The backend whose formula a strategy computes across the group, where it runs no dispatch.
+_OWN_FORMULA = {"allreduce": "linear", "sorted_stats": "sorted"}
 
 
-def default_strategy(mode: str, world: int) -> str:
-    """The strategy for ``strategy=None``: the mode's first, except the ring on two ranks, where it is
-    one exchange of the other rank's block: an all-gather does that with one collective and no
-    log-sum-exp merge. On 2 gloo ranks it took 0.72x of single-process SDPA's time against the
-    ring's 0.85x, at a higher peak (24 vs 14.7 MiB per rank, N = 16384, d = 64:
-    ``scripts/benchmark.py --suite parallel``, README); pass ``strategy="ring"`` for the smaller peak."""
-    first = MODE_STRATEGIES[mode][0]
-    return "allgather" if first == "ring" and world <= 2 else first
+def default_strategy(mode: str) -> str:
+    """The strategy for ``strategy=None``: the lowest peak memory per rank, on any number of ranks.
+
+    Softmax modes: ``ring`` (O((N + M)/P · d) per rank, never the whole key set); dot product:
+    ``allreduce`` (one (d, dv) matrix); concatenation: ``sorted_stats`` (two numbers per key). Ask
+    for speed by naming ``allgather``: on 2 gloo ranks it took 0.72x of single-process SDPA's time
+    against the ring's 0.85x, at a higher peak (24 vs 14.7 MiB per rank, N = 16384, d = 64:
+    ``scripts/benchmark.py --suite parallel``, README); its peak grows with the whole key set.
+    """
+    return MODE_STRATEGIES[mode][0]
+
+
+def check_backend(strategy: str, inputs: OpInputs, backend: str) -> None:
+    """Raise ``ValueError`` naming the strategy, the backend and the reason where ``strategy`` cannot
+    honour ``backend`` for this rank's ``inputs`` (every rank's declarations agree, so all raise)."""
+    if strategy == "ring":
+        select_block_kernel(inputs, backend, strategy)
+    elif strategy in ("allgather", "ulysses"):
+        select_backend(inputs, backend, strategy)
+    elif backend not in ("auto", _OWN_FORMULA[strategy]):
+        own = _OWN_FORMULA[strategy]
+        raise ValueError(
+            f"strategy {strategy!r} cannot run backend={backend!r}: it computes the {own!r} backend's formula "
+            f"across the group (use backend='auto' or {own!r}; strategy='allgather' runs backend={backend!r} "
+            "on the gathered keys)"
+        )

@@ -13,9 +13,9 @@ import torch
 
 from helpers import assert_rel
 from nonlocal_dist import NonLocalBlock, nonlocal_op
-from nonlocal_dist.backends import AUTO_ORDER, BACKENDS, select_backend
+from nonlocal_dist.backends import AUTO_ORDER, BACKENDS, OpInputs, select_backend, select_block_kernel
 from nonlocal_dist.kernels.blocked_softmax import blocked_backward, blocked_forward
-from nonlocal_dist.kernels.softmax import attention_backward, attention_forward, kernel_for, preferred_chunk
+from nonlocal_dist.kernels.softmax import attention_backward, attention_forward, preferred_chunk
 from nonlocal_dist.validate import check_op_inputs
 from oracle import naive_nonlocal
 from test_dispatch import UNLOADED, broken_xformers, fresh_dispatch  # noqa: F401  (fixtures)
@@ -98,7 +98,7 @@ def test_installed_xformers_runs_or_says_why():
 @pytest.mark.parametrize("d", [320, 512])
 def test_wide_heads_bfloat16(d):
     theta, phi, g, _ = _inputs("embedded_gaussian", torch.bfloat16, n=700, m=650, d=d, dv=d)
-    assert kernel_for(theta, g) == "blocked"
+    assert select_block_kernel(_kernel_inputs(theta, phi, g)) == "blocked"
     y = nonlocal_op(theta, phi, g, scale=d**-0.5)
     leaves = [theta, phi, g]
     ref = [t.detach().double().cpu().requires_grad_() for t in leaves]
@@ -116,7 +116,20 @@ def test_auto_for_wide_heads_materialises_small_and_blocks_large():
     assert select_backend(inputs).name == "reference"
     large = torch.empty(1, 1, 8192, 512, device="cuda", dtype=torch.bfloat16)
     inputs, _ = check_op_inputs(large, large, large, "embedded_gaussian", None, None, "auto")
-    assert select_backend(inputs).name == "sdpa" and kernel_for(large, large) == "blocked"
+    assert select_backend(inputs).name == "blocked"
+
+
+def test_float64_runs_blocked_everywhere_and_sdpa_refuses_it():
+    x = torch.randn(1, 1, 64, 16, device="cuda", dtype=torch.float64)
+    inputs = _kernel_inputs(x, x, x)
+    assert select_backend(inputs).name == "blocked" and select_block_kernel(inputs) == "blocked"
+    for ask in (lambda: select_backend(inputs, "sdpa"), lambda: select_block_kernel(inputs, "sdpa")):
+        with pytest.raises(ValueError, match="float64 on CUDA"):
+            ask()
+
+
+def _kernel_inputs(q, k, v):
+    return OpInputs(q.detach(), k.detach(), v.detach(), "embedded_gaussian", 0.1, None)
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
@@ -124,13 +137,15 @@ def test_auto_for_wide_heads_materialises_small_and_blocks_large():
 def test_ring_kernels_with_a_global_lse(dtype, d):
     """The contract the ring relies on: a key block's gradients from the output and LSE of all keys."""
     q, k, v, _ = (t.detach() if t is not None else None for t in _inputs("embedded_gaussian", dtype, n=300, m=260, d=d, dv=d))
-    out, lse = attention_forward(q, k, v, 0.1)
+    kernel = select_block_kernel(_kernel_inputs(q, k, v))
+    assert kernel == "blocked" if d > 256 else kernel in ("flash", "efficient")
+    out, lse = attention_forward(q, k, v, 0.1, kernel)
     ref_out, ref_lse = blocked_forward(q, k, v, 0.1)
     assert_rel(out, ref_out, TOLERANCE[dtype][0], "out")
     assert_rel(lse, ref_lse, 1e-3, "lse")
     dout = torch.randn_like(out)
     keys = slice(0, 130)
-    got = attention_backward(dout, q, k[..., keys, :], v[..., keys, :], out, lse, 0.1)
+    got = attention_backward(dout, q, k[..., keys, :], v[..., keys, :], out, lse, 0.1, kernel)
     want = blocked_backward(dout, q, k[..., keys, :], v[..., keys, :], ref_out, ref_lse, 0.1)
     for a, b, name in zip(got, want, "qkv"):
         assert_rel(a, b, TOLERANCE[dtype][1], f"d{name}")
@@ -139,8 +154,8 @@ def test_ring_kernels_with_a_global_lse(dtype, d):
 def test_flash_is_the_half_precision_kernel_and_backward_takes_whole_blocks():
     q = torch.empty(1, 1, 8, 64, device="cuda", dtype=torch.bfloat16)
     if torch.cuda.get_device_capability() >= (8, 0) and torch.backends.cuda.is_flash_attention_available():
-        assert kernel_for(q, q) == "flash"
-    assert kernel_for(q.float(), q.float()) == "efficient"
+        assert select_block_kernel(_kernel_inputs(q, q, q)) == "flash"
+    assert select_block_kernel(_kernel_inputs(q.float(), q.float(), q.float())) == "efficient"
     assert preferred_chunk(q.device) is None and preferred_chunk("cpu") == 512
 
 

@@ -18,7 +18,6 @@ from helpers import assert_rel
 from nonlocal_dist import nonlocal_op
 from nonlocal_dist import backends
 from nonlocal_dist.backends import AUTO_ORDER, BACKENDS, load_xformers_fmha, select_backend
-from nonlocal_dist.kernels.softmax import kernel_for
 from nonlocal_dist.validate import check_op_inputs
 from oracle import naive_nonlocal
 
@@ -152,7 +151,9 @@ def test_auto_on_cpu_follows_the_one_order(mode, want):
     assert all(name in BACKENDS for order in AUTO_ORDER.values() for name in order)
 
 
-def test_reference_is_not_picked_by_auto_on_cpu():
+def test_wide_heads_on_cpu_run_blocked_not_reference():
     theta = torch.randn(1, 1, 8, 300)
     inputs, _ = check_op_inputs(theta, theta, theta, "embedded_gaussian", None, None, "auto")
-    assert select_backend(inputs).name == "sdpa" and kernel_for(theta, theta) == "blocked"
+    assert select_backend(inputs).name == "blocked"
+    with pytest.raises(ValueError, match=r"backend='sdpa' cannot run.*head size 300 > 256.*Backends that can: blocked"):
+        select_backend(inputs, "sdpa")

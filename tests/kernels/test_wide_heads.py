@@ -1,5 +1,5 @@
 """The query-blocked softmax path: exact for any head width, blocks sized from memory, float32
-scores for half inputs (no fp16 overflow), and the kernel choice for wide heads."""
+scores for half inputs (no fp16 overflow), and the one rule for wide heads (blocked, never sdpa)."""
 from __future__ import annotations
 
 import pytest
@@ -9,7 +9,8 @@ from helpers import LargestTensor, assert_rel
 from nonlocal_dist import nonlocal_op
 from nonlocal_dist.kernels import blocked_softmax
 from nonlocal_dist.kernels.blocked_softmax import blocked_backward, blocked_forward, query_block_size
-from nonlocal_dist.kernels.softmax import attention_backward, attention_forward, kernel_for
+from nonlocal_dist.backends import OpInputs, select_backend, select_block_kernel
+from nonlocal_dist.kernels.softmax import attention_backward, attention_forward
 from oracle import naive_nonlocal
 
 
@@ -21,7 +22,7 @@ def _qkv(b, h, n, m, d, dv, dtype=torch.float64, seed=0):
     return [t.requires_grad_() for t in (q, k, v)]
 
 
-@pytest.mark.parametrize("backend", ["auto", "blocked", "sdpa"])
+@pytest.mark.parametrize("backend", ["auto", "blocked"])
 @pytest.mark.parametrize("d, dv", [(300, 260), (5, 3), (257, 512)])
 def test_exact_in_float64_with_many_blocks(monkeypatch, backend, d, dv):
     # A budget of 7 query rows per block: 50 queries run in 8 blocks, the last one short.
@@ -35,10 +36,25 @@ def test_exact_in_float64_with_many_blocks(monkeypatch, backend, d, dv):
         assert_rel(got, exp, 1e-12, f"d{name}")
 
 
-def test_wide_heads_take_the_blocked_kernel_and_narrow_ones_the_fused():
-    assert kernel_for(torch.empty(1, 1, 4, 257), torch.empty(1, 1, 4, 8)) == "blocked"
-    assert kernel_for(torch.empty(1, 1, 4, 8), torch.empty(1, 1, 4, 300)) == "blocked"
-    assert kernel_for(torch.empty(1, 1, 4, 256), torch.empty(1, 1, 4, 256)) == "cpu_flash"
+def _op_inputs(d, dv, dtype=torch.float32):
+    q, v = torch.empty(1, 1, 4, d, dtype=dtype), torch.empty(1, 1, 4, dv, dtype=dtype)
+    return OpInputs(q, q, v, "embedded_gaussian", 1.0, None)
+
+
+@pytest.mark.parametrize("d, dv", [(257, 8), (8, 300)])
+def test_wide_heads_take_the_blocked_path_everywhere(d, dv):
+    # One rule for the single-device dispatch and the ring's per-block kernels.
+    inputs = _op_inputs(d, dv)
+    assert select_backend(inputs).name == "blocked" and select_block_kernel(inputs) == "blocked"
+    for ask in (lambda: select_backend(inputs, "sdpa"), lambda: select_block_kernel(inputs, "sdpa")):
+        with pytest.raises(ValueError, match=f"head size {max(d, dv)} > 256"):
+            ask()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_heads_up_to_256_take_the_fused_kernels(dtype):
+    inputs = _op_inputs(256, 256, dtype)
+    assert select_backend(inputs).name == "sdpa" and select_block_kernel(inputs) == "cpu_flash"
 
 
 def test_blocked_holds_one_block_of_scores(monkeypatch):
@@ -67,7 +83,7 @@ def test_fp16_logits_past_the_half_range_stay_finite(blocked):
     gen = torch.Generator().manual_seed(3)
     x = (torch.randn(1, 1, 40, 8, generator=gen) * 100).half()
     g = torch.randn(1, 1, 40, 8, generator=gen).half()
-    out, lse = (blocked_forward if blocked else attention_forward)(x, x, g, 1.0)
+    out, lse = blocked_forward(x, x, g, 1.0) if blocked else attention_forward(x, x, g, 1.0, "cpu_flash")
     assert out.dtype == torch.float16 and torch.isfinite(out).all() and torch.isfinite(lse).all()
     want = naive_nonlocal(x.double(), x.double(), g.double(), "gaussian")
     assert_rel(out, want, 2e-3, "out fp16")
@@ -83,7 +99,7 @@ def test_blocked_backward_with_a_global_lse_gives_a_key_blocks_share():
               for s in (slice(0, 13), slice(13, 30))]
     assert_rel(halves[0][0] + halves[1][0], whole[0], 1e-12, "dq")
     assert_rel(torch.cat([halves[0][1], halves[1][1]], -2), whole[1], 1e-12, "dk")
-    fused = attention_backward(dout, q, k, v, out, lse, 0.5)
+    fused = attention_backward(dout, q, k, v, out, lse, 0.5, "cpu_flash")
     for a, b, name in zip(whole, fused, "qkv"):
         assert_rel(a, b, 1e-12, f"d{name} vs fused")
 

@@ -5,7 +5,7 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from dist_harness import run_ranks
+from nonlocal_dist.testing import run_ranks
 from helpers import rel_err
 from nonlocal_dist import nonlocal_op
 from nonlocal_dist.parallel import MODE_STRATEGIES, ring
@@ -104,9 +104,21 @@ def test_mismatch_raises_on_every_rank(kind, match):
         assert re.search(match, message), f"rank {rank}: {message}"
 
 
-def test_default_strategy_is_allgather_on_two_ranks_and_the_ring_above():
+def test_default_strategy_is_the_lowest_memory_one():
     from nonlocal_dist.parallel.strategies import default_strategy
 
-    assert [default_strategy("embedded_gaussian", p) for p in (1, 2, 3, 8)] == ["allgather", "allgather", "ring", "ring"]
-    assert [default_strategy("gaussian", p) for p in (2, 4)] == ["allgather", "ring"]
-    assert [default_strategy(m, 2) for m in ("dot_product", "concatenation")] == ["allreduce", "sorted_stats"]
+    assert [default_strategy(m) for m in MODE_STRATEGIES] == ["ring", "ring", "allreduce", "sorted_stats"]
+
+
+def _default_on_two_ranks(rank, world):
+    # The ring's kernel calls (ring.attention_forward) show which strategy strategy=None ran.
+    calls = []
+    inner = ring.attention_forward
+    ring.attention_forward = lambda *args: calls.append(1) or inner(*args)
+    x = torch.randn(1, 6 + rank, 4, generator=torch.Generator().manual_seed(rank))
+    nonlocal_op(x, x, x, group=dist.group.WORLD)
+    return len(calls)
+
+
+def test_two_ranks_default_to_the_ring():
+    assert run_ranks(_default_on_two_ranks, 2, timeout=60) == [2, 2]

@@ -17,10 +17,9 @@ from typing import Callable
 
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 from torch import Tensor
 
-from nonlocal_dist.parallel.halo import halo_exchange
+from nonlocal_dist.parallel.halo import constant_pad, halo_exchange
 from nonlocal_dist.parallel.spec import split_sizes
 
 
@@ -154,7 +153,7 @@ def apply_windows(fn: Callable[[Tensor], Tensor], ext: Tensor, windows: dict[int
     shorter than one window there (padded with ``value`` to run, emptied after)."""
     short = {d: w.extent + 1 - ext.shape[d] for d, w in windows.items() if w.extent + 1 > ext.shape[d]}
     for d, n in short.items():
-        ext = F.pad(ext, [0, 0] * (ext.dim() - 1 - d) + [0, n], value=value)
+        ext = constant_pad(ext, [0, 0] * (ext.dim() - 1 - d) + [0, n], value)
     out = fn(ext)
     for d in short:
         out = out.narrow(d, 0, 0)

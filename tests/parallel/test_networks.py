@@ -35,17 +35,20 @@ def _outcomes(rank, world, mesh_shape, names=None, split=None):
         x = torch.randn(shape, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
         want = reference(copy.deepcopy(model), x)
         try:
-            split = split or {"align": ALIGN.get(name, 1)}
-            got = sharded_run(copy.deepcopy(model), x, mesh, axes, **split)
+            got = sharded_run(copy.deepcopy(model), x, mesh, axes, **(split or {"align": ALIGN.get(name, 1)}))
         except ShardingRefusal as exc:
             outcomes[name] = f"refused: {exc}"
             continue
-        try:
-            assert_parity(want, got)
-            outcomes[name] = "exact"
-        except AssertionError as exc:
-            outcomes[name] = f"WRONG: {exc}"
+        outcomes[name] = _parity(want, got)
     return outcomes
+
+
+def _parity(want, got) -> str:
+    try:
+        assert_parity(want, got)
+    except AssertionError as exc:
+        return f"WRONG: {exc}"
+    return "exact"
 
 
 def _check(results):
@@ -129,12 +132,7 @@ def _block_on_mesh(rank, world):
         model = _NonLocalNet(mode).double()
         x = torch.randn(2, 2, 6, 8, 4, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
         want = reference(copy.deepcopy(model), x)
-        got = sharded_run(copy.deepcopy(model), x, mesh, ("t", "h"), sizes=[[4, 2], [2, 6]])
-        try:
-            assert_parity(want, got)
-            outcomes[mode] = "exact"
-        except AssertionError as exc:
-            outcomes[mode] = f"WRONG: {exc}"
+        outcomes[mode] = _parity(want, sharded_run(copy.deepcopy(model), x, mesh, ("t", "h"), sizes=[[4, 2], [2, 6]]))
     return outcomes
 
 

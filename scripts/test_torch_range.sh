@@ -1,11 +1,12 @@
 #!/usr/bin/env bash
-# The torch range the README claims, tested: the oldest and the newest torch the registry serves
-# (CUDA builds, run on CPU), each in its own virtual environment, on the core suites (kernels,
-# functional, block, sharded activations and networks); the integrations (DeepSpeed, W&B, video)
-# are tested on the default torch by scripts/test.sh. TORCH_RANGE="2.3.1 2.14.1" by default.
+# The torch range the README claims, tested: besides the default 2.13.0 (scripts/test.sh), the newest
+# torch the registry serves (a CUDA build, run on CPU) in its own virtual environment, on the core
+# suites (kernels, functional, block, sharded activations and networks); the integrations
+# (DeepSpeed, W&B, video) are tested on 2.13.0. TORCH_RANGE="2.14.1" by default; TORCH_RANGE=2.3.1
+# shows the intermittent multi-rank hangs that keep torch < 2.13 out of the claimed range.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-for version in ${TORCH_RANGE:-2.3.1 2.14.1}; do
+for version in ${TORCH_RANGE:-2.14.1}; do
     venv=".venv-torch$version"
     if [ ! -x "$venv/bin/python" ]; then
         python3 -m venv "$venv"

@@ -8,9 +8,10 @@
 #        blocks start open (zero_init=False).
 # The clips are written once as lossless video files with annotation files (VIDEOS, default
 # runs/videos, kept between runs) and read back through VideoClipDataset and a DataLoader, each
-# sequence-parallel rank decoding only its own frames (the same clips, bit for bit, as in memory).
-# MODELS="c2d" or MODELS="i3d" runs one of them (default: both; about 11 min on 2 cores from memory,
-# not yet timed from files: decoding adds about 1 ms per clip and rank).
+# sequence-parallel rank decoding only its own frames (the same clips, bit for bit, as in memory);
+# the first epoch decodes, later epochs crop and flip the decoded shards kept in a 64 MiB cache per
+# loader worker (--video-cache-mb; the digit shards take 2-5 MB a rank).
+# MODELS="c2d" or MODELS="i3d" runs one of them (default: both).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup_env.sh "deepspeed,wandb,train,video"
@@ -26,7 +27,7 @@ for model in ${MODELS:-c2d i3d}; do
         .venv/bin/deepspeed --num_gpus 2 --master_port "${MASTER_PORT:-29500}" scripts/train.py \
             --model "$model" --deepspeed_config configs/ds_zero2.json --sp-size 2 \
             --ckpt-dir "$run_dir/ckpt-$model-$variant" --run-dir "$run_dir" --wandb offline \
-            --videos "$videos" "${extra[@]}" "$@"
+            --videos "$videos" --video-cache-mb 64 "${extra[@]}" "$@"
     done
 done
 .venv/bin/python scripts/summarize.py "$run_dir"

@@ -81,6 +81,10 @@ def parse_args(argv=None):
                         "(FFV1, lossless) with annotation files, then read through VideoClipDataset and a DataLoader, "
                         "each sequence-parallel rank decoding only its frames (default: clips in memory)")
     p.add_argument("--video-workers", type=int, default=1, help="DataLoader workers per rank with --videos")
+    p.add_argument("--video-cache-mb", type=float, default=0,
+                   help="with --videos: keep this many MiB of decoded training shards per worker, so a dataset that "
+                        "fits is decoded once per rank and later epochs crop and flip the kept frames (default: 0, "
+                        "decode every read)")
     p.add_argument("--local_rank", type=int, default=int(os.environ.get("LOCAL_RANK", 0)))
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     deepspeed.add_config_arguments(p)
@@ -135,7 +139,7 @@ def forward(engine, x, sp, dtype, local: bool = False):
 class VideoData:
     """The digit clips as video files read back per rank (``--videos``): this rank's time shard of each clip."""
 
-    def __init__(self, root: Path, d: dict, sp, workers: int):
+    def __init__(self, root: Path, d: dict, sp, workers: int, cache_mb: float = 0):
         from nonlocal_dist.video import ClipTransform, VideoClipDataset
 
         clip_args = (d["frames"], d["size"], d["seed"], d["classes"], d.get("min_gap", 1))
@@ -146,7 +150,7 @@ class VideoData:
         common = {"clip_len": d["frames"], "fmt": "gray", "seed": d["seed"],
                   "transform": ClipTransform(mean=(0,), std=(DIGIT_VIDEO_SCALE,))}
         shard = (sp.sp_rank, sp.sp_size)
-        self.train = VideoClipDataset(root / "train.txt", root, shard=shard, **common)
+        self.train = VideoClipDataset(root / "train.txt", root, shard=shard, cache_mb=cache_mb, **common)
         self.train_eval = VideoClipDataset(root / "train.txt", root, shard=shard, test_mode=True, **common)
         self.test = VideoClipDataset(root / "test.txt", root, shard=shard, test_mode=True, **common)
         self.whole_test = VideoClipDataset(root / "test.txt", root, test_mode=True, **common)
@@ -247,7 +251,7 @@ def train(args, fault: Fault | None, guard: StepGuard) -> None:
     clip_args = (d["frames"], d["size"], d["seed"], d["classes"], d.get("min_gap", 1))
     videos = None
     if args.videos:
-        videos = VideoData(Path(args.videos) / exp["model"]["name"], d, sp, args.video_workers)
+        videos = VideoData(Path(args.videos) / exp["model"]["name"], d, sp, args.video_workers, args.video_cache_mb)
         train_x, train_y, test_x, test_y = videos.train, None, videos.test, None
         first_test = videos.whole_test[0]["clip"][None]
     else:
@@ -277,7 +281,7 @@ def train(args, fault: Fault | None, guard: StepGuard) -> None:
     sampler = TrainBatchSampler(d["train_clips"], micro, sp.dp_rank, sp.dp_size, steps=start_step + steps_this_run,
                                 start_step=start_step, seed=d["seed"])
     batches = iter(videos.loader(train_x, sampler) if videos is not None else sampler)
-    data_seconds = step_seconds = 0.0
+    data_seconds = step_seconds = data_total = 0.0
     clock = loop_start = time.perf_counter()
     for step in range(start_step, start_step + steps_this_run):
         guard.step = step + 1
@@ -290,6 +294,7 @@ def train(args, fault: Fault | None, guard: StepGuard) -> None:
         fed = torch.tensor([len(y)])
         dist.all_reduce(fed, op=dist.ReduceOp.MIN)  # a data-parallel group left with no usable clip: all skip
         data_seconds += time.perf_counter() - begin
+        data_total += time.perf_counter() - begin
         if fault is not None and fault.fire("nan", rank, step + 1):
             x = x.clone().fill_(float("nan"))
         if int(fed) > 0 and check_finite(step + 1, args.skip_nonfinite, input=x):
@@ -327,7 +332,7 @@ def train(args, fault: Fault | None, guard: StepGuard) -> None:
     finished = start_step + steps_this_run == t["steps"]
     result = {"name": name, "history": history, "skipped_steps": skipped, "finished": finished,
               "skipped_clips": videos.skipped if videos is not None else 0,
-              "train_seconds": round(time.perf_counter() - loop_start, 1)}
+              "train_seconds": round(time.perf_counter() - loop_start, 1), "data_seconds": round(data_total, 1)}
     if finished:
         if videos is not None:
             train_acc, train_loss = evaluate(engine, videos.train_eval, None, sp, micro, dtype, videos, d["test_clips"])

@@ -11,6 +11,12 @@ be read (``VideoReadError``: missing, corrupt, truncated, empty file) is returne
 (``ok`` False, with the error) rather than raised, and ``agree_usable`` drops it on every rank of
 the group together: a rank whose shard fails never leaves its peers waiting in a collective nor
 training on another batch.
+
+``cache_mb`` keeps decoded shards (uint8, after the resize, before crop, flip and normalisation) in
+a least-recently-used cache of that many MiB per process, so a dataset that fits in memory is
+decoded once per rank: later epochs draw their crops and flips from the cached frames. Each
+DataLoader worker holds its own cache; it lives as long as the worker (one iterator over all the
+steps, as ``TrainBatchSampler`` gives, or ``persistent_workers=True``).
 """
 from __future__ import annotations
 
@@ -36,6 +42,10 @@ from nonlocal_dist.video.decode import (
 )
 from nonlocal_dist.video.sampling import OUT_OF_BOUND, sample_clips
 from nonlocal_dist.video.transforms import ClipTransform, clip_rng
+
+
+def _nbytes(clip: Tensor) -> int:
+    return clip.nbytes
 
 
 def read_annotations(ann_file: str | os.PathLike) -> tuple[list[tuple[str, int]], list[str] | None]:
@@ -77,14 +87,18 @@ class VideoClipDataset(Dataset):
     ``even_sizes(clip_len, world)[rank]`` for ``shard=(rank, world)`` (T_r = clip_len without a shard);
     ``label``, ``index``, ``epoch`` ints; ``ok`` bool and ``error`` str (an unusable clip has ``clip``
     None and the reason). Sampling is mmaction2's (``sample_clips``), transforms ``transform``'s.
+    ``cache_mb`` > 0 keeps decoded shards in memory (see the module docstring); ``cache_info()`` gives
+    this process's hits, misses and bytes held.
     """
 
     def __init__(self, ann_file: str | os.PathLike, data_prefix: str | os.PathLike = "", *, clip_len: int,
                  frame_interval: int = 1, num_clips: int = 1, test_mode: bool = False,
                  transform: ClipTransform | None = None, fmt: str = "rgb24", shard: tuple[int, int] | None = None,
-                 seed: int = 0, out_of_bound: str = "loop", backend: str = "pyav", threads: int = 1) -> None:
+                 seed: int = 0, out_of_bound: str = "loop", backend: str = "pyav", threads: int = 1,
+                 cache_mb: float = 0) -> None:
         self.samples, self.classes = read_annotations(ann_file)
         self.data_prefix = Path(data_prefix)
+        self._paths = [os.path.join(self.data_prefix, path) for path, _ in self.samples]
         if fmt not in FORMATS:
             raise ValueError(f"fmt must be one of {sorted(FORMATS)}, got {fmt!r}")
         self.transform = transform if transform is not None else ClipTransform()
@@ -98,12 +112,28 @@ class VideoClipDataset(Dataset):
         self.clip_len, self.frame_interval, self.num_clips = clip_len, frame_interval, num_clips
         self.test_mode, self.fmt, self.seed, self.out_of_bound = test_mode, fmt, seed, out_of_bound
         self.backend, self.threads = backend, threads
+        if not isinstance(cache_mb, (int, float)) or isinstance(cache_mb, bool) or not cache_mb >= 0:
+            raise ValueError(f"cache_mb must be a number >= 0 (MiB of decoded frames kept per process), got {cache_mb!r}")
+        self.cache_mb = cache_mb
+        self._cache = None
+        if cache_mb:
+            from cachetools import LRUCache  # the video extra
+
+            self._cache = LRUCache(int(cache_mb * 2**20), getsizeof=_nbytes)
+        self._hits = self._misses = 0
+
+    def cache_info(self) -> dict:
+        """This process's decoded-shard cache: ``hits``, ``misses`` (reads that decoded), ``bytes`` held,
+        ``clips`` held and ``max_bytes`` (all 0 without ``cache_mb``)."""
+        cache = self._cache
+        return {"hits": self._hits, "misses": self._misses, "bytes": int(cache.currsize) if cache else 0,
+                "clips": len(cache) if cache else 0, "max_bytes": int(cache.maxsize) if cache else 0}
 
     def __len__(self) -> int:
         return len(self.samples)
 
-    def path(self, index: int) -> Path:
-        return self.data_prefix / self.samples[index][0]
+    def path(self, index: int) -> str:
+        return self._paths[index]
 
     def __getitem__(self, key: int | tuple[int, int]) -> dict:
         index, epoch = (int(key[0]), int(key[1])) if isinstance(key, (tuple, list)) else (int(key), 0)
@@ -125,10 +155,24 @@ class VideoClipDataset(Dataset):
         lo, hi = shard_range(self.clip_len, self.shard)
         mine = frames[:, lo:hi].reshape(-1)
         t = self.transform
-        clip = read_frames(path, mine, size=t.short_side, fmt=self.fmt, backend=self.backend, threads=self.threads)
+        clip = self._decoded(index, path, mine)
         box = t.draw(rng, *output_size(info.height, info.width, t.short_side), self.test_mode)
         clip = t(clip.unflatten(1, (self.num_clips, hi - lo)).transpose(0, 1), box)  # (N, C, T_r, h, w)
         return clip[0] if self.num_clips == 1 else clip
+
+
+    def _decoded(self, index: int, path: str, frames: np.ndarray) -> Tensor:
+        """Frames ``frames`` of clip ``index`` as (C, T, h, w) uint8, from the cache or decoded (and kept)."""
+        key = (index, frames.tobytes())
+        if self._cache is not None and key in self._cache:
+            self._hits += 1
+            return self._cache[key]
+        self._misses += 1
+        clip = read_frames(path, frames, size=self.transform.short_side, fmt=self.fmt, backend=self.backend,
+                           threads=self.threads)
+        if self._cache is not None and clip.nbytes <= self._cache.maxsize:
+            self._cache[key] = clip
+        return clip
 
 
 def collate_clips(samples: list[dict]) -> dict:

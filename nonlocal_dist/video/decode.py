@@ -17,6 +17,7 @@ import os
 from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass
+from functools import cached_property
 
 import numpy as np
 import torch
@@ -54,6 +55,11 @@ class VideoIndex:
     @property
     def num_frames(self) -> int:
         return len(self.pts)
+
+    @cached_property
+    def frame_of_pts(self) -> dict[int, int]:
+        """{presentation timestamp: frame number} (a seekable stream's timestamps are unique)."""
+        return {pts: k for k, pts in enumerate(self.pts)}
 
     def keyframe_before(self, frame: int) -> int:
         """The last keyframe at or before ``frame`` (0 when none is marked)."""
@@ -212,7 +218,7 @@ def _decode_pyav(path: str, wanted: list[int], index: VideoIndex, fmt: str, thre
 
 def _decode_from(av, path, wanted, index, first, fmt, threads, stats) -> dict | None:
     want, last = set(wanted), wanted[-1]
-    number = {pts: k for k, pts in enumerate(index.pts)} if index.seekable else None
+    number = index.frame_of_pts if index.seekable else None
     frames: dict = {}
     with _open(av, path) as container:
         stream = container.streams.video[0]

@@ -1,6 +1,7 @@
 """The main job (scripts/train.py) under real launchers: a short SP=2 ZeRO-2 run logged to W&B
-offline, preemption + --resume giving exactly the losses of an uninterrupted run, and the I3D
-model sharded over time by ``parallelize``."""
+offline, preemption + --resume giving exactly the losses of an uninterrupted run, training from
+video files giving the losses of training from memory, and the I3D model sharded over time by
+``parallelize``."""
 from __future__ import annotations
 
 import glob
@@ -67,6 +68,24 @@ def test_preempt_and_resume_matches_uninterrupted_run(tmp_path):
     assert [h["step"] for h in resumed] == [4, 5, 6]
     assert [h["loss"] for h in resumed] == uninterrupted[3:]
     assert _result(split)["test_accuracy"] == _result(full)["test_accuracy"]
+
+
+def test_training_from_video_files_matches_memory(tmp_path):
+    """--videos: the clips written as FFV1 files and read back per rank (each rank decoding its time shard,
+    a DataLoader worker, later epochs from the decoded-shard cache) train exactly as the clips in memory."""
+    pytest.importorskip("av")
+    memory, files = tmp_path / "memory", tmp_path / "files"
+    memory.mkdir(), files.mkdir()
+    common = ["--steps", "4", "--wandb", "disabled"]  # 96 clips, 32 a step: step 4 starts the second epoch
+    _launch(memory, *common, "--ckpt-dir", str(memory / "ckpt"))
+    _launch(files, *common, "--ckpt-dir", str(files / "ckpt"), "--videos", str(tmp_path / "videos"),
+            "--video-cache-mb", "4")
+    assert (tmp_path / "videos" / "c2d" / "train.txt").is_file()
+    assert len(list((tmp_path / "videos" / "c2d" / "train").glob("*.mkv"))) == 96
+    from_files = _result(files)
+    assert from_files["skipped_clips"] == 0
+    assert [h["loss"] for h in from_files["history"]] == [h["loss"] for h in _result(memory)["history"]]
+    assert from_files["test_accuracy"] == _result(memory)["test_accuracy"]
 
 
 @pytest.mark.parametrize("config", ["ds_sp2.json", "ds_bf16.json"])

@@ -90,6 +90,34 @@ def test_short_video_loops(ann_file, frames):
     assert torch.equal(clip, expected)
 
 
+def test_decoded_shard_cache_gives_the_uncached_items(ann_file, tmp_path):
+    """With cache_mb, later epochs read the kept frames: items equal to the uncached dataset's (new crops and
+    flips every epoch), each shard decoded once, the byte bound kept, and a clip that fails is not kept."""
+    plain = _dataset(ann_file, shard=(1, 3))
+    cached = _dataset(ann_file, shard=(1, 3), cache_mb=1)
+    for epoch in range(3):
+        for index in range(len(plain)):
+            assert torch.equal(cached[(index, epoch)]["clip"], plain[(index, epoch)]["clip"]), (index, epoch)
+    info = cached.cache_info()
+    # training draws new frames each epoch from the long videos; short.mp4 (clips 4 and 10, 5 frames) always
+    # gives frames 0..4 looped, so its later epochs hit. Each kept shard is 3 x 2 x 24 x 24 bytes.
+    assert info["hits"] + info["misses"] == 3 * len(plain) and info["hits"] >= 4
+    assert info["bytes"] == info["clips"] * 3 * 2 * 24 * 24 and info["bytes"] <= info["max_bytes"] == 2**20
+    fixed = _dataset(ann_file, shard=(0, 2), test_mode=True, cache_mb=1)
+    first = [fixed[i]["clip"] for i in range(len(fixed))]
+    assert [torch.equal(fixed[i]["clip"], first[i]) for i in range(len(fixed))] == [True] * len(fixed)
+    assert fixed.cache_info()["hits"] == len(fixed) == fixed.cache_info()["misses"]
+    tiny = _dataset(ann_file, test_mode=True, cache_mb=3 * 7 * 24 * 24 * 1.5 / 2**20)  # room for one clip
+    for i in range(4):
+        tiny[i]
+    assert tiny.cache_info()["clips"] == 1 and tiny[3] is not None and tiny.cache_info()["hits"] == 1
+    (tmp_path / "ann.txt").write_text("gone.mp4 1\n")
+    missing = VideoClipDataset(tmp_path / "ann.txt", tmp_path, clip_len=4, cache_mb=1)
+    assert not missing[0]["ok"] and not missing[0]["ok"] and missing.cache_info()["clips"] == 0
+    with pytest.raises(ValueError, match="cache_mb must be a number >= 0"):
+        _dataset(ann_file, cache_mb=-1)
+
+
 def test_bad_dataset_arguments(ann_file):
     with pytest.raises(ValueError, match=r"fmt='gray' decodes 1 channel\(s\), the transform's mean/std have 3"):
         _dataset(ann_file, fmt="gray")

@@ -2,6 +2,7 @@
 
     python scripts/benchmark.py                       # single-device suite, float32, 2 threads
     python scripts/benchmark.py --suite parallel      # sequence-parallel suite on gloo ranks
+    python scripts/benchmark.py --suite decode        # per-shard video decoding and the loader (bench_decode.py)
     python scripts/benchmark.py --json results.json   # also write every number as JSON
     python scripts/benchmark.py --device cuda         # every path against its floor on a GPU (bench_gpu.py)
     python scripts/benchmark.py --suite device --device cpu --quick   # the same rows, small, on CPU
@@ -221,9 +222,10 @@ def suite_norm(args, records: list) -> None:
 
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--suite", choices=["single", "parallel", "device"],
-                        help="single (CPU, the default), parallel (gloo ranks) or device (every path against its "
-                             "floor on --device; the default with --device cuda)")
+    parser.add_argument("--suite", choices=["single", "parallel", "device", "decode"],
+                        help="single (CPU, the default), parallel (gloo ranks), device (every path against its "
+                             "floor on --device; the default with --device cuda) or decode (per-shard video decoding; "
+                             "bench_decode.py's options pass through)")
     parser.add_argument("--parts", nargs="+", help="parts of the suite to run (single: modes flops concat large norm; "
                                                    "device: softmax modes ring block)")
     parser.add_argument("--device", default="cpu", help="device suite: cpu or cuda")
@@ -250,7 +252,13 @@ def main(argv=None) -> None:
     if args.suite != "device" and args.device != "cpu":
         parser.error(f"--suite {args.suite} runs on CPU; --device {args.device} needs --suite device")
     records: list = []
-    if args.suite == "parallel":
+    if args.suite == "decode":
+        import bench_decode
+
+        repeats = [] if args.repeats == parser.get_default("repeats") else ["--repeats", str(args.repeats)]
+        rows = bench_decode.main([*rest, *repeats])  # its own default: 7 repeats
+        records = [{"suite": "decode", "measure": name, "value": value} for name, value in rows]
+    elif args.suite == "parallel":
         if "strategies" in args.parallel_parts:
             import bench_parallel
 

@@ -118,6 +118,10 @@ def _import(backend: str):
         return decord
     except ImportError as exc:
         raise ImportError(f"video backend {backend!r} is not installed ({exc}); install it: {_INSTALL[backend]}") from exc
+    except OSError as exc:  # installed, but its native libraries do not load (torchcodec without FFmpeg)
+        raise ImportError(f"video backend {backend!r} is installed but does not load ({exc}); torchcodec needs "
+                          "FFmpeg's shared libraries (e.g. apt install ffmpeg, or conda install ffmpeg) and a "
+                          f"torch it was built for; or use backend='pyav' ({_INSTALL['pyav']})") from exc
 
 
 def _open(av, path: str):

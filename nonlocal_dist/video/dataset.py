@@ -157,8 +157,9 @@ class VideoClipDataset(Dataset):
         t = self.transform
         clip = self._decoded(index, path, mine)
         box = t.draw(rng, *output_size(info.height, info.width, t.short_side), self.test_mode)
-        clip = t(clip.unflatten(1, (self.num_clips, hi - lo)).transpose(0, 1), box)  # (N, C, T_r, h, w)
-        return clip[0] if self.num_clips == 1 else clip
+        if self.num_clips == 1:
+            return t(clip, box)
+        return t(clip.unflatten(1, (self.num_clips, hi - lo)).transpose(0, 1), box)  # (N, C, T_r, h, w)
 
 
     def _decoded(self, index: int, path: str, frames: np.ndarray) -> Tensor:

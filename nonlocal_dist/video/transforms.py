@@ -58,6 +58,9 @@ class ClipTransform:
             raise ValueError(f"flip_ratio must be in [0, 1], got {self.flip_ratio}")
         if len(self.mean) != len(self.std) or any(s <= 0 for s in self.std):
             raise ValueError(f"mean and std need one value per channel, std > 0; got mean {self.mean}, std {self.std}")
+        shape = (len(self.mean), 1, 1, 1)
+        object.__setattr__(self, "_mean", torch.tensor(self.mean, dtype=torch.float32).view(shape))
+        object.__setattr__(self, "_std", torch.tensor(self.std, dtype=torch.float32).view(shape))
 
     def draw(self, rng: np.random.Generator, height: int, width: int, test_mode: bool) -> CropFlip:
         """Crop box and flip for a (resized) frame of ``height`` x ``width``."""
@@ -79,7 +82,4 @@ class ClipTransform:
         x = clip[..., box.top : box.top + box.height, box.left : box.left + box.width]
         if box.flip:
             x = x.flip(-1)
-        shape = (len(self.mean), 1, 1, 1)
-        mean = torch.tensor(self.mean, dtype=torch.float32).view(shape)
-        std = torch.tensor(self.std, dtype=torch.float32).view(shape)
-        return (x.float() - mean) / std
+        return x.to(torch.float32, copy=True).sub_(self._mean).div_(self._std)

@@ -161,7 +161,16 @@ class VideoData:
 
         from nonlocal_dist.video import collate_clips
 
-        return DataLoader(dataset, batch_sampler=batch_sampler, collate_fn=collate_clips, num_workers=self.workers)
+        # Workers start from a fork server, not by forking this process: its gloo, DeepSpeed and loader threads
+        # may hold a lock at the fork, and a forked child then waits on it forever (seen: an evaluation worker).
+        context = None
+        if self.workers:
+            import multiprocessing
+
+            context = multiprocessing.get_context("forkserver")
+            context.set_forkserver_preload(["torch", "nonlocal_dist.video"])
+        return DataLoader(dataset, batch_sampler=batch_sampler, collate_fn=collate_clips, num_workers=self.workers,
+                          multiprocessing_context=context)
 
     def usable(self, batch) -> tuple[torch.Tensor, torch.Tensor]:
         """This rank's shards and labels of the clips every rank of the SP group decoded (others counted, said)."""
@@ -327,6 +336,7 @@ def train(args, fault: Fault | None, guard: StepGuard) -> None:
                 progress.set_postfix(loss=f"{loss.item():.3f}")
     if progress is not None:
         progress.close()
+    del batches  # the training loader's workers (and their decoded-shard caches) end here
     logger.rank_table("perf/ranks", rank_perf(steps_this_run * micro, time.perf_counter() - loop_start - maps.seconds,
                                               sp_rank=sp.sp_rank, dp_rank=sp.dp_rank))
     finished = start_step + steps_this_run == t["steps"]

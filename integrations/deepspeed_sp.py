@@ -68,6 +68,28 @@ class MeshGroups:
         return dist.get_rank(self.seq_dp_group)
 
 
+def init_distributed(backend: str | None = None, timeout=None) -> None:
+    """``deepspeed.init_distributed`` (``backend`` default: nccl with CUDA, else gloo) without DeepSpeed's
+    shared-memory all-reduce op; a no-op when DeepSpeed's communication is already up.
+
+    DeepSpeed 0.19 JIT-compiles its ``deepspeed_shm_comm`` C++ op whenever its communication starts,
+    which this library never uses (it serves only ``inference_all_reduce``; every collective here goes
+    through ``torch.distributed``): on a machine without the build cached, every rank compiles it inside
+    the start-up, under a file lock that a rank killed mid-build leaves behind for every later start to
+    wait on, and the op's own rendezvous waits without a timeout for a peer that died. Marking the op
+    incompatible makes DeepSpeed skip it (``deepspeed.ops.__compatible_ops__`` is one dict, kept).
+    """
+    import deepspeed
+    import torch
+
+    deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
+    if deepspeed.comm.is_initialized():
+        return
+    backend = backend or ("nccl" if torch.cuda.is_available() else "gloo")
+    kwargs = {} if timeout is None else {"timeout": timeout}
+    deepspeed.init_distributed(dist_backend=backend, **kwargs)
+
+
 def resolve_sp_size(config: dict, sp_size: int | None) -> int:
     """``sp_size`` if given, else the config's ``sequence_parallel_size`` (1 when absent); both given must agree."""
     configured = config.get("sequence_parallel_size")
@@ -84,17 +106,15 @@ def resolve_sp_size(config: dict, sp_size: int | None) -> int:
 def init_sequence_parallel(sp_size: int) -> SequenceParallel:
     """Create the SP and SP x DP groups (every rank must call it); ``sp_size`` must divide the world."""
     if not dist.is_initialized():
-        raise RuntimeError("initialise torch.distributed (deepspeed.init_distributed()) before the SP groups")
+        raise RuntimeError("initialise torch.distributed (nonlocal_dist.integrations.deepspeed_sp.init_distributed()) before the SP groups")
     world, rank = dist.get_world_size(), dist.get_rank()
     if sp_size < 1 or world % sp_size:
         raise ValueError(f"sequence_parallel_size must divide the world size {world}, got {sp_size}")
     if sp_size == 1:
         return SequenceParallel(1, 0, world, rank, None, None, None)
-    import deepspeed
     from deepspeed.runtime.sequence_parallel import parallel_state_sp
 
-    if not deepspeed.comm.is_initialized():  # torch.distributed set up by the caller: DeepSpeed wraps it
-        deepspeed.init_distributed(dist_backend=dist.get_backend())
+    init_distributed(dist.get_backend())  # torch.distributed set up by the caller: DeepSpeed wraps it
     parallel_state_sp.initialize_sequence_parallel(sp_size)
     return SequenceParallel(
         sp_size, rank % sp_size, world // sp_size, rank // sp_size,
@@ -117,11 +137,8 @@ def sequence_parallel_from_mesh(mesh, dp_dim: str = "dp") -> SequenceParallel:
     if not sp_axes:
         raise ValueError(f"mesh dims {names}: besides {dp_dim!r} at least one dim must shard a tensor axis (e.g. 't')")
     if not dist.is_initialized():
-        raise RuntimeError("initialise torch.distributed (deepspeed.init_distributed()) before the SP groups")
-    import deepspeed
-
-    if not deepspeed.comm.is_initialized():
-        deepspeed.init_distributed(dist_backend=dist.get_backend())
+        raise RuntimeError("initialise torch.distributed (nonlocal_dist.integrations.deepspeed_sp.init_distributed()) before the SP groups")
+    init_distributed(dist.get_backend())
     sp_lines = [mesh.get_group(a) for a in sp_axes]
     sp_group = span_group(sp_lines)
     dp_lines = [mesh.get_group(dp_dim)] if dp_dim in names else []
@@ -160,6 +177,7 @@ def initialize(model, config: dict, sp: SequenceParallel):
     """``deepspeed.initialize`` with the SP ``mpu``; asserts the group sizes DeepSpeed ended up with."""
     import deepspeed
 
+    init_distributed(dist.get_backend() if dist.is_initialized() else None)
     engine, _, _, _ = deepspeed.initialize(
         model=model, model_parameters=[p for p in model.parameters() if p.requires_grad], config=config, mpu=sp.mpu
     )

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import pickle
+import signal
 import socket
 import traceback
 from datetime import timedelta
@@ -20,6 +21,7 @@ def free_port() -> int:
 
 
 def _worker(rank, world, port, fn, args, queue, backend="gloo", pg_timeout=60.0):
+    os.setsid()  # the rank leads its own process group: run_ranks ends it with everything it started
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     torch.set_num_threads(1)
     try:
@@ -38,13 +40,23 @@ def _worker(rank, world, port, fn, args, queue, backend="gloo", pg_timeout=60.0)
             dist.destroy_process_group()
 
 
+def _kill_group(pid: int) -> None:
+    """Kill what is left of a rank's process group (the rank if it hangs, and any compiler, loader
+    worker or other child it left behind)."""
+    try:
+        os.killpg(pid, signal.SIGKILL)
+    except (ProcessLookupError, PermissionError):
+        pass
+
+
 def run_ranks(fn, world: int, *args, timeout: float = 120.0, backend: str = "gloo", pg_timeout: float = 60.0) -> list:
     """Run ``fn(rank, world, *args)`` on ``world`` gloo ranks (``backend="nccl"``: rank r on GPU r);
     return the results in rank order. ``fn`` must be picklable (a module-level function); each rank
     runs one thread; ``pg_timeout``: seconds any one collective may wait.
 
     Fails (AssertionError with every rank's traceback) when a rank raises, and when the ranks do not
-    finish within ``timeout`` seconds (they are killed: a hang fails instead of blocking CI).
+    finish within ``timeout`` seconds (they are killed with their children: a hang fails instead of
+    blocking CI).
     """
     ctx = mp.get_context("spawn")
     queue = ctx.Queue()
@@ -65,8 +77,7 @@ def run_ranks(fn, world: int, *args, timeout: float = 120.0, backend: str = "glo
     finally:
         for p in procs:
             p.join(timeout=10)
-            if p.is_alive():
-                p.kill()
+            _kill_group(p.pid)
     if errors:
         raise AssertionError("\n".join(f"--- rank {r} ---\n{tb}" for r, tb in sorted(errors.items())))
     return [results[r] for r in range(world)]

@@ -70,7 +70,9 @@ def _deepspeed_ulysses(shards, group):
     import deepspeed
     from deepspeed.sequence.layer import DistributedAttention
 
-    deepspeed.init_distributed(dist_backend="gloo")
+    from nonlocal_dist.integrations.deepspeed_sp import init_distributed
+
+    init_distributed("gloo")
     scale = 1 / math.sqrt(shards[0].shape[-1])
 
     def local_attention(q, k, v, *args, **kwargs):  # (B, N, H/P, d) -> SDPA on (B, H/P, N, d)

@@ -31,7 +31,7 @@ from nonlocal_dist.integrations.faults import (
     save_checkpoint,
 )
 from nonlocal_dist.integrations.deepspeed_sp import (
-    init_sequence_parallel, initialize, loss_scale, model_context, resolve_sp_size, shard_batch,
+    init_distributed, init_sequence_parallel, initialize, loss_scale, model_context, resolve_sp_size, shard_batch,
 )
 from nonlocal_dist.integrations.wandb_logger import RunLogger, rank_perf
 from nonlocal_dist.integrations.wandb_maps import AttentionMapLogger
@@ -243,7 +243,7 @@ def peak_rss_mb() -> float:
 def main(argv=None):
     args = parse_args(argv)
     timeout, fault = resolve_timeout(args.timeout), Fault.parse(args.fault)
-    deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo", timeout=timeout)
+    init_distributed(timeout=timeout)
     apply_group_timeout(timeout)
     with StepGuard(dist.get_rank(), timeout, args.ckpt_dir) as guard:
         train(args, fault, guard)

@@ -88,11 +88,13 @@ def _reference(name: str, stage: int, steps: int):
 def _sp_worker(rank, world, name, stage, steps, checkpoint):
     from deepspeed.utils import safe_get_full_fp32_param, safe_get_full_grad
 
-    from nonlocal_dist.integrations.deepspeed_sp import init_sequence_parallel, initialize, loss_scale, model_context
+    from nonlocal_dist.integrations.deepspeed_sp import (
+        init_distributed, init_sequence_parallel, initialize, loss_scale, model_context,
+    )
     from nonlocal_dist.parallel import distribute
 
     os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world))
-    deepspeed.init_distributed(dist_backend="gloo")
+    init_distributed("gloo")
     sp = init_sequence_parallel(2)
     cfg = _config(stage)
     with model_context(cfg, sp):
@@ -160,11 +162,11 @@ def _mesh_worker(rank, world, stage):
 
     from nonlocal_dist import parallelize
     from nonlocal_dist.integrations.deepspeed_sp import (
-        initialize, loss_scale, model_context, sequence_parallel_from_mesh, shard_batch,
+        init_distributed, initialize, loss_scale, model_context, sequence_parallel_from_mesh, shard_batch,
     )
 
     os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world))
-    deepspeed.init_distributed(dist_backend="gloo")
+    init_distributed("gloo")
     mesh = init_device_mesh("cpu", (2, 2), mesh_dim_names=("dp", "t"))
     sp = sequence_parallel_from_mesh(mesh)
     cfg = {**_config(stage), "train_micro_batch_size_per_gpu": 1}
@@ -212,3 +214,20 @@ def test_dp_as_a_mesh_dim(stage):
         for key, ref in buffers[d].items():
             err = rel_err(got_buffers[key].to(ref.dtype), ref)
             assert err <= tol, f"dp {d} buffer {key}: {err:.2e}"
+
+
+def _init_worker(rank, world, extensions_dir):
+    from deepspeed.comm import comm
+
+    from nonlocal_dist.integrations.deepspeed_sp import init_distributed
+
+    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world), TORCH_EXTENSIONS_DIR=extensions_dir)
+    init_distributed("gloo")
+    return comm.cdb.shm_comm_op, sorted(os.listdir(extensions_dir))
+
+
+def test_init_distributed_builds_no_shm_op(tmp_path):
+    """DeepSpeed's start compiles its shared-memory op (minutes on a fresh machine, a file lock a killed
+    rank leaves behind); ``init_distributed`` starts DeepSpeed's communication without it."""
+    for op, built in run_ranks(_init_worker, 2, str(tmp_path), timeout=240):
+        assert op is None and built == []

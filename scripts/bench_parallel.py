@@ -67,7 +67,6 @@ def _deepspeed_ulysses(shards, group):
 
     Its layout is (B, L, H, d): the same values, transposed once before timing.
     """
-    import deepspeed
     from deepspeed.sequence.layer import DistributedAttention
 
     from nonlocal_dist.integrations.deepspeed_sp import init_distributed

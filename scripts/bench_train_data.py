@@ -14,18 +14,11 @@ table says so.
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import subprocess
-import sys
 import tempfile
 from pathlib import Path
 
-from bench_utils import print_table
-
-from nonlocal_dist.testing import free_port
-
-ROOT = Path(__file__).resolve().parents[1]
+from bench_utils import print_table, train_job
 
 
 def parse_args(argv=None):
@@ -39,31 +32,17 @@ def parse_args(argv=None):
     return p.parse_args(argv)
 
 
-def train(out: Path, args, extra: list[str]) -> dict:
-    """One ``train.py`` run on 2 ranks; its result JSON."""
-    out.mkdir(parents=True, exist_ok=True)
-    cmd = [str(Path(sys.executable).parent / "torchrun"), "--nproc_per_node", "2", "--master_port", str(free_port()),
-           str(ROOT / "scripts/train.py"), "--model", args.model, "--deepspeed_config",
-           str(ROOT / "configs/ds_zero2.json"), "--sp-size", "2", "--steps", str(args.steps), "--ckpt-every",
-           str(args.steps), "--ckpt-dir", str(out / "ckpt"), "--run-dir", str(out), "--wandb", "disabled",
-           "--maps-every", "0", "--quiet", *extra]
-    env = dict(os.environ, WANDB_SILENT="true", OMP_NUM_THREADS="1")
-    proc = subprocess.run(cmd, cwd=out, env=env, capture_output=True, text=True, check=False)
-    if proc.returncode != 0:
-        raise RuntimeError(f"{' '.join(cmd)} failed:\n{proc.stdout[-2000:]}\n{proc.stderr[-2000:]}")
-    name = ("" if args.model == "c2d" else f"{args.model}-") + "nonlocal-sp2-zero2"
-    return json.loads((out / f"{name}.json").read_text())
-
-
 def main(argv=None) -> list[dict]:
     args = parse_args(argv)
     files = ["--video-workers", str(args.workers), "--video-cache-mb", str(args.cache_mb)]
+    quiet = ["--ckpt-every", str(args.steps), "--maps-every", "0"]  # one checkpoint, no attention maps
     with tempfile.TemporaryDirectory() as tmp:
         videos = args.videos or str(Path(tmp) / "videos")
         runs = {"memory": [], "files": []}
         for r in range(args.rounds):
-            runs["memory"].append(train(Path(tmp) / f"memory{r}", args, []))
-            runs["files"].append(train(Path(tmp) / f"files{r}", args, ["--videos", videos, *files]))
+            runs["memory"].append(train_job(Path(tmp) / f"memory{r}", args.model, args.steps, quiet))
+            runs["files"].append(train_job(Path(tmp) / f"files{r}", args.model, args.steps,
+                                           [*quiet, "--videos", videos, *files]))
     best = {kind: min(results, key=lambda res: res["train_seconds"]) for kind, results in runs.items()}
     same = all(res["history"] == best["memory"]["history"] for results in runs.values() for res in results)
     base = best["memory"]["train_seconds"]

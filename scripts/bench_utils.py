@@ -1,14 +1,21 @@
-"""Timing and peak-memory helpers shared by the benchmark suites."""
+"""Timing, peak-memory and training-job helpers shared by the benchmark suites."""
 from __future__ import annotations
 
 import gc
+import json
+import os
+import subprocess
+import sys
 import time
+from pathlib import Path
 from typing import Callable
 
 import torch.distributed as dist
 from torch.profiler import ProfilerActivity, profile
 
-from nonlocal_dist.testing import run_ranks
+from nonlocal_dist.testing import free_port, run_ranks
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def best_time(fn: Callable[[], object], repeats: int, warmup: int = 1) -> float:
@@ -68,3 +75,22 @@ def spawn_ranks(fn, world: int, args, timeout_min: float = 30) -> dict:
     result, by rank."""
     results = run_ranks(_with_group, world, fn, args, timeout=60 * timeout_min, pg_timeout=60 * timeout_min)
     return dict(enumerate(results))
+
+
+def train_job(out: Path, model: str, steps: int, extra: list[str] = (), tree: Path = ROOT,
+              bin_dir: Path | None = None) -> dict:
+    """One ``tree``'s ``scripts/train.py`` run on 2 CPU ranks (torchrun from ``bin_dir``, default this
+    Python's; SP = 2, ZeRO-2, W&B off) for ``steps`` steps of ``model``, writing into ``out``; its
+    result JSON (``train_seconds``: the training loop's wall time)."""
+    out.mkdir(parents=True, exist_ok=True)
+    bin_dir = bin_dir or Path(sys.executable).parent
+    cmd = [str(bin_dir / "torchrun"), "--nproc_per_node", "2", "--master_port", str(free_port()),
+           str(tree / "scripts/train.py"), "--model", model, "--deepspeed_config", str(tree / "configs/ds_zero2.json"),
+           "--sp-size", "2", "--steps", str(steps), "--ckpt-dir", str(out / "ckpt"), "--run-dir", str(out),
+           "--wandb", "disabled", "--quiet", *extra]
+    env = dict(os.environ, WANDB_SILENT="true", OMP_NUM_THREADS="1")
+    proc = subprocess.run(cmd, cwd=out, env=env, capture_output=True, text=True, check=False)
+    if proc.returncode != 0:
+        raise RuntimeError(f"{' '.join(cmd)} failed:\n{proc.stdout[-2000:]}\n{proc.stderr[-2000:]}")
+    name = ("" if model == "c2d" else f"{model}-") + "nonlocal-sp2-zero2"
+    return json.loads((out / f"{name}.json").read_text())

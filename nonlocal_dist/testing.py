@@ -13,6 +13,8 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
+from nonlocal_dist.parallel.teardown import end_process_groups
+
 
 def free_port() -> int:
     with socket.socket() as s:
@@ -36,8 +38,12 @@ def _worker(rank, world, port, fn, args, queue, backend="gloo", pg_timeout=60.0)
     except BaseException:  # report every failure, assertion or not, to the parent
         queue.put((rank, "error", traceback.format_exc()))
     finally:
-        if dist.is_initialized():
-            dist.destroy_process_group()
+        # The result reaches the parent before any teardown: the queue's feeder thread is joined here,
+        # so a teardown that hangs (torch < 2.8, see parallel.teardown) cannot hold the result back.
+        queue.close()
+        queue.join_thread()
+        if not end_process_groups():
+            os._exit(0)  # torch < 2.8 with gloo: no destructor, in teardown or in finalization
 
 
 def _kill_group(pid: int) -> None:

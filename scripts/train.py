@@ -39,6 +39,7 @@ from nonlocal_dist.integrations.wandb_logger import RunLogger, rank_perf
 from nonlocal_dist.integrations.wandb_maps import AttentionMapLogger
 from nonlocal_dist.models import C2DNonLocal, I3DNonLocal
 from nonlocal_dist.parallel import from_local
+from nonlocal_dist.parallel.teardown import end_process_groups
 from nonlocal_dist.video import TrainBatchSampler
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -249,7 +250,7 @@ def main(argv=None):
     apply_group_timeout(timeout)
     with StepGuard(dist.get_rank(), timeout, args.ckpt_dir) as guard:
         train(args, fault, guard)
-    dist.destroy_process_group()
+    end_process_groups()  # on torch < 2.8 with gloo: skipped (it can hang there); __main__ leaves by os._exit
 
 
 def train(args, fault: Fault | None, guard: StepGuard) -> None:

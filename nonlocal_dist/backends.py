@@ -34,7 +34,7 @@ from nonlocal_dist.conventions import FLOAT_DTYPES, HALF_DTYPES, MODES, SOFTMAX_
 from nonlocal_dist.kernels import (
     blocked_attention, concat_sorted, dot_product_linear, reference_nonlocal, sdpa_attention,
 )
-from nonlocal_dist.kernels.softmax import FUSED_MAX_HEAD, fused_head_size, public_half_safe, working
+from nonlocal_dist.kernels.softmax import FUSED_MAX_HEAD, fused_head_size, working
 
 # CUDA launches put the batch on a grid axis limited to 65535 blocks.
 _CUDA_MAX_BATCH = 65535
@@ -168,12 +168,6 @@ class SdpaBackend(Backend):
             reasons.append("float64 on CUDA has no fused kernel (torch would materialise the affinity; "
                            "backend='blocked' runs it)")
         return reasons
-
-    def runtime_reasons(self, inputs: OpInputs) -> list[str]:
-        if inputs.dtype == torch.float16 and not public_half_safe(inputs.device.type):
-            return [f"this torch's ({torch.__version__}) fused {inputs.device.type} kernel returns NaN for float16 "
-                    "logits past 65504 (backend='blocked' keeps scores in float32)"]
-        return []
 
     def max_batch(self, inputs: OpInputs) -> int | None:
         return _CUDA_MAX_BATCH if inputs.device.type == "cuda" else None

@@ -26,30 +26,9 @@ def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
-def _has_device_autocast_api() -> bool:
-    """Whether ``torch.is_autocast_enabled`` and ``torch.get_autocast_dtype`` take a device type
-    (torch >= 2.4); torch 2.3's ``is_autocast_enabled()`` takes no argument and means CUDA."""
-    try:
-        torch.is_autocast_enabled("cpu")
-        torch.get_autocast_dtype("cpu")
-    except (TypeError, AttributeError):
-        return False
-    return True
-
-
-# Asked once at import (a feature, not a version string): a traced function must not catch errors.
-_DEVICE_AUTOCAST_API = _has_device_autocast_api()
-
-
 def autocast_dtype(device_type: str) -> torch.dtype | None:
     """The dtype ``torch.autocast`` casts to on ``device_type``, or None where autocast is off."""
-    if _DEVICE_AUTOCAST_API:
-        return torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else None
-    if device_type == "cpu":
-        return torch.get_autocast_cpu_dtype() if torch.is_autocast_cpu_enabled() else None
-    if device_type == "cuda":
-        return torch.get_autocast_gpu_dtype() if torch.is_autocast_enabled() else None
-    return None
+    return torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else None
 
 
 def compute_dtype(*tensors: Tensor | None) -> torch.dtype:

@@ -164,18 +164,8 @@ def test_float16_sums_over_many_keys_do_not_overflow(mode):
     assert_rel(y, want, 2e-3, mode)
 
 
-def test_autocast_without_the_device_argument_api(monkeypatch):
-    """torch 2.3: ``is_autocast_enabled()`` takes no device and ``get_autocast_dtype`` does not exist;
-    the dtype rule is found by feature detection, and autocast on CPU still sets the compute dtype."""
-    from nonlocal_dist import conventions
-
-    this_torch = conventions._has_device_autocast_api()
-    with monkeypatch.context() as old_torch:  # torch.autocast itself needs the new API: only while detecting
-        old_torch.setattr(torch, "is_autocast_enabled", lambda: False)
-        old_torch.delattr(torch, "get_autocast_dtype", raising=False)
-        assert not conventions._has_device_autocast_api()
-    assert conventions._has_device_autocast_api() == this_torch == conventions._DEVICE_AUTOCAST_API
-    monkeypatch.setattr(conventions, "_DEVICE_AUTOCAST_API", False)  # the torch 2.3 branch: is_autocast_cpu_enabled
+def test_autocast_sets_the_compute_dtype():
+    """Under CPU autocast the op runs in the autocast dtype (float32 sums), out of it in the input's."""
     theta, phi, g, _ = (t.detach() for t in _inputs(2, 0, 6, 5, 4, 3, torch.float32))
     assert nonlocal_op(theta, phi, g).dtype == torch.float32
     with torch.autocast("cpu", dtype=torch.bfloat16):

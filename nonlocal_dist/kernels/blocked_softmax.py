@@ -48,8 +48,6 @@ def query_block_size(q: Tensor, k: Tensor) -> int:
 def _float32_out_bmm(device: torch.device, dtype: torch.dtype) -> bool:
     """Whether ``torch.bmm(..., out_dtype=torch.float32)`` runs for ``dtype`` operands on ``device``
     (torch >= 2.8 on CUDA); asked once per device and dtype with a 1x1 product."""
-    if not hasattr(torch.ops.aten.bmm, "dtype"):
-        return False
     try:
         one = torch.ones(1, 1, 1, device=device, dtype=dtype)
         return torch.bmm(one, one, out_dtype=torch.float32).dtype == torch.float32

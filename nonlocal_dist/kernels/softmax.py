@@ -13,7 +13,6 @@ ring). torch exposes these only as private ops (``FUSED_OPS``), each tried once 
 """
 from __future__ import annotations
 
-import functools
 import warnings
 
 import torch
@@ -127,11 +126,6 @@ def _try_once(kernel: str, device: torch.device, dtype: torch.dtype) -> bool:
         out, lse = fused_forward(kernel, x, x, x, 1.0)
         op = backward_op
         fused_backward(kernel, x, x, x, x, out, lse, 1.0)
-        if dtype == torch.float16 and device.type == "cpu":
-            op = forward_op
-            out, lse = fused_forward(kernel, *_past_half_range(device), 1.0)
-            if not (torch.isfinite(out).all() and torch.isfinite(lse).all()):
-                raise RuntimeError("non-finite output for float16 logits past 65504 (scores kept in float16)")
     except (TypeError, RuntimeError, AttributeError) as exc:
         warnings.warn(
             f"torch.ops.aten.{op} failed on torch {torch.__version__} ({type(exc).__name__}: {exc}); the "
@@ -139,22 +133,6 @@ def _try_once(kernel: str, device: torch.device, dtype: torch.dtype) -> bool:
             f"{device.type} for the rest of this process", RuntimeWarning, stacklevel=4)
         return False
     return True
-
-
-def _past_half_range(device: torch.device) -> tuple[Tensor, Tensor, Tensor]:
-    """q = k (1, 1, 4, 8) float16 with logits q·k up to 8e4 (past float16's 65504), and v."""
-    q = torch.full((1, 1, 4, 8), 100.0, device=device, dtype=torch.float16)
-    return q, q, torch.ones_like(q)
-
-
-@functools.cache
-def public_half_safe(device_type: str) -> bool:
-    """Whether ``F.scaled_dot_product_attention`` on ``device_type`` keeps float16 logits past
-    65504 finite (torch 2.3's CPU kernel does not: it returns NaN). Tried once per process."""
-    if device_type != "cpu":
-        return True  # CUDA kernels accumulate scores in float32
-    q, k, v = _past_half_range(torch.device(device_type))
-    return bool(torch.isfinite(F.scaled_dot_product_attention(q, k, v, scale=1.0)).all())
 
 
 def attention_forward(q: Tensor, k: Tensor, v: Tensor, scale: float, kernel: str) -> tuple[Tensor, Tensor]:

@@ -21,6 +21,7 @@ raised by every rank at the same op: none is left waiting. An op whose tensors a
 """
 from __future__ import annotations
 
+import functools
 from functools import cached_property
 
 import linecache
@@ -236,3 +237,43 @@ def _refuse_unknown(op: Op):
         "apply it where the activation is whole (after a global pooling), call .to_local() if it is position-wise "
         "per rank, or ask for a rule for it (nonlocal_dist.parallel.ops)",
     )
+
+
+class _BackwardSeen(Exception):
+    pass
+
+
+def _backward_dispatches_subclasses() -> bool:
+    """Whether ``torch.autograd.backward`` hands tensor subclasses to ``__torch_function__`` (newer
+    torch does; 2.8 does only for ``torch.autograd.grad``): asked once at import with a probe."""
+
+    class Probe(Tensor):
+        @classmethod
+        def __torch_function__(cls, func, types, args=(), kwargs=None):
+            if func is torch.autograd.backward:
+                raise _BackwardSeen
+            with torch._C.DisableTorchFunctionSubclass():
+                return func(*args, **(kwargs or {}))
+
+    try:
+        torch.autograd.backward(torch.zeros((), requires_grad=True).as_subclass(Probe))
+    except _BackwardSeen:
+        return True
+    return False
+
+
+if not _backward_dispatches_subclasses():
+    # Where torch.autograd.backward does not dispatch, a direct call on sharded outputs (DeepSpeed's
+    # and torch's reentrant checkpointing call it on the recomputed outputs with the local gradients)
+    # would compare the global shape with the gradient's: it runs on the local tensors, as the
+    # ``torch.autograd.backward`` rule does where torch dispatches it.
+    _plain_backward = torch.autograd.backward
+
+    @functools.wraps(_plain_backward)
+    def _backward(tensors, grad_tensors=None, *args, **kwargs):
+        if any(isinstance(t, ShardedTensor) for t in tree_flatten((tensors, grad_tensors))[0]):
+            with torch._C.DisableTorchFunctionSubclass():
+                return _plain_backward(tensors, grad_tensors, *args, **kwargs)
+        return _plain_backward(tensors, grad_tensors, *args, **kwargs)
+
+    torch.autograd.backward = _backward

@@ -16,10 +16,11 @@ from itertools import accumulate
 from typing import Callable
 
 import torch
+import torch.nn.functional as F
 import torch.distributed as dist
 from torch import Tensor
 
-from nonlocal_dist.parallel.halo import constant_pad, halo_exchange
+from nonlocal_dist.parallel.halo import halo_exchange
 from nonlocal_dist.parallel.spec import split_sizes
 
 
@@ -101,8 +102,8 @@ def sliding_window(
     return out, (left, right, ext.shape[dim])
 
 
-# The innermost saved-tensor hooks (a private accessor; absent in torch 2.4 and older: None).
-_TOP_HOOKS = getattr(torch._C._autograd, "_top_saved_tensors_default_hooks", None)
+# The innermost saved-tensor hooks (a private accessor, present from torch 2.8, the floor).
+_TOP_HOOKS = torch._C._autograd._top_saved_tensors_default_hooks
 
 
 class _Rebuilt:
@@ -128,8 +129,6 @@ def _saved_as_shard(ext: Tensor, x: Tensor, dim: int, offset: int):
     backward. Saves a copy of the shard per layer between forward and backward. Inside an
     activation-checkpointed region (an outer saved-tensor mechanism, which recomputes instead of
     saving) nothing is changed."""
-    if _TOP_HOOKS is None:  # outer hooks cannot be seen, so none are added (a copy of the shard is saved)
-        return contextlib.nullcontext()
     outer = _TOP_HOOKS(False)
     if not (torch.is_grad_enabled() and ext.numel()) or outer is not None:
         return contextlib.nullcontext()
@@ -153,7 +152,7 @@ def apply_windows(fn: Callable[[Tensor], Tensor], ext: Tensor, windows: dict[int
     shorter than one window there (padded with ``value`` to run, emptied after)."""
     short = {d: w.extent + 1 - ext.shape[d] for d, w in windows.items() if w.extent + 1 > ext.shape[d]}
     for d, n in short.items():
-        ext = constant_pad(ext, [0, 0] * (ext.dim() - 1 - d) + [0, n], value)
+        ext = F.pad(ext, [0, 0] * (ext.dim() - 1 - d) + [0, n], value=value)
     out = fn(ext)
     for d in short:
         out = out.narrow(d, 0, 0)

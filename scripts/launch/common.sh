@@ -69,10 +69,13 @@ positive_int() {  # positive_int OPTION VALUE
 
 # Run in the project's environment as if activated: its tools, and what they start themselves (torch
 # JIT-builds DeepSpeed's CPU ops with the `ninja` on PATH; two ninja versions rebuild each other's output).
-[ ! -d "$ROOT/.venv/bin" ] || export PATH="$ROOT/.venv/bin:$PATH"
+# NONLOCAL_VENV (as for setup_env.sh; default .venv) names it, e.g. .venv-torch2.8.0 for the torch floor.
+VENV="${NONLOCAL_VENV:-.venv}"
+[[ "$VENV" == /* ]] || VENV="$ROOT/$VENV"
+[ ! -d "$VENV/bin" ] || export PATH="$VENV/bin:$PATH"
 
 tool() {
-    command -v "$1" || die "$1 not found: pip install -e '.[deepspeed]' (in $ROOT/.venv or the active environment)"
+    command -v "$1" || die "$1 not found: pip install -e '.[deepspeed]' (in $VENV or the active environment)"
 }
 
 # Sets HOSTS (array) and SLOTS (processes per host) from --hostfile or --hosts; none of them: one node.

@@ -31,7 +31,8 @@ RESULT = "nonlocal-sp2-zero2.json"
 
 def _env(**extra: str) -> dict:
     env = {k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "WANDB_"))}
-    return {**env, "OMP_NUM_THREADS": "1", "WANDB_SILENT": "true", **extra}
+    # The launch scripts run in this interpreter's environment (the torch under test), not the default .venv.
+    return {**env, "OMP_NUM_THREADS": "1", "WANDB_SILENT": "true", "NONLOCAL_VENV": sys.prefix, **extra}
 
 
 def _launch_nodes(tmp: Path, node_cmds: list[list[str]], env: dict | None = None, node_env: list[dict] | None = None) -> list[str]:

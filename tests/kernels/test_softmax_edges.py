@@ -103,8 +103,6 @@ def test_torch_func_transforms_match_the_formula():
     assert_rel(per_key, torch.stack([naive_nonlocal(theta, p, g, "embedded_gaussian", 0.5) for p in keys]), 1e-12, "vmap phi")
 
 
-@pytest.mark.skipif(tuple(int(p) for p in torch.__version__.split(".")[:2]) < (2, 13),
-                    reason="torch.compile is tested from torch 2.13 (torch 2.3's dynamo cannot trace the input dataclass)")
 def test_torch_compile_traces_without_graph_breaks():
     x = torch.randn(2, 32, 8, requires_grad=True)
     explanation = torch._dynamo.explain(lambda t: nonlocal_op(t, t, t, "embedded_gaussian"))(x)

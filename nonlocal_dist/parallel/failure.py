@@ -15,14 +15,12 @@ there the notice is seen only where the host waits (gloo, the CPU path, is cover
 from __future__ import annotations
 
 import sys
-import warnings
 from datetime import timedelta
 
 import torch.distributed as dist
 
 _KEY = "nonlocal_dist/failure"
 _SLICE = timedelta(milliseconds=100)
-_store_state: dict = {}
 
 
 class PeerFailure(RuntimeError):
@@ -30,15 +28,12 @@ class PeerFailure(RuntimeError):
 
 
 def _store():
-    """The job's store (``init_process_group``'s), or None where this torch has no way to reach it."""
-    if "store" not in _store_state:
-        try:
-            _store_state["store"] = dist.distributed_c10d._get_default_store()
-        except Exception as exc:  # a torch without the private accessor: waits block as plain waits
-            warnings.warn(f"nonlocal_dist: no access to the process group's store ({exc}); a rank that fails "
-                          "mid-forward will leave the others waiting until the process group's timeout")
-            _store_state["store"] = None
-    return _store_state["store"]
+    """The store of the current default process group (``init_process_group``'s), or None without
+    one. Read at each use, never kept: a group destroyed and made again after a failure (as
+    ``PeerFailure`` advises) has its own store, so the old notice is not read again."""
+    if not dist.is_initialized():
+        return None
+    return dist.distributed_c10d._get_default_store()
 
 
 def everywhere(exc: BaseException) -> BaseException:

@@ -73,3 +73,27 @@ def _empty_shard_worker(rank, world):
 
 def test_plain_conv_on_an_empty_shard_is_exact():
     assert max(run_ranks(_empty_shard_worker, 3, timeout=60)) < 1e-6
+
+
+def _restart_worker(rank, world, port):
+    import time
+    from datetime import timedelta
+
+    first = _user_error_worker(rank, world)
+    # As PeerFailure advises: destroy the group and make a new one (its own store), then run a clean step.
+    dist.destroy_process_group()
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
+                            timeout=timedelta(seconds=60))
+    model = nn.Sequential(nn.Conv3d(2, 4, 3, padding=1), nn.AdaptiveAvgPool3d(1))
+    parallelize(model, dist.group.WORLD, "t")
+    if rank == 2:
+        time.sleep(0.5)  # the others wait in a collective, looking for failure notices meanwhile
+    return first[0], tuple(model(torch.randn(1, 2, 6, 4, 4, generator=torch.Generator().manual_seed(0))).shape)
+
+
+def test_a_group_made_again_after_a_peer_failure_starts_clean():
+    from nonlocal_dist.testing import free_port
+
+    results = run_ranks(_restart_worker, 3, free_port(), timeout=90)
+    assert [kind for kind, _ in results] == [PeerFailure.__name__, "RuntimeError", PeerFailure.__name__]
+    assert all(shape == (1, 4, 1, 1, 1) for _, shape in results), results

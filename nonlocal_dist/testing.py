@@ -1,11 +1,25 @@
-"""One rank launcher for the tests and the benchmarks: run a function on real gloo ranks (spawned
-processes, 127.0.0.1, a free port) with a timeout (NCCL on request, for a one-rank group on a GPU)."""
+"""One rank launcher for the tests and the benchmarks: run a function on real gloo ranks (127.0.0.1)
+with a timeout (NCCL on request, for a one-rank group on a GPU).
+
+Ranks persist: ``run_ranks`` keeps one pool of ``world`` processes per world size and hands each call
+to it, so a test pays for a process group (milliseconds), not for starting Python and importing
+torch on every rank (seconds). Each call gets a new process group over its own prefix of one store
+that the parent process serves (on a port the OS chose, so no port can be taken between choosing it
+and listening on it), the torch seed of a fresh process, and default dtype and grad mode reset. A pool
+is retired (its processes killed, the next call starts a new one) after any failure or hang, after a
+call that imported DeepSpeed or W&B (they keep global state that outlives a process group), and on
+torch < 2.8 (see ``parallel.teardown``). ``NONLOCAL_FRESH_RANKS=1`` spawns fresh ranks for every call.
+"""
 from __future__ import annotations
 
+import atexit
+import itertools
 import os
 import pickle
+import queue as queue_module
 import signal
 import socket
+import sys
 import traceback
 from datetime import timedelta
 
@@ -13,7 +27,10 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from nonlocal_dist.parallel.teardown import end_process_groups
+from nonlocal_dist.parallel.teardown import GIL_FREE_TEARDOWN, end_process_groups
+
+# Modules whose global state outlives a process group: a rank that imported one is not reused.
+_STATEFUL_MODULES = ("deepspeed", "wandb")
 
 
 def free_port() -> int:
@@ -22,28 +39,65 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def _worker(rank, world, port, fn, args, queue, backend="gloo", pg_timeout=60.0):
-    os.setsid()  # the rank leads its own process group: run_ranks ends it with everything it started
+def _start_rank() -> None:
+    os.setsid()  # the rank leads its own process group: it is ended with everything it started
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     torch.set_num_threads(1)
+
+
+def _run_one(rank, world, fn, args, backend, pg_timeout, store=None, port=None) -> tuple[str, bytes | str]:
     try:
         if backend == "nccl":
             torch.cuda.set_device(rank)
-        dist.init_process_group(
-            backend, init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world, timeout=timedelta(seconds=pg_timeout)
-        )
+        init = {"store": store} if store is not None else {"init_method": f"tcp://127.0.0.1:{port}"}
+        dist.init_process_group(backend, rank=rank, world_size=world, timeout=timedelta(seconds=pg_timeout), **init)
         result = fn(rank, world, *args)
         # Plain pickling copies tensors by value: torch's shared-memory handles would die with the rank.
-        queue.put((rank, "ok", pickle.dumps(result)))
+        return "ok", pickle.dumps(result)
     except BaseException:  # report every failure, assertion or not, to the parent
-        queue.put((rank, "error", traceback.format_exc()))
-    finally:
-        # The result reaches the parent before any teardown: the queue's feeder thread is joined here,
-        # so a teardown that hangs (torch < 2.8, see parallel.teardown) cannot hold the result back.
-        queue.close()
-        queue.join_thread()
-        if not end_process_groups():
-            os._exit(0)  # torch < 2.8 with gloo: no destructor, in teardown or in finalization
+        return "error", traceback.format_exc()
+
+
+def _worker(rank, world, port, fn, args, queue, backend="gloo", pg_timeout=60.0):
+    """A fresh rank for one call."""
+    _start_rank()
+    status, payload = _run_one(rank, world, fn, args, backend, pg_timeout, port=port)
+    queue.put((rank, 0, status, payload, False))
+    # The result reaches the parent before any teardown: the queue's feeder thread is joined here,
+    # so a teardown that hangs (torch < 2.8, see parallel.teardown) cannot hold the result back.
+    queue.close()
+    queue.join_thread()
+    if not end_process_groups():
+        os._exit(0)  # torch < 2.8 with gloo: no destructor, in teardown or in finalization
+
+
+def _pool_worker(rank, world, port, tasks, results):
+    """A persistent rank: runs calls from ``tasks`` until told to stop (None) or retired."""
+    _start_rank()
+    seed = torch.initial_seed()  # what a fresh process starts with
+    store = dist.TCPStore("127.0.0.1", port, is_master=False, timeout=timedelta(seconds=300))
+    parent = os.getppid()
+    while True:
+        try:
+            task = tasks.get(timeout=5)
+        except queue_module.Empty:
+            if os.getppid() != parent:  # the parent died without closing the pool
+                os._exit(0)
+            continue
+        if task is None:
+            return
+        call, fn, args, pg_timeout = task
+        torch.manual_seed(seed)
+        torch.set_default_dtype(torch.float32)
+        torch.set_grad_enabled(True)
+        status, payload = _run_one(rank, world, fn, args, "gloo", pg_timeout, store=dist.PrefixStore(f"call{call}", store))
+        ended = end_process_groups()
+        reusable = ended and status == "ok" and not any(m in sys.modules for m in _STATEFUL_MODULES)
+        results.put((rank, call, status, payload, reusable))
+        if not reusable:
+            results.close()
+            results.join_thread()
+            os._exit(0)
 
 
 def _kill_group(pid: int) -> None:
@@ -55,31 +109,103 @@ def _kill_group(pid: int) -> None:
         pass
 
 
+class _Pool:
+    """``world`` persistent gloo ranks and the store their process groups meet in."""
+
+    def __init__(self, world: int) -> None:
+        ctx = mp.get_context("spawn")
+        self.world = world
+        self.store = dist.TCPStore("127.0.0.1", 0, is_master=True, wait_for_workers=False)
+        self.tasks = [ctx.Queue() for _ in range(world)]
+        self.results = ctx.Queue()
+        self.calls = itertools.count()
+        self.procs = [ctx.Process(target=_pool_worker, args=(r, world, self.store.port, self.tasks[r], self.results))
+                      for r in range(world)]
+        for p in self.procs:
+            p.start()
+
+    def submit(self, fn, args, pg_timeout: float) -> int:
+        call = next(self.calls)
+        for q in self.tasks:
+            q.put((call, fn, args, pg_timeout))
+        return call
+
+    def close(self) -> None:
+        for q in self.tasks:
+            try:
+                q.put(None)
+            except (ValueError, OSError):
+                pass
+        for p in self.procs:
+            p.join(timeout=5)
+            _kill_group(p.pid)
+
+
+_POOLS: dict[int, _Pool] = {}
+
+
+@atexit.register
+def _close_pools() -> None:
+    while _POOLS:
+        _POOLS.popitem()[1].close()
+
+
+def _collect(results_queue, world: int, call: int, timeout: float) -> tuple[dict, dict, bool]:
+    results, errors, reusable = {}, {}, True
+    try:
+        while len(results) + len(errors) < world:
+            rank, got, status, payload, keep = results_queue.get(timeout=timeout)
+            if got != call:
+                continue
+            reusable &= keep
+            if status == "ok":
+                results[rank] = pickle.loads(payload)
+            else:
+                errors[rank] = payload
+    except queue_module.Empty as exc:  # some rank hung
+        raise AssertionError(f"ranks did not finish within {timeout}s (finished: {sorted(results)}; errors: {errors})") from exc
+    return results, errors, reusable
+
+
+def _use_pool(backend: str) -> bool:
+    return backend == "gloo" and GIL_FREE_TEARDOWN and os.environ.get("NONLOCAL_FRESH_RANKS", "") in ("", "0")
+
+
 def run_ranks(fn, world: int, *args, timeout: float = 120.0, backend: str = "gloo", pg_timeout: float = 60.0) -> list:
     """Run ``fn(rank, world, *args)`` on ``world`` gloo ranks (``backend="nccl"``: rank r on GPU r);
     return the results in rank order. ``fn`` must be picklable (a module-level function); each rank
-    runs one thread; ``pg_timeout``: seconds any one collective may wait.
+    runs one thread; ``pg_timeout``: seconds any one collective may wait. The default process group
+    is this call's own; ``fn`` must not destroy it (the ranks do, after it returns).
 
     Fails (AssertionError with every rank's traceback) when a rank raises, and when the ranks do not
     finish within ``timeout`` seconds (they are killed with their children: a hang fails instead of
     blocking CI).
     """
+    if not _use_pool(backend):
+        return _run_fresh(fn, world, args, timeout, backend, pg_timeout)
+    pool = _POOLS.get(world) or _POOLS.setdefault(world, _Pool(world))
+    call = pool.submit(fn, args, pg_timeout)
+    reusable = False
+    try:
+        results, errors, reusable = _collect(pool.results, world, call, timeout)
+    finally:
+        if not reusable:
+            _POOLS.pop(world, None)
+            pool.close()
+    if errors:
+        raise AssertionError("\n".join(f"--- rank {r} ---\n{tb}" for r, tb in sorted(errors.items())))
+    return [results[r] for r in range(world)]
+
+
+def _run_fresh(fn, world: int, args, timeout: float, backend: str, pg_timeout: float) -> list:
     ctx = mp.get_context("spawn")
     queue = ctx.Queue()
     port = free_port()
     procs = [ctx.Process(target=_worker, args=(r, world, port, fn, args, queue, backend, pg_timeout)) for r in range(world)]
     for p in procs:
         p.start()
-    results, errors = {}, {}
     try:
-        for _ in range(world):
-            rank, status, payload = queue.get(timeout=timeout)
-            if status == "ok":
-                results[rank] = pickle.loads(payload)
-            else:
-                errors[rank] = payload
-    except Exception as exc:  # queue.Empty: some rank hung
-        raise AssertionError(f"ranks did not finish within {timeout}s (finished: {sorted(results)}; errors: {errors})") from exc
+        results, errors, _ = _collect(queue, world, 0, timeout)
     finally:
         for p in procs:
             p.join(timeout=10)

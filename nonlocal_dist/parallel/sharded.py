@@ -142,6 +142,8 @@ class ShardedTensor(Tensor):
     @staticmethod
     def wrap(local: Tensor, spec: ShardSpec) -> ShardedTensor:
         """``local`` as a sharded tensor with ``spec`` (no copy, autograd history kept)."""
+        if torch.compiler.is_compiling():  # dynamo traced the sharding itself (parallelize's hook, torch 2.8)
+            raise RuntimeError(COMPILE_REFUSAL)
         if isinstance(local, ShardedTensor) or type(local) is not Tensor:
             local = local.as_subclass(Tensor)
         local.__class__ = ShardedTensor

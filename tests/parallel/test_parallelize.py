@@ -398,16 +398,27 @@ def test_one_rank_group_equals_the_plain_model(device):
 def _compiled_worker(rank, world):
     import torch._dynamo as dynamo
 
+    torch.manual_seed(0)
     net = nn.Sequential(nn.Conv3d(3, 4, 3, padding=1), nn.BatchNorm3d(4), nn.ReLU(), nn.AdaptiveAvgPool3d(1))
+    x = torch.randn(2, 3, 8, 4, 4)
+    want = net(x)
     model = torch.compile(parallelize(net, dist.group.WORLD, "t"))
     dynamo.reset()
     try:
-        model(torch.randn(2, 3, 8, 4, 4))
+        got = model(x)
     except Exception as exc:  # dynamo wraps the error (InternalTorchDynamoError)
         return str(exc)
-    return "no error"
+    return (got - want).abs().max().item()
 
 
-def test_torch_compile_of_a_parallelized_network_is_refused_on_every_rank():
-    for message in run_ranks(_compiled_worker, 2, timeout=300):
-        assert "torch.compile cannot trace ops on a ShardedTensor" in message, message
+def test_torch_compile_of_a_parallelized_network_is_refused_or_runs_eagerly():
+    """torch 2.13 stops at the first op traced on a ShardedTensor, with the refusal on every rank;
+    torch 2.8's dynamo traces the sharding itself, meets the refusal there, and falls back to
+    running the hooks and the network eagerly: exact."""
+    outcomes = run_ranks(_compiled_worker, 2, timeout=300)
+    assert type(outcomes[0]) is type(outcomes[1]), outcomes
+    for outcome in outcomes:
+        if isinstance(outcome, str):
+            assert "torch.compile cannot trace ops on a ShardedTensor" in outcome, outcome
+        else:
+            assert outcome < 1e-5, outcome

@@ -136,6 +136,22 @@ def edge_fill(x: Tensor, dim: int, length: int, value: float) -> Tensor:
     return x.new_full(shape, value)
 
 
+def constant_pad(x: Tensor, pad, value: float = 0.0) -> Tensor:
+    """``F.pad(x, pad, value=value)`` in constant mode (negative pads crop), also where x has an empty
+    dim (an empty shard), which torch 2.8's ``constant_pad_nd`` refuses when that dim's pads are zero
+    and another dim's are not."""
+    if x.numel():
+        return F.pad(x, pad, value=value)
+    for i in range(len(pad) // 2):
+        d, left, right = x.dim() - 1 - i, int(pad[2 * i]), int(pad[2 * i + 1])
+        start, stop = max(-left, 0), x.shape[d] - max(-right, 0)
+        if stop < start:
+            raise RuntimeError(f"F.pad: pads ({left}, {right}) crop more than dim {d}'s {x.shape[d]} positions")
+        x = x.narrow(d, start, stop - start)
+        x = torch.cat([edge_fill(x, d, max(left, 0), value), x, edge_fill(x, d, max(right, 0), value)], d)
+    return x
+
+
 def _extend(x: Tensor, dim: int, plan: HaloPlan, group, fill: tuple[int, int], value: float) -> Tensor:
     """x (this rank's positions) -> (fill, halo before, x, halo after, fill): one all-to-all."""
     rest = x.movedim(dim, 0).shape[1:]

@@ -16,11 +16,10 @@ from itertools import accumulate
 from typing import Callable
 
 import torch
-import torch.nn.functional as F
 import torch.distributed as dist
 from torch import Tensor
 
-from nonlocal_dist.parallel.halo import halo_exchange
+from nonlocal_dist.parallel.halo import constant_pad, halo_exchange
 from nonlocal_dist.parallel.spec import split_sizes
 
 
@@ -152,7 +151,7 @@ def apply_windows(fn: Callable[[Tensor], Tensor], ext: Tensor, windows: dict[int
     shorter than one window there (padded with ``value`` to run, emptied after)."""
     short = {d: w.extent + 1 - ext.shape[d] for d, w in windows.items() if w.extent + 1 > ext.shape[d]}
     for d, n in short.items():
-        ext = F.pad(ext, [0, 0] * (ext.dim() - 1 - d) + [0, n], value=value)
+        ext = constant_pad(ext, [0, 0] * (ext.dim() - 1 - d) + [0, n], value)
     out = fn(ext)
     for d in short:
         out = out.narrow(d, 0, 0)

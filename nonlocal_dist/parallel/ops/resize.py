@@ -48,7 +48,7 @@ from torch import Tensor
 
 import nonlocal_dist.parallel.failure as failure
 from nonlocal_dist.parallel.fetch import fetch_positions
-from nonlocal_dist.parallel.halo import edge_fill
+from nonlocal_dist.parallel.halo import constant_pad, edge_fill
 from nonlocal_dist.parallel.ops.window import bind
 from nonlocal_dist.parallel.resample import interpolate_output_size, interpolate_sources, pad_sources
 from nonlocal_dist.parallel.sharded import Op, ShardedTensor, rule
@@ -96,9 +96,9 @@ def _check_pad_args(x: Tensor, pad: list[int], mode: str, value) -> None:
 def _pad_local(t: Tensor, pad: list[int], mode: str, value) -> Tensor:
     """F.pad of the local tensor along unsharded dims (pad 0 along the sharded ones)."""
     if mode == "constant":
-        return F.pad(t, pad, value=0.0 if value is None else value)
+        return constant_pad(t, pad, 0.0 if value is None else value)
     if t.numel() == 0:  # reflect/replicate refuse an empty dim; the result is empty anyway
-        return F.pad(t, pad)
+        return constant_pad(t, pad)
     return F.pad(t, pad, mode=mode)
 
 
@@ -197,7 +197,7 @@ def _aten_interpolate(t: Tensor, mode: str, align_corners: bool, out_sizes: list
         pad = []
         for i in reversed(range(n)):
             pad += [0, out_sizes[i] - t.shape[2 + i]]
-        return F.pad(t, pad)
+        return constant_pad(t, pad)
     names = {1: ("scales",), 2: ("scales_h", "scales_w"), 3: ("scales_d", "scales_h", "scales_w")}[n]
     kwargs = dict(zip(names, scales))
     nn = torch._C._nn

@@ -31,7 +31,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from nonlocal_dist.parallel.failure import everywhere
-from nonlocal_dist.parallel.halo import halo_reduce
+from nonlocal_dist.parallel.halo import constant_pad, halo_reduce
 from nonlocal_dist.parallel.ops.window import _spatial, bind, per_dim
 from nonlocal_dist.parallel.sharded import Op, ShardedTensor, rule
 from nonlocal_dist.parallel.spec import Shard
@@ -76,7 +76,7 @@ def _place(t: Tensor, dim: int, axis: _Axis) -> Tensor:
     offset = min(max(i_lo - first, 0), length)
     piece = t.narrow(dim, offset, min(i_hi - i_lo, length - offset))
     pad = [0, 0] * (t.dim() - 1 - dim) + [i_lo - lo, hi - i_hi]
-    return F.pad(piece, pad) if any(pad) else piece
+    return constant_pad(piece, pad) if any(pad) else piece
 
 
 def _ref(input, weight, bias=None, stride=1, padding=0, output_padding=0, groups=1, dilation=1):
@@ -115,7 +115,7 @@ def _transpose_rule(n: int, conv):
         # An empty shard runs on one zero position (so the weight stays in its graph) and keeps none.
         empty = [d for d in spatial if t.shape[d] == 0]
         for d in empty:
-            t = F.pad(t, [0, 0] * (t.dim() - 1 - d) + [0, 1])
+            t = constant_pad(t, [0, 0] * (t.dim() - 1 - d) + [0, 1])
         out = conv(t, weight, None, stride, local_padding, local_output_padding, a["groups"], dilation)
         for d in empty:
             out = out.narrow(d, 0, 0)

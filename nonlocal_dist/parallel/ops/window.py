@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from nonlocal_dist.parallel.halo import halo_exchange
+from nonlocal_dist.parallel.halo import constant_pad, halo_exchange
 from nonlocal_dist.parallel.sharded import Op, ShardedTensor, rule
 from nonlocal_dist.parallel.spec import Shard
 from nonlocal_dist.parallel.window import Window, _check_alignment, apply_windows, output_lengths, sliding_window, span
@@ -119,7 +119,7 @@ def _conv_rule(n: int, conv):
             flat = [p for lo_hi in reversed(local_pads) for p in lo_hi]
 
             def fn(t):
-                return conv(F.pad(t, flat), weight, bias, stride, 0, dilation, a["groups"])
+                return conv(constant_pad(t, flat), weight, bias, stride, 0, dilation, a["groups"])
 
         return windowed(op, x, windows, fn, 0.0)
 

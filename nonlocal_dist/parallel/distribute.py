@@ -25,9 +25,9 @@ from torch.utils._pytree import tree_flatten, tree_map
 
 import nonlocal_dist.parallel.failure as failure
 import nonlocal_dist.parallel.ops  # noqa: F401  (importing registers the rules)
-from nonlocal_dist.parallel.checks import agree_across_ranks, exchange_device
+from nonlocal_dist.parallel.checks import agree_across_ranks, digest, exchange_device
 from nonlocal_dist.parallel.collectives import gather_positions
-from nonlocal_dist.parallel.comm import broadcast_
+from nonlocal_dist.parallel.comm import broadcast_, span_group
 from nonlocal_dist.parallel.sharded import ShardedTensor
 from nonlocal_dist.parallel.spec import Shard, ShardSpec, split_sizes
 
@@ -125,12 +125,42 @@ def full_tensor(x: Tensor) -> Tensor:
     return local
 
 
+def _describe_argument(value) -> object:
+    """What must be equal on every rank about one forward argument: a whole tensor's shape and dtype,
+    a Python value itself (an int, a flag, a name), anything else its type."""
+    if isinstance(value, ShardedTensor):
+        return "ShardedTensor"
+    if isinstance(value, Tensor):
+        return tuple(value.shape), str(value.dtype)
+    if value is None or isinstance(value, (bool, int, float, str, torch.dtype)):
+        return value
+    return type(value).__name__
+
+
+def _state_digests(model: nn.Module) -> dict[str, int]:
+    """One digest per parameter and buffer (dtype, shape and exact bits)."""
+    return {name: digest(t) for name, t in [*model.named_parameters(), *model.named_buffers()]}
+
+
+def _raise_differing_state(span, mine: dict[str, int]) -> None:
+    """Every rank is here (they all saw the differing digest): name the parameters that differ."""
+    states: list = [None] * dist.get_world_size(span)
+    dist.all_gather_object(states, mine, group=span)
+    names = [n for n in mine if len({str(s.get(n)) for s in states}) > 1]
+    shown = ", ".join(names[:5]) + (f" and {len(names) - 5} more" if len(names) > 5 else "")
+    raise failure.everywhere(ValueError(
+        f"the parallelized model's parameters or buffers differ between ranks ({shown}): each rank would "
+        "compute with its own weights. Build the model with the same torch.manual_seed on every rank, load the "
+        "same checkpoint, or pass sync_module_states=True to parallelize (rank 0's are broadcast, as FSDP does)"))
+
+
 class _Hooks:
     """parallelize's two hooks and its settings (picklable state; no process group kept on the model)."""
 
     def __init__(self, mesh, layout: str, axes: tuple[str, ...], output: str, align, sizes) -> None:
         self.mesh, self.layout, self.axes, self.output = mesh, layout, axes, output
         self.align, self.sizes = align, sizes
+        self.state_checked = False
 
     def __deepcopy__(self, memo) -> _Hooks:  # a copy of the model (EMA) runs on the same mesh
         return self
@@ -142,7 +172,7 @@ class _Hooks:
         if self.mesh is None:
             return None
 
-        self._agree((args, kwargs))
+        self._agree(module, (args, kwargs))
 
         def one(t):
             if isinstance(t, ShardedTensor) or not isinstance(t, Tensor) or t.dim() != len(self.layout.split()):
@@ -151,14 +181,24 @@ class _Hooks:
 
         return tree_map(one, args), tree_map(one, kwargs)
 
-    def _agree(self, inputs) -> None:
-        """One small all-gather per mesh dim: every rank's whole inputs have the same shapes and dtypes
-        (a rank fed another clip size, or its own slice, raises on every rank instead of hanging)."""
-        described = tuple((tuple(t.shape), str(t.dtype)) if isinstance(t, Tensor) and not isinstance(t, ShardedTensor)
-                          else type(t).__name__ for t in tree_flatten(inputs)[0])
-        for group in mesh_groups(self.mesh, self.axes):
-            agree_across_ranks(group, lambda: (None, {"input shapes": described}), ("input shapes",),
-                               what="the parallelized model (whole inputs, the same clip on every rank)")
+    @torch.compiler.disable  # collectives and digests on the host: never traced
+    def _agree(self, module: nn.Module, inputs) -> None:
+        """One small all-gather over the whole mesh: every rank's inputs have the same shapes and dtypes
+        and its other arguments the same values (a rank fed another clip size, its own slice or its own
+        flag raises on every rank instead of hanging); at the first call also the same parameters and
+        buffers (a model built with another seed on some rank raises instead of computing wrongly)."""
+        span = span_group(mesh_groups(self.mesh, self.axes))
+        described = tuple(_describe_argument(t) for t in tree_flatten(inputs)[0])
+        states = None if self.state_checked else _state_digests(module)
+        fields = {"inputs": described, "parameters and buffers": tuple(sorted(states.items())) if states else None}
+        try:
+            agree_across_ranks(span, lambda: (None, fields), tuple(fields),
+                               what="the parallelized model (whole inputs, the same clip and arguments on every rank)")
+        except ValueError as exc:
+            if states is not None and "parameters and buffers per rank" in str(exc):
+                _raise_differing_state(span, states)
+            raise
+        self.state_checked = True
 
     def post(self, module: nn.Module, args: tuple, output):
         if output is None:  # the forward raised: tell the other ranks (always_call hook)
@@ -175,9 +215,20 @@ class _Hooks:
         return tree_map(one, output)
 
 
+def _broadcast_state(model: nn.Module, groups) -> None:
+    """Every parameter and buffer of the mesh's first rank on every rank of the mesh, in place."""
+    span = span_group(groups)
+    with torch.no_grad():
+        for t in [*model.parameters(), *model.buffers()]:
+            if t.numel():
+                buffer = t.detach().to(exchange_device(span))
+                broadcast_(buffer, 0, span)
+                t.copy_(buffer)
+
+
 def parallelize(model: nn.Module, mesh, axis: str | Sequence[str] = "t", *, layout: str = "b c t h w",
                 output: str = "full", align: int | Sequence[int] = 1, sizes: Sequence[Sequence[int]] | None = None,
-                strategy: str | None = None, seed_dropout: bool = True) -> nn.Module:
+                strategy: str | None = None, seed_dropout: bool = True, sync_module_states: bool = False) -> nn.Module:
     """Run ``model`` with its inputs sharded along ``axis`` (one axis name, or one per mesh dim) over ``mesh``;
     returns ``model`` (two hooks added).
 
@@ -193,7 +244,10 @@ def parallelize(model: nn.Module, mesh, axis: str | Sequence[str] = "t", *, layo
     lengths, one list per axis. ``strategy``: the
     sequence-parallel strategy of every ``NonLocalBlock`` (``nonlocal_op``'s). ``seed_dropout``:
     one broadcast of rank 0's seed so that dropout on replicated values (a head) draws one mask on
-    every rank (a collective call, once).
+    every rank (a collective call, once). ``sync_module_states``: broadcast the first rank's
+    parameters and buffers to every rank of the mesh now (as FSDP's); otherwise the first forward
+    checks that they are equal on every rank (one digest in the pre-hook's agreement) and raises on
+    every rank, naming them, where they are not.
     """
     axes = _axes(axis)
     if output not in ("full", "local"):
@@ -204,6 +258,8 @@ def parallelize(model: nn.Module, mesh, axis: str | Sequence[str] = "t", *, layo
         for block in model.modules():  # NonLocalBlocks (the block sits above this package: no import)
             if hasattr(block, "sp_strategy"):
                 block.sp_strategy = strategy
+    if sync_module_states:
+        _broadcast_state(model, groups)
     hooks = _Hooks(mesh, layout, axes, output, align, sizes)
     model.register_forward_pre_hook(hooks.pre, with_kwargs=True)
     model.register_forward_hook(hooks.post, always_call=True)

@@ -50,6 +50,7 @@ def test_one_rank_raising_in_user_code_stops_every_rank():
 
 
 def _refusal_worker(rank, world):
+    torch.manual_seed(0)  # the same weights on every rank (parallelize checks them)
     model = nn.Sequential(nn.Conv3d(1, 2, 3, padding=1), nn.Softmax(dim=2))
     parallelize(model, dist.group.WORLD, "t")
     with pytest.raises(ShardingRefusal, match=r"F.softmax along sharded dim 2") as info:

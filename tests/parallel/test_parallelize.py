@@ -151,6 +151,7 @@ def test_video_net_equals_single_process(world, lengths):
 
 
 def _misaligned_worker(rank, world):
+    torch.manual_seed(0)
     conv = parallelize(nn.Conv3d(1, 1, 3, stride=2, padding=1), dist.group.WORLD, "t")
     x = torch.randn(1, 1, 8, 4, 4)
     with pytest.raises(ShardingRefusal, match=r"shard lengths \[3, 3, 2\].*multiple of 2.*e\.g\. \[4, 2, 2\]"):
@@ -165,7 +166,45 @@ def test_unaligned_stride_and_mismatch_raise_on_every_rank():
     assert run_ranks(_misaligned_worker, 3) == [True] * 3
 
 
+class _Flagged(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv3d(2, 2, 3, padding=1)
+
+    def forward(self, x, deep: bool = False):
+        return self.conv(self.conv(x)) if deep else self.conv(x)
+
+
+def _agreement_worker(rank, world):
+    x = torch.randn(1, 2, 6, 4, 4, generator=torch.Generator().manual_seed(1))
+    torch.manual_seed(rank)  # each rank builds its own weights
+    differing = parallelize(_Flagged(), dist.group.WORLD, "t")
+    with pytest.raises(ValueError) as weights:
+        differing(x)
+    torch.manual_seed(rank)
+    model = _Flagged()
+    built = model.conv.weight.sum().item()
+    synced = parallelize(model, dist.group.WORLD, "t", sync_module_states=True)
+    torch.manual_seed(0)
+    want = _Flagged()(x)  # rank 0's weights
+    got = synced(x)
+    with pytest.raises(ValueError) as flag:
+        synced(x, deep=rank == 1)  # a Python argument that differs between ranks
+    return str(weights.value), (got - want).abs().max().item(), str(flag.value), built
+
+
+def test_parameters_and_arguments_agreed_or_synced_from_rank_zero():
+    results = run_ranks(_agreement_worker, 3, timeout=120)
+    for weights, error, flag, _ in results:
+        assert "parameters or buffers differ between ranks (conv.weight, conv.bias)" in weights, weights
+        assert "sync_module_states=True" in weights
+        assert error < 1e-6, error
+        assert "inputs per rank" in flag and "True" in flag and "False" in flag, flag
+    assert len({r[3] for r in results}) == 3  # the weights really were built differently
+
+
 def _identity_worker(rank, world):
+    torch.manual_seed(0)  # the same weights on every rank (parallelize checks them)
     model = _video_net()
     params = [id(p) for p in model.parameters()]
     buffers = [id(b) for b in model.buffers()]
@@ -190,6 +229,7 @@ def test_parallelize_changes_nothing_in_the_model():
 
 
 def _refusal_worker(rank, world):
+    torch.manual_seed(0)  # the same weights on every rank (parallelize checks them)
     group = dist.group.WORLD
     cases = [
         (nn.Sequential(nn.Flatten(), nn.Linear(96, 2)), r"linear along sharded dim 1.*contracts the sharded last dim"),

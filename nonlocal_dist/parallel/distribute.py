@@ -24,6 +24,7 @@ from torch import Tensor, nn
 from torch.utils._pytree import tree_flatten, tree_map
 
 import nonlocal_dist.parallel.failure as failure
+import nonlocal_dist.parallel.rng as rng
 import nonlocal_dist.parallel.ops  # noqa: F401  (importing registers the rules)
 from nonlocal_dist.parallel.checks import agree_across_ranks, digest, exchange_device
 from nonlocal_dist.parallel.collectives import gather_positions
@@ -161,6 +162,7 @@ class _Hooks:
         self.mesh, self.layout, self.axes, self.output = mesh, layout, axes, output
         self.align, self.sizes = align, sizes
         self.state_checked = False
+        self.rng_states: list[tuple] = []  # the user's generator states, given back by the post-hook
 
     def __deepcopy__(self, memo) -> _Hooks:  # a copy of the model (EMA) runs on the same mesh
         return self
@@ -172,7 +174,9 @@ class _Hooks:
         if self.mesh is None:
             return None
 
-        self._agree(module, (args, kwargs))
+        seed = self._agree(module, (args, kwargs))
+        device = next((t.device for t in tree_flatten((args, kwargs))[0] if isinstance(t, Tensor)), torch.device("cpu"))
+        self.rng_states.append(rng.enter_agreed(seed, device))
 
         def one(t):
             if isinstance(t, ShardedTensor) or not isinstance(t, Tensor) or t.dim() != len(self.layout.split()):
@@ -182,25 +186,31 @@ class _Hooks:
         return tree_map(one, args), tree_map(one, kwargs)
 
     @torch.compiler.disable  # collectives and digests on the host: never traced
-    def _agree(self, module: nn.Module, inputs) -> None:
+    def _agree(self, module: nn.Module, inputs) -> int:
         """One small all-gather over the whole mesh: every rank's inputs have the same shapes and dtypes
         and its other arguments the same values (a rank fed another clip size, its own slice or its own
         flag raises on every rank instead of hanging); at the first call also the same parameters and
-        buffers (a model built with another seed on some rank raises instead of computing wrongly)."""
+        buffers (a model built with another seed on some rank raises instead of computing wrongly).
+        Returns the first rank's random seed for this call (``parallel.rng``)."""
         span = span_group(mesh_groups(self.mesh, self.axes))
         described = tuple(_describe_argument(t) for t in tree_flatten(inputs)[0])
         states = None if self.state_checked else _state_digests(module)
-        fields = {"inputs": described, "parameters and buffers": tuple(sorted(states.items())) if states else None}
+        fields = {"inputs": described, "parameters and buffers": tuple(sorted(states.items())) if states else None,
+                  "seed": rng.draw_seed()}
         try:
-            agree_across_ranks(span, lambda: (None, fields), tuple(fields),
-                               what="the parallelized model (whole inputs, the same clip and arguments on every rank)")
+            _, values = agree_across_ranks(
+                span, lambda: (None, fields), tuple(fields), free=("seed",),
+                what="the parallelized model (whole inputs, the same clip and arguments on every rank)")
         except ValueError as exc:
             if states is not None and "parameters and buffers per rank" in str(exc):
                 _raise_differing_state(span, states)
             raise
         self.state_checked = True
+        return values["seed"][0]
 
     def post(self, module: nn.Module, args: tuple, output):
+        if self.rng_states:
+            rng.leave_agreed(self.rng_states.pop())
         if output is None:  # the forward raised: tell the other ranks (always_call hook)
             failure.post_current(f"in the forward of {type(module).__name__}")
             return None
@@ -228,7 +238,7 @@ def _broadcast_state(model: nn.Module, groups) -> None:
 
 def parallelize(model: nn.Module, mesh, axis: str | Sequence[str] = "t", *, layout: str = "b c t h w",
                 output: str = "full", align: int | Sequence[int] = 1, sizes: Sequence[Sequence[int]] | None = None,
-                strategy: str | None = None, seed_dropout: bool = True, sync_module_states: bool = False) -> nn.Module:
+                strategy: str | None = None, sync_module_states: bool = False) -> nn.Module:
     """Run ``model`` with its inputs sharded along ``axis`` (one axis name, or one per mesh dim) over ``mesh``;
     returns ``model`` (two hooks added).
 
@@ -241,13 +251,13 @@ def parallelize(model: nn.Module, mesh, axis: str | Sequence[str] = "t", *, layo
     size (``integrations.deepspeed_sp.loss_scale``); each rank's parameter gradient is then its
     part, and their sum (DeepSpeed's reduction) is the single-device gradient. ``align``: shard
     lengths a multiple of it (``split_sizes``; the network's stride along the axis), or ``sizes``: the
-    lengths, one list per axis. ``strategy``: the
-    sequence-parallel strategy of every ``NonLocalBlock`` (``nonlocal_op``'s). ``seed_dropout``:
-    one broadcast of rank 0's seed so that dropout on replicated values (a head) draws one mask on
-    every rank (a collective call, once). ``sync_module_states``: broadcast the first rank's
-    parameters and buffers to every rank of the mesh now (as FSDP's); otherwise the first forward
-    checks that they are equal on every rank (one digest in the pre-hook's agreement) and raises on
-    every rank, naming them, where they are not.
+    lengths, one list per axis. ``strategy``: the sequence-parallel strategy of every
+    ``NonLocalBlock`` (``nonlocal_op``'s). ``sync_module_states``: broadcast the first rank's
+    parameters and buffers to every rank of the mesh now (as FSDP does); otherwise the first
+    forward checks that they are equal on every rank (one digest in the pre-hook's agreement) and
+    raises on every rank, naming them, where they are not. Random ops (``parallel.rng``): each
+    forward runs on one seed agreed in that same agreement, so replicated values draw alike on
+    every rank and each shard draws its own values.
     """
     axes = _axes(axis)
     if output not in ("full", "local"):
@@ -263,11 +273,4 @@ def parallelize(model: nn.Module, mesh, axis: str | Sequence[str] = "t", *, layo
     hooks = _Hooks(mesh, layout, axes, output, align, sizes)
     model.register_forward_pre_hook(hooks.pre, with_kwargs=True)
     model.register_forward_hook(hooks.post, always_call=True)
-    if seed_dropout:
-        from nonlocal_dist.parallel.ops.pointwise import seed_replicated_dropout
-
-        seed = torch.tensor([torch.initial_seed() % 2**62], dtype=torch.int64, device=exchange_device(groups[0]))
-        for group in groups:
-            broadcast_(seed, 0, group)
-        seed_replicated_dropout(groups, int(seed))
     return model

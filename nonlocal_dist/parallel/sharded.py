@@ -35,6 +35,7 @@ from torch import Tensor
 from torch.utils._pytree import tree_flatten, tree_map
 
 import nonlocal_dist.parallel.failure as failure
+from nonlocal_dist.parallel.rng import generators_agreed
 from nonlocal_dist.parallel.spec import ShardSpec
 
 RULES: dict[Callable, Callable[[Op], object]] = {}
@@ -217,9 +218,10 @@ def replicated_or_refuse(op: Op):
     sharded = op.sharded()
     if any(not t.spec.replicated for t in sharded):
         return _refuse_unknown(op)
-    if getattr(op.func, "__name__", "") in _RANDOM:
+    if getattr(op.func, "__name__", "") in _RANDOM and not generators_agreed(sharded[0].device):
         raise op.refuse("a random op on a replicated value would draw different values on each rank",
-                        fix="draw it before sharding, or from a generator seeded alike on every rank")
+                        fix="run it inside a parallelized model (its forward agrees on one seed), or draw it "
+                            "before sharding")
     spec = sharded[0].spec
     plain = [t for t in op.tensors() if not isinstance(t, ShardedTensor)]
 

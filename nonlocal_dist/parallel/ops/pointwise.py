@@ -17,6 +17,7 @@ from torch import Tensor
 from torch.utils._pytree import tree_map
 
 from nonlocal_dist.parallel.fetch import reshard
+from nonlocal_dist.parallel.rng import generators_agreed, shard_seeded
 from nonlocal_dist.parallel.sharded import Op, ShardedTensor, rule
 from nonlocal_dist.parallel.spec import Shard
 
@@ -188,29 +189,36 @@ for _func in set(_targets()):
     rule(_func)(broadcast_rule)
 
 
-# Dropout: one mask for what every rank holds alike. parallelize seeds a generator per mesh from a
-# broadcast of rank 0's seed, so a head's dropout (replicated features) and a channel dropout
-# (one mask per sample and channel, whatever positions a rank holds) draw the same mask everywhere.
-_SEEDS: dict[tuple[int, ...], int] = {}
-_GENERATORS: dict[tuple, torch.Generator] = {}
+# Random ops (parallel.rng): a sharded activation draws from its shard's own seed; a replicated
+# value from the generator every rank's parallelized forward agreed on.
+_RANDOM_NAMES = ("rand_like", "randn_like", "bernoulli", "bernoulli_", "normal_", "uniform_")
 
 
-def seed_replicated_dropout(groups, seed: int) -> None:
-    """Seed the shared dropout generator of the mesh made of ``groups`` (the same seed on every rank)."""
-    key = tuple(sorted(id(g) for g in groups))
-    _SEEDS[key] = seed
-    for k in [k for k in _GENERATORS if k[0] == key]:
-        del _GENERATORS[k]
+def _shard_offsets(x: ShardedTensor) -> tuple[int, ...]:
+    return tuple(v for d, shard in x.spec.dims for v in (d, shard.start))
 
 
-def _shared_generator(op: Op, groups, device) -> torch.Generator:
-    key = tuple(sorted(id(g) for g in groups))
-    if key not in _SEEDS:
-        raise op.refuse("dropout on values every rank holds alike needs one mask on every rank",
-                        fix="parallelize the model (it seeds a shared generator), or apply dropout before sharding")
-    if (key, device) not in _GENERATORS:
-        _GENERATORS[(key, device)] = torch.Generator(device).manual_seed(_SEEDS[key])
-    return _GENERATORS[(key, device)]
+def _check_agreed(op: Op, x: ShardedTensor) -> None:
+    if not generators_agreed(x.device):
+        raise op.refuse("a random op on a value every rank holds alike would draw different values on each rank",
+                        fix="run it inside a parallelized model (its forward agrees on one seed), or draw it "
+                            "before sharding")
+
+
+def random_rule(op: Op):
+    """A position-wise random op: independent draws per shard, the same draws where replicated."""
+    x = op.sharded()[0]
+    if x.spec.replicated:
+        _check_agreed(op, x)
+        return broadcast_rule(op)
+    with shard_seeded(_shard_offsets(x), x.device):
+        return broadcast_rule(op)
+
+
+for _name in _RANDOM_NAMES:
+    for _owner in (torch, Tensor):
+        if hasattr(_owner, _name):
+            rule(getattr(_owner, _name))(random_rule)
 
 
 def _dropout_ref(input, p=0.5, training=True, inplace=False):
@@ -218,33 +226,26 @@ def _dropout_ref(input, p=0.5, training=True, inplace=False):
 
 
 def _dropout(op: Op):
+    """Dropout of every kind, run on the local tensor: an element-wise mask from the shard's own
+    seed; a channel mask (one per sample and channel, whatever positions a rank holds) from the
+    agreed generator, so every rank draws the same one."""
     from nonlocal_dist.parallel.ops.window import bind
 
     a = bind(op, _dropout_ref)
-    x, p = a["input"], a["p"]
-    name = op.func.__name__
-    channel = name in ("dropout1d", "dropout2d", "dropout3d", "feature_alpha_dropout")
-    if not a["training"] or p == 0.0:
+    x = a["input"]
+    if not a["training"] or a["p"] == 0.0:
         return x
-    if name in ("alpha_dropout", "feature_alpha_dropout"):
-        raise op.refuse("alpha dropout on a sharded activation", fix="use nn.Dropout")
-    if not channel and not x.spec.replicated:  # independent per position: each rank's own draws
-        local = x.as_subclass(Tensor)
-        out = F.dropout(local, p, True, a["inplace"])
-        return x if a["inplace"] else ShardedTensor.wrap(out, x.spec)
+    channel = op.func.__name__ in ("dropout1d", "dropout2d", "dropout3d", "feature_alpha_dropout")
     local = x.as_subclass(Tensor)
-    shape = list(local.shape)
-    if channel:
-        shape = shape[:2] + [1] * (len(shape) - 2) if x.dim() > 2 else shape[:1] + [1] * (len(shape) - 1)
-        if any(d < (2 if x.dim() > 2 else 1) for d, _ in x.spec.dims):
+    if channel or x.spec.replicated:
+        if channel and any(d < (2 if x.dim() > 2 else 1) for d, _ in x.spec.dims):
             raise op.refuse("channel dropout with the batch or channel dim sharded")
-    generator = _shared_generator(op, x.spec.groups, local.device)
-    keep = torch.empty(shape, dtype=local.dtype, device=local.device).bernoulli_(1.0 - p, generator=generator)
-    scale = keep.div_(1.0 - p) if p < 1.0 else keep
-    if a["inplace"]:
-        local.mul_(scale)
-        return x
-    return ShardedTensor.wrap(local * scale, x.spec)
+        _check_agreed(op, x)
+        out = op.run(local, a["p"], True, a["inplace"])
+    else:
+        with shard_seeded(_shard_offsets(x), x.device):
+            out = op.run(local, a["p"], True, a["inplace"])
+    return x if a["inplace"] else ShardedTensor.wrap(out, x.spec)
 
 
 for _name in ("dropout", "alpha_dropout", "feature_alpha_dropout", "dropout1d", "dropout2d", "dropout3d"):

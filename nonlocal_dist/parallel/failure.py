@@ -18,6 +18,7 @@ import sys
 from datetime import timedelta
 
 import torch.distributed as dist
+import torch.utils.checkpoint as checkpoint_module
 
 _KEY = "nonlocal_dist/failure"
 _SLICE = timedelta(milliseconds=100)
@@ -42,10 +43,17 @@ def everywhere(exc: BaseException) -> BaseException:
     return exc
 
 
+# torch's own control flow, raised through user code and caught by torch (not failures):
+# non-reentrant checkpointing stops a recomputation early with this one.
+_CONTROL_FLOW: tuple[type[BaseException], ...] = (StopIteration, GeneratorExit, checkpoint_module._StopRecomputationError)
+
+
 def post(exc: BaseException, where: str = "") -> None:
     """Tell every rank that this rank failed with ``exc`` (first notice wins; never raises). Errors that
-    every rank raises together (``everywhere``) and ``PeerFailure`` itself are not posted."""
-    if not dist.is_initialized() or isinstance(exc, PeerFailure) or getattr(exc, "raised_on_every_rank", False):
+    every rank raises together (``everywhere``), ``PeerFailure`` itself and torch's control-flow
+    exceptions are not posted."""
+    if (not dist.is_initialized() or isinstance(exc, (PeerFailure, *_CONTROL_FLOW))
+            or getattr(exc, "raised_on_every_rank", False)):
         return
     store = _store()
     if store is None:

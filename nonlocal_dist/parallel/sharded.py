@@ -39,6 +39,7 @@ from nonlocal_dist.parallel.rng import generators_agreed
 from nonlocal_dist.parallel.spec import ShardSpec
 
 RULES: dict[Callable, Callable[[Op], object]] = {}
+_WRAPPED: dict[Callable, Callable] = {}  # this package's wrappers of torch functions -> the originals
 
 _INTERNAL = tuple(
     os.path.dirname(os.path.abspath(m.__file__)) + os.sep
@@ -57,7 +58,7 @@ def rule(*funcs: Callable) -> Callable:
 
     def register(fn):
         for func in funcs:
-            RULES[func] = fn
+            RULES[func] = RULES[_WRAPPED.get(func, func)] = fn
         return fn
 
     return register
@@ -266,18 +267,28 @@ def _backward_dispatches_subclasses() -> bool:
     return False
 
 
-if not _backward_dispatches_subclasses():
-    # Where torch.autograd.backward does not dispatch, a direct call on sharded outputs (DeepSpeed's
-    # and torch's reentrant checkpointing call it on the recomputed outputs with the local gradients)
-    # would compare the global shape with the gradient's: it runs on the local tensors, as the
-    # ``torch.autograd.backward`` rule does where torch dispatches it.
-    _plain_backward = torch.autograd.backward
+_plain_backward = torch.autograd.backward
+_BACKWARD_DISPATCHES = _backward_dispatches_subclasses()
 
-    @functools.wraps(_plain_backward)
-    def _backward(tensors, grad_tensors=None, *args, **kwargs):
-        if any(isinstance(t, ShardedTensor) for t in tree_flatten((tensors, grad_tensors))[0]):
+
+@functools.wraps(_plain_backward)
+def _backward(tensors, grad_tensors=None, *args, **kwargs):
+    """``torch.autograd.backward`` that tells the other ranks when this rank's backward fails (a
+    custom ``autograd.Function`` or a hook raising on one rank: the others, waiting in a collective
+    of the backward, raise ``PeerFailure`` instead of hanging). Where torch does not hand it to
+    ``__torch_function__`` (2.8), a call on sharded outputs (DeepSpeed's and torch's reentrant
+    checkpointing call it on the recomputed outputs with the local gradients) runs on the local
+    tensors, as the ``torch.autograd.backward`` rule does on newer torch."""
+    try:
+        if not _BACKWARD_DISPATCHES and any(
+                isinstance(t, ShardedTensor) for t in tree_flatten((tensors, grad_tensors))[0]):
             with torch._C.DisableTorchFunctionSubclass():
                 return _plain_backward(tensors, grad_tensors, *args, **kwargs)
         return _plain_backward(tensors, grad_tensors, *args, **kwargs)
+    except Exception as exc:
+        failure.post(exc, "in backward")
+        raise
 
-    torch.autograd.backward = _backward
+
+torch.autograd.backward = _backward
+_WRAPPED[_backward] = _plain_backward

@@ -98,3 +98,71 @@ def test_a_group_made_again_after_a_peer_failure_starts_clean():
     results = run_ranks(_restart_worker, 3, free_port(), timeout=90)
     assert [kind for kind, _ in results] == [PeerFailure.__name__, "RuntimeError", PeerFailure.__name__]
     assert all(shape == (1, 4, 1, 1, 1) for _, shape in results), results
+
+
+class _HookRaisesOnRank(nn.Module):
+    """A tensor hook that raises in backward on one rank only (a gradient check, a bug)."""
+
+    def __init__(self, rank: int) -> None:
+        super().__init__()
+        self.rank = rank
+
+    def forward(self, x):
+        if x.requires_grad:
+            x.register_hook(self._check)
+        return x
+
+    def _check(self, grad):
+        if dist.get_rank() == self.rank:
+            raise RuntimeError("non-finite gradient on this rank")
+        return grad
+
+
+def _backward_error_worker(rank, world):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv3d(2, 4, 3, padding=1), _HookRaisesOnRank(1), nn.Conv3d(4, 4, 3, padding=1),
+                          nn.AdaptiveAvgPool3d(1))
+    parallelize(model, dist.group.WORLD, "t")
+    x = torch.randn(1, 2, 6, 4, 4, requires_grad=True)
+    try:
+        model(x).sum().backward()
+    except Exception as exc:  # noqa: BLE001 - the type is what the test reads
+        return type(exc).__name__, str(exc)
+    return None, None
+
+
+def test_one_rank_raising_in_backward_stops_every_rank():
+    results = run_ranks(_backward_error_worker, 3, timeout=60, pg_timeout=30)
+    assert results[1] == ("RuntimeError", "non-finite gradient on this rank"), results
+    for kind, message in (results[0], results[2]):
+        assert kind == PeerFailure.__name__ and "rank 1 raised RuntimeError: non-finite gradient" in message, message
+
+
+def _checkpoint_worker(rank, world):
+    import time
+
+    from torch.utils.checkpoint import checkpoint
+
+    torch.manual_seed(0)
+    body = nn.Sequential(nn.Conv3d(2, 4, 3, padding=1), nn.ReLU(), nn.Conv3d(4, 4, 3, padding=1))
+    model = nn.Sequential(nn.Identity(), nn.AdaptiveAvgPool3d(1))
+
+    class Checkpointed(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.body, self.head = body, model
+
+        def forward(self, x):  # non-reentrant: recomputation stops early (torch's internal exception)
+            return self.head(checkpoint(self.body, x, use_reentrant=False))
+
+    net = parallelize(Checkpointed(), dist.group.WORLD, "t")
+    x = torch.randn(1, 2, 6, 4, 4)
+    for step in range(2):
+        if rank == 1 and step == 1:
+            time.sleep(0.5)  # a late rank: the others wait in a collective, looking for notices
+        net(x).sum().backward()
+    return True
+
+
+def test_checkpoint_recomputation_is_not_a_failure():
+    assert run_ranks(_checkpoint_worker, 2, timeout=60) == [True, True]

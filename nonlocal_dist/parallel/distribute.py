@@ -117,11 +117,10 @@ def full_tensor(x: Tensor) -> Tensor:
         return x
     local = x.as_subclass(Tensor)
     for d, shard in x.spec.dims:
-        moved = local.movedim(d, -2)
-        shape = list(moved.shape)
-        flat = moved.reshape(math.prod(shape[:-2]), *shape[-2:])
-        shape[-2] = shard.total
-        local = gather_positions(shard.group, list(shard.sizes), flat)[0].reshape(shape).movedim(-2, d)
+        moved = local.movedim(d, 0)  # (L_r, *rest), any number of dims (a vector too)
+        rest = list(moved.shape[1:])
+        flat = moved.reshape(1, shard.local, math.prod(rest))
+        local = gather_positions(shard.group, list(shard.sizes), flat)[0].reshape(shard.total, *rest).movedim(0, d)
     return local
 
 

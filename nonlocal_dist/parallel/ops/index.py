@@ -95,12 +95,12 @@ def _cat_like(op: Op, stack: bool):
     return ShardedTensor.wrap(out, first.spec.remap(out.dim(), dims))
 
 
-@rule(torch.cat, torch.concat, torch.concatenate)
+@rule(torch.cat, torch.concat, torch.concatenate, any_operand=True)
 def _cat(op: Op):
     return _cat_like(op, stack=False)
 
 
-@rule(torch.stack)
+@rule(torch.stack, any_operand=True)
 def _stack(op: Op):
     return _cat_like(op, stack=True)
 

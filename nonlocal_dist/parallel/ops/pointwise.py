@@ -185,7 +185,7 @@ def _inplace_index(func) -> int | None:
 
 
 for _func in set(_targets()):
-    rule(_func)(broadcast_rule)
+    rule(_func, any_operand=True)(broadcast_rule)
 
 
 # Dropout: one mask for what every rank holds alike. parallelize seeds a generator per mesh from a

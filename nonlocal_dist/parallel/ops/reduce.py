@@ -17,21 +17,30 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from nonlocal_dist.parallel.collectives import all_reduce, gather_positions
-from nonlocal_dist.parallel.ops.window import bind, per_dim
+from nonlocal_dist.parallel.ops.window import bind as bind_reference, per_dim
 from nonlocal_dist.parallel.sharded import Op, ShardedTensor, rule
 from nonlocal_dist.parallel.spec import Shard
 
 
-def _dims_arg(op: Op, x: Tensor, position: int = 1, name: str = "dim") -> list[int] | None:
-    dim = op.args[position] if len(op.args) > position else op.kwargs.get(name)
+def reduction_args(op: Op) -> dict:
+    """The op's arguments by name (torch's overload for them; ``input``, ``dim``, ``keepdim``, ...)."""
+    a = op.named
+    if a is None:
+        raise op.refuse("arguments that no overload of it takes", fix="call it as torch documents it")
+    return a
+
+
+def _dims_arg(op: Op, x: Tensor) -> list[int] | None:
+    """The reduced dims (sorted, non-negative), or None for all of them."""
+    dim = reduction_args(op).get("dim")
     if dim is None or (isinstance(dim, (tuple, list)) and len(dim) == 0):
         return None
     dims = [dim] if isinstance(dim, int) else list(dim)
-    return sorted({d % x.dim() for d in dims})
+    return sorted({d % max(x.dim(), 1) for d in dims})
 
 
-def _keepdim(op: Op, position: int = 2) -> bool:
-    return bool(op.args[position] if len(op.args) > position else op.kwargs.get("keepdim", False))
+def _keepdim(op: Op) -> bool:
+    return bool(reduction_args(op).get("keepdim", False))
 
 
 def global_count(x: ShardedTensor, dims: list[int]) -> int:
@@ -72,8 +81,8 @@ def _reduce(op: Op, kind: str):
     local = x.as_subclass(Tensor)
     given = _dims_arg(op, x)
     dims = given or list(range(x.dim()))
-    keepdim = _keepdim(op) if given is not None else bool(op.kwargs.get("keepdim", False))
-    dtype = op.kwargs.get("dtype")
+    keepdim = _keepdim(op)
+    dtype = reduction_args(op).get("dtype")
     shards = [s for d, s in x.spec.dims if d in dims]
     if kind in ("sum", "mean"):
         total = local.sum(dims, keepdim=True, dtype=dtype)
@@ -93,9 +102,9 @@ def _reduce(op: Op, kind: str):
     return _result(op, x, total, dims, keepdim)
 
 
-def _touches_shard(op: Op, position: int = 1) -> bool:
+def _touches_shard(op: Op) -> bool:
     x = op.args[0]
-    dims = _dims_arg(op, x, position)
+    dims = _dims_arg(op, x)
     return dims is None or any(d in x.spec.sharded for d in dims)
 
 
@@ -136,11 +145,11 @@ def _var_std(op: Op):
         return _local_reduce(op)
     local = x.as_subclass(Tensor)
     dims = _dims_arg(op, x) or list(range(x.dim()))
-    keepdim = bool(op.kwargs.get("keepdim", op.args[3] if len(op.args) > 3 and isinstance(op.args[3], bool) else False))
-    correction = op.kwargs.get("correction")
+    a = reduction_args(op)
+    keepdim = bool(a.get("keepdim", False))
+    correction = a.get("correction")
     if correction is None:
-        unbiased = op.kwargs.get("unbiased", op.args[2] if len(op.args) > 2 and isinstance(op.args[2], bool) else True)
-        correction = 1 if unbiased else 0
+        correction = 1 if a.get("unbiased", True) else 0
     shards = [s for d, s in x.spec.dims if d in dims]
     count = global_count(x, dims)
     mean = sum_over_groups(local.sum(dims, keepdim=True), shards) / count
@@ -160,7 +169,7 @@ def _adaptive(n: int, pool, largest: bool | None):
     """adaptive_{avg,max}_pool{n}d: output size 1 (or the global length, or None) along sharded dims."""
 
     def run(op: Op):
-        a = bind(op, _adaptive_ref)
+        a = bind_reference(op, _adaptive_ref)
         x = a["input"]
         if x.spec.replicated:
             return _replicated(op)

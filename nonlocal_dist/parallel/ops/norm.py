@@ -65,9 +65,9 @@ def _gn_ref(input, num_groups, weight=None, bias=None, eps=1e-5):
 def _group_norm(op: Op):
     a = bind(op, _gn_ref)
     x = a["input"]
+    _no_channel_shard(op, x)  # a group spans channels: not even the local path may run then
     if not any(d >= 2 for d, _ in x.spec.dims):
         return _local_norm(op, x)
-    _no_channel_shard(op, x)
     if 0 in x.spec.sharded:
         raise op.refuse("the batch dim is sharded; group norm's statistics are per sample", 0)
     b, c = x.shape[0], x.as_subclass(Tensor).shape[1]

@@ -126,8 +126,8 @@ def _forward(op, sample, case: Case, groups: tuple, ref: tuple):
     inputs = _fresh(leaves(sample))
     phase = "forward"
     try:
-        sharded = [_shard(t, case, i, groups) for i, t in enumerate(inputs)]
-        try:
+        try:  # the layout itself may be refused (two dims over one group)
+            sharded = [_shard(t, case, i, groups) for i, t in enumerate(inputs)]
             out = call(op, sample, sharded)
         except ShardingRefusal as exc:
             return Outcome("refused", str(exc).split(" at ")[0][:200], random), None, inputs

@@ -54,7 +54,10 @@ def _rank_main(rank: int, world: int, port: int, cases: list[Case], out, pg_time
         needed[case.op] = max(needed.get(case.op, 0), case.sample + 1)
     made: tuple[str, list] = ("", [])
     out.put((rank, -1, None))  # ready
+    parent = os.getppid()
     for index, case in enumerate(cases):
+        if os.getppid() != parent:  # the parent is gone: nobody reads on
+            os._exit(1)
         if made[0] != case.op:
             made = (case.op, samples(infos[case.op], needed[case.op]))
         outcome = run_case(infos[case.op], made[1][case.sample], case, groups)

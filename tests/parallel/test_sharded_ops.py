@@ -87,6 +87,38 @@ def _vector_with_an_empty_piece(rank) -> float:
     return (full_tensor(vs.exp()) - v.exp()).abs().max().item()
 
 
+def _empty_pieces(rank) -> dict:
+    """3 ranks, the middle one empty: a kernel acting along other dims, and statistics over every sample."""
+    gen = torch.Generator().manual_seed(2)
+    x, g = torch.randn(2, 3, 4, dtype=torch.float64, generator=gen), torch.randn(2, 3, 6, dtype=torch.float64, generator=gen)
+    want = x.clone().requires_grad_()
+    (F.interpolate(want, size=6, mode="linear") * g).sum().backward()
+    got = x.clone().requires_grad_()
+    xs = distribute(got, dist.group.WORLD, "b c t", "c", sizes=[[2, 0, 1]])
+    out = full_tensor(F.interpolate(xs, size=6, mode="linear"))
+    (out * g).sum().div(dist.get_world_size()).backward()
+    grad = got.grad.clone()
+    dist.all_reduce(grad)
+    interp = max((out - F.interpolate(x, size=6, mode="linear")).abs().max().item(), (grad - want.grad).abs().max().item())
+    y = torch.randn(5, 2, 4, dtype=torch.float64, generator=gen)
+    stats = [torch.zeros(2, dtype=torch.float64), torch.ones(2, dtype=torch.float64)]
+    mine = [s.clone() for s in stats]
+    F.instance_norm(y, *stats, momentum=0.5)
+    ys = distribute(y, dist.group.WORLD, "b c t", "b", sizes=[[3, 0, 2]])
+    F.instance_norm(ys, *mine, momentum=0.5)
+    return {"interpolate over channels": interp,
+            "instance_norm running stats": max((a - b).abs().max().item() for a, b in zip(mine, stats))}
+
+
+def _worker3(rank, world):
+    return _empty_pieces(rank)
+
+
+def test_empty_pieces_run_and_statistics_span_every_rank():
+    for r in run_ranks(_worker3, 3, timeout=180):
+        assert all(err < 1e-12 for err in r.values()), r
+
+
 def _worker(rank, world):
     x = torch.randn(2, 3, 5, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
     xs = distribute(x, dist.group.WORLD, "b c t", "t", sizes=[[3, 2]])

@@ -67,6 +67,15 @@ def extreme_over_groups(t: Tensor, shards: list[Shard], largest: bool) -> Tensor
     return t
 
 
+def local_extreme(local: Tensor, dims: list[int], largest: bool) -> Tensor:
+    """This rank's max (or min) over ``dims``, keepdim; an empty piece gives -inf (inf) that stays in the
+    autograd graph (a sum of nothing plus the constant), so its rank takes part in the backward's
+    collectives like every other."""
+    if local.numel() == 0:
+        return local.sum(dims, keepdim=True) + (float("-inf") if largest else float("inf"))
+    return local.amax(dims, keepdim=True) if largest else local.amin(dims, keepdim=True)
+
+
 def _result(op: Op, x: ShardedTensor, out: Tensor, dims: list[int], keepdim: bool) -> Tensor:
     remaining = {}
     for d, shard in x.spec.dims:
@@ -91,11 +100,7 @@ def _reduce(op: Op, kind: str):
             total = total / global_count(x, dims)
     else:
         largest = kind == "amax"
-        if local.numel() == 0:
-            shape = [1 if d in dims else n for d, n in enumerate(local.shape)]
-            total = local.new_full(shape, float("-inf") if largest else float("inf"))
-        else:
-            total = local.amax(dims, keepdim=True) if largest else local.amin(dims, keepdim=True)
+        total = local_extreme(local, dims, largest)
         total = extreme_over_groups(total, shards, largest)
     if not keepdim:
         total = total.squeeze(dims) if dims else total
@@ -194,9 +199,7 @@ def _adaptive(n: int, pool, largest: bool | None):
         if largest is None:
             t = sum_over_groups(local.sum(reduce, keepdim=True), shards) / global_count(x, reduce)
         else:
-            t = local.amax(reduce, keepdim=True) if local.numel() else local.new_full(
-                [1 if d in reduce else s for d, s in enumerate(local.shape)], float("-inf"))
-            t = extreme_over_groups(t, shards, True)
+            t = extreme_over_groups(local_extreme(local, reduce, True), shards, True)
         local_sizes = [None if (first + i) in keep else s for i, s in enumerate(sizes)]
         local_sizes = [t.shape[first + i] if s is None else s for i, s in enumerate(local_sizes)]
         out = pool(t, local_sizes)

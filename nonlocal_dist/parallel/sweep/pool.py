@@ -11,6 +11,7 @@ that took different collectives are caught there (a desync), not in the next cas
 """
 from __future__ import annotations
 
+import ctypes
 import os
 import queue as queues
 import signal
@@ -40,8 +41,18 @@ def _mesh(rank: int, world: int) -> tuple:
     return rows[rank // 2], cols[rank % 2]
 
 
+def _die_with_parent() -> None:
+    """Linux: the kernel kills this rank when the parent dies (a rank hung in a collective never
+    looks). Elsewhere the rank checks its parent between cases only."""
+    try:
+        ctypes.CDLL("libc.so.6").prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    except OSError:
+        pass
+
+
 def _rank_main(rank: int, world: int, port: int, cases: list[Case], out, pg_timeout: float) -> None:
     os.setsid()
+    _die_with_parent()
     os.environ["OMP_NUM_THREADS"] = "1"
     torch.set_num_threads(1)
     warnings.filterwarnings("ignore")

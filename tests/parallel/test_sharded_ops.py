@@ -106,7 +106,17 @@ def _empty_pieces(rank) -> dict:
     F.instance_norm(y, *stats, momentum=0.5)
     ys = distribute(y, dist.group.WORLD, "b c t", "b", sizes=[[3, 0, 2]])
     F.instance_norm(ys, *mine, momentum=0.5)
+    wb = [torch.randn(2, dtype=torch.float64, generator=gen) for _ in range(2)]
+    gy = torch.randn(5, 2, 4, dtype=torch.float64, generator=gen)
+    ref_leaves = [t.clone().requires_grad_() for t in wb]
+    want = torch.autograd.grad((F.batch_norm(y, None, None, *ref_leaves, training=True) * gy).sum(), ref_leaves)
+    got_leaves = [t.clone().requires_grad_() for t in wb]
+    out = full_tensor(F.batch_norm(ys, None, None, *got_leaves, training=True))
+    got = torch.autograd.grad((out * gy).sum() / dist.get_world_size(), got_leaves)
+    for t in got:  # in place, as a data-parallel reduction does: the two gradients must not share storage
+        dist.all_reduce(t)
     return {"interpolate over channels": interp,
+            "batch_norm weight and bias grads": max((a - b).abs().max().item() for a, b in zip(got, want)),
             "instance_norm running stats": max((a - b).abs().max().item() for a, b in zip(mine, stats))}
 
 

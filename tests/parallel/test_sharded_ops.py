@@ -51,6 +51,7 @@ def _operands(x, xs, rank) -> dict:
         "batch_norm sharded running_mean": _refused(lambda: F.batch_norm(xs, means, var, training=True)),
         "group_norm sharded channels": _refused(lambda: F.group_norm(
             distribute(plain, dist.group.WORLD, "b c t", "c", sizes=[[2, 1]]), 1)),
+        "adaptive pool keeping the sharded length": (full_tensor(F.adaptive_avg_pool1d(xs, 5)) - x).abs().max().item(),
         "view_as sharded target": (plain.reshape(6, 5).view_as(xs) - plain).abs().max().item(),
         "expand_as sharded target": (torch.ones(1, 1, 5, dtype=torch.float64).expand_as(xs) - 1).abs().max().item(),
     }
@@ -152,6 +153,7 @@ def test_a_sharded_weight_or_statistic_is_refused_on_every_rank(results):
         assert ops["layer_norm sharded weight"].startswith("refused: F.layer_norm"), ops
         assert ops["batch_norm sharded running_mean"].startswith("refused: F.batch_norm"), ops
         assert ops["group_norm sharded channels"].startswith("refused: F.group_norm along sharded dim 1"), ops
+        assert ops["adaptive pool keeping the sharded length"] < 1e-12, ops
         assert ops["view_as sharded target"] == 0.0 and ops["expand_as sharded target"] == 0.0, ops
 
 

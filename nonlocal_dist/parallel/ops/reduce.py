@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from nonlocal_dist.parallel.collectives import all_reduce, gather_positions
+from nonlocal_dist.parallel.ops.local import on_piece
 from nonlocal_dist.parallel.ops.window import bind as bind_reference, per_dim
 from nonlocal_dist.parallel.sharded import Op, ShardedTensor, rule
 from nonlocal_dist.parallel.spec import Shard
@@ -196,13 +197,16 @@ def _adaptive(n: int, pool, largest: bool | None):
                 raise op.refuse(f"output size {size} along it (global length {shard.total}); only 1 or the whole "
                                 "length are exact", d, "pool to 1 along the sharded dim, or shard another dim")
         shards = [x.spec.sharded[d] for d in reduce]
-        if largest is None:
+        if not reduce:  # every sharded dim kept whole (torch reads an empty dim list as every dim)
+            t = local
+        elif largest is None:
             t = sum_over_groups(local.sum(reduce, keepdim=True), shards) / global_count(x, reduce)
         else:
             t = extreme_over_groups(local_extreme(local, reduce, True), shards, True)
-        local_sizes = [None if (first + i) in keep else s for i, s in enumerate(sizes)]
-        local_sizes = [t.shape[first + i] if s is None else s for i, s in enumerate(local_sizes)]
-        out = pool(t, local_sizes)
+        def run_pool(piece: Tensor) -> Tensor:  # kept dims at their local length (an empty piece: on_piece)
+            return pool(piece, [piece.shape[first + i] if (first + i) in keep else s for i, s in enumerate(sizes)])
+
+        out = on_piece(run_pool, t, list(keep))
         return ShardedTensor.wrap(out, x.spec.remap(out.dim(), keep))
 
     return run

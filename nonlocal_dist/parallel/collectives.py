@@ -7,6 +7,8 @@ gloo), and no packed copy of the tensors is ever made (each tensor travels as it
 """
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.distributed as dist
 from torch import Tensor
@@ -32,6 +34,15 @@ def gather_positions(group, sizes: list[int], *parts: Tensor) -> tuple[Tensor, .
     ``sizes[r]`` is L on rank r. Returns the full (B, H, Σ L, c_k) tensors in rank order.
     """
     return _GatherPositions.apply(group, sizes, *parts)
+
+
+def gather_dim(local: Tensor, dim: int, sizes: list[int], group) -> Tensor:
+    """The whole of ``dim`` on every rank: a differentiable all-gather of the pieces of length
+    ``sizes[r]`` (any number of dims, empty pieces too); the backward reduce-scatters."""
+    moved = local.movedim(dim, 0)
+    rest = list(moved.shape[1:])
+    flat = moved.reshape(1, moved.shape[0], math.prod(rest))
+    return gather_positions(group, sizes, flat)[0].reshape(sum(sizes), *rest).movedim(0, dim)
 
 
 class _AllReduce(torch.autograd.Function):

@@ -15,7 +15,6 @@ Mesh: a process group (one mesh dim), a tuple of groups (one per mesh dim), or a
 """
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 
 import torch
@@ -27,7 +26,7 @@ import nonlocal_dist.parallel.failure as failure
 import nonlocal_dist.parallel.rng as rng
 import nonlocal_dist.parallel.ops  # noqa: F401  (importing registers the rules)
 from nonlocal_dist.parallel.checks import agree_across_ranks, digest, exchange_device
-from nonlocal_dist.parallel.collectives import gather_positions
+from nonlocal_dist.parallel.collectives import gather_dim
 from nonlocal_dist.parallel.comm import broadcast_, span_group
 from nonlocal_dist.parallel.sharded import ShardedTensor
 from nonlocal_dist.parallel.spec import Shard, ShardSpec, split_sizes
@@ -118,11 +117,7 @@ def full_tensor(x: Tensor) -> Tensor:
         return x
     local = x.as_subclass(Tensor)
     for d, shard in x.spec.dims:
-        moved = local.movedim(d, -2)
-        shape = list(moved.shape)
-        flat = moved.reshape(math.prod(shape[:-2]), *shape[-2:])
-        shape[-2] = shard.total
-        local = gather_positions(shard.group, list(shard.sizes), flat)[0].reshape(shape).movedim(-2, d)
+        local = gather_dim(local, d, list(shard.sizes), shard.group)
     return local
 
 

@@ -119,8 +119,9 @@ class _GroupBatchNorm(torch.autograd.Function):
             _, sum_dy_x_hat, sum_dy = torch.ops.aten.native_batch_norm_backward(
                 dy, x, w, mean, var, None, None, False, ctx.eps, [False, True, True]
             )
-        else:  # an empty shard (the kernel does not take one): its sums are 0, the all-reduce still runs
-            sum_dy_x_hat = sum_dy = mean.new_zeros(mean.shape)
+        else:  # an empty shard (the kernel does not take one): its sums are 0, the all-reduce still runs;
+            # two tensors, not one: they become the weight's and the bias's gradients (updated in place)
+            sum_dy_x_hat, sum_dy = mean.new_zeros(mean.shape), mean.new_zeros(mean.shape)
         # x - mean once (not x·b + c: that cancels where the mean is large against the spread).
         centred = (x if x.dtype == acc else x.to(acc)) - mean.view(shape)
         # Σ x̂ (0 but for the mean's rounding) rides along: x̂ re-centred on it keeps Σ dx at the

@@ -35,6 +35,7 @@ from torch import Tensor
 from torch.utils._pytree import tree_flatten, tree_map
 
 import nonlocal_dist.parallel.failure as failure
+from nonlocal_dist.parallel.arguments import bind, normalize
 from nonlocal_dist.parallel.rng import generators_agreed
 from nonlocal_dist.parallel.spec import ShardSpec
 
@@ -53,12 +54,21 @@ class ShardingRefusal(ValueError):
     raised_on_every_rank = True
 
 
-def rule(*funcs: Callable) -> Callable:
-    """Register the decorated ``fn(op)`` as the rule for each of ``funcs`` (torch functions/methods)."""
+ANY_OPERAND: set[Callable] = set()
+
+
+def rule(*funcs: Callable, any_operand: bool = False) -> Callable:
+    """Register the decorated ``fn(op)`` as the rule for each of ``funcs`` (torch functions/methods).
+
+    A rule sees a sharded tensor only as its first argument (the activation) unless it declares
+    ``any_operand`` (broadcasting ops, joins, contractions, which check their operands themselves):
+    the dispatcher refuses a sharded weight, statistic or index on every rank before the rule runs."""
 
     def register(fn):
         for func in funcs:
             RULES[func] = RULES[_WRAPPED.get(func, func)] = fn
+            if any_operand:
+                ANY_OPERAND.update((func, _WRAPPED.get(func, func)))
         return fn
 
     return register
@@ -128,6 +138,11 @@ class Op:
     def tensors(self) -> list[Tensor]:
         return list(self._tensors)
 
+    @cached_property
+    def named(self) -> dict | None:
+        """The arguments by name of torch's overload for them (``arguments.bind``), or None."""
+        return bind(self.func, self.args, self.kwargs)
+
     def sharded(self) -> list[ShardedTensor]:
         return [a for a in self.tensors() if isinstance(a, ShardedTensor)]
 
@@ -143,9 +158,20 @@ class ShardedTensor(Tensor):
 
     @staticmethod
     def wrap(local: Tensor, spec: ShardSpec) -> ShardedTensor:
-        """``local`` as a sharded tensor with ``spec`` (no copy, autograd history kept)."""
+        """``local`` as a sharded tensor with ``spec`` (no copy, autograd history kept).
+
+        Raises ``ShardingRefusal`` (on every rank: the spec is the same everywhere) for a spec that
+        shards two dims over one process group: each rank would hold only its diagonal block."""
         if torch.compiler.is_compiling():  # dynamo traced the sharding itself (parallelize's hook, torch 2.8)
             raise RuntimeError(COMPILE_REFUSAL)
+        groups = [shard.group for _, shard in spec.dims]
+        if len({id(g) for g in groups}) < len(groups):
+            dims = [d for d, _ in spec.dims]
+            raise ShardingRefusal(
+                f"a result sharded on dims {dims} with two of them over the same process group at {user_frame()}: "
+                "each rank would hold only the block where its pieces of both dims meet, not its share of the "
+                "tensor. Fix: shard the second dim over another mesh dim, or gather one operand first (full_tensor)"
+            )
         if isinstance(local, ShardedTensor) or type(local) is not Tensor:
             local = local.as_subclass(Tensor)
         local.__class__ = ShardedTensor
@@ -166,17 +192,32 @@ class ShardedTensor(Tensor):
     def __torch_function__(cls, func, types, args=(), kwargs=None):
         if torch.compiler.is_compiling():
             raise RuntimeError(COMPILE_REFUSAL)
-        kwargs = kwargs or {}
+        args, kwargs = normalize(func, args, kwargs or {})
         with torch._C.DisableTorchFunctionSubclass():
-            handler = RULES.get(func) or _fallback(func)
+            handler = RULES.get(func)
             op = Op(func, args, kwargs)
             try:
+                if handler is None:
+                    handler = _fallback(func)
+                elif func not in ANY_OPERAND:
+                    handler = _first_operand(op) or handler
                 return handler(op)
             except ShardingRefusal:
                 raise
             except Exception as exc:
                 failure.post(exc, f"{op.name} at {user_frame()}")
                 raise
+
+
+def _first_operand(op: Op) -> Callable[[Op], object] | None:
+    """For a rule that takes its activation first: None when it may run; ``replicated_or_refuse`` when
+    every sharded argument is replicated but the first is plain; a refusal for any other sharded one."""
+    first = op.args[0] if op.args else None
+    others = [t for t in op.sharded() if t is not first and not t.spec.replicated]
+    if not others:
+        return None if isinstance(first, ShardedTensor) else replicated_or_refuse
+    raise op.refuse("a sharded tensor in an argument other than its input (a weight, a statistic, an index, a "
+                    "target shape)", fix="keep that argument plain (replicated), or gather it with full_tensor")
 
 
 def replicated_spec(spec: ShardSpec, ndim: int) -> ShardSpec:

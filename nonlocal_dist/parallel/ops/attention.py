@@ -22,7 +22,7 @@ def _all_replicated(op: Op) -> bool:
     return all(t.spec.replicated for t in op.sharded())
 
 
-@rule(F.linear)
+@rule(F.linear, any_operand=True)
 def _linear(op: Op):
     if _all_replicated(op):
         return replicated_or_refuse(op)
@@ -36,7 +36,7 @@ def _linear(op: Op):
     return ShardedTensor.wrap(out, x.spec)
 
 
-@rule(torch.matmul, Tensor.matmul, Tensor.__matmul__, Tensor.__rmatmul__)
+@rule(torch.matmul, Tensor.matmul, Tensor.__matmul__, Tensor.__rmatmul__, any_operand=True)
 def _matmul(op: Op):
     if _all_replicated(op):  # e.g. a weight gradient from a replicated head's input (ZeRO-3's linear)
         return replicated_or_refuse(op)
@@ -58,7 +58,7 @@ def _sdpa_ref(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False,
     """Signature of F.scaled_dot_product_attention."""
 
 
-@rule(F.scaled_dot_product_attention)
+@rule(F.scaled_dot_product_attention, any_operand=True)
 def _sdpa(op: Op):
     a = bind(op, _sdpa_ref)
     q, k, v = a["query"], a["key"], a["value"]

@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from nonlocal_dist.parallel.ops.pointwise import localise, output_dims
+from nonlocal_dist.parallel.ops.pointwise import localise, one_dim_per_group, output_dims
 from nonlocal_dist.parallel.sharded import Op, ShardedTensor, rule
 from nonlocal_dist.parallel.spec import Shard
 
@@ -83,7 +83,8 @@ def _cat_like(op: Op, stack: bool):
     ndim = max(t.dim() for t in tensors) + (1 if stack else 0)
     base_ndim = ndim - 1 if stack else ndim
     dim %= ndim
-    fake = Op(op.func, tuple(tensors), {})
+    fake = one_dim_per_group(Op(op.func, tuple(tensors), {}), base_ndim)
+    tensors = list(fake.args)
     dims = output_dims(fake, base_ndim)
     if not stack and dim in dims:
         raise op.refuse("concatenation along a sharded dim", dim, "concatenate along another dim (channels)")
@@ -95,12 +96,12 @@ def _cat_like(op: Op, stack: bool):
     return ShardedTensor.wrap(out, first.spec.remap(out.dim(), dims))
 
 
-@rule(torch.cat, torch.concat, torch.concatenate)
+@rule(torch.cat, torch.concat, torch.concatenate, any_operand=True)
 def _cat(op: Op):
     return _cat_like(op, stack=False)
 
 
-@rule(torch.stack)
+@rule(torch.stack, any_operand=True)
 def _stack(op: Op):
     return _cat_like(op, stack=True)
 

@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from nonlocal_dist.parallel.norm import batch_norm
+from nonlocal_dist.parallel.ops.local import on_piece
 from nonlocal_dist.parallel.ops.reduce import global_count, sum_over_groups
 from nonlocal_dist.parallel.ops.window import bind
 from nonlocal_dist.parallel.sharded import Op, ShardedTensor, rule
@@ -65,9 +66,9 @@ def _gn_ref(input, num_groups, weight=None, bias=None, eps=1e-5):
 def _group_norm(op: Op):
     a = bind(op, _gn_ref)
     x = a["input"]
+    _no_channel_shard(op, x)  # a group spans channels: not even the local path may run then
     if not any(d >= 2 for d, _ in x.spec.dims):
         return _local_norm(op, x)
-    _no_channel_shard(op, x)
     if 0 in x.spec.sharded:
         raise op.refuse("the batch dim is sharded; group norm's statistics are per sample", 0)
     b, c = x.shape[0], x.as_subclass(Tensor).shape[1]
@@ -100,8 +101,9 @@ def _instance_norm(op: Op):
     a = bind(op, _in_ref)
     x = a["input"]
     _no_channel_shard(op, x)
-    if not any(d >= 2 for d, _ in x.spec.dims):
-        return _local_norm(op, x)
+    running = a["running_mean"] is not None and a["use_input_stats"]
+    if not any(d >= 2 for d, _ in x.spec.dims) and not running:
+        return _local_norm(op, x)  # per-instance statistics: exact on each rank's samples
     if not a["use_input_stats"]:
         out = F.batch_norm(x.as_subclass(Tensor), _plain(a["running_mean"]), _plain(a["running_var"]),
                            _plain(a["weight"]), _plain(a["bias"]), False, 0.0, a["eps"])
@@ -111,11 +113,17 @@ def _instance_norm(op: Op):
     running_mean, running_var = _plain(a["running_mean"]), _plain(a["running_var"])
     if running_mean is not None:
         count = global_count(x, dims)  # the unbiased variance's count over every rank (x.shape is local here)
+        batch = [s for d, s in x.spec.dims if d == 0]
+        samples = x.spec.global_shape(x.shape)[0]
+
+        def over_batch(t: Tensor) -> Tensor:  # (B_r, C, 1...) -> (C,): the mean over every rank's samples
+            return sum_over_groups(t.flatten(1).sum(0), batch) / samples
+
         with torch.no_grad():
             m = a["momentum"] if a["momentum"] is not None else 0.1
-            running_mean.mul_(1 - m).add_(m * mean.detach().flatten(2).mean(0).flatten().to(running_mean.dtype))
+            running_mean.mul_(1 - m).add_(m * over_batch(mean.detach()).to(running_mean.dtype))
             unbiased = var.detach() * count / max(count - 1, 1)
-            running_var.mul_(1 - m).add_(m * unbiased.flatten(2).mean(0).flatten().to(running_var.dtype))
+            running_var.mul_(1 - m).add_(m * over_batch(unbiased).to(running_var.dtype))
     out = _affine(normed, _plain(a["weight"]), _plain(a["bias"]))
     return ShardedTensor.wrap(out, x.spec)
 
@@ -138,6 +146,7 @@ def _layer_norm(op: Op):
 
 
 def _local_norm(op: Op, x: ShardedTensor):
-    args = [a.as_subclass(Tensor) if isinstance(a, ShardedTensor) else a for a in op.args]
+    args = [a.as_subclass(Tensor) if isinstance(a, ShardedTensor) else a for a in op.args[1:]]
     kwargs = {k: (v.as_subclass(Tensor) if isinstance(v, ShardedTensor) else v) for k, v in op.kwargs.items()}
-    return ShardedTensor.wrap(op.run(*args, **kwargs), x.spec)
+    out = on_piece(lambda t: op.run(t, *args, **kwargs), x.as_subclass(Tensor), x.spec.sharded)
+    return ShardedTensor.wrap(out, x.spec)

@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.utils._pytree import tree_map
 
+from nonlocal_dist.parallel.collectives import gather_dim
 from nonlocal_dist.parallel.fetch import reshard
 from nonlocal_dist.parallel.rng import generators_agreed, shard_seeded
 from nonlocal_dist.parallel.sharded import Op, ShardedTensor, rule
@@ -91,6 +92,31 @@ def output_dims(op: Op, ndim: int) -> dict[int, Shard]:
     return dims
 
 
+def one_dim_per_group(op: Op, ndim: int) -> Op:
+    """``op`` with every operand that would shard a second output dim over a group already sharding
+    another one gathered whole along that dim (an outer sum of two sharded vectors: one side is
+    gathered, the result stays sharded along the first). Decided from the specs: every rank gathers
+    alike."""
+    used: dict[int, int] = {}  # id(group) -> the output dim it shards
+    swap: dict[int, Tensor] = {}
+    for t in op.sharded():
+        keep = {}
+        for d, shard in t.spec.dims:
+            od = d + ndim - t.dim()
+            if used.setdefault(id(shard.group), od) == od:
+                keep[d] = shard
+        if len(keep) < len(t.spec.dims) and id(t) not in swap:
+            local = t.as_subclass(Tensor)
+            for d, shard in t.spec.dims:
+                if d not in keep:
+                    local = gather_dim(local, d, list(shard.sizes), shard.group)
+            swap[id(t)] = ShardedTensor.wrap(local, t.spec.remap(t.dim(), keep))
+    if not swap:
+        return op
+    args, kwargs = tree_map(lambda a: swap.get(id(a), a), (op.args, op.kwargs))
+    return Op(op.func, args, kwargs)
+
+
 def localise(op: Op, t, dims: dict[int, Shard], ndim: int):
     """Operand ``t`` as this rank needs it: sharded dims kept; global-length dims sliced; length 1 kept."""
     if not isinstance(t, Tensor):
@@ -127,6 +153,8 @@ def broadcast_rule(op: Op):
             return x
         return _wrap_outputs(out, x.spec, x.dim(), [])
     ndim = max(t.dim() for t in tensors)
+    op = one_dim_per_group(op, ndim)
+    tensors = op.tensors()
     dims = output_dims(op, ndim)
     first = op.sharded()[0]
     inplace = _inplace(op)
@@ -186,7 +214,7 @@ def _inplace_index(func) -> int | None:
 
 
 for _func in set(_targets()):
-    rule(_func)(broadcast_rule)
+    rule(_func, any_operand=True)(broadcast_rule)
 
 
 # Random ops (parallel.rng): a sharded activation draws from its shard's own seed; a replicated

@@ -17,21 +17,31 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from nonlocal_dist.parallel.collectives import all_reduce, gather_positions
-from nonlocal_dist.parallel.ops.window import bind, per_dim
+from nonlocal_dist.parallel.ops.local import on_piece
+from nonlocal_dist.parallel.ops.window import bind as bind_reference, per_dim
 from nonlocal_dist.parallel.sharded import Op, ShardedTensor, rule
 from nonlocal_dist.parallel.spec import Shard
 
 
-def _dims_arg(op: Op, x: Tensor, position: int = 1, name: str = "dim") -> list[int] | None:
-    dim = op.args[position] if len(op.args) > position else op.kwargs.get(name)
+def reduction_args(op: Op) -> dict:
+    """The op's arguments by name (torch's overload for them; ``input``, ``dim``, ``keepdim``, ...)."""
+    a = op.named
+    if a is None:
+        raise op.refuse("arguments that no overload of it takes", fix="call it as torch documents it")
+    return a
+
+
+def _dims_arg(op: Op, x: Tensor) -> list[int] | None:
+    """The reduced dims (sorted, non-negative), or None for all of them."""
+    dim = reduction_args(op).get("dim")
     if dim is None or (isinstance(dim, (tuple, list)) and len(dim) == 0):
         return None
     dims = [dim] if isinstance(dim, int) else list(dim)
-    return sorted({d % x.dim() for d in dims})
+    return sorted({d % max(x.dim(), 1) for d in dims})
 
 
-def _keepdim(op: Op, position: int = 2) -> bool:
-    return bool(op.args[position] if len(op.args) > position else op.kwargs.get("keepdim", False))
+def _keepdim(op: Op) -> bool:
+    return bool(reduction_args(op).get("keepdim", False))
 
 
 def global_count(x: ShardedTensor, dims: list[int]) -> int:
@@ -58,6 +68,15 @@ def extreme_over_groups(t: Tensor, shards: list[Shard], largest: bool) -> Tensor
     return t
 
 
+def local_extreme(local: Tensor, dims: list[int], largest: bool) -> Tensor:
+    """This rank's max (or min) over ``dims``, keepdim; an empty piece gives -inf (inf) that stays in the
+    autograd graph (a sum of nothing plus the constant), so its rank takes part in the backward's
+    collectives like every other."""
+    if local.numel() == 0:
+        return local.sum(dims, keepdim=True) + (float("-inf") if largest else float("inf"))
+    return local.amax(dims, keepdim=True) if largest else local.amin(dims, keepdim=True)
+
+
 def _result(op: Op, x: ShardedTensor, out: Tensor, dims: list[int], keepdim: bool) -> Tensor:
     remaining = {}
     for d, shard in x.spec.dims:
@@ -72,8 +91,8 @@ def _reduce(op: Op, kind: str):
     local = x.as_subclass(Tensor)
     given = _dims_arg(op, x)
     dims = given or list(range(x.dim()))
-    keepdim = _keepdim(op) if given is not None else bool(op.kwargs.get("keepdim", False))
-    dtype = op.kwargs.get("dtype")
+    keepdim = _keepdim(op)
+    dtype = reduction_args(op).get("dtype")
     shards = [s for d, s in x.spec.dims if d in dims]
     if kind in ("sum", "mean"):
         total = local.sum(dims, keepdim=True, dtype=dtype)
@@ -82,20 +101,16 @@ def _reduce(op: Op, kind: str):
             total = total / global_count(x, dims)
     else:
         largest = kind == "amax"
-        if local.numel() == 0:
-            shape = [1 if d in dims else n for d, n in enumerate(local.shape)]
-            total = local.new_full(shape, float("-inf") if largest else float("inf"))
-        else:
-            total = local.amax(dims, keepdim=True) if largest else local.amin(dims, keepdim=True)
+        total = local_extreme(local, dims, largest)
         total = extreme_over_groups(total, shards, largest)
     if not keepdim:
         total = total.squeeze(dims) if dims else total
     return _result(op, x, total, dims, keepdim)
 
 
-def _touches_shard(op: Op, position: int = 1) -> bool:
+def _touches_shard(op: Op) -> bool:
     x = op.args[0]
-    dims = _dims_arg(op, x, position)
+    dims = _dims_arg(op, x)
     return dims is None or any(d in x.spec.sharded for d in dims)
 
 
@@ -136,11 +151,11 @@ def _var_std(op: Op):
         return _local_reduce(op)
     local = x.as_subclass(Tensor)
     dims = _dims_arg(op, x) or list(range(x.dim()))
-    keepdim = bool(op.kwargs.get("keepdim", op.args[3] if len(op.args) > 3 and isinstance(op.args[3], bool) else False))
-    correction = op.kwargs.get("correction")
+    a = reduction_args(op)
+    keepdim = bool(a.get("keepdim", False))
+    correction = a.get("correction")
     if correction is None:
-        unbiased = op.kwargs.get("unbiased", op.args[2] if len(op.args) > 2 and isinstance(op.args[2], bool) else True)
-        correction = 1 if unbiased else 0
+        correction = 1 if a.get("unbiased", True) else 0
     shards = [s for d, s in x.spec.dims if d in dims]
     count = global_count(x, dims)
     mean = sum_over_groups(local.sum(dims, keepdim=True), shards) / count
@@ -160,7 +175,7 @@ def _adaptive(n: int, pool, largest: bool | None):
     """adaptive_{avg,max}_pool{n}d: output size 1 (or the global length, or None) along sharded dims."""
 
     def run(op: Op):
-        a = bind(op, _adaptive_ref)
+        a = bind_reference(op, _adaptive_ref)
         x = a["input"]
         if x.spec.replicated:
             return _replicated(op)
@@ -182,15 +197,16 @@ def _adaptive(n: int, pool, largest: bool | None):
                 raise op.refuse(f"output size {size} along it (global length {shard.total}); only 1 or the whole "
                                 "length are exact", d, "pool to 1 along the sharded dim, or shard another dim")
         shards = [x.spec.sharded[d] for d in reduce]
-        if largest is None:
+        if not reduce:  # every sharded dim kept whole (torch reads an empty dim list as every dim)
+            t = local
+        elif largest is None:
             t = sum_over_groups(local.sum(reduce, keepdim=True), shards) / global_count(x, reduce)
         else:
-            t = local.amax(reduce, keepdim=True) if local.numel() else local.new_full(
-                [1 if d in reduce else s for d, s in enumerate(local.shape)], float("-inf"))
-            t = extreme_over_groups(t, shards, True)
-        local_sizes = [None if (first + i) in keep else s for i, s in enumerate(sizes)]
-        local_sizes = [t.shape[first + i] if s is None else s for i, s in enumerate(local_sizes)]
-        out = pool(t, local_sizes)
+            t = extreme_over_groups(local_extreme(local, reduce, True), shards, True)
+        def run_pool(piece: Tensor) -> Tensor:  # kept dims at their local length (an empty piece: on_piece)
+            return pool(piece, [piece.shape[first + i] if (first + i) in keep else s for i, s in enumerate(sizes)])
+
+        out = on_piece(run_pool, t, list(keep))
         return ShardedTensor.wrap(out, x.spec.remap(out.dim(), keep))
 
     return run

@@ -49,6 +49,7 @@ from torch import Tensor
 import nonlocal_dist.parallel.failure as failure
 from nonlocal_dist.parallel.fetch import fetch_positions
 from nonlocal_dist.parallel.halo import constant_pad, edge_fill
+from nonlocal_dist.parallel.ops.local import on_piece
 from nonlocal_dist.parallel.ops.window import bind
 from nonlocal_dist.parallel.resample import interpolate_output_size, interpolate_sources, pad_sources
 from nonlocal_dist.parallel.sharded import Op, ShardedTensor, rule
@@ -159,7 +160,7 @@ def _pad(op: Op):
             local_pad[2 * i] = local_pad[2 * i + 1] = 0
     t = x.as_subclass(Tensor)
     if not padded:
-        out = _pad_local(t, pad, mode, value)
+        out = on_piece(lambda piece: _pad_local(piece, pad, mode, value), t, dims)
         return ShardedTensor.wrap(out, x.spec.remap(out.dim(), dims))
     if any(local_pad):
         t = _pad_local(t, local_pad, mode, value)
@@ -274,7 +275,7 @@ def _interpolate(op: Op):
     spatial = sorted(d for d in dims if d >= 2)
     if not spatial:  # batch/channel sharded or replicated: the op acts within each rank's part
         args = {k: v for k, v in a.items() if k != "input"}
-        out = op.run(x.as_subclass(Tensor), **args)
+        out = on_piece(lambda t: op.run(t, **args), x.as_subclass(Tensor), dims)
         return ShardedTensor.wrap(out, x.spec.remap(out.dim(), dims))
     d0 = spatial[0]
     if mode not in _NEAREST and mode not in _LINEAR_NDIM:

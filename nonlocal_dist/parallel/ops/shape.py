@@ -141,9 +141,13 @@ def _view(op: Op):
     return _reshape_to(op, _shape_args(rest))
 
 
-@rule(Tensor.view_as, Tensor.reshape_as)
+@rule(Tensor.view_as, Tensor.reshape_as, any_operand=True)
 def _view_as(op: Op):
-    return _reshape_to(op, global_shape(op.args[1]))
+    x, other = op.args[:2]
+    if not isinstance(x, ShardedTensor):  # only the target's global shape is read: a plain result
+        method = "view" if getattr(op.func, "__name__", "") == "view_as" else "reshape"
+        return getattr(x, method)(global_shape(other))
+    return _reshape_to(op, global_shape(other))
 
 
 @rule(Tensor.flatten, torch.flatten)
@@ -248,13 +252,23 @@ def _squeeze(op: Op):
     return _wrap(op, local, dims)
 
 
-@rule(Tensor.expand, Tensor.expand_as, Tensor.broadcast_to, torch.broadcast_to)
+@rule(Tensor.expand, Tensor.broadcast_to, torch.broadcast_to)
 def _expand(op: Op):
     x = _self(op)
-    if getattr(op.func, "__name__", "") == "expand_as":
-        target = list(global_shape(op.args[1]))
-    else:
-        target = _shape_args(op.args[1:] or (op.kwargs.get("size"),))
+    target = _shape_args(op.args[1:] or (op.kwargs.get("size"),))
+    return _expand_to(op, x, target)
+
+
+@rule(Tensor.expand_as, any_operand=True)
+def _expand_as(op: Op):
+    x, other = op.args[:2]
+    target = list(global_shape(other))
+    if not isinstance(x, ShardedTensor):  # only the target's global shape is read: a plain result
+        return x.expand(target)
+    return _expand_to(op, x, target)
+
+
+def _expand_to(op: Op, x: ShardedTensor, target: list[int]) -> ShardedTensor:
     lead = len(target) - x.dim()
     dims = {d + lead: s for d, s in x.spec.dims}
     for d, shard in dims.items():
@@ -271,7 +285,7 @@ _METADATA = ["is_floating_point", "is_complex", "is_signed", "element_size", "ge
 
 @rule(*[getattr(Tensor, n) for n in _METADATA if hasattr(Tensor, n)], torch.is_floating_point, torch.is_complex,
       torch.autograd.backward, torch.autograd.grad,
-      torch.is_tensor)
+      torch.is_tensor, any_operand=True)
 def _metadata(op: Op):
     """Facts about the local tensor that do not depend on the global shape (dtype class, device, layout)."""
     return op.run(*op.args, **op.kwargs)

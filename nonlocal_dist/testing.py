@@ -27,6 +27,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
+from nonlocal_dist.parallel.comm import _SPANS as span_groups
 from nonlocal_dist.parallel.teardown import GIL_FREE_TEARDOWN, end_process_groups
 
 # Modules whose global state outlives a process group: a rank that imported one is not reused.
@@ -91,13 +92,22 @@ def _pool_worker(rank, world, port, tasks, results):
         torch.set_default_dtype(torch.float32)
         torch.set_grad_enabled(True)
         status, payload = _run_one(rank, world, fn, args, "gloo", pg_timeout, store=dist.PrefixStore(f"call{call}", store))
-        ended = end_process_groups()
-        reusable = ended and status == "ok" and not any(m in sys.modules for m in _STATEFUL_MODULES)
+        if status != "ok":  # report first: tearing down a group stuck in an abandoned collective can take long
+            _leave(results, (rank, call, status, payload, False))
+        span_groups.clear()  # this call's mesh groups die with its default group
+        reusable = end_process_groups() and not any(m in sys.modules for m in _STATEFUL_MODULES)
         results.put((rank, call, status, payload, reusable))
         if not reusable:
-            results.close()
-            results.join_thread()
-            os._exit(0)
+            _leave(results, None)
+
+
+def _leave(results, last) -> None:
+    """Put ``last`` (if any), flush the result queue and end this rank without teardown."""
+    if last is not None:
+        results.put(last)
+    results.close()
+    results.join_thread()
+    os._exit(0)
 
 
 def _kill_group(pid: int) -> None:

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 from nonlocal_dist.parallel.api import parallel_nonlocal
 from nonlocal_dist.parallel.distribute import distribute, from_local, full_tensor, parallelize
+from nonlocal_dist.parallel.extend import local_map, positionwise, register_rule
 from nonlocal_dist.parallel.failure import PeerFailure
 from nonlocal_dist.parallel.sharded import ShardedTensor, ShardingRefusal
 from nonlocal_dist.parallel.norm import batch_norm_rows, group_batch_norm
@@ -21,6 +22,9 @@ __all__ = [
     "full_tensor",
     "parallelize",
     "gather_tensor",
+    "local_map",
+    "positionwise",
+    "register_rule",
     "batch_norm_rows",
     "group_batch_norm",
     "parallel_nonlocal",

@@ -169,9 +169,10 @@ class _Hooks:
         if self.mesh is None:
             return None
 
+        self.rng_states.append(None)  # the post-hook pops this call's entry, whatever happens below
         seed = self._agree(module, (args, kwargs))
         device = next((t.device for t in tree_flatten((args, kwargs))[0] if isinstance(t, Tensor)), torch.device("cpu"))
-        self.rng_states.append(rng.enter_agreed(seed, device))
+        self.rng_states[-1] = rng.enter_agreed(seed, device)
 
         def one(t):
             if isinstance(t, ShardedTensor) or not isinstance(t, Tensor) or t.dim() != len(self.layout.split()):
@@ -198,14 +199,18 @@ class _Hooks:
                 what="the parallelized model (whole inputs, the same clip and arguments on every rank)")
         except ValueError as exc:
             if states is not None and "parameters and buffers per rank" in str(exc):
-                _raise_differing_state(span, states)
+                try:
+                    _raise_differing_state(span, states)
+                except ValueError as named:
+                    raise named from None  # not chained to the digests' message
             raise
         self.state_checked = True
         return values["seed"][0]
 
     def post(self, module: nn.Module, args: tuple, output):
-        if self.rng_states:
-            rng.leave_agreed(self.rng_states.pop())
+        saved = self.rng_states.pop() if self.rng_states else None
+        if saved is not None:
+            rng.leave_agreed(saved)
         if output is None:  # the forward raised: tell the other ranks (always_call hook)
             failure.post_current(f"in the forward of {type(module).__name__}")
             return None
@@ -267,5 +272,5 @@ def parallelize(model: nn.Module, mesh, axis: str | Sequence[str] = "t", *, layo
         _broadcast_state(model, groups)
     hooks = _Hooks(mesh, layout, axes, output, align, sizes)
     model.register_forward_pre_hook(hooks.pre, with_kwargs=True)
-    model.register_forward_hook(hooks.post, always_call=True)
+    model.register_forward_hook(hooks.post, always_call=True, prepend=True)  # the last pre-hook's post runs first
     return model

@@ -45,7 +45,7 @@ def everywhere(exc: BaseException) -> BaseException:
 
 # torch's own control flow, raised through user code and caught by torch (not failures):
 # non-reentrant checkpointing stops a recomputation early with this one.
-_CONTROL_FLOW: tuple[type[BaseException], ...] = (StopIteration, GeneratorExit, checkpoint_module._StopRecomputationError)
+_CONTROL_FLOW: tuple[type[BaseException], ...] = (checkpoint_module._StopRecomputationError,)
 
 
 def post(exc: BaseException, where: str = "") -> None:

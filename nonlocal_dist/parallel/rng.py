@@ -19,14 +19,12 @@ shows that the ranks' generators agree.
 from __future__ import annotations
 
 import contextlib
-from collections import OrderedDict
-
 import torch
 
 from nonlocal_dist.parallel.checks import digest
 
 _SEED_RANGE = 2**62
-_AGREED: OrderedDict[int, None] = OrderedDict()  # seeds set by an agreement (the latest few)
+_AGREED_BIT = 2**62  # set in a seed that an agreement chose (draws are below it): no state to keep
 
 
 def draw_seed() -> int:
@@ -38,16 +36,18 @@ def _cuda(device: torch.device) -> bool:
     return device.type == "cuda" and torch.cuda.is_available()
 
 
+def _index(device: torch.device) -> int:
+    return torch.cuda.current_device() if device.index is None else device.index
+
+
 def enter_agreed(seed: int, device: torch.device) -> tuple:
     """Seed the default generators (CPU, and ``device`` if CUDA) with ``seed``; return what
     ``leave_agreed`` needs to give the previous states back."""
     saved = (torch.get_rng_state(), torch.cuda.get_rng_state(device) if _cuda(device) else None, device)
-    _AGREED[seed] = None
-    while len(_AGREED) > 64:
-        _AGREED.popitem(last=False)
+    seed |= _AGREED_BIT
     torch.default_generator.manual_seed(seed)
     if _cuda(device):
-        torch.cuda.default_generators[device.index or 0].manual_seed(seed)
+        torch.cuda.default_generators[_index(device)].manual_seed(seed)
     return saved
 
 
@@ -61,8 +61,8 @@ def leave_agreed(saved: tuple) -> None:
 def generators_agreed(device: torch.device) -> bool:
     """Whether the generator a random op on ``device`` draws from was set by an agreement (in a
     parallelized forward, or in its recomputation by a checkpoint)."""
-    seed = torch.cuda.default_generators[device.index or 0].initial_seed() if _cuda(device) else torch.initial_seed()
-    return seed in _AGREED
+    seed = torch.cuda.default_generators[_index(device)].initial_seed() if _cuda(device) else torch.initial_seed()
+    return bool(seed & _AGREED_BIT)
 
 
 @contextlib.contextmanager
@@ -70,7 +70,7 @@ def shard_seeded(offsets: tuple[int, ...], device: torch.device):
     """Run a random op on one shard from its own seed: one draw of the default CPU generator (the
     same on every rank in a parallelized forward) mixed with the shard's global ``offsets``."""
     seed = digest((draw_seed(), offsets)) % _SEED_RANGE
-    devices = [device.index or 0] if _cuda(device) else []
+    devices = [_index(device)] if _cuda(device) else []
     with torch.random.fork_rng(devices=devices):
         torch.default_generator.manual_seed(seed)
         if devices:

@@ -40,6 +40,9 @@ from nonlocal_dist.parallel.rng import generators_agreed
 from nonlocal_dist.parallel.spec import ShardSpec
 
 RULES: dict[Callable, Callable[[Op], object]] = {}
+# Op families: each maps a function with no rule to the rule of its family, or None (parallel.ops
+# fills it: e.g. every function whose ATen op torch tags ``pointwise``).
+FAMILIES: list[Callable[[Callable], Callable[[Op], object] | None]] = []
 _WRAPPED: dict[Callable, Callable] = {}  # this package's wrappers of torch functions -> the originals
 
 _INTERNAL = tuple(
@@ -96,6 +99,8 @@ def op_name(func: Callable) -> str:
     qual = getattr(func, "__qualname__", name)
     if qual.startswith(("TensorBase.", "Tensor.")):
         return "Tensor." + qual.split(".", 1)[1]
+    if module and not module.startswith("torch"):  # the user's own (a declared op, a custom Function)
+        return qual
     return f"torch.{name}"
 
 
@@ -238,6 +243,11 @@ def _fallback(func: Callable) -> Callable[[Op], object]:
         if prop in _SHAPE_PROPERTIES:
             return RULES.get(("property", prop), _refuse_unknown)
         return _property
+    for family in FAMILIES:
+        found = family(func)
+        if found is not None:
+            rule(func, any_operand=True)(found)
+            return found
     return replicated_or_refuse
 
 
@@ -280,51 +290,34 @@ def _refuse_unknown(op: Op):
     raise op.refuse(
         "no sharding rule for this op, so it cannot be shown to be exact",
         dims[0] if len(dims) == 1 else None,
-        "apply it where the activation is whole (after a global pooling), call .to_local() if it is position-wise "
-        "per rank, or ask for a rule for it (nonlocal_dist.parallel.ops)",
+        "apply it where the activation is whole (after a global pooling), declare it position-wise "
+        "(nonlocal_dist.parallel.positionwise(op)) if each output position depends on the same input position only, "
+        "or give it a rule (nonlocal_dist.parallel.register_rule(op, rule))",
     )
 
 
-class _BackwardSeen(Exception):
-    pass
-
-
-def _backward_dispatches_subclasses() -> bool:
-    """Whether ``torch.autograd.backward`` hands tensor subclasses to ``__torch_function__`` (newer
-    torch does; 2.8 does only for ``torch.autograd.grad``): asked once at import with a probe."""
-
-    class Probe(Tensor):
-        @classmethod
-        def __torch_function__(cls, func, types, args=(), kwargs=None):
-            if func is torch.autograd.backward:
-                raise _BackwardSeen
-            with torch._C.DisableTorchFunctionSubclass():
-                return func(*args, **(kwargs or {}))
-
-    try:
-        torch.autograd.backward(torch.zeros((), requires_grad=True).as_subclass(Probe))
-    except _BackwardSeen:
-        return True
-    return False
-
-
 _plain_backward = torch.autograd.backward
-_BACKWARD_DISPATCHES = _backward_dispatches_subclasses()
+
+
+def _as_local(t):
+    if not isinstance(t, ShardedTensor):
+        return t
+    with torch.enable_grad():  # inside a backward grad mode is off: the alias must stay in the graph
+        return t.to_local()
+
 
 
 @functools.wraps(_plain_backward)
 def _backward(tensors, grad_tensors=None, *args, **kwargs):
     """``torch.autograd.backward`` that tells the other ranks when this rank's backward fails (a
     custom ``autograd.Function`` or a hook raising on one rank: the others, waiting in a collective
-    of the backward, raise ``PeerFailure`` instead of hanging). Where torch does not hand it to
-    ``__torch_function__`` (2.8), a call on sharded outputs (DeepSpeed's and torch's reentrant
-    checkpointing call it on the recomputed outputs with the local gradients) runs on the local
-    tensors, as the ``torch.autograd.backward`` rule does on newer torch."""
+    of the backward, raise ``PeerFailure`` instead of hanging). Sharded outputs (DeepSpeed's and
+    torch's reentrant checkpointing call it on the recomputed outputs with the local gradients) go
+    in as their local tensors, attached to the graph, with torch functions left on: a checkpoint
+    recomputed inside this backward still runs under the rules (torch 2.8 would compare the
+    global shape with the gradient's; newer torch would run the rule with them off)."""
     try:
-        if not _BACKWARD_DISPATCHES and any(
-                isinstance(t, ShardedTensor) for t in tree_flatten((tensors, grad_tensors))[0]):
-            with torch._C.DisableTorchFunctionSubclass():
-                return _plain_backward(tensors, grad_tensors, *args, **kwargs)
+        tensors, grad_tensors = tree_map(_as_local, (tensors, grad_tensors))
         return _plain_backward(tensors, grad_tensors, *args, **kwargs)
     except Exception as exc:
         failure.post(exc, "in backward")

@@ -82,3 +82,37 @@ def test_a_run_is_reproducible_from_the_first_ranks_seed():
     other = run_ranks(_seeded_worker, 2, 8, timeout=120)
     assert all(torch.equal(a, b) for a, b in zip(first[0], second[0]))
     assert not torch.equal(first[0][0], other[0][0])
+
+
+class _ChannelThenHead(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.drop = nn.Dropout3d(0.5)
+        self.head = nn.Dropout(0.5)
+
+    def forward(self, x):
+        return self.head(self.drop(x).sum(dim=(2, 3, 4)))
+
+
+def _empty_piece_worker(rank, world):
+    torch.manual_seed(rank)
+    model = parallelize(_ChannelThenHead(), dist.group.WORLD, "t", sizes=[[5, 0, 3]])
+    return model(torch.ones(2, 8, 8, 2, 2))
+
+
+def test_a_rank_with_an_empty_piece_draws_in_step():
+    # Dropout3d on an empty piece draws nothing in torch; the rank must still draw the channel mask,
+    # or the head's dropout after it (replicated) would differ on that rank.
+    outputs = run_ranks(_empty_piece_worker, 3, timeout=60)
+    assert torch.equal(outputs[0], outputs[1]) and torch.equal(outputs[0], outputs[2])
+
+
+def _int_extreme_worker(rank, world):
+    xs = distribute(torch.arange(24).reshape(2, 3, 4), dist.group.WORLD, "b t w", "t", sizes=[[2, 0, 1]])
+    out = xs.amax(dim=(1, 2))
+    return out.dtype, out.to_local()
+
+
+def test_integer_extremes_over_an_empty_piece_keep_their_dtype():
+    for dtype, values in run_ranks(_int_extreme_worker, 3, timeout=60):
+        assert dtype == torch.int64 and values.tolist() == [11, 23]

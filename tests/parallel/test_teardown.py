@@ -12,14 +12,14 @@ from nonlocal_dist.testing import run_ranks
 
 def _teardown_worker(rank, world):
     saved = teardown.GIL_FREE_TEARDOWN
-    teardown.GIL_FREE_TEARDOWN = False  # as on torch < 2.8
+    teardown.GIL_FREE_TEARDOWN, teardown._warned = False, False  # as on torch < 2.8, nothing said yet
     try:
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
             first, second = teardown.end_process_groups(), teardown.end_process_groups()
         still_there = dist.is_initialized()
     finally:
-        teardown.GIL_FREE_TEARDOWN = saved
+        teardown.GIL_FREE_TEARDOWN, teardown._warned = saved, False
     destroyed = teardown.end_process_groups()  # this torch (>= 2.8): destroyed
     return first, second, still_there, [str(w.message) for w in caught], destroyed, dist.is_initialized()
 

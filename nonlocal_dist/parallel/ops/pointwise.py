@@ -19,7 +19,7 @@ from torch.utils._pytree import tree_map
 from nonlocal_dist.parallel.collectives import gather_dim
 from nonlocal_dist.parallel.fetch import reshard
 from nonlocal_dist.parallel.rng import generators_agreed, shard_seeded
-from nonlocal_dist.parallel.sharded import Op, ShardedTensor, rule
+from nonlocal_dist.parallel.sharded import FAMILIES, Op, ShardedTensor, rule
 from nonlocal_dist.parallel.spec import Shard
 
 _UNARY = [
@@ -217,6 +217,32 @@ for _func in set(_targets()):
     rule(_func, any_operand=True)(broadcast_rule)
 
 
+@functools.cache
+def _tagged_pointwise(name: str) -> bool:
+    """Whether torch tags the ATen op ``name`` element-wise (``torch.Tag.pointwise``: broadcasting,
+    each output element from the same elements of the inputs; random ops are not tagged so)."""
+    try:
+        packet = getattr(torch.ops.aten, name)
+        overloads = [getattr(packet, name) for name in packet.overloads()]
+    except (AttributeError, RuntimeError):
+        return False
+    # Every overload on tensors (not the out= forms, nor those on Python numbers, which torch leaves
+    # untagged): ``max``'s binary overload is element-wise, its others reduce.
+    tags = [o.tags for o in overloads if not o._schema.name.endswith("_out") and o._overloadname != "out"
+            and any("Tensor" in str(a.type) for a in o._schema.arguments)]
+    return bool(tags) and all(torch.Tag.pointwise in t for t in tags)
+
+
+def _pointwise_family(func) -> object:
+    """The broadcast rule for any function torch declares element-wise (``torch.special.*``, the
+    rarer unary and binary ops), with no hand-written entry."""
+    name = getattr(func, "__name__", "")
+    return broadcast_rule if name and not name.startswith("_") and _tagged_pointwise(name) else None
+
+
+FAMILIES.append(_pointwise_family)
+
+
 # Random ops (parallel.rng): a sharded activation draws from its shard's own seed; a replicated
 # value from the generator every rank's parallelized forward agreed on.
 _RANDOM_NAMES = ("rand_like", "randn_like", "bernoulli", "bernoulli_", "normal_", "uniform_")
@@ -224,6 +250,13 @@ _RANDOM_NAMES = ("rand_like", "randn_like", "bernoulli", "bernoulli_", "normal_"
 
 def _shard_offsets(x: ShardedTensor) -> tuple[int, ...]:
     return tuple(v for d, shard in x.spec.dims for v in (d, shard.start))
+
+
+def _draws_alike(x: ShardedTensor) -> bool:
+    """Whether some rank holds the same positions as another (a dim of the mesh shards nothing):
+    those ranks must draw alike, from the agreed generator."""
+    used = {id(shard.group) for _, shard in x.spec.dims}
+    return any(id(g) not in used for g in x.spec.groups)
 
 
 def _check_agreed(op: Op, x: ShardedTensor) -> None:
@@ -236,8 +269,9 @@ def _check_agreed(op: Op, x: ShardedTensor) -> None:
 def random_rule(op: Op):
     """A position-wise random op: independent draws per shard, the same draws where replicated."""
     x = op.sharded()[0]
-    if x.spec.replicated:
+    if _draws_alike(x):
         _check_agreed(op, x)
+    if x.spec.replicated:
         return broadcast_rule(op)
     with shard_seeded(_shard_offsets(x), x.device):
         return broadcast_rule(op)
@@ -265,10 +299,14 @@ def _dropout(op: Op):
         return x
     channel = op.func.__name__ in ("dropout1d", "dropout2d", "dropout3d", "feature_alpha_dropout")
     local = x.as_subclass(Tensor)
+    if _draws_alike(x):
+        _check_agreed(op, x)
     if channel or x.spec.replicated:
         if channel and any(d < (2 if x.dim() > 2 else 1) for d, _ in x.spec.dims):
             raise op.refuse("channel dropout with the batch or channel dim sharded")
-        _check_agreed(op, x)
+        if channel and not local.numel():  # torch draws nothing for an empty tensor: draw the mask anyway,
+            # so this rank's generator stays in step with the others' (one mask per sample and channel)
+            local.new_empty(local.shape[:2] + (1,) * (local.dim() - 2)).bernoulli_(1 - a["p"])
         out = op.run(local, a["p"], True, a["inplace"])
     else:
         with shard_seeded(_shard_offsets(x), x.device):

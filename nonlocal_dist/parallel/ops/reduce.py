@@ -73,6 +73,11 @@ def local_extreme(local: Tensor, dims: list[int], largest: bool) -> Tensor:
     autograd graph (a sum of nothing plus the constant), so its rank takes part in the backward's
     collectives like every other."""
     if local.numel() == 0:
+        if not local.is_floating_point():  # integers and bools: their own extreme, in their own dtype
+            shape = [1 if d in dims else n for d, n in enumerate(local.shape)]
+            info = torch.iinfo(local.dtype) if local.dtype != torch.bool else None
+            low, high = (False, True) if info is None else (info.min, info.max)
+            return local.new_full(shape, low if largest else high)
         return local.sum(dims, keepdim=True) + (float("-inf") if largest else float("inf"))
     return local.amax(dims, keepdim=True) if largest else local.amin(dims, keepdim=True)
 

@@ -173,18 +173,22 @@ def _error(phase: str, exc: Exception) -> Outcome:
 def run_case(op, sample, case: Case, groups: tuple) -> Outcome:
     """The case on this rank (every rank of the world calls it with the same case, and takes the same
     collectives of its own: ``agree`` after the forward and before summing the gradients)."""
+    skip = None
     if digest(sample) != case.digest:
-        return Outcome("skip", "the sample differs from the parent's on this rank")
-    try:
-        ref_inputs, ref_flat, ref_spec = _reference(op, sample, case.seed)
-        again = _reference(op, sample, case.seed + 1)[1]
-        random = seeds_itself(op) or any(isinstance(a, Tensor) and a.shape == b.shape and not torch.equal(
-            a.detach(), b.detach()) for a, b in zip(ref_flat, again) if isinstance(b, Tensor))
-        which = _differentiable(ref_flat)
-        grads = _output_grads(ref_flat, which, case.seed)
-        ref_grads = _input_grads(ref_flat, grads, ref_inputs, 1.0) if not random else []
-    except Exception as exc:
-        return Outcome("skip", f"the one-process op raises {type(exc).__name__}: {str(exc)[:100]}")
+        skip = Outcome("skip", "the sample differs from the parent's on this rank")
+    else:
+        try:
+            ref_inputs, ref_flat, ref_spec = _reference(op, sample, case.seed)
+            again = _reference(op, sample, case.seed + 1)[1]
+            random = seeds_itself(op) or any(isinstance(a, Tensor) and a.shape == b.shape and not torch.equal(
+                a.detach(), b.detach()) for a, b in zip(ref_flat, again) if isinstance(b, Tensor))
+            which = _differentiable(ref_flat)
+            grads = _output_grads(ref_flat, which, case.seed)
+            ref_grads = _input_grads(ref_flat, grads, ref_inputs, 1.0) if not random else []
+        except Exception as exc:
+            skip = Outcome("skip", f"the one-process op raises {type(exc).__name__}: {str(exc)[:100]}")
+    if not agree(skip is None):  # a skip on one rank is a skip on every rank: no rank left in a collective
+        return skip or Outcome("skip", "another rank skips this sample")
     outcome, whole, inputs = _forward(op, sample, case, groups, (ref_inputs, ref_flat, ref_spec, which, random))
     if not agree(outcome is None) or outcome is not None:
         return outcome or Outcome("ok", "another rank failed the forward")

@@ -112,20 +112,29 @@ class _Pool:
         self.queue.close()
 
 
-def _start(pool: _Pool, world: int) -> None:
-    ready, deadline = 0, time.monotonic() + STARTUP_TIMEOUT
+def _start(pool: _Pool, world: int) -> list[tuple]:
+    """Wait for every rank's ready message; return the case reports that came before them (a fast
+    rank may finish the first case while a slow one is still starting)."""
+    ready, early, deadline = 0, [], time.monotonic() + STARTUP_TIMEOUT
     while ready < world:
         msg = pool.get(1.0)
         if msg is not None:
-            ready += 1
+            if msg[1] == -1:
+                ready += 1
+            else:
+                early.append(msg)
         elif pool.dead() or time.monotonic() > deadline:
             raise RuntimeError(f"the sweep's {world}-rank pool did not start (dead ranks: {pool.dead()})")
+    return early
 
 
-def _drive(pool: _Pool, cases: list[Case], timeout: float, record: Callable[[Verdict], None]) -> int:
-    """Collect the pool's reports in case order; return how many cases it got through (it stops after
-    the first case that needs a restart)."""
+def _drive(pool: _Pool, cases: list[Case], timeout: float, record: Callable[[Verdict], None],
+           early: list[tuple] = ()) -> int:
+    """Collect the pool's reports in case order (``early``: those that came during the start); return
+    how many cases it got through (it stops after the first case that needs a restart)."""
     reports: dict[int, dict[int, tuple]] = {}
+    for rank, index, outcome in early:
+        reports.setdefault(index, {})[rank] = outcome
     current, deadline = 0, time.monotonic() + timeout
     while current < len(cases):
         msg = pool.get(0.5)
@@ -166,8 +175,8 @@ def run_cases(cases: list[Case], timeout: float = 30.0, pg_timeout: float = 60.0
 
             pool = _Pool(world, todo, pg_timeout)
             try:
-                _start(pool, world)
-                done += _drive(pool, todo, timeout, record)
+                early = _start(pool, world)
+                done += _drive(pool, todo, timeout, record, early)
             finally:
                 pool.close()
     return [verdicts[i] for i in range(len(cases))]

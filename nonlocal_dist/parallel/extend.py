@@ -79,7 +79,12 @@ def local_map(fn: Callable) -> Callable:
     return wrapped
 
 
-_plain_apply = torch.autograd.Function.__dict__["apply"].__func__
+# torch's own apply: a Python classmethod up to 2.13, a C classmethod descriptor from 2.14.
+_TORCH_APPLY = torch.autograd.Function.__dict__["apply"]
+
+
+def _plain_apply(cls, *args, **kwargs):
+    return _TORCH_APPLY.__get__(None, cls)(*args, **kwargs)
 
 
 @classmethod

@@ -65,6 +65,15 @@ def generators_agreed(device: torch.device) -> bool:
     return bool(seed & _AGREED_BIT)
 
 
+def check_agreed(op, device: torch.device) -> None:
+    """Refuse ``op`` (a ``sharded.Op``; on every rank) where it must draw alike on every rank but the
+    generator it draws from was not set by an agreement."""
+    if not generators_agreed(device):
+        raise op.refuse("a random op on a value every rank holds alike would draw different values on each rank",
+                        fix="run it inside a parallelized model (its forward agrees on one seed), or draw it "
+                            "before sharding")
+
+
 @contextlib.contextmanager
 def shard_seeded(offsets: tuple[int, ...], device: torch.device):
     """Run a random op on one shard from its own seed: one draw of the default CPU generator (the

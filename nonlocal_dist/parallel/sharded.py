@@ -36,7 +36,7 @@ from torch.utils._pytree import tree_flatten, tree_map
 
 import nonlocal_dist.parallel.failure as failure
 from nonlocal_dist.parallel.arguments import bind, normalize
-from nonlocal_dist.parallel.rng import generators_agreed
+from nonlocal_dist.parallel.rng import check_agreed
 from nonlocal_dist.parallel.spec import ShardSpec
 
 RULES: dict[Callable, Callable[[Op], object]] = {}
@@ -270,10 +270,8 @@ def replicated_or_refuse(op: Op):
     sharded = op.sharded()
     if any(not t.spec.replicated for t in sharded):
         return _refuse_unknown(op)
-    if getattr(op.func, "__name__", "") in _RANDOM and not generators_agreed(sharded[0].device):
-        raise op.refuse("a random op on a replicated value would draw different values on each rank",
-                        fix="run it inside a parallelized model (its forward agrees on one seed), or draw it "
-                            "before sharding")
+    if getattr(op.func, "__name__", "") in _RANDOM:
+        check_agreed(op, sharded[0].device)
     spec = sharded[0].spec
     plain = [t for t in op.tensors() if not isinstance(t, ShardedTensor)]
 

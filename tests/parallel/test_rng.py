@@ -51,6 +51,8 @@ def _rng_worker(rank, world):
     xs = distribute(torch.ones(1, 2, 4, 3), dist.group.WORLD, "b c t w", "t")
     with pytest.raises(ShardingRefusal, match="inside a parallelized model"):
         nn.functional.dropout(xs.mean(dim=2, keepdim=True), 0.5)  # replicated, outside a parallelized forward
+    with pytest.raises(ShardingRefusal, match="inside a parallelized model"):
+        nn.functional.dropout2d(xs, 0.5)  # one mask per sample and channel on every rank: needs agreed generators
     noise = torch.randn_like(xs).to_local()  # sharded outside one: each shard its own draws
     return y, head, grad, again, torch.equal(before, after), noise
 

@@ -8,6 +8,7 @@ Any other length is refused: it would be read as the wrong positions.
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 import inspect
 
@@ -18,7 +19,7 @@ from torch.utils._pytree import tree_map
 
 from nonlocal_dist.parallel.collectives import gather_dim
 from nonlocal_dist.parallel.fetch import reshard
-from nonlocal_dist.parallel.rng import generators_agreed, shard_seeded
+from nonlocal_dist.parallel.rng import check_agreed, shard_seeded
 from nonlocal_dist.parallel.sharded import FAMILIES, Op, ShardedTensor, rule
 from nonlocal_dist.parallel.spec import Shard
 
@@ -259,21 +260,21 @@ def _draws_alike(x: ShardedTensor) -> bool:
     return any(id(g) not in used for g in x.spec.groups)
 
 
-def _check_agreed(op: Op, x: ShardedTensor) -> None:
-    if not generators_agreed(x.device):
-        raise op.refuse("a random op on a value every rank holds alike would draw different values on each rank",
-                        fix="run it inside a parallelized model (its forward agrees on one seed), or draw it "
-                            "before sharding")
+def _drawing(op: Op, x: ShardedTensor, alike: bool):
+    """Where a random op on ``x`` draws: from the agreed generator where every rank must draw the same
+    numbers (``alike``: one mask per sample and channel; or ranks holding the same positions), else
+    from the shard's own seed."""
+    if alike or _draws_alike(x):
+        check_agreed(op, x.device)
+    if alike or x.spec.replicated:
+        return contextlib.nullcontext()
+    return shard_seeded(_shard_offsets(x), x.device)
 
 
 def random_rule(op: Op):
     """A position-wise random op: independent draws per shard, the same draws where replicated."""
     x = op.sharded()[0]
-    if _draws_alike(x):
-        _check_agreed(op, x)
-    if x.spec.replicated:
-        return broadcast_rule(op)
-    with shard_seeded(_shard_offsets(x), x.device):
+    with _drawing(op, x, alike=False):
         return broadcast_rule(op)
 
 
@@ -299,18 +300,13 @@ def _dropout(op: Op):
         return x
     channel = op.func.__name__ in ("dropout1d", "dropout2d", "dropout3d", "feature_alpha_dropout")
     local = x.as_subclass(Tensor)
-    if _draws_alike(x):
-        _check_agreed(op, x)
-    if channel or x.spec.replicated:
-        if channel and any(d < (2 if x.dim() > 2 else 1) for d, _ in x.spec.dims):
-            raise op.refuse("channel dropout with the batch or channel dim sharded")
+    if channel and any(d < (2 if x.dim() > 2 else 1) for d, _ in x.spec.dims):
+        raise op.refuse("channel dropout with the batch or channel dim sharded")
+    with _drawing(op, x, alike=channel):
         if channel and not local.numel():  # torch draws nothing for an empty tensor: draw the mask anyway,
             # so this rank's generator stays in step with the others' (one mask per sample and channel)
             local.new_empty(local.shape[:2] + (1,) * (local.dim() - 2)).bernoulli_(1 - a["p"])
         out = op.run(local, a["p"], True, a["inplace"])
-    else:
-        with shard_seeded(_shard_offsets(x), x.device):
-            out = op.run(local, a["p"], True, a["inplace"])
     return x if a["inplace"] else ShardedTensor.wrap(out, x.spec)
 
 

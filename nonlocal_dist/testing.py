@@ -63,11 +63,9 @@ def _worker(rank, world, port, fn, args, queue, backend="gloo", pg_timeout=60.0)
     """A fresh rank for one call."""
     _start_rank()
     status, payload = _run_one(rank, world, fn, args, backend, pg_timeout, port=port)
-    queue.put((rank, 0, status, payload, False))
-    # The result reaches the parent before any teardown: the queue's feeder thread is joined here,
-    # so a teardown that hangs (torch < 2.8, see parallel.teardown) cannot hold the result back.
-    queue.close()
-    queue.join_thread()
+    # The result reaches the parent before any teardown: a teardown that hangs (torch < 2.8, see
+    # parallel.teardown) cannot hold it back.
+    _flush(queue, (rank, 0, status, payload, False))
     if not end_process_groups():
         os._exit(0)  # torch < 2.8 with gloo: no destructor, in teardown or in finalization
 
@@ -101,12 +99,17 @@ def _pool_worker(rank, world, port, tasks, results):
             _leave(results, None)
 
 
-def _leave(results, last) -> None:
-    """Put ``last`` (if any), flush the result queue and end this rank without teardown."""
+def _flush(results, last) -> None:
+    """Put ``last`` (if any) and wait until the queue's feeder thread has written everything."""
     if last is not None:
         results.put(last)
     results.close()
     results.join_thread()
+
+
+def _leave(results, last) -> None:
+    """``_flush``, then end this rank without teardown."""
+    _flush(results, last)
     os._exit(0)
 
 
@@ -160,6 +163,12 @@ def _close_pools() -> None:
         _POOLS.popitem()[1].close()
 
 
+def _in_rank_order(results: dict, errors: dict, world: int) -> list:
+    if errors:
+        raise AssertionError("\n".join(f"--- rank {r} ---\n{tb}" for r, tb in sorted(errors.items())))
+    return [results[r] for r in range(world)]
+
+
 def _collect(results_queue, world: int, call: int, timeout: float) -> tuple[dict, dict, bool]:
     results, errors, reusable = {}, {}, True
     try:
@@ -202,9 +211,7 @@ def run_ranks(fn, world: int, *args, timeout: float = 120.0, backend: str = "glo
         if not reusable:
             _POOLS.pop(world, None)
             pool.close()
-    if errors:
-        raise AssertionError("\n".join(f"--- rank {r} ---\n{tb}" for r, tb in sorted(errors.items())))
-    return [results[r] for r in range(world)]
+    return _in_rank_order(results, errors, world)
 
 
 def _run_fresh(fn, world: int, args, timeout: float, backend: str, pg_timeout: float) -> list:
@@ -220,6 +227,4 @@ def _run_fresh(fn, world: int, args, timeout: float, backend: str, pg_timeout: f
         for p in procs:
             p.join(timeout=10)
             _kill_group(p.pid)
-    if errors:
-        raise AssertionError("\n".join(f"--- rank {r} ---\n{tb}" for r, tb in sorted(errors.items())))
-    return [results[r] for r in range(world)]
+    return _in_rank_order(results, errors, world)

@@ -23,7 +23,7 @@ import torch
 from torch import Tensor
 from torch.utils._pytree import tree_flatten, tree_map
 
-from nonlocal_dist.parallel.sharded import Op, RULES, ShardedTensor, rule
+from nonlocal_dist.parallel.sharded import Op, ShardedTensor, as_local, rule
 
 # autograd.Function classes declared by the user -> their rule.
 FUNCTION_RULES: dict[type, Callable[[Op], object]] = {}
@@ -49,12 +49,8 @@ def _positionwise_rule(op: Op):
     if mismatched:
         raise op.refuse("a position-wise op whose operands are sharded differently",
                         fix="compute them from the same sharded input")
-    out = op.run(*tree_map(_local, op.args), **tree_map(_local, op.kwargs))
+    out = op.run(*tree_map(as_local, op.args), **tree_map(as_local, op.kwargs))
     return tree_map(lambda t: ShardedTensor.wrap(t, first.spec) if isinstance(t, Tensor) else t, out)
-
-
-def _local(t):
-    return t.to_local() if isinstance(t, ShardedTensor) else t
 
 
 def positionwise(*funcs) -> None:

@@ -297,12 +297,9 @@ def _refuse_unknown(op: Op):
 _plain_backward = torch.autograd.backward
 
 
-def _as_local(t):
-    if not isinstance(t, ShardedTensor):
-        return t
-    with torch.enable_grad():  # inside a backward grad mode is off: the alias must stay in the graph
-        return t.to_local()
-
+def as_local(t):
+    """A sharded tensor's local shard (``to_local``); anything else as it is (for ``tree_map``)."""
+    return t.to_local() if isinstance(t, ShardedTensor) else t
 
 
 @functools.wraps(_plain_backward)
@@ -315,7 +312,8 @@ def _backward(tensors, grad_tensors=None, *args, **kwargs):
     recomputed inside this backward still runs under the rules (torch 2.8 would compare the
     global shape with the gradient's; newer torch would run the rule with them off)."""
     try:
-        tensors, grad_tensors = tree_map(_as_local, (tensors, grad_tensors))
+        with torch.enable_grad():  # inside a backward grad mode is off: the aliases must stay in the graph
+            tensors, grad_tensors = tree_map(as_local, (tensors, grad_tensors))
         return _plain_backward(tensors, grad_tensors, *args, **kwargs)
     except Exception as exc:
         failure.post(exc, "in backward")

@@ -36,12 +36,11 @@ def flush_outputs() -> None:
             pass
 
 
-def teardown_can_hang(backend: str | None = None) -> bool:
+def teardown_can_hang() -> bool:
     """Whether destroying the default group may hang at exit here: torch < 2.8 and a gloo group."""
     if GIL_FREE_TEARDOWN or not dist.is_available() or not dist.is_initialized():
         return False
-    backend = backend or str(dist.get_backend())
-    return "gloo" in backend
+    return "gloo" in str(dist.get_backend())
 
 
 def end_process_groups() -> bool:

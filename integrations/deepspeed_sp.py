@@ -14,10 +14,10 @@ from dataclasses import dataclass
 
 import torch.distributed as dist
 
-from nonlocal_dist.parallel.comm import span_group
-from nonlocal_dist.parallel.distribute import distribute, full_tensor
-from nonlocal_dist.parallel.sharded import ShardedTensor
-from nonlocal_dist.parallel.shard import gather_tensor
+from nonlocal_dist.distributed.mesh import span_group
+from nonlocal_dist.sequence.shard import gather_tensor
+from nonlocal_dist.sharded.distribute import distribute, full_tensor
+from nonlocal_dist.sharded.tensor import ShardedTensor
 
 
 @dataclass(frozen=True)

@@ -4,7 +4,7 @@ For a query position i the row is what multiplies ``g_j`` in ``y_i = 1/C(x) Σ_j
 ``softmax_j(scale theta_i·phi_j)`` for the (embedded) gaussian, ``f(x_i, x_j) / M`` for dot product
 and concatenation, over every key position j of the (sub-sampled) key grid. Only the Q rows are
 computed, O(Q·M) values, never the (N, M) matrix. Under sequence parallelism each rank scores its
-own key shard; see ``nonlocal_dist.parallel.affinity`` for the communication.
+own key shard; see ``nonlocal_dist.sequence.affinity`` for the communication.
 """
 from __future__ import annotations
 
@@ -17,12 +17,12 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from nonlocal_dist.kernels.affinity import affinity_scores, normalise_scores
 from nonlocal_dist.conventions import accumulation_dtype
-from nonlocal_dist.parallel.affinity import sharded_affinity_rows, share_query_rows
-from nonlocal_dist.parallel.checks import agree_on_shards
-from nonlocal_dist.parallel.comm import all_gather_varlen
-from nonlocal_dist.parallel.sharded import ShardedTensor, ShardingRefusal
+from nonlocal_dist.distributed.checks import agree_on_shards
+from nonlocal_dist.distributed.comm import all_gather_varlen
+from nonlocal_dist.kernels.affinity import affinity_scores, normalise_scores
+from nonlocal_dist.sequence.affinity import sharded_affinity_rows, share_query_rows
+from nonlocal_dist.sharded.tensor import ShardedTensor, ShardingRefusal
 
 if TYPE_CHECKING:
     from nonlocal_dist.block import NonLocalBlock
@@ -70,7 +70,7 @@ def _agreed_grid(block: NonLocalBlock, x: Tensor, what: str, extra=None, extra_n
     """(extra's result, global grid {axis: size}, every rank's shard length or None), checked on every rank.
 
     ``extra()``: more local checks returning ``(result, fields)``; under SP a failure on one rank, or
-    ranks disagreeing on the fields, raise on every rank (``parallel.checks.agree_on_shards``).
+    ranks disagreeing on the fields, raise on every rank (``distributed.checks.agree_on_shards``).
     """
     if block.sp_group is None:
         block.layout.check(x, block.in_channels)

@@ -12,13 +12,19 @@ from torch import Tensor, nn
 
 from nonlocal_dist.backends import BACKEND_NAMES
 from nonlocal_dist.conventions import MODES, SOFTMAX_MODES
+from nonlocal_dist.distributed.checks import agree_on_shards
+from nonlocal_dist.distributed.mesh import span_coordinates, span_group
 from nonlocal_dist.functional import nonlocal_op
-from nonlocal_dist.layout import flatten_positions, max_pool_positions, normalise_sub_sample, parse_layout
-from nonlocal_dist.parallel import batch_norm_rows
+from nonlocal_dist.layout import (
+    flatten_positions,
+    max_pool_positions,
+    normalise_sub_sample,
+    parse_layout,
+)
+from nonlocal_dist.sequence import parallel_nonlocal
+from nonlocal_dist.sharded import batch_norm_rows
+from nonlocal_dist.sharded.tensor import ShardedTensor, ShardingRefusal, user_frame
 from nonlocal_dist.validate import one_of, positive_int
-from nonlocal_dist.parallel.checks import agree_on_shards
-from nonlocal_dist.parallel.comm import span_group
-from nonlocal_dist.parallel.sharded import ShardedTensor, ShardingRefusal, user_frame
 
 
 class NonLocalBlock(nn.Module):
@@ -41,6 +47,8 @@ class NonLocalBlock(nn.Module):
     (see ``nonlocal_op``). Parameter gradients are this rank's part: their sum over the group is
     the single-device gradient.
     """
+
+    _lengths: tuple[list[int], list[int]] | None = None  # every rank's N and M while on a ShardedTensor
 
     def __init__(
         self,
@@ -129,8 +137,19 @@ class NonLocalBlock(nn.Module):
         split = "b n (h d) -> b h n d"
         return tuple(rearrange(flatten_positions(t), split, h=self.heads) for t in (theta, phi, g))
 
+    def agreed_settings(self) -> tuple:
+        """What every rank's copy of this block must share beside its parameters (``parallelize``
+        compares it in its one agreement per call)."""
+        return self.mode, self.scale, self.backend, self.sp_strategy, self.heads, tuple(sorted(self.sub_sample.items()))
+
     def attend(self, theta: Tensor, phi: Tensor, g: Tensor) -> Tensor:
-        """y (B', H, N, dv) = the non-local operation of this block's mode."""
+        """y (B', H, N, dv) = the non-local operation of this block's mode. On a sharded activation every
+        rank's N and M come from its spec (``_spec_lengths``): no agreement collective then."""
+        if self._lengths is not None:
+            return parallel_nonlocal(
+                theta, phi, g, self.mode, scale=self.scale, concat_weight=self.concat_weight, backend=self.backend,
+                group=self.sp_group, strategy=self.sp_strategy, lengths=self._lengths,
+            )
         return nonlocal_op(
             theta, phi, g, self.mode, scale=self.scale, concat_weight=self.concat_weight, backend=self.backend,
             group=self.sp_group, strategy=self.sp_strategy,
@@ -169,7 +188,7 @@ class NonLocalBlock(nn.Module):
         return self._forward_plain(x)
 
     def _forward_plain(self, x: Tensor) -> Tensor:
-        if self.sp_group is None:
+        if self.sp_group is None or self._lengths is not None:
             self.layout.check(x, self.in_channels)
         else:  # the layout too is checked inside the exchange: a bad slice on one rank raises on all
             self._check_shards(x)
@@ -188,11 +207,39 @@ class NonLocalBlock(nn.Module):
             z = self._forward_plain(local)
         return ShardedTensor.wrap(z, x.spec)
 
+    def _spec_lengths(self, x: ShardedTensor, local: Tensor) -> tuple[list[int], list[int]]:
+        """Every rank's query and key counts N and M (in ``sp_group``'s rank order), from x's spec: the
+        spec is the same on every rank, so no collective is needed and a refusal raises on every rank.
+        Refuses a ``sub_sample`` window that would cross ranks (a shard length not a multiple of it)."""
+        dims, names = x.spec.dims, self.layout.names
+        shape = x.spec.global_shape(local.shape)
+        sharded = {names[d]: (i, shard) for i, (d, shard) in enumerate(dims)}
+        factors = [self.sub_sample.get(a, 1) for a in sharded]
+        if any(s % f for (_, shard), f in zip(sharded.values(), factors) for s in shard.sizes):
+            lengths = [shard.sizes for _, shard in sharded.values()]
+            factor = factors[0] if len(factors) == 1 else tuple(factors)
+            raise ShardingRefusal(
+                f"sub_sample pools shard axis {' '.join(sharded)} by {factor}, but the shard lengths "
+                f"{lengths[0] if len(lengths) == 1 else list(zip(*lengths))} are not all divisible by {factor}: "
+                "pooling windows would cross rank boundaries. Shard so that every rank holds a multiple of the "
+                f"factor (parallelize's align=) (at {user_frame()})"
+            )
+        counts_n, counts_m = [], []
+        for coordinate in span_coordinates([shard.group for _, shard in dims]):
+            n = m = 1
+            for axis in self.layout.axes:
+                i, shard = sharded.get(axis, (None, None))
+                length = shape[names.index(axis)] if shard is None else shard.sizes[coordinate[i]]
+                n, m = n * length, m * (length // self.sub_sample.get(axis, 1))
+            counts_n.append(n)
+            counts_m.append(m)
+        return counts_n, counts_m
+
     @contextlib.contextmanager
     def on_shards(self, x: Tensor):
         """Yield x's local shard with ``sp_group``/``shard_axis`` taken from its spec for the duration
         (a plain x is yielded as it is). An activation sharded over several mesh dims (t and h of a
-        2-D mesh) runs over one group spanning the mesh (``comm.span_group``): the sum over j is the
+        2-D mesh) runs over one group spanning the mesh (``mesh.span_group``): the sum over j is the
         same in any order of the ranks. Refuses, on every rank, a sharded dim that is not one of the
         block's interacting axes."""
         if not isinstance(x, ShardedTensor):
@@ -205,15 +252,17 @@ class NonLocalBlock(nn.Module):
                 f"{[d for d, _ in dims]} ({[names[d] for d, _ in dims]}): it takes activations sharded along its "
                 f"interacting axes only (at {user_frame()})"
             )
-        saved = (self.sp_group, self.shard_axis)
+        saved = (self.sp_group, self.shard_axis, self._lengths)
         axes = tuple(names[d] for d, _ in dims)
         self.sp_group = span_group([shard.group for _, shard in dims])
         self.shard_axis = axes[0] if len(axes) == 1 else axes
         try:
             with torch._C.DisableTorchFunctionSubclass():
-                yield x.to_local()
+                local = x.to_local()
+                self._lengths = self._spec_lengths(x, local)
+                yield local
         finally:
-            self.sp_group, self.shard_axis = saved
+            self.sp_group, self.shard_axis, self._lengths = saved
 
 
 def _contiguous_grad(grad: Tensor | None) -> Tensor | None:

@@ -4,7 +4,7 @@ from __future__ import annotations
 from torch import Tensor
 
 from nonlocal_dist.backends import dispatch
-from nonlocal_dist.parallel import parallel_nonlocal
+from nonlocal_dist.sequence import parallel_nonlocal
 from nonlocal_dist.validate import check_op_inputs
 
 

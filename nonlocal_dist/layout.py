@@ -108,6 +108,21 @@ def parse_layout(layout: str, axes: str | Sequence[str] | None = None) -> Layout
     return _parse(layout, axes)
 
 
+def axis_dims(layout: str, axes: Sequence[str], ndim: int) -> list[int]:
+    """The dims of ``axes`` in ``layout``, names of a tensor's ``ndim`` dims (any names, e.g. ``"b t"``;
+    unlike ``parse_layout`` no batch or channel axis is required). Raises a ``ValueError`` naming the
+    layout when it does not name each dim once or lacks one of ``axes``."""
+    if not isinstance(layout, str):
+        raise TypeError(f"layout must be a string such as 'b c t h w', got {type(layout).__name__}")
+    names = _tokens(layout, "layout")
+    if len(names) != ndim:
+        raise ValueError(f"layout {layout!r} must name each of the tensor's {ndim} dims once, it names {len(names)}")
+    missing = [a for a in axes if a not in names]
+    if missing:
+        raise ValueError(f"axes {missing} are not in layout {layout!r}; choose among {list(names)}")
+    return [names.index(a) for a in axes]
+
+
 def normalise_sub_sample(sub_sample: bool | dict[str, int] | None, axes: tuple[str, ...]) -> dict[str, int]:
     """Pooling factor per position axis: ``True`` is 2 on every axis but ``t``; a dict names its axes."""
     if sub_sample is None or sub_sample is False:

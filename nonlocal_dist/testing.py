@@ -8,7 +8,7 @@ that the parent process serves (on a port the OS chose, so no port can be taken 
 and listening on it), the torch seed of a fresh process, and default dtype and grad mode reset. A pool
 is retired (its processes killed, the next call starts a new one) after any failure or hang, after a
 call that imported DeepSpeed or W&B (they keep global state that outlives a process group), and on
-torch < 2.8 (see ``parallel.teardown``). ``NONLOCAL_FRESH_RANKS=1`` spawns fresh ranks for every call.
+torch < 2.8 (see ``distributed.teardown``). ``NONLOCAL_FRESH_RANKS=1`` spawns fresh ranks for every call.
 """
 from __future__ import annotations
 
@@ -27,8 +27,8 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from nonlocal_dist.parallel.comm import _SPANS as span_groups
-from nonlocal_dist.parallel.teardown import GIL_FREE_TEARDOWN, end_process_groups
+from nonlocal_dist.distributed.mesh import _SPANS as span_groups
+from nonlocal_dist.distributed.teardown import GIL_FREE_TEARDOWN, end_process_groups
 
 # Modules whose global state outlives a process group: a rank that imported one is not reused.
 _STATEFUL_MODULES = ("deepspeed", "wandb")
@@ -64,7 +64,7 @@ def _worker(rank, world, port, fn, args, queue, backend="gloo", pg_timeout=60.0)
     _start_rank()
     status, payload = _run_one(rank, world, fn, args, backend, pg_timeout, port=port)
     # The result reaches the parent before any teardown: a teardown that hangs (torch < 2.8, see
-    # parallel.teardown) cannot hold it back.
+    # distributed.teardown) cannot hold it back.
     _flush(queue, (rank, 0, status, payload, False))
     if not end_process_groups():
         os._exit(0)  # torch < 2.8 with gloo: no destructor, in teardown or in finalization

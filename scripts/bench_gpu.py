@@ -24,13 +24,13 @@ from typing import Callable
 
 import torch
 import torch.nn.functional as F
+from bench_utils import peak_memory_mb, print_table
 from torch import nn
 
-from bench_utils import peak_memory_mb, print_table
 from nonlocal_dist import NonLocalBlock, nonlocal_op
 from nonlocal_dist.backends import BACKENDS
+from nonlocal_dist.sequence.ring import local_ring_attention
 from nonlocal_dist.validate import check_op_inputs
-from nonlocal_dist.parallel.ring import local_ring_attention
 
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 

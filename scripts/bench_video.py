@@ -20,8 +20,8 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
-
 from bench_utils import best_time, peak_memory_mb, print_table, spawn_ranks
+
 from nonlocal_dist import parallelize
 from nonlocal_dist.models import I3DNonLocal
 
@@ -73,11 +73,15 @@ def _count_collectives(run) -> int:
 def _sharded_input(clip: torch.Tensor, group):
     """The clip as this package takes it: a ShardedTensor; before the redesign (``--baseline``), the
     class-swapped model took this rank's plain slice (``shard_tensor``)."""
-    import nonlocal_dist.parallel as parallel
+    try:
+        from nonlocal_dist.sharded import distribute
+    except ImportError:  # a baseline from before the package split
+        import nonlocal_dist.parallel as parallel
 
-    if hasattr(parallel, "distribute"):
-        return parallel.distribute(clip, group, "b c t h w", "t")
-    return parallel.shard_tensor(clip, "b c t h w", "t", group)
+        if not hasattr(parallel, "distribute"):
+            return parallel.shard_tensor(clip, "b c t h w", "t", group)
+        distribute = parallel.distribute
+    return distribute(clip, group, "b c t h w", "t")
 
 
 def _rank_main(rank, world, args, group) -> tuple[float, float, int]:

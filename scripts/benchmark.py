@@ -17,13 +17,13 @@ import argparse
 import json
 import math
 
+import bench_gpu
 import torch
 import torch.nn.functional as F
-
-import bench_gpu
 from bench_utils import best_time, peak_memory_mb, print_table
+
 from nonlocal_dist import MODES, NonLocalBlock, nonlocal_op
-from nonlocal_dist.parallel import group_batch_norm
+from nonlocal_dist.sharded import group_batch_norm
 
 
 def _op_inputs(n: int, d: int, heads: int = 1, requires_grad: bool = True):

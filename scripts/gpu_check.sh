@@ -86,8 +86,8 @@ else run_stage install 60 install; fi
 # Every test file with CUDA cases (grep -l cuda.is_available tests), plus dispatch on this install, and the
 # parallelized I3D on a one-rank NCCL group (the sharded layers' CUDA paths in one process).
 run_stage cuda_tests 150 "$py" -m pytest -q -p no:cacheprovider tests/kernels/test_cuda.py tests/kernels/test_dispatch.py \
-    tests/kernels/test_fast_paths.py tests/parallel/test_ring_local.py tests/test_functional.py \
-    "tests/parallel/test_parallelize.py::test_one_rank_group_equals_the_plain_model"
+    tests/kernels/test_fast_paths.py tests/sequence/test_ring_local.py tests/test_functional.py \
+    "tests/sharded/test_parallelize.py::test_one_rank_group_equals_the_plain_model"
 run_stage benchmark 150 "$py" scripts/benchmark.py --device cuda --json "$out/benchmark.json"
 run_stage train 110 "$py" -m torch.distributed.run --standalone --nproc_per_node 1 scripts/train.py \
     --deepspeed_config configs/ds_zero2.json --steps "$steps" --wandb disabled --maps-every 0 --quiet \

@@ -3,7 +3,7 @@
 Every case (an op's float64 sample with one or two tensor arguments sharded: 2 ranks uneven, 3
 ranks with an empty piece, two arguments or two dims over one group, a 2x2 mesh) runs on real gloo
 ranks and is classified exact / refused / unchecked / skip / BAD against the one-process result
-(``nonlocal_dist.parallel.sweep``). Prints the markdown table and writes it to ``--out``; BAD
+(``nonlocal_dist.sharded.sweep``). Prints the markdown table and writes it to ``--out``; BAD
 cases are printed to stderr as they are found. Exits 1 when any case is BAD.
 
     python scripts/op_sweep.py                       # all ops, 2 samples each (~15 min on 2 cores)
@@ -16,7 +16,7 @@ import argparse
 import sys
 import time
 
-from nonlocal_dist.parallel.sweep import KINDS, enumerate_cases, markdown, run_cases
+from nonlocal_dist.sharded.sweep import KINDS, enumerate_cases, markdown, run_cases
 
 
 def main(argv: list[str] | None = None) -> int:

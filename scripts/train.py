@@ -24,22 +24,36 @@ import deepspeed
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
-
-from nonlocal_dist import parallelize
-from nonlocal_dist.checkpointing import KINDS as CHECKPOINT_KINDS, apply_activation_checkpointing
-from nonlocal_dist.data import DIGIT_VIDEO_SCALE, digit_clips, write_digit_videos
-from nonlocal_dist.integrations.faults import (
-    Fault, SkipCounter, StepGuard, apply_group_timeout, begin_fresh, check_finite, load_checkpoint, resolve_timeout,
-    save_checkpoint,
-)
 from nonlocal_dist.integrations.deepspeed_sp import (
-    init_distributed, init_sequence_parallel, initialize, loss_scale, model_context, resolve_sp_size, shard_batch,
+    init_distributed,
+    init_sequence_parallel,
+    initialize,
+    loss_scale,
+    model_context,
+    resolve_sp_size,
+    shard_batch,
+)
+from nonlocal_dist.integrations.faults import (
+    Fault,
+    SkipCounter,
+    StepGuard,
+    apply_group_timeout,
+    begin_fresh,
+    check_finite,
+    load_checkpoint,
+    resolve_timeout,
+    save_checkpoint,
 )
 from nonlocal_dist.integrations.wandb_logger import RunLogger, rank_perf
 from nonlocal_dist.integrations.wandb_maps import AttentionMapLogger
+
+from nonlocal_dist import parallelize
+from nonlocal_dist.checkpointing import KINDS as CHECKPOINT_KINDS
+from nonlocal_dist.checkpointing import apply_activation_checkpointing
+from nonlocal_dist.data import DIGIT_VIDEO_SCALE, digit_clips, write_digit_videos
+from nonlocal_dist.distributed.teardown import end_process_groups
 from nonlocal_dist.models import C2DNonLocal, I3DNonLocal
-from nonlocal_dist.parallel import from_local
-from nonlocal_dist.parallel.teardown import end_process_groups
+from nonlocal_dist.sharded import from_local
 from nonlocal_dist.video import TrainBatchSampler
 
 ROOT = Path(__file__).resolve().parents[1]

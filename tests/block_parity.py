@@ -5,10 +5,10 @@ from __future__ import annotations
 
 import torch
 import torch.distributed as dist
-
 from helpers import rel_err
+
 from nonlocal_dist import NonLocalBlock
-from nonlocal_dist.parallel import gather_tensor, shard_tensor
+from nonlocal_dist.sequence import gather_tensor, shard_tensor
 
 
 def sharded_block_failures(rank: int, world: int, mode: str, configs: list, seed: int) -> list[str]:

@@ -1,4 +1,4 @@
-"""Imports flow one way: integrations -> maps and mmcv interop -> block -> parallel -> kernels.
+"""Imports flow one way: integrations -> maps and mmcv interop -> block -> sharded -> sequence -> distributed -> kernels.
 
 Read from the source (every import statement, those inside functions too; ``TYPE_CHECKING`` blocks
 are annotations only), so a lazy import that closes a circle is caught as well as a top-level one.
@@ -59,3 +59,17 @@ def test_no_import_circles_below_the_package_root():
     graph = _graph()
     circles = [name for name in graph if name in _reachable(graph, name)]
     assert not circles, circles
+
+
+def test_the_two_packages_stand_on_the_primitives_and_not_on_each_other():
+    """``distributed`` (c10d calls, shard arithmetic, mesh groups, agreement, failures) knows neither package
+    above it; sequence-parallel attention (``sequence``) does not reach into the sharded runtime."""
+    graph = _graph()
+    for name in graph:
+        below = _reachable(graph, name)
+        if name.startswith("nonlocal_dist.distributed"):
+            above = sorted(m for m in below if not m.startswith("nonlocal_dist.distributed")
+                           and m not in ("nonlocal_dist.conventions", "nonlocal_dist.validate"))
+            assert not above, (name, above)
+        if name.startswith("nonlocal_dist.sequence"):
+            assert not {m for m in below if m.startswith("nonlocal_dist.sharded")}, name

@@ -8,11 +8,11 @@ import copy
 import pytest
 import torch
 import torch.distributed as dist
-
-from nonlocal_dist.testing import run_ranks
 from helpers import assert_rel, rel_err
-from nonlocal_dist import MODES, NonLocalBlock
 from oracle import oracle_block
+
+from nonlocal_dist import MODES, NonLocalBlock
+from nonlocal_dist.testing import run_ranks
 
 HALF = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -94,7 +94,7 @@ def _sp_autocast_mode(mode):
     whole = _block(mode)
     sharded = _block(mode, sp_group=group, shard_axis="t")
     x, grad = _x(2, 8, 6, 6, 6), torch.randn(2, 8, 6, 6, 6, generator=torch.Generator().manual_seed(3))
-    from nonlocal_dist.parallel import gather_tensor, shard_tensor
+    from nonlocal_dist.sequence import gather_tensor, shard_tensor
 
     xw, xs = x.clone().requires_grad_(), shard_tensor(x, "b c t h w", "t", group).requires_grad_()
     with torch.autocast("cpu", dtype=torch.bfloat16):

@@ -8,10 +8,10 @@ import copy
 
 import pytest
 import torch
+from helpers import assert_rel
 from torch import Tensor, nn
 
-from helpers import assert_rel
-from nonlocal_dist.parallel import batch_norm_rows, group_batch_norm
+from nonlocal_dist.sharded import batch_norm_rows, group_batch_norm
 
 
 def _bn() -> nn.BatchNorm1d:

@@ -13,8 +13,8 @@ import torch.utils.checkpoint
 from torch import Tensor, nn
 
 from nonlocal_dist.block import NonLocalBlock
-from nonlocal_dist.parallel import group_batch_norm
-from nonlocal_dist.parallel.distribute import parallelize
+from nonlocal_dist.sharded import group_batch_norm
+from nonlocal_dist.sharded.distribute import parallelize
 
 
 class _Norm3d(nn.BatchNorm1d):

@@ -29,8 +29,8 @@ import torch
 from torch import Tensor
 from torch.utils.data import Dataset, Sampler
 
-from nonlocal_dist.parallel.checks import agree_across_ranks, exchange_device
-from nonlocal_dist.parallel.comm import all_reduce_max
+from nonlocal_dist.distributed.checks import agree_across_ranks, exchange_device
+from nonlocal_dist.distributed.comm import all_reduce_max
 from nonlocal_dist.video.decode import (
     FORMATS,
     VideoReadError,

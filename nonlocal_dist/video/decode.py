@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from nonlocal_dist.parallel.spec import even_sizes
+from nonlocal_dist.distributed.shards import even_sizes, piece
 
 BACKENDS = ("pyav", "torchcodec", "decord")
 FORMATS = {"rgb24": 3, "gray": 1}
@@ -72,9 +72,7 @@ def shard_range(length: int, shard: tuple[int, int] | None) -> tuple[int, int]:
     if shard is None:
         return 0, length
     rank, world = check_shard(shard)
-    sizes = even_sizes(length, world)
-    start = sum(sizes[:rank])
-    return start, start + sizes[rank]
+    return piece(even_sizes(length, world), rank)
 
 
 def check_shard(shard) -> tuple[int, int]:

@@ -10,9 +10,9 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
+from helpers import rel_err
 
 from nonlocal_dist.testing import run_ranks
-from helpers import rel_err
 
 deepspeed = pytest.importorskip("deepspeed")
 
@@ -87,11 +87,15 @@ def _reference(name: str, stage: int, steps: int):
 
 def _sp_worker(rank, world, name, stage, steps, checkpoint):
     from deepspeed.utils import safe_get_full_fp32_param, safe_get_full_grad
-
     from nonlocal_dist.integrations.deepspeed_sp import (
-        init_distributed, init_sequence_parallel, initialize, loss_scale, model_context,
+        init_distributed,
+        init_sequence_parallel,
+        initialize,
+        loss_scale,
+        model_context,
     )
-    from nonlocal_dist.parallel import distribute
+
+    from nonlocal_dist.sharded import distribute
 
     os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world))
     init_distributed("gloo")
@@ -158,12 +162,17 @@ def test_sp2_step_matches_single_process(name, stage, checkpoint):
 def _mesh_worker(rank, world, stage):
     """A (dp=2, t=2) DeviceMesh: each data-parallel group trains on its own clip, sharded over t."""
     from deepspeed.utils import safe_get_full_fp32_param, safe_get_full_grad
+    from nonlocal_dist.integrations.deepspeed_sp import (
+        init_distributed,
+        initialize,
+        loss_scale,
+        model_context,
+        sequence_parallel_from_mesh,
+        shard_batch,
+    )
     from torch.distributed.device_mesh import init_device_mesh
 
     from nonlocal_dist import parallelize
-    from nonlocal_dist.integrations.deepspeed_sp import (
-        init_distributed, initialize, loss_scale, model_context, sequence_parallel_from_mesh, shard_batch,
-    )
 
     os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world))
     init_distributed("gloo")
@@ -218,7 +227,6 @@ def test_dp_as_a_mesh_dim(stage):
 
 def _init_worker(rank, world, extensions_dir):
     from deepspeed.comm import comm
-
     from nonlocal_dist.integrations.deepspeed_sp import init_distributed
 
     os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world), TORCH_EXTENSIONS_DIR=extensions_dir)

@@ -14,15 +14,22 @@ import numpy as np
 import pytest
 import torch
 import torch.distributed as dist
-
-from nonlocal_dist.testing import free_port, run_ranks
 from helpers import rel_err
 from nonlocal_dist.integrations.wandb_logger import RunLogger
 from nonlocal_dist.integrations.wandb_maps import (
-    KEY_COLOUR, QUERY_COLOUR, AttentionMapLogger, ink_queries, map_caption, render_maps, top_keys, viridis,
+    KEY_COLOUR,
+    QUERY_COLOUR,
+    AttentionMapLogger,
+    ink_queries,
+    map_caption,
+    render_maps,
+    top_keys,
+    viridis,
 )
+
 from nonlocal_dist.models import C2DNonLocal
-from nonlocal_dist.parallel import distribute
+from nonlocal_dist.sharded import distribute
+from nonlocal_dist.testing import free_port, run_ranks
 
 ROOT = Path(__file__).resolve().parents[2]
 GREEN = np.array([26, 255, 51], dtype=np.uint8)  # QUERY_COLOUR

@@ -10,15 +10,25 @@ import warnings
 
 import pytest
 import torch
-
 from helpers import assert_rel
-from nonlocal_dist import NonLocalBlock, nonlocal_op
-from nonlocal_dist.backends import AUTO_ORDER, BACKENDS, OpInputs, select_backend, select_block_kernel
-from nonlocal_dist.kernels.blocked_softmax import blocked_backward, blocked_forward
-from nonlocal_dist.kernels.softmax import attention_backward, attention_forward, preferred_chunk
-from nonlocal_dist.validate import check_op_inputs
 from oracle import naive_nonlocal
 from test_dispatch import UNLOADED, broken_xformers, fresh_dispatch  # noqa: F401  (fixtures)
+
+from nonlocal_dist import NonLocalBlock, nonlocal_op
+from nonlocal_dist.backends import (
+    AUTO_ORDER,
+    BACKENDS,
+    OpInputs,
+    select_backend,
+    select_block_kernel,
+)
+from nonlocal_dist.kernels.blocked_softmax import blocked_backward, blocked_forward
+from nonlocal_dist.kernels.softmax import (
+    attention_backward,
+    attention_forward,
+    preferred_chunk,
+)
+from nonlocal_dist.validate import check_op_inputs
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 
@@ -196,7 +206,7 @@ def test_block_under_autocast(mode, dtype):
 
 
 def test_ring_schedule_in_one_process():
-    ring = pytest.importorskip("nonlocal_dist.parallel.ring")
+    ring = pytest.importorskip("nonlocal_dist.sequence.ring")
     q, k, v, _ = _inputs("embedded_gaussian", torch.bfloat16, n=512, m=512, d=64, dv=64)
     y = ring.local_ring_attention(q, k, v, 0.125, 4)
     leaves = [q, k, v]

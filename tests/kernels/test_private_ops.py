@@ -8,14 +8,14 @@ import warnings
 
 import pytest
 import torch
-
 from helpers import assert_rel
+from oracle import naive_nonlocal
+
 from nonlocal_dist import nonlocal_op
 from nonlocal_dist.backends import OpInputs, select_block_kernel
 from nonlocal_dist.kernels import softmax
 from nonlocal_dist.kernels.softmax import LSE_KERNELS
-from nonlocal_dist.parallel.ring import local_ring_attention
-from oracle import naive_nonlocal
+from nonlocal_dist.sequence.ring import local_ring_attention
 
 CPU_FLASH = "_scaled_dot_product_flash_attention_for_cpu"
 CPU_FLASH_BACKWARD = "_scaled_dot_product_flash_attention_for_cpu_backward"

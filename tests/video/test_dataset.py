@@ -8,9 +8,9 @@ from pathlib import Path
 
 import pytest
 import torch
-from nonlocal_dist.testing import run_ranks
 from torch.utils.data import DataLoader
 
+from nonlocal_dist.testing import run_ranks
 from nonlocal_dist.video import (
     ClipTransform,
     EvalBatchSampler,
@@ -141,7 +141,7 @@ def _group_run(rank, world, ann_file, bad_root):
     """2 data-parallel groups x 2 sequence-parallel ranks; rank 3 reads from a root where one video is corrupt."""
     import torch.distributed as dist
 
-    from nonlocal_dist.parallel import gather_tensor
+    from nonlocal_dist.sequence import gather_tensor
 
     sp_size = 2
     groups = [dist.new_group([g * sp_size + r for r in range(sp_size)]) for g in range(world // sp_size)]

@@ -9,10 +9,9 @@ import numpy as np
 import pytest
 import torch
 from conftest import FRAMES, KEYINT
-from nonlocal_dist.testing import run_ranks
 
-from nonlocal_dist.parallel.spec import even_sizes
-from nonlocal_dist.video.decode import _import
+from nonlocal_dist.distributed.shards import even_sizes
+from nonlocal_dist.testing import run_ranks
 from nonlocal_dist.video import (
     VideoReadError,
     probe,
@@ -20,6 +19,7 @@ from nonlocal_dist.video import (
     read_frames,
     shard_range,
 )
+from nonlocal_dist.video.decode import _import
 
 LOSSLESS = ("x264rgb.mp4", "ffv1.mkv", "vfr.mkv")
 
@@ -59,7 +59,7 @@ def test_shards_equal_the_whole_clip_cut_by_even_sizes(videos, name, frame_inter
 def _shard_tensor_on_ranks(rank, world, path, cases):
     import torch.distributed as dist
 
-    from nonlocal_dist.parallel import shard_tensor
+    from nonlocal_dist.sequence import shard_tensor
 
     out = []
     for start, clip_len, interval in cases:

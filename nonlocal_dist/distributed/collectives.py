@@ -1,0 +1,110 @@
+"""Differentiable collectives over the position axis: one autograd node per call.
+
+A call that moves several tensors (phi and g; theta, phi and g) is one autograd node whose forward
+and backward run one collective per tensor, in a fixed order: the order of collectives is then the
+same on every rank (two sibling nodes in one graph have been seen to pair the wrong gradients on
+gloo), and no packed copy of the tensors is ever made (each tensor travels as it is).
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.distributed as dist
+from torch import Tensor
+
+from nonlocal_dist.distributed.comm import (
+    all_gather_varlen,
+    all_reduce_sum,
+    all_to_all_varlen,
+    reduce_scatter_varlen,
+)
+
+
+class _GatherPositions(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, group, sizes, *parts):
+        ctx.group, ctx.sizes = group, sizes
+        return tuple(all_gather_varlen(p, sizes, dim=-2, group=group) for p in parts)
+
+    @staticmethod
+    def backward(ctx, *grads):
+        local = [reduce_scatter_varlen(g, ctx.sizes, dim=-2, group=ctx.group) for g in grads]
+        return (None, None, *local)
+
+
+def gather_positions(group, sizes: list[int], *parts: Tensor) -> tuple[Tensor, ...]:
+    """All-gather tensors (B, H, L_r, c_k) along positions, one node; backward reduce-scatters.
+
+    ``sizes[r]`` is L on rank r. Returns the full (B, H, Σ L, c_k) tensors in rank order.
+    """
+    return _GatherPositions.apply(group, sizes, *parts)
+
+
+def gather_dim(local: Tensor, dim: int, sizes: list[int], group) -> Tensor:
+    """The whole of ``dim`` on every rank: a differentiable all-gather of the pieces of length
+    ``sizes[r]`` (any number of dims, empty pieces too); the backward reduce-scatters."""
+    moved = local.movedim(dim, 0)
+    rest = list(moved.shape[1:])
+    flat = moved.reshape(1, moved.shape[0], math.prod(rest))
+    return gather_positions(group, sizes, flat)[0].reshape(sum(sizes), *rest).movedim(0, dim)
+
+
+class _AllReduce(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, group):
+        ctx.group = group
+        return all_reduce_sum(x, group)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return all_reduce_sum(grad, ctx.group), None
+
+
+def all_reduce(x: Tensor, group) -> Tensor:
+    """Differentiable sum over ranks (each rank's gradient is the sum of every rank's gradient)."""
+    return _AllReduce.apply(x, group)
+
+
+def seq_to_heads(x: Tensor, sizes: list[int], group) -> Tensor:
+    """(B, H, L_r, c) position shards -> (B, H/P, Σ L, c) head shards (all-to-all)."""
+    world = dist.get_world_size(group)
+    return all_to_all_varlen(x, 1, [x.shape[1] // world] * world, 2, sizes, group)
+
+
+def heads_to_seq(x: Tensor, sizes: list[int], group) -> Tensor:
+    """(B, H/P, Σ L, c) head shards -> (B, H, L_r, c) position shards (the inverse all-to-all)."""
+    world = dist.get_world_size(group)
+    return all_to_all_varlen(x, 2, sizes, 1, [x.shape[1]] * world, group)
+
+
+class _SeqToHeads(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, group, sizes, *parts):
+        ctx.group, ctx.sizes = group, sizes
+        return tuple(seq_to_heads(p, s, group) for p, s in zip(parts, sizes))
+
+    @staticmethod
+    def backward(ctx, *grads):
+        return (None, None, *(heads_to_seq(g, s, ctx.group) for g, s in zip(grads, ctx.sizes)))
+
+
+class _HeadsToSeq(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, group, sizes):
+        ctx.group, ctx.sizes = group, sizes
+        return heads_to_seq(x, sizes, group)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return seq_to_heads(grad, ctx.sizes, ctx.group), None, None
+
+
+def scatter_heads(group, sizes: list[list[int]], *parts: Tensor) -> tuple[Tensor, ...]:
+    """Differentiable ``seq_to_heads`` of several tensors in one node; ``sizes[i]``: positions per rank of part i."""
+    return _SeqToHeads.apply(group, sizes, *parts)
+
+
+def gather_heads(x: Tensor, group, sizes: list[int]) -> Tensor:
+    """Differentiable ``heads_to_seq``."""
+    return _HeadsToSeq.apply(x, group, sizes)

@@ -1,0 +1,250 @@
+"""The raw collectives of this package (every c10d call goes through here): uneven gathers/scatters,
+all-to-all, all-reduce and ring communicators (``RingComm`` over a process group, ``LocalComm`` for
+simulated ranks in one process). Their autograd forms are in ``collectives.py``.
+
+Every collective is started asynchronously and waited for by ``failure.wait``: a peer that fails
+meanwhile makes this rank raise instead of waiting for the process group's timeout. Nothing here
+knows about the non-local math; every function takes the process group explicitly.
+"""
+from __future__ import annotations
+
+import math
+from collections import deque
+
+import torch
+import torch.distributed as dist
+from torch import Tensor
+
+import nonlocal_dist.distributed.failure as failure
+
+# One-tensor collectives (named ``all_gather_into_tensor``/``reduce_scatter_tensor`` before torch 2.13).
+_all_gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+_reduce_scatter = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
+
+
+def _run(collective, *args, **kwargs) -> None:
+    """Start ``collective`` asynchronously and wait for it (raising if a peer fails meanwhile)."""
+    failure.wait(collective(*args, async_op=True, **kwargs))
+
+
+def all_gather_into(out: list[Tensor], x: Tensor, group) -> None:
+    """``dist.all_gather``: rank r's ``x`` into ``out[r]``."""
+    _run(dist.all_gather, out, x, group=group)
+
+
+def broadcast_(x: Tensor, src_rank: int, group) -> None:
+    """``x`` of the group's rank ``src_rank`` on every rank, in place."""
+    _run(dist.broadcast, x, src=dist.get_global_rank(group, src_rank), group=group)
+
+
+def all_to_all_flat(recv: Tensor, send: Tensor, recv_splits: list[int], send_splits: list[int], group) -> None:
+    """``dist.all_to_all_single`` of flat buffers: ``send_splits[q]`` elements to rank q."""
+    _run(dist.all_to_all_single, recv, send, recv_splits, send_splits, group=group)
+
+
+def all_to_all_positions(chunks: list[Tensor], recv_lengths: list[int], rest: torch.Size, group) -> list[Tensor]:
+    """Send ``chunks[q]`` (n_q, *rest) to rank q; receive (recv_lengths[q], *rest) from each rank q.
+    One ``all_to_all_single`` of the chunks laid end to end (none in a group of one)."""
+    if len(chunks) == 1:  # a group of one: nothing moves
+        return [chunks[0].new_empty((0, *rest))]
+    per_position = rest.numel()
+    send = torch.cat([c.reshape(-1) for c in chunks])
+    out_splits = [n * per_position for n in recv_lengths]
+    recv = send.new_empty(sum(out_splits))
+    all_to_all_flat(recv, send, out_splits, [c.numel() for c in chunks], group)
+    return [piece.view(n, *rest) for piece, n in zip(recv.split(out_splits), recv_lengths)]
+
+
+def _pad_to(x: Tensor, size: int, dim: int) -> Tensor:
+    if x.shape[dim] == size:
+        return x.contiguous()
+    pad_shape = list(x.shape)
+    pad_shape[dim] = size - x.shape[dim]
+    return torch.cat([x, x.new_zeros(pad_shape)], dim=dim)
+
+
+def _leading(shape: torch.Size | list[int], dim: int) -> int:
+    """Number of slabs before ``dim``: slices along ``dim`` of a contiguous tensor are contiguous when 1."""
+    return math.prod(shape[:dim])
+
+
+def all_gather_varlen(x: Tensor, sizes: list[int], dim: int, group) -> Tensor:
+    """Concatenate every rank's ``x`` along ``dim``; rank r's shard has ``sizes[r]`` entries there.
+
+    Memory: even shards are received straight into their slices of the result (the collective's own
+    buffer aside); uneven ones into one buffer of shards padded to the longest, then copied out.
+    """
+    dim = dim % x.dim()
+    if min(sizes) == max(sizes):
+        shape = list(x.shape)
+        shape[dim] = sum(sizes)
+        out = x.new_empty(shape)
+        all_gather_into(list(out.split(sizes, dim=dim)), x.contiguous(), group)
+        return out
+    padded = _pad_to(x, max(sizes), dim)
+    shard_shape = padded.shape
+    parts = padded.new_empty((len(sizes) * shard_shape[0], *shard_shape[1:]))  # rank-major, as the collective fills it
+    _run(_all_gather, parts, padded, group=group)
+    del padded
+    parts = parts.view(len(sizes), *shard_shape)
+    return torch.cat([p.narrow(dim, 0, s) for p, s in zip(parts, sizes)], dim=dim)
+
+
+def reduce_scatter_varlen(x: Tensor, sizes: list[int], dim: int, group) -> Tensor:
+    """Sum ``x`` (the full length ``sum(sizes)`` along ``dim``) over ranks; return this rank's shard.
+
+    One copy of ``x`` laid out rank-major (each rank's slice, zero-padded to the longest) is the
+    collective's input: memory ``x`` plus that copy plus this rank's (padded) shard.
+    """
+    dim = dim % x.dim()
+    longest = max(sizes)
+    shard_shape = list(x.shape)
+    shard_shape[dim] = longest
+    stacked = x.new_empty((len(sizes), *shard_shape)) if min(sizes) == longest else x.new_zeros((len(sizes), *shard_shape))
+    for slot, chunk in zip(stacked, x.split(sizes, dim=dim)):
+        slot.narrow(dim, 0, chunk.shape[dim]).copy_(chunk)
+    out = x.new_empty(shard_shape)
+    _run(_reduce_scatter, out, stacked.view(len(sizes) * shard_shape[0], *shard_shape[1:]), group=group)
+    return out.narrow(dim, 0, sizes[dist.get_rank(group)])
+
+
+def all_to_all_varlen(x: Tensor, send_dim: int, send_sizes: list[int], recv_dim: int, recv_sizes: list[int], group) -> Tensor:
+    """Split ``x`` along ``send_dim`` (``send_sizes[s]`` entries to rank s); concatenate what every rank
+    sends here along ``recv_dim`` (``recv_sizes[s]`` entries from rank s). One ``all_to_all_single``.
+
+    E.g. positions -> heads: x (B, H, L_r, c), send_dim 1 (H/P heads each), recv_dim 2 (L_s each)
+    gives (B, H/P, Σ L, c). The send buffer is ``x`` itself when its slices are contiguous, else one
+    copy; the result is the receive buffer itself when its pieces are adjacent, else one copy.
+    """
+    if len(send_sizes) == 1:  # a group of one: nothing moves
+        return x
+    rank = dist.get_rank(group)
+    pieces = x.split(send_sizes, dim=send_dim)
+    if x.is_contiguous() and _leading(x.shape, send_dim) == 1:
+        send = x.reshape(-1)
+    else:
+        send = x.new_empty(x.numel())
+        offset = 0
+        for piece in pieces:
+            send[offset : offset + piece.numel()].view(piece.shape).copy_(piece)
+            offset += piece.numel()
+    piece_shape = list(x.shape)
+    piece_shape[send_dim] = send_sizes[rank]
+    recv_shapes = []
+    for size in recv_sizes:
+        recv_shapes.append(list(piece_shape))
+        recv_shapes[-1][recv_dim] = size
+    recv_numels = [math.prod(s) for s in recv_shapes]
+    recv = x.new_empty(sum(recv_numels))
+    all_to_all_flat(recv, send, recv_numels, [p.numel() for p in pieces], group)
+    del send, pieces
+    out_shape = list(piece_shape)
+    out_shape[recv_dim] = sum(recv_sizes)
+    if _leading(out_shape, recv_dim) == 1:
+        return recv.view(out_shape)
+    return torch.cat([r.view(s) for r, s in zip(recv.split(recv_numels), recv_shapes)], dim=recv_dim)
+
+
+def all_reduce_sum(x: Tensor, group) -> Tensor:
+    x = x.contiguous().clone()
+    _run(dist.all_reduce, x, group=group)
+    return x
+
+
+def all_reduce_max(x: Tensor, group) -> Tensor:
+    x = x.contiguous().clone()
+    _run(dist.all_reduce, x, op=dist.ReduceOp.MAX, group=group)
+    return x
+
+
+class RingComm:
+    """Send to the next rank and receive from the previous one, asynchronously (batch_isend_irecv).
+
+    Usage per transfer: ``send_recv`` (any number), ``commit`` once, ``wait`` before reading what
+    arrived; a second ``commit`` before ``wait`` raises. Empty tensors are not sent: both ends know
+    the shape, so the receiver gets an empty buffer without a message.
+    """
+
+    def __init__(self, group) -> None:
+        self.group = group
+        self.rank = dist.get_rank(group)
+        self.world = dist.get_world_size(group)
+        self.next = dist.get_global_rank(group, (self.rank + 1) % self.world)
+        self.prev = dist.get_global_rank(group, (self.rank - 1) % self.world)
+        self._ops: list[dist.P2POp] = []
+        self._reqs: list = []
+        self._in_flight = False
+
+    def send_recv(self, send: Tensor, recv_shape: torch.Size | tuple[int, ...]) -> Tensor:
+        """Queue sending ``send`` to the next rank and receiving a tensor of ``recv_shape``."""
+        recv = send.new_empty(recv_shape)
+        if send.numel():
+            self._ops.append(dist.P2POp(dist.isend, send.contiguous(), self.next, self.group))
+        if recv.numel():
+            self._ops.append(dist.P2POp(dist.irecv, recv, self.prev, self.group))
+        return recv
+
+    def commit(self) -> None:
+        """Start the queued transfers."""
+        _refuse_second_commit(self._in_flight)
+        self._reqs = dist.batch_isend_irecv(self._ops) if self._ops else []
+        self._ops, self._in_flight = [], True
+
+    def wait(self) -> None:
+        """Block until the committed transfers are done (nothing to do when none are in flight)."""
+        for req in self._reqs:
+            failure.wait(req, p2p=True)
+        self._reqs, self._in_flight = [], False
+
+
+class LocalComm:
+    """``RingComm``'s interface for one of ``world`` simulated ranks in one process (``local_comms``).
+
+    ``commit`` posts the queued tensors to this rank's outbox; ``wait`` copies the previous rank's
+    oldest posted batch into the buffers ``send_recv`` returned, as a real receive fills them. A
+    driver must run every rank up to its ``wait`` before any rank passes it (``ring.run_in_lockstep``).
+    """
+
+    def __init__(self, rank: int, world: int, outboxes: list[deque[list[Tensor]]]) -> None:
+        self.rank, self.world = rank, world
+        self._outbox, self._inbox = outboxes[rank], outboxes[(rank - 1) % world]
+        self._sends: list[Tensor] = []
+        self._recvs: list[Tensor] = []
+        self._pending: list[Tensor] | None = None
+
+    def send_recv(self, send: Tensor, recv_shape: torch.Size | tuple[int, ...]) -> Tensor:
+        """Queue handing ``send`` to the next rank and receiving a tensor of ``recv_shape``."""
+        recv = send.new_empty(recv_shape)
+        self._sends.append(send)
+        self._recvs.append(recv)
+        return recv
+
+    def commit(self) -> None:
+        """Post the queued tensors for the next rank."""
+        _refuse_second_commit(self._pending is not None)
+        self._outbox.append(self._sends)
+        self._pending, self._sends, self._recvs = self._recvs, [], []
+
+    def wait(self) -> None:
+        """Fill the buffers of the committed receives from the previous rank's posted batch."""
+        if self._pending is None:
+            return
+        if not self._inbox:
+            raise RuntimeError(f"simulated rank {self.rank} waits for a batch that rank {(self.rank - 1) % self.world} "
+                               "has not posted: the ranks were not run in lockstep")
+        sent = self._inbox.popleft()
+        for recv, tensor in zip(self._pending, sent, strict=True):
+            recv.copy_(tensor)
+        self._pending = None
+
+
+def local_comms(world: int) -> list[LocalComm]:
+    """One ``LocalComm`` per simulated rank of a ring of ``world``, linked rank r -> r + 1."""
+    outboxes: list[deque[list[Tensor]]] = [deque() for _ in range(world)]
+    return [LocalComm(rank, world, outboxes) for rank in range(world)]
+
+
+def _refuse_second_commit(in_flight: bool) -> None:
+    if in_flight:
+        raise RuntimeError("commit() called again before wait(): the transfers already in flight would be "
+                           "overwritten; call wait() first")

@@ -1,0 +1,258 @@
+"""Entry points of the sharded-activation runtime: ``distribute`` a tensor, ``parallelize`` a model.
+
+``distribute(x, mesh, layout, axes)`` cuts a whole tensor (the same on every rank) into this rank's
+``ShardedTensor``; ``from_local`` wraps shards the ranks already hold (decoded per rank) after one
+agreement on their lengths. ``parallelize(model, mesh, axes)`` registers two hooks and nothing
+else: the forward pre-hook distributes the model's tensor inputs, the post-hook returns plain
+tensors (replicated outputs as they are, sharded ones gathered, or kept with ``output="local"``).
+The model is not changed: parameters, buffers, ``deepcopy``, ``torch.save``, EMA, ZeRO-3 and
+FSDP see the plain model. Every op in its forward runs sharded or is refused (``sharded/tensor.py``).
+
+Mesh: a process group (one mesh dim), a tuple of groups (one per mesh dim), or a
+``torch.distributed.device_mesh.DeviceMesh``; ``axes[i]`` is sharded over mesh dim i (a
+``DeviceMesh`` with named dims takes each axis over the dim of the same name, so a further
+``"dp"`` dim stays data parallel).
+"""
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+import torch.distributed as dist
+from torch import Tensor, nn
+from torch.utils._pytree import tree_flatten, tree_map
+
+import nonlocal_dist.distributed.failure as failure
+import nonlocal_dist.sharded.rng as rng
+import nonlocal_dist.sharded.rules  # noqa: F401  (importing registers the rules)
+from nonlocal_dist.distributed.checks import agree_across_ranks, digest, exchange_device
+from nonlocal_dist.distributed.collectives import gather_dim
+from nonlocal_dist.distributed.comm import broadcast_
+from nonlocal_dist.distributed.mesh import mesh_groups, span_group
+from nonlocal_dist.distributed.shards import split_sizes
+from nonlocal_dist.layout import axis_dims
+from nonlocal_dist.sharded.spec import Shard, ShardSpec
+from nonlocal_dist.sharded.tensor import ShardedTensor
+
+
+def _axes(axes) -> tuple[str, ...]:
+    return (axes,) if isinstance(axes, str) else tuple(axes)
+
+
+def distribute(x: Tensor, mesh, layout: str, axes: str | Sequence[str], *, align: int | Sequence[int] = 1,
+               sizes: Sequence[Sequence[int]] | None = None) -> ShardedTensor:
+    """This rank's shard of the whole tensor ``x`` (the same on every rank), split along ``axes``.
+
+    ``x`` (any shape named by ``layout``, e.g. ``"b c t h w"``); each axis in ``axes`` is cut into
+    contiguous pieces over its mesh dim (``split_sizes``: even, every rank but the last a multiple
+    of ``align``; empty pieces when N < P), or by the given ``sizes`` (one list per axis).
+    Differentiable: the gradient of the shard flows back to ``x``.
+    """
+    axes = _axes(axes)
+    groups = mesh_groups(mesh, axes)
+    dims = axis_dims(layout, axes, x.dim())
+    aligns = [align] * len(axes) if isinstance(align, int) else list(align)
+    shards = {}
+    local = x.as_subclass(Tensor) if isinstance(x, ShardedTensor) else x
+    for i, (d, group) in enumerate(zip(dims, groups)):
+        world, rank = dist.get_world_size(group), dist.get_rank(group)
+        split = split_sizes(local.shape[d], world, aligns[i]) if sizes is None else tuple(sizes[i])
+        if len(split) != world or sum(split) != local.shape[d] or min(split) < 0:
+            raise ValueError(f"sizes {list(split)} for axis {axes[i]!r} must be {world} lengths >= 0 summing to "
+                             f"its length {local.shape[d]}")
+        shard = Shard(group, split, rank)
+        local = local.narrow(d, shard.start, shard.local)
+        shards[d] = shard
+    return ShardedTensor.wrap(local, ShardSpec(x.dim(), tuple(sorted(shards.items())), groups))
+
+
+def from_local(x: Tensor, mesh, layout: str, axes: str | Sequence[str]) -> ShardedTensor:
+    """Wrap the shard this rank holds already (e.g. decoded frames); one agreement on every rank's
+    length along each axis, the other dims and the dtype (raises on every rank on a mismatch)."""
+    axes = _axes(axes)
+    groups = mesh_groups(mesh, axes)
+    dims = axis_dims(layout, axes, x.dim())
+    shards = {}
+    for d, group in zip(dims, groups):
+        def validate():
+            others = tuple(-1 if k == d else n for k, n in enumerate(x.shape))
+            return None, {"shape": others, "dtype": x.dtype, "length": int(x.shape[d])}
+
+        _, values = agree_across_ranks(group, validate, ("shape", "dtype", "length"), what="from_local",
+                                       free=("length",))
+        shards[d] = Shard(group, tuple(values["length"]), dist.get_rank(group))
+    return ShardedTensor.wrap(x, ShardSpec(x.dim(), tuple(sorted(shards.items())), groups))
+
+
+def full_tensor(x: Tensor) -> Tensor:
+    """The whole tensor on every rank (differentiable all-gather along each sharded dim)."""
+    if not isinstance(x, ShardedTensor):
+        return x
+    local = x.as_subclass(Tensor)
+    for d, shard in x.spec.dims:
+        local = gather_dim(local, d, list(shard.sizes), shard.group)
+    return local
+
+
+def _describe_argument(value) -> object:
+    """What must be equal on every rank about one forward argument: a whole tensor's shape and dtype,
+    a Python value itself (an int, a flag, a name), anything else its type."""
+    if isinstance(value, ShardedTensor):
+        return "ShardedTensor"
+    if isinstance(value, Tensor):
+        return tuple(value.shape), str(value.dtype)
+    if value is None or isinstance(value, (bool, int, float, str, torch.dtype)):
+        return value
+    return type(value).__name__
+
+
+def _state_digests(model: nn.Module) -> dict[str, int]:
+    """One digest per parameter and buffer (dtype, shape and exact bits)."""
+    return {name: digest(t) for name, t in [*model.named_parameters(), *model.named_buffers()]}
+
+
+def _module_settings(model: nn.Module) -> tuple:
+    """Each module's training flag and, where it has them, the settings its sharded computation relies
+    on (a ``NonLocalBlock``'s mode, scale, backend and strategy: its ``agreed_settings()``)."""
+    return tuple((m.training, m.agreed_settings()) if hasattr(m, "agreed_settings") else m.training
+                 for m in model.modules())
+
+
+def _raise_differing_state(span, mine: dict[str, int]) -> None:
+    """Every rank is here (they all saw the differing digest): name the parameters that differ."""
+    states: list = [None] * dist.get_world_size(span)
+    dist.all_gather_object(states, mine, group=span)
+    names = [n for n in mine if len({str(s.get(n)) for s in states}) > 1]
+    shown = ", ".join(names[:5]) + (f" and {len(names) - 5} more" if len(names) > 5 else "")
+    raise failure.everywhere(ValueError(
+        f"the parallelized model's parameters or buffers differ between ranks ({shown}): each rank would "
+        "compute with its own weights. Build the model with the same torch.manual_seed on every rank, load the "
+        "same checkpoint, or pass sync_module_states=True to parallelize (rank 0's are broadcast, as FSDP does)"))
+
+
+class _Hooks:
+    """parallelize's two hooks and its settings (picklable state; no process group kept on the model)."""
+
+    def __init__(self, mesh, layout: str, axes: tuple[str, ...], output: str, align, sizes) -> None:
+        self.mesh, self.layout, self.axes, self.output = mesh, layout, axes, output
+        self.align, self.sizes = align, sizes
+        self.state_checked = False
+        self.rng_states: list[tuple] = []  # the user's generator states, given back by the post-hook
+
+    def __deepcopy__(self, memo) -> _Hooks:  # a copy of the model (EMA) runs on the same mesh
+        return self
+
+    def __getstate__(self) -> dict:  # torch.save(model): a mesh does not travel; a loaded model runs plain
+        return {**self.__dict__, "mesh": None}
+
+    def pre(self, module: nn.Module, args: tuple, kwargs: dict):
+        if self.mesh is None:
+            return None
+
+        self.rng_states.append(None)  # the post-hook pops this call's entry, whatever happens below
+        seed = self._agree(module, (args, kwargs))
+        device = next((t.device for t in tree_flatten((args, kwargs))[0] if isinstance(t, Tensor)), torch.device("cpu"))
+        self.rng_states[-1] = rng.enter_agreed(seed, device)
+
+        def one(t):
+            if isinstance(t, ShardedTensor) or not isinstance(t, Tensor) or t.dim() != len(self.layout.split()):
+                return t
+            return distribute(t, self.mesh, self.layout, self.axes, align=self.align, sizes=self.sizes)
+
+        return tree_map(one, args), tree_map(one, kwargs)
+
+    @torch.compiler.disable  # collectives and digests on the host: never traced
+    def _agree(self, module: nn.Module, inputs) -> int:
+        """One small all-gather over the whole mesh: every rank's inputs have the same shapes and dtypes
+        and its other arguments the same values (a rank fed another clip size, its own slice or its own
+        flag raises on every rank instead of hanging), its modules the same training modes and block
+        settings (so the blocks inside need no agreement of their own: their lengths come from the
+        spec); at the first call also the same parameters and buffers (a model built with another seed
+        on some rank raises instead of computing wrongly).
+        Returns the first rank's random seed for this call (``sharded.rng``)."""
+        span = span_group(mesh_groups(self.mesh, self.axes))
+        described = tuple(_describe_argument(t) for t in tree_flatten(inputs)[0])
+        states = None if self.state_checked else _state_digests(module)
+        fields = {"inputs": described, "parameters and buffers": tuple(sorted(states.items())) if states else None,
+                  "training modes and block settings": _module_settings(module), "seed": rng.draw_seed()}
+        try:
+            _, values = agree_across_ranks(
+                span, lambda: (None, fields), tuple(fields), free=("seed",),
+                what="the parallelized model (whole inputs, the same clip and arguments on every rank)")
+        except ValueError as exc:
+            if states is not None and "parameters and buffers per rank" in str(exc):
+                try:
+                    _raise_differing_state(span, states)
+                except ValueError as named:
+                    raise named from None  # not chained to the digests' message
+            raise
+        self.state_checked = True
+        return values["seed"][0]
+
+    def post(self, module: nn.Module, args: tuple, output):
+        saved = self.rng_states.pop() if self.rng_states else None
+        if saved is not None:
+            rng.leave_agreed(saved)
+        if output is None:  # the forward raised: tell the other ranks (always_call hook)
+            failure.post_current(f"in the forward of {type(module).__name__}")
+            return None
+
+        def one(t):
+            if not isinstance(t, ShardedTensor):
+                return t
+            if t.spec.replicated or self.output == "local":
+                return t.to_local()
+            return full_tensor(t)
+
+        return tree_map(one, output)
+
+
+def _broadcast_state(model: nn.Module, groups) -> None:
+    """Every parameter and buffer of the mesh's first rank on every rank of the mesh, in place."""
+    span = span_group(groups)
+    with torch.no_grad():
+        for t in [*model.parameters(), *model.buffers()]:
+            if t.numel():
+                buffer = t.detach().to(exchange_device(span))
+                broadcast_(buffer, 0, span)
+                t.copy_(buffer)
+
+
+def parallelize(model: nn.Module, mesh, axis: str | Sequence[str] = "t", *, layout: str = "b c t h w",
+                output: str = "full", align: int | Sequence[int] = 1, sizes: Sequence[Sequence[int]] | None = None,
+                strategy: str | None = None, sync_module_states: bool = False) -> nn.Module:
+    """Run ``model`` with its inputs sharded along ``axis`` (one axis name, or one per mesh dim) over ``mesh``;
+    returns ``model`` (two hooks added).
+
+    Inputs: whole tensors named by ``layout`` (the same clip on every rank of the mesh; other
+    tensor arguments of another rank pass unchanged) or ``ShardedTensor``s (``from_local``).
+    Outputs: replicated ones (logits after a global pooling) as plain tensors; sharded ones
+    gathered whole (``output="full"``) or this rank's shard (``output="local"``). Every op of the
+    forward runs exact on the shards or raises on every rank naming the op and the source line.
+    Loss convention: a loss computed on every rank from replicated outputs is divided by the group
+    size (``integrations.deepspeed_sp.loss_scale``); each rank's parameter gradient is then its
+    part, and their sum (DeepSpeed's reduction) is the single-device gradient. ``align``: shard
+    lengths a multiple of it (``split_sizes``; the network's stride along the axis), or ``sizes``: the
+    lengths, one list per axis. ``strategy``: the sequence-parallel strategy of every
+    ``NonLocalBlock`` (``nonlocal_op``'s). ``sync_module_states``: broadcast the first rank's
+    parameters and buffers to every rank of the mesh now (as FSDP does); otherwise the first
+    forward checks that they are equal on every rank (one digest in the pre-hook's agreement) and
+    raises on every rank, naming them, where they are not. Random ops (``sharded.rng``): each
+    forward runs on one seed agreed in that same agreement, so replicated values draw alike on
+    every rank and each shard draws its own values.
+    """
+    axes = _axes(axis)
+    if output not in ("full", "local"):
+        raise ValueError(f"output must be 'full' or 'local', got {output!r}")
+    groups = mesh_groups(mesh, axes)
+    axis_dims(layout, axes, len(layout.split()))
+    if strategy is not None:
+        for block in model.modules():  # NonLocalBlocks (the block sits above this package: no import)
+            if hasattr(block, "sp_strategy"):
+                block.sp_strategy = strategy
+    if sync_module_states:
+        _broadcast_state(model, groups)
+    hooks = _Hooks(mesh, layout, axes, output, align, sizes)
+    model.register_forward_pre_hook(hooks.pre, with_kwargs=True)
+    model.register_forward_hook(hooks.post, always_call=True, prepend=True)  # the last pre-hook's post runs first
+    return model

@@ -1,0 +1,16 @@
+"""The sharding rules of ``ShardedTensor``, one module per family of ops (importing registers them)."""
+from __future__ import annotations
+
+from nonlocal_dist.sharded.rules import (
+    attention,
+    conv_pool,
+    index,
+    norm,
+    pointwise,
+    reduce,
+    resize,
+    shape,
+    transpose,
+)
+
+__all__ = ["attention", "conv_pool", "index", "norm", "pointwise", "reduce", "resize", "shape", "transpose"]

@@ -1,0 +1,81 @@
+"""Contractions: ``linear``/``matmul`` over unsharded dims, attention over a sharded sequence.
+
+A per-position ``Linear`` (a head on every position, an MLP on tokens) contracts the channels only:
+it runs locally. ``F.scaled_dot_product_attention`` with q, k, v sharded along the sequence runs
+this package's sequence-parallel softmax attention (``nonlocal_op(group=)``: ring / all-gather /
+Ulysses, exact with uneven and empty shards).
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from nonlocal_dist.sequence.api import parallel_nonlocal
+from nonlocal_dist.sharded.rules.common import bind
+from nonlocal_dist.sharded.tensor import Op, ShardedTensor, replicated_or_refuse, rule
+
+
+def _all_replicated(op: Op) -> bool:
+    return all(t.spec.replicated for t in op.sharded())
+
+
+@rule(F.linear, any_operand=True)
+def _linear(op: Op):
+    if _all_replicated(op):
+        return replicated_or_refuse(op)
+    x = op.args[0]
+    if not isinstance(x, ShardedTensor) or any(isinstance(t, ShardedTensor) for t in op.tensors()[1:]):
+        raise op.refuse("a sharded weight", fix="keep parameters plain (replicated)")
+    if x.dim() - 1 in x.spec.sharded:
+        raise op.refuse("it contracts the sharded last dim", x.dim() - 1, "move the channels last (permute) first")
+    args = [x.as_subclass(Tensor), *op.args[1:]]
+    out = op.run(*args, **op.kwargs)
+    return ShardedTensor.wrap(out, x.spec)
+
+
+@rule(torch.matmul, Tensor.matmul, Tensor.__matmul__, Tensor.__rmatmul__, any_operand=True)
+def _matmul(op: Op):
+    if _all_replicated(op):  # e.g. a weight gradient from a replicated head's input (ZeRO-3's linear)
+        return replicated_or_refuse(op)
+    a, b = op.args[:2]
+    if getattr(op.func, "__name__", "") == "__rmatmul__":
+        a, b = b, a
+    if isinstance(b, ShardedTensor) and not b.spec.replicated:
+        raise op.refuse("the right operand is sharded (a contraction over sharded positions)",
+                        fix="contract over unsharded dims, or use nonlocal_op / scaled_dot_product_attention")
+    if a.dim() < 2 or b.dim() > 2:
+        raise op.refuse("a batched or vector matmul with a sharded operand", fix="use F.linear or einsum-free shapes")
+    if a.dim() - 1 in a.spec.sharded:
+        raise op.refuse("it contracts the sharded last dim", a.dim() - 1)
+    out = torch.matmul(a.as_subclass(Tensor), b.as_subclass(Tensor) if isinstance(b, ShardedTensor) else b)
+    return ShardedTensor.wrap(out, a.spec.remap(out.dim(), a.spec.sharded))
+
+
+def _sdpa_ref(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, enable_gqa=False):
+    """Signature of F.scaled_dot_product_attention."""
+
+
+@rule(F.scaled_dot_product_attention, any_operand=True)
+def _sdpa(op: Op):
+    a = bind(op, _sdpa_ref)
+    q, k, v = a["query"], a["key"], a["value"]
+    if a["attn_mask"] is not None or a["is_causal"] or a["dropout_p"] or a["enable_gqa"]:
+        raise op.refuse("a mask, causal attention, dropout or GQA over a sharded sequence",
+                        fix="use unmasked attention over all positions")
+    tensors = (q, k, v)
+    if not all(isinstance(t, ShardedTensor) for t in tensors):
+        raise op.refuse("q, k and v must all be sharded along the sequence")
+    seq = q.dim() - 2
+    specs = [t.spec.sharded for t in tensors]
+    if any(set(s) != {seq} for s in specs) or not specs[0][seq].same(specs[1][seq]) or not specs[1][seq].same(specs[2][seq]):
+        raise op.refuse("q, k and v must be sharded along the sequence dim (-2) alone, alike", seq,
+                        "shard the tokens, not the batch, heads or channels")
+    shard = specs[0][seq]
+    scale = a["scale"] if a["scale"] is not None else 1.0 / math.sqrt(q.shape[-1])
+    local = [t.as_subclass(Tensor) for t in tensors]
+    y = parallel_nonlocal(*local, "embedded_gaussian", scale=scale, concat_weight=None, backend="auto",
+                          group=shard.group, strategy=None)
+    return ShardedTensor.wrap(y, q.spec.remap(y.dim(), {seq: shard}))

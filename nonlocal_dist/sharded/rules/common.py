@@ -1,0 +1,151 @@
+"""Helpers every rule uses: binding an op's arguments, the output's sharded dims, localising operands,
+sums over the mesh, and running a kernel on a piece that may be empty.
+
+Ops that act along unsharded dims only run on each rank's piece, empty pieces included.
+
+Many ATen kernels reject a zero-length dim other than the batch (``F.interpolate``, reflect
+``F.pad``, ``instance_norm``): on a rank whose piece is empty along the sharded dim they would raise
+while the other ranks, and one process, compute. ``on_piece`` runs such a kernel on one zero
+position instead and keeps none of its output along that dim: the result is the empty piece of the
+right shape, in the autograd graph (weights get a zero gradient from it), decided from the spec
+alike on every rank.
+"""
+from __future__ import annotations
+
+import functools
+import inspect
+import math
+from collections.abc import Callable
+
+import torch
+from torch import Tensor
+from torch.utils._pytree import tree_map
+
+from nonlocal_dist.distributed.collectives import all_reduce, gather_dim
+from nonlocal_dist.sharded.fetch import reshard
+from nonlocal_dist.sharded.spec import Shard
+from nonlocal_dist.sharded.tensor import Op, ShardedTensor
+
+
+def on_piece(fn: Callable[[Tensor], Tensor], local: Tensor, dims) -> Tensor:
+    """``fn(local)`` for ``fn`` that keeps each of ``dims`` (the sharded dims of ``local``, shape
+    ``(..., L_r, ...)``) in place and acts along the others; empty along one of them: an empty result."""
+    empty = [d for d in dims if local.shape[d] == 0]
+    for d in empty:
+        shape = list(local.shape)
+        shape[d] = 1
+        local = torch.cat([local, local.new_zeros(shape)], d)
+    out = fn(local)
+    for d in empty:
+        out = out.narrow(d, 0, 0)
+    return out
+
+
+@functools.cache
+def _signature(reference) -> inspect.Signature:
+    return inspect.signature(reference)
+
+
+def bind(op: Op, reference) -> dict:
+    """The op's arguments by name, defaults filled (``reference``: a function with the op's signature)."""
+    bound = _signature(reference).bind(*op.args, **op.kwargs)
+    bound.apply_defaults()
+    return dict(bound.arguments)
+
+
+def per_dim(value, n: int) -> list:
+    return list(value) if isinstance(value, (tuple, list)) else [value] * n
+
+
+def spatial_dims(x: ShardedTensor, n: int, op: Op) -> dict[int, int]:
+    """Sharded dims of a (B, C, *n spatial) input -> spatial index; batch/channel dims refused."""
+    out = {}
+    for d, _ in x.spec.dims:
+        if d < x.dim() - n:
+            raise op.refuse(f"dim {d} is not one of its {n} spatial dims", d,
+                            "shard a spatial dim (the ones the window slides over)")
+        out[d] = d - (x.dim() - n)
+    return out
+
+
+def output_dims(op: Op, ndim: int) -> dict[int, Shard]:
+    """The output's sharded dims (right-aligned broadcasting): each as the first sharded operand
+    splits it. An operand split differently over the same group and length is resharded to it by
+    ``localise`` (a U-Net skip meeting its upsampled decoder path); other mismatches are refused."""
+    dims: dict[int, Shard] = {}
+    for t in op.sharded():
+        for d, shard in t.spec.dims:
+            od = d + ndim - t.dim()
+            if od not in dims:
+                dims[od] = shard
+            elif dims[od].group is not shard.group or dims[od].total != shard.total:
+                raise op.refuse(
+                    f"its operands are sharded over different groups or lengths along output dim {od} "
+                    f"({dims[od]} vs {shard})", od, "compute them from the same sharded input",
+                )
+    return dims
+
+
+def one_dim_per_group(op: Op, ndim: int) -> Op:
+    """``op`` with every operand that would shard a second output dim over a group already sharding
+    another one gathered whole along that dim (an outer sum of two sharded vectors: one side is
+    gathered, the result stays sharded along the first). Decided from the specs: every rank gathers
+    alike."""
+    used: dict[int, int] = {}  # id(group) -> the output dim it shards
+    swap: dict[int, Tensor] = {}
+    for t in op.sharded():
+        keep = {}
+        for d, shard in t.spec.dims:
+            od = d + ndim - t.dim()
+            if used.setdefault(id(shard.group), od) == od:
+                keep[d] = shard
+        if len(keep) < len(t.spec.dims) and id(t) not in swap:
+            local = t.as_subclass(Tensor)
+            for d, shard in t.spec.dims:
+                if d not in keep:
+                    local = gather_dim(local, d, list(shard.sizes), shard.group)
+            swap[id(t)] = ShardedTensor.wrap(local, t.spec.remap(t.dim(), keep))
+    if not swap:
+        return op
+    args, kwargs = tree_map(lambda a: swap.get(id(a), a), (op.args, op.kwargs))
+    return Op(op.func, args, kwargs)
+
+
+def localise(op: Op, t, dims: dict[int, Shard], ndim: int):
+    """Operand ``t`` as this rank needs it: sharded dims kept; global-length dims sliced; length 1 kept."""
+    if not isinstance(t, Tensor):
+        return t
+    own = t.spec.sharded if isinstance(t, ShardedTensor) else {}
+    base = t.as_subclass(Tensor) if isinstance(t, ShardedTensor) else t
+    for od, shard in dims.items():
+        d = od - ndim + t.dim()
+        if d < 0:
+            continue
+        if d in own:
+            if not own[d].same(shard):  # decided from the specs: every rank joins the exchange
+                base = reshard(base, d, own[d].sizes, shard.sizes, shard.group, shard.rank)
+            continue
+        length = base.shape[d]
+        if length == shard.total and shard.total != 1:
+            base = base.narrow(d, shard.start, shard.local)
+        elif length != 1:
+            raise op.refuse(
+                f"an operand of length {length} along dim {d} meets an activation sharded there with global length "
+                f"{shard.total}; only the global length (sliced to each rank's part) or 1 (broadcast) line up", od,
+                f"give that operand length {shard.total} or 1 along that dim",
+            )
+    return base
+
+
+def global_count(x: ShardedTensor, dims: list[int]) -> int:
+    """The number of values a reduction over ``dims`` of the global tensor combines."""
+    shape = x.spec.global_shape(x.shape)  # x.shape is the local one inside a rule
+    return math.prod(shape[d] for d in dims)
+
+
+def sum_over_groups(t: Tensor, shards: list[Shard]) -> Tensor:
+    """Differentiable sum of ``t`` over the groups of ``shards`` (one all-reduce per mesh dim)."""
+    for shard in shards:
+        if shard.world > 1:
+            t = all_reduce(t, shard.group)
+    return t

@@ -1,0 +1,193 @@
+"""Sliding windows over sharded dims: convolutions and max/avg pooling, exact by halo exchange.
+
+For each sharded spatial dim the window's halo comes from the neighbouring ranks (one all-to-all
+per dim; a second dim's exchange carries the first one's halos, so the corners of a 2-D mesh are
+right), the layer's padding stands beyond the global edges, and the op runs once on the extended
+shard with no padding along those dims. Rank r owns the outputs whose window starts in its shard
+(``sharded/sliding.py``); each rank's output length is computed from the spec, so the result's
+spec is known everywhere without a collective.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from nonlocal_dist.sharded.halo import constant_pad, halo_exchange
+from nonlocal_dist.sharded.rules.common import bind, per_dim, spatial_dims
+from nonlocal_dist.sharded.sliding import (
+    Window,
+    _check_alignment,
+    apply_windows,
+    output_lengths,
+    sliding_window,
+    span,
+)
+from nonlocal_dist.sharded.spec import Shard
+from nonlocal_dist.sharded.tensor import Op, ShardedTensor, rule
+
+
+def _check(op: Op, dim: int, window: Window, shard: Shard) -> None:
+    why = window.refusal()
+    if why is not None:
+        raise op.refuse(why, dim)
+    try:
+        _check_alignment(list(shard.sizes), window.stride, op.name)
+    except ValueError as exc:
+        raise op.refuse(str(exc), dim) from None
+
+
+def windowed(op: Op, x: ShardedTensor, windows: dict[int, Window], fn, value: float) -> ShardedTensor:
+    """``fn`` (the op with zero padding along the windows' dims) over the halo-extended shard."""
+    dims = x.spec.sharded
+    for d, w in windows.items():
+        _check(op, d, w, dims[d])
+    local = x.as_subclass(Tensor)
+    if len(windows) == 1:
+        (d, w), = windows.items()
+        out, _ = sliding_window(fn, local, d, w, list(dims[d].sizes), dims[d].group, op.name, value)
+    else:
+        ext = local
+        for d, w in windows.items():
+            shard = dims[d]
+            left, right, _ = span(w, shard.sizes, shard.rank)
+            ext = halo_exchange(ext, d, w.pad_left, w.extent - w.pad_left, list(shard.sizes), shard.group, (left, right),
+                                value)
+        out = apply_windows(fn, ext, windows, value)
+    new = {d: (s.with_sizes(output_lengths(windows[d], s.sizes)) if d in windows else s) for d, s in dims.items()}
+    return ShardedTensor.wrap(out, x.spec.remap(out.dim(), new))
+
+
+def _conv_padding(padding, kernel, dilation, n) -> list[tuple[int, int]]:
+    if padding == "valid":
+        return [(0, 0)] * n
+    if padding == "same":
+        pads = []
+        for k, d in zip(kernel, dilation):
+            total = d * (k - 1)
+            pads.append((total // 2, total - total // 2))
+        return pads
+    return [(p, p) for p in per_dim(padding, n)]
+
+
+def _conv_ref(input, weight, bias=None, stride=1, padding=0, dilation=1, groups=1):
+    """Signature of F.conv1d/2d/3d."""
+
+
+def _conv_rule(n: int, conv):
+    def run(op: Op):
+        a = bind(op, _conv_ref)
+        x, weight = a["input"], a["weight"]
+        if not isinstance(x, ShardedTensor) or any(isinstance(t, ShardedTensor) for t in (weight, a["bias"])):
+            raise op.refuse("a sharded weight", fix="keep parameters plain (replicated)")
+        spatial = spatial_dims(x, n, op)
+        bias = a["bias"]
+        kernel = list(weight.shape[2:])
+        stride, dilation = per_dim(a["stride"], n), per_dim(a["dilation"], n)
+        pads = _conv_padding(a["padding"], kernel, dilation, n)
+        windows = {d: Window(kernel[i], stride[i], dilation[i], *pads[i]) for d, i in spatial.items()}
+        local_pads = [(0, 0) if i in spatial.values() else p for i, p in enumerate(pads)]
+        if all(lo == hi for lo, hi in local_pads):
+            padding = [lo for lo, _ in local_pads]
+
+            def fn(t):
+                return conv(t, weight, bias, stride, padding, dilation, a["groups"])
+        else:
+            flat = [p for lo_hi in reversed(local_pads) for p in lo_hi]
+
+            def fn(t):
+                return conv(constant_pad(t, flat), weight, bias, stride, 0, dilation, a["groups"])
+
+        return windowed(op, x, windows, fn, 0.0)
+
+    return run
+
+
+for _n, _conv in ((1, F.conv1d), (2, F.conv2d), (3, F.conv3d)):
+    rule(_conv)(_conv_rule(_n, _conv))
+
+
+def _max_ref(input, kernel_size, stride=None, padding=0, dilation=1, ceil_mode=False, return_indices=False):
+    """Signature of F.max_pool1d/2d/3d."""
+
+
+def _avg_ref(input, kernel_size, stride=None, padding=0, ceil_mode=False, count_include_pad=True, divisor_override=None):
+    """Signature of F.avg_pool1d/2d/3d."""
+
+
+def _pool_windows(op: Op, x: ShardedTensor, a: dict, n: int, dilation) -> dict[int, Window]:
+    spatial = spatial_dims(x, n, op)
+    kernel = per_dim(a["kernel_size"], n)
+    stride = per_dim(a["stride"] if a["stride"] not in (None, [], ()) else a["kernel_size"], n)
+    padding = per_dim(a["padding"], n)
+    for d in spatial:
+        if a["ceil_mode"]:
+            raise op.refuse("ceil_mode=True along a sharded dim (its extra window at the end)", d, "use ceil_mode=False")
+    return {d: Window(kernel[i], stride[i], dilation[i], padding[i], padding[i]) for d, i in spatial.items()}
+
+
+def _max_rule(n: int, pool):
+    def run(op: Op):
+        a = bind(op, _max_ref)
+        x = a["input"]
+        if a["return_indices"]:
+            raise op.refuse("return_indices=True (indices would be local to each shard)")
+        dilation = per_dim(a["dilation"], n)
+        windows = _pool_windows(op, x, a, n, dilation)
+        kernel = per_dim(a["kernel_size"], n)
+        stride = per_dim(a["stride"] if a["stride"] not in (None, [], ()) else a["kernel_size"], n)
+        padding = [0 if (x.dim() - n + i) in windows else p for i, p in enumerate(per_dim(a["padding"], n))]
+
+        def fn(t):
+            return pool(t, kernel, stride, padding, dilation, ceil_mode=a["ceil_mode"])
+
+        return windowed(op, x, windows, fn, float("-inf"))
+
+    return run
+
+
+def _avg_rule(n: int, pool):
+    def run(op: Op):
+        a = bind(op, _avg_ref)
+        x = a["input"]
+        windows = _pool_windows(op, x, a, n, [1] * n)
+        kernel = per_dim(a["kernel_size"], n)
+        stride = per_dim(a["stride"] if a["stride"] not in (None, [], ()) else a["kernel_size"], n)
+        padding = [0 if (x.dim() - n + i) in windows else p for i, p in enumerate(per_dim(a["padding"], n))]
+        extra = () if n == 1 else (a["divisor_override"],)
+        if not a["count_include_pad"] and a["divisor_override"] is None and any(
+            w.pad_left or w.pad_right for w in windows.values()
+        ):
+            return _avg_excluding_pad(op, x, windows, kernel, stride, padding, pool, n)
+
+        def fn(t):
+            return pool(t, kernel, stride, padding, a["ceil_mode"], a["count_include_pad"], *extra)
+
+        return windowed(op, x, windows, fn, 0.0)
+
+    return run
+
+
+def _avg_excluding_pad(op, x, windows, kernel, stride, padding, pool, n):
+    """count_include_pad=False with padding along a sharded dim: the sum pooled with zero padding
+    (``divisor_override=1`` in effect) divided by the count of taps inside the global tensor, the
+    count pooled the same way from ones. Exact, and the same on every rank."""
+    ones = ShardedTensor.wrap(torch.ones_like(x.as_subclass(Tensor)), x.spec)
+
+    def fn(t):
+        if n == 1:
+            return pool(t, kernel, stride, padding, False, False) * math.prod(kernel)
+        return pool(t, kernel, stride, padding, False, False, 1)
+
+    total = windowed(op, x, windows, fn, 0.0)
+    count = windowed(op, ones, windows, fn, 0.0)
+    return ShardedTensor.wrap(total.as_subclass(Tensor) / count.as_subclass(Tensor), total.spec)
+
+
+for _n, (_mp, _ap) in enumerate(((F.max_pool1d, F.avg_pool1d), (F.max_pool2d, F.avg_pool2d), (F.max_pool3d, F.avg_pool3d)), 1):
+    rule(_mp)(_max_rule(_n, _mp))
+    rule(_ap)(_avg_rule(_n, _ap))
+for _n, _mp in ((1, torch.max_pool1d), (2, torch.max_pool2d), (3, torch.max_pool3d)):
+    rule(_mp)(_max_rule(_n, _mp))

@@ -1,0 +1,291 @@
+"""Sizes, views and dim moves: the global shape seen by the network, the sharded dim tracked.
+
+``x.shape`` and ``x.size()`` are global. ``view``/``reshape``/``flatten``/``unflatten`` take global
+target shapes (einops computes them from the global shape); a sharded dim merged with others stays
+sharded when it is the outermost factor of the merge (each rank's positions remain one contiguous
+block), and a split keeps the outer factor sharded when every rank's length divides by the inner
+ones. Anything else is refused. ``permute``/``transpose``/``movedim``/``squeeze``/``unsqueeze``
+move the spec with the dims.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor
+
+from nonlocal_dist.sharded.spec import Shard
+from nonlocal_dist.sharded.tensor import Op, ShardedTensor, rule
+
+
+def _self(op: Op) -> ShardedTensor:
+    return op.args[0]
+
+
+def global_shape(t: Tensor) -> tuple[int, ...]:
+    return t.spec.global_shape(t.shape) if isinstance(t, ShardedTensor) else tuple(t.shape)
+
+
+@rule(("property", "shape"), Tensor.size)
+def _size(op: Op):
+    shape = torch.Size(global_shape(_self(op)))
+    dim = op.args[1] if len(op.args) > 1 else op.kwargs.get("dim")
+    return shape if dim is None else shape[dim]
+
+
+@rule(Tensor.numel, torch.numel)
+def _numel(op: Op):
+    return math.prod(global_shape(_self(op)))
+
+
+@rule(Tensor.__len__)
+def _len(op: Op):
+    return global_shape(_self(op))[0]
+
+
+@rule(("property", "ndim"), Tensor.dim, Tensor.ndimension)
+def _dim(op: Op):
+    return _self(op).dim()
+
+
+def _wrap(op: Op, out: Tensor, dims: dict[int, Shard]) -> ShardedTensor:
+    return ShardedTensor.wrap(out, _self(op).spec.remap(out.dim(), dims))
+
+
+def _resolve(shape, numel: int) -> list[int]:
+    shape = [int(s) for s in shape]
+    if shape.count(-1) == 1:
+        known = math.prod(s for s in shape if s != -1)
+        shape[shape.index(-1)] = numel // known if known else 0
+    return shape
+
+
+def _blocks(src: list[int], dst: list[int]) -> list[tuple[list[int], list[int]]]:
+    """Split two shapes of equal numel (no zeros) into aligned blocks (src dims, dst dims) of equal products."""
+    blocks, i, j = [], 0, 0
+    while i < len(src) or j < len(dst):
+        a, b, pa, pb = [], [], 1, 1
+        if i < len(src):
+            a, pa, i = [i], src[i], i + 1
+        if j < len(dst):
+            b, pb, j = [j], dst[j], j + 1
+        while pa != pb:
+            if pa < pb:
+                a.append(i)
+                pa, i = pa * src[i], i + 1
+            else:
+                b.append(j)
+                pb, j = pb * dst[j], j + 1
+        blocks.append((a, b))
+    return blocks
+
+
+def reshape_spec(op: Op, src: list[int], dst: list[int], sharded: dict[int, Shard]) -> dict[int, Shard]:
+    """The dst dims' shards for a reshape of global shape ``src`` (sharded as given) to ``dst``."""
+    if 0 in src:
+        raise op.refuse("a reshape of an empty tensor")
+    out: dict[int, Shard] = {}
+    for a, b in _blocks(src, dst):
+        inside = [d for d in a if d in sharded]
+        if not inside:
+            continue
+        d = inside[0]
+        if len(inside) > 1 or math.prod(src[k] for k in a if k < d) != 1:
+            raise op.refuse(
+                f"it merges sharded dim {d} with the outer dim(s) {[k for k in a if k < d and src[k] != 1]}: each rank's "
+                "positions would not be one contiguous block", d,
+                "move the sharded dim outermost of the merge first (permute), as '(t h w)' in einops",
+            )
+        inner = math.prod(src[k] for k in a if k > d)
+        shard = sharded[d]
+        flat = [s * inner for s in shard.sizes]
+        target = next((k for k in b if dst[k] != 1), b[0] if b else None)
+        if target is None or math.prod(dst[k] for k in b if k < target) != 1:
+            raise op.refuse(f"no dim of the result carries the sharded positions of dim {d}", d)
+        below = math.prod(dst[k] for k in b if k > target)
+        if any(s % below for s in flat):
+            raise op.refuse(
+                f"it splits sharded dim {d} into factors whose inner part ({below} positions) does not divide every "
+                f"rank's {[s * inner for s in shard.sizes]} positions", d,
+                f"shard so that every rank's length is a multiple of {below // math.gcd(below, inner)}",
+            )
+        out[target] = shard.with_sizes(s // below for s in flat)
+    return out
+
+
+def _reshape_to(op: Op, target) -> ShardedTensor:
+    x = _self(op)
+    src = list(global_shape(x))
+    dst = _resolve(target, math.prod(src))
+    if math.prod(dst) != math.prod(src):
+        raise op.refuse(f"shape {tuple(dst)} is invalid for a tensor of global shape {tuple(src)}")
+    dims = reshape_spec(op, src, dst, x.spec.sharded)
+    local_target = [dims[k].local if k in dims else s for k, s in enumerate(dst)]
+    method = getattr(op.func, "__name__", "reshape")
+    base = x.as_subclass(Tensor)
+    out = base.view(local_target) if method == "view" else base.reshape(local_target)
+    return _wrap(op, out, dims)
+
+
+def _shape_args(args) -> list[int]:
+    if len(args) == 1 and isinstance(args[0], (tuple, list, torch.Size)):
+        return list(args[0])
+    return list(args)
+
+
+@rule(Tensor.view, Tensor.reshape, torch.reshape)
+def _view(op: Op):
+    rest = op.args[1:] or (op.kwargs.get("shape") or op.kwargs.get("size"),)
+    if len(rest) == 1 and isinstance(rest[0], torch.dtype):
+        raise op.refuse("a view as another dtype", fix="cast with .to(dtype)")
+    return _reshape_to(op, _shape_args(rest))
+
+
+@rule(Tensor.view_as, Tensor.reshape_as, any_operand=True)
+def _view_as(op: Op):
+    x, other = op.args[:2]
+    if not isinstance(x, ShardedTensor):  # only the target's global shape is read: a plain result
+        method = "view" if getattr(op.func, "__name__", "") == "view_as" else "reshape"
+        return getattr(x, method)(global_shape(other))
+    return _reshape_to(op, global_shape(other))
+
+
+@rule(Tensor.flatten, torch.flatten)
+def _flatten(op: Op):
+    x = _self(op)
+    shape = list(global_shape(x))
+    start = op.args[1] if len(op.args) > 1 else op.kwargs.get("start_dim", 0)
+    end = op.args[2] if len(op.args) > 2 else op.kwargs.get("end_dim", -1)
+    if not shape:
+        return _reshape_to(op, [1])
+    start, end = start % len(shape), end % len(shape)
+    return _reshape_to(op, shape[:start] + [math.prod(shape[start : end + 1])] + shape[end + 1 :])
+
+
+@rule(Tensor.unflatten, torch.unflatten)
+def _unflatten(op: Op):
+    x = _self(op)
+    shape = list(global_shape(x))
+    dim = op.args[1] if len(op.args) > 1 else op.kwargs["dim"]
+    sizes = list(op.args[2] if len(op.args) > 2 else op.kwargs["sizes"])
+    dim %= len(shape)
+    sizes = _resolve(sizes, shape[dim])
+    return _reshape_to(op, shape[:dim] + sizes + shape[dim + 1 :])
+
+
+def _permuted(op: Op, order: list[int]) -> ShardedTensor:
+    x = _self(op)
+    order = [d % x.dim() for d in order]
+    dims = {new: x.spec.sharded[old] for new, old in enumerate(order) if old in x.spec.sharded}
+    return _wrap(op, x.as_subclass(Tensor).permute(order), dims)
+
+
+@rule(Tensor.permute, torch.permute)
+def _permute(op: Op):
+    return _permuted(op, _shape_args(op.args[1:] or (op.kwargs["dims"],)))
+
+
+@rule(Tensor.transpose, torch.transpose, Tensor.swapaxes, torch.swapaxes, Tensor.swapdims, torch.swapdims)
+def _transpose(op: Op):
+    x = _self(op)
+    a = op.args[1] if len(op.args) > 1 else op.kwargs.get("dim0")
+    b = op.args[2] if len(op.args) > 2 else op.kwargs.get("dim1")
+    order = list(range(x.dim()))
+    a, b = a % x.dim(), b % x.dim()
+    order[a], order[b] = order[b], order[a]
+    return _permuted(op, order)
+
+
+@rule(("property", "T"), ("property", "mT"), Tensor.t, torch.t)
+def _t(op: Op):
+    x = _self(op)
+    order = list(range(x.dim()))
+    if getattr(op.func, "__self__", None) is not None and op.func.__self__.__name__ == "T":
+        order = order[::-1]
+    elif x.dim() >= 2:
+        order[-1], order[-2] = order[-2], order[-1]
+    return _permuted(op, order)
+
+
+@rule(Tensor.movedim, torch.movedim, Tensor.moveaxis, torch.moveaxis)
+def _movedim(op: Op):
+    x = _self(op)
+    src = op.args[1] if len(op.args) > 1 else op.kwargs["source"]
+    dst = op.args[2] if len(op.args) > 2 else op.kwargs["destination"]
+    src = [src] if isinstance(src, int) else list(src)
+    dst = [dst] if isinstance(dst, int) else list(dst)
+    n = x.dim()
+    src, dst = [s % n for s in src], [d % n for d in dst]
+    order = [None] * n
+    for s, d in zip(src, dst):
+        order[d] = s
+    rest = iter(k for k in range(n) if k not in src)
+    order = [next(rest) if o is None else o for o in order]
+    return _permuted(op, order)
+
+
+@rule(Tensor.unsqueeze, torch.unsqueeze)
+def _unsqueeze(op: Op):
+    x = _self(op)
+    dim = op.args[1] if len(op.args) > 1 else op.kwargs["dim"]
+    dim = dim % (x.dim() + 1)
+    dims = {(d + (d >= dim)): s for d, s in x.spec.dims}
+    return _wrap(op, x.as_subclass(Tensor).unsqueeze(dim), dims)
+
+
+@rule(Tensor.squeeze, torch.squeeze)
+def _squeeze(op: Op):
+    x = _self(op)
+    shape = global_shape(x)
+    dim = op.args[1] if len(op.args) > 1 else op.kwargs.get("dim")
+    if dim is None:
+        chosen = [d for d, s in enumerate(shape) if s == 1]
+    else:
+        chosen = [d % x.dim() for d in ([dim] if isinstance(dim, int) else dim) if shape[d % x.dim()] == 1]
+    if any(d in x.spec.sharded for d in chosen):
+        raise op.refuse("squeezing a sharded dim of global length 1", fix="squeeze it before sharding")
+    keep = [d for d in range(x.dim()) if d not in chosen]
+    dims = {keep.index(d): s for d, s in x.spec.dims}
+    local = x.as_subclass(Tensor)
+    for d in sorted(chosen, reverse=True):
+        local = local.squeeze(d)
+    return _wrap(op, local, dims)
+
+
+@rule(Tensor.expand, Tensor.broadcast_to, torch.broadcast_to)
+def _expand(op: Op):
+    x = _self(op)
+    target = _shape_args(op.args[1:] or (op.kwargs.get("size"),))
+    return _expand_to(op, x, target)
+
+
+@rule(Tensor.expand_as, any_operand=True)
+def _expand_as(op: Op):
+    x, other = op.args[:2]
+    target = list(global_shape(other))
+    if not isinstance(x, ShardedTensor):  # only the target's global shape is read: a plain result
+        return x.expand(target)
+    return _expand_to(op, x, target)
+
+
+def _expand_to(op: Op, x: ShardedTensor, target: list[int]) -> ShardedTensor:
+    lead = len(target) - x.dim()
+    dims = {d + lead: s for d, s in x.spec.dims}
+    for d, shard in dims.items():
+        if target[d] not in (-1, shard.total):
+            raise op.refuse(f"expanding sharded dim {d - lead} to {target[d]}", d - lead)
+    local_target = [dims[d].local if d in dims else s for d, s in enumerate(target)]
+    return _wrap(op, x.as_subclass(Tensor).expand(local_target), dims)
+
+
+_METADATA = ["is_floating_point", "is_complex", "is_signed", "element_size", "get_device", "is_contiguous", "stride",
+             "data_ptr", "storage_offset", "is_pinned", "is_shared", "untyped_storage", "register_hook",
+             "backward", "__hash__", "__format__", "__bool__", "is_nonzero", "dim_order", "nbytes", "itemsize"]
+
+
+@rule(*[getattr(Tensor, n) for n in _METADATA if hasattr(Tensor, n)], torch.is_floating_point, torch.is_complex,
+      torch.autograd.backward, torch.autograd.grad,
+      torch.is_tensor, any_operand=True)
+def _metadata(op: Op):
+    """Facts about the local tensor that do not depend on the global shape (dtype class, device, layout)."""
+    return op.run(*op.args, **op.kwargs)

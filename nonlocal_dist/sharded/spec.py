@@ -1,0 +1,93 @@
+"""Shard specs: which tensor dims are split over which process group, and every rank's part.
+
+A ``Shard`` describes one tensor dim split into contiguous, rank-ordered pieces over one process
+group (one mesh dim): every rank's length (uneven and empty pieces allowed), so every rank can
+compute every other rank's offsets without communicating. A ``ShardSpec`` maps tensor dims to
+shards; a spec with no sharded dims is *replicated* over its mesh (the same values on every rank,
+as after a global pooling). Specs are the same on every rank (they describe the global tensor), so
+any decision made from a spec is made alike everywhere: refusals raise on every rank together.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from functools import cached_property
+
+import torch.distributed as dist
+
+from nonlocal_dist.distributed.shards import starts
+
+
+@dataclass(frozen=True, eq=False)
+class Shard:
+    """One tensor dim split over ``group``: rank r (of the group) holds ``sizes[r]`` positions from ``starts[r]``."""
+
+    group: dist.ProcessGroup
+    sizes: tuple[int, ...]
+    rank: int = field(compare=False)
+
+    @cached_property
+    def starts(self) -> tuple[int, ...]:
+        return starts(self.sizes)
+
+    @property
+    def total(self) -> int:
+        return sum(self.sizes)
+
+    @property
+    def world(self) -> int:
+        return len(self.sizes)
+
+    @property
+    def local(self) -> int:
+        return self.sizes[self.rank]
+
+    @property
+    def start(self) -> int:
+        return self.starts[self.rank]
+
+    def with_sizes(self, sizes) -> Shard:
+        return Shard(self.group, tuple(int(s) for s in sizes), self.rank)
+
+    def same(self, other: Shard) -> bool:
+        """Same group and the same split (two tensors sharded alike along this dim)."""
+        return self.group is other.group and self.sizes == other.sizes
+
+    def __repr__(self) -> str:
+        return f"Shard(sizes={list(self.sizes)})"  # the same text on every rank (refusals compare alike)
+
+
+@dataclass(frozen=True, eq=False)
+class ShardSpec:
+    """``dims``: tensor dim -> ``Shard`` (sorted by dim); ``groups``: every group of the mesh this value
+    lives on (a replicated value, ``dims`` empty, is the same on all of them)."""
+
+    ndim: int
+    dims: tuple[tuple[int, Shard], ...]
+    groups: tuple[dist.ProcessGroup, ...]
+
+    @property
+    def sharded(self) -> dict[int, Shard]:
+        return dict(self.dims)
+
+    @property
+    def replicated(self) -> bool:
+        return not self.dims
+
+    def global_shape(self, local_shape) -> tuple[int, ...]:
+        shape = list(local_shape)
+        for d, shard in self.dims:
+            shape[d] = shard.total
+        return tuple(shape)
+
+    def local_shape(self, global_shape) -> tuple[int, ...]:
+        shape = list(global_shape)
+        for d, shard in self.dims:
+            shape[d] = shard.local
+        return tuple(shape)
+
+    def remap(self, ndim: int, dims: dict[int, Shard]) -> ShardSpec:
+        """A spec on the same mesh for a tensor of ``ndim`` dims sharded as ``dims``."""
+        return ShardSpec(ndim, tuple(sorted(dims.items())), self.groups)
+
+    def __repr__(self) -> str:
+        return f"ShardSpec(ndim={self.ndim}, dims={dict(self.dims)})"

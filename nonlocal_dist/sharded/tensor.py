@@ -1,0 +1,323 @@
+"""``ShardedTensor``: an activation that carries its shard spec through every op.
+
+Why ``__torch_function__`` (not ``__torch_dispatch__``): it sees each op as the network wrote it
+(``F.conv3d`` with its padding, ``F.pad`` with its mode, ``F.interpolate``, ``torch.mean``), with the
+user's frame on the stack to name in an error, and before autograd: every rule runs on the local
+tensors with this package's differentiable collectives, so autograd records a plain graph and the
+backward runs no Python dispatch at all. (A ``__torch_dispatch__`` tensor would need a sharding
+rule for every backward aten op too, and sees ``F.pad(mode="reflect")`` only as its decomposition.)
+
+The object *is* this rank's shard (its storage, its autograd history); ``spec`` says which dims are
+split over which process groups and every rank's length there. The Python-visible ``shape``,
+``size()``, ``numel()`` and ``len()`` are the global ones, as in DTensor, so a network that reads
+sizes off its activations (``F.pad`` by ``x.shape[2]``, a positional embedding sliced to the
+length) computes them globally; ``to_local()`` gives the shard as a plain tensor.
+
+Every op either has a rule here (``RULES``, filled by ``nonlocal_dist.sharded.rules``) that runs it
+partitioned and exact, or raises ``ShardingRefusal`` naming the op, the sharded dim and the user's
+source line. Rules decide from the spec alone, which is the same on every rank, so a refusal is
+raised by every rank at the same op: none is left waiting. An op whose tensors are all replicated
+(no sharded dim) runs locally, unchanged, on every rank.
+"""
+from __future__ import annotations
+
+import functools
+import linecache
+import os
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass
+from functools import cached_property
+
+import torch
+from torch import Tensor
+from torch.utils._pytree import tree_flatten, tree_map
+
+import nonlocal_dist.distributed.failure as failure
+from nonlocal_dist.sharded.arguments import bind, normalize
+from nonlocal_dist.sharded.rng import check_agreed
+from nonlocal_dist.sharded.spec import ShardSpec
+
+RULES: dict[Callable, Callable[[Op], object]] = {}
+# Op families: each maps a function with no rule to the rule of its family, or None (sharded.rules
+# fills it: e.g. every function whose ATen op torch tags ``pointwise``).
+FAMILIES: list[Callable[[Callable], Callable[[Op], object] | None]] = []
+_WRAPPED: dict[Callable, Callable] = {}  # this package's wrappers of torch functions -> the originals
+
+_INTERNAL = tuple(
+    os.path.dirname(os.path.abspath(m.__file__)) + os.sep
+    for m in (sys.modules["torch"], sys.modules[__name__.split(".", 1)[0]], sys.modules["contextlib"])
+)  # torch, this package, and the standard library (a context manager's frame is not the user's line)
+
+
+class ShardingRefusal(ValueError):
+    """An op this runtime cannot run exactly on a sharded activation; raised on every rank alike."""
+
+    raised_on_every_rank = True
+
+
+ANY_OPERAND: set[Callable] = set()
+
+
+def rule(*funcs: Callable, any_operand: bool = False) -> Callable:
+    """Register the decorated ``fn(op)`` as the rule for each of ``funcs`` (torch functions/methods).
+
+    A rule sees a sharded tensor only as its first argument (the activation) unless it declares
+    ``any_operand`` (broadcasting ops, joins, contractions, which check their operands themselves):
+    the dispatcher refuses a sharded weight, statistic or index on every rank before the rule runs."""
+
+    def register(fn):
+        for func in funcs:
+            RULES[func] = RULES[_WRAPPED.get(func, func)] = fn
+            if any_operand:
+                ANY_OPERAND.update((func, _WRAPPED.get(func, func)))
+        return fn
+
+    return register
+
+
+def user_frame() -> str:
+    """``file:line (function): code`` of the innermost caller outside torch, einops and this package."""
+    frame = sys._getframe(1)
+    while frame is not None:
+        path = os.path.abspath(frame.f_code.co_filename)
+        if not path.startswith(_INTERNAL) and f"{os.sep}einops{os.sep}" not in path and "<frozen" not in path:
+            code = linecache.getline(path, frame.f_lineno).strip()
+            return f"{path}:{frame.f_lineno} ({frame.f_code.co_name}): {code}"
+        frame = frame.f_back
+    return "<unknown>"
+
+
+def op_name(func: Callable) -> str:
+    if getattr(func, "__name__", "") == "__get__" and hasattr(func, "__self__"):
+        return f"Tensor.{func.__self__.__name__}"
+    module = getattr(func, "__module__", None) or ""
+    name = getattr(func, "__name__", repr(func))
+    if module.startswith("torch.nn.functional") or module == "torch.nn.functional":
+        return f"F.{name}"
+    qual = getattr(func, "__qualname__", name)
+    if qual.startswith(("TensorBase.", "Tensor.")):
+        return "Tensor." + qual.split(".", 1)[1]
+    if module and not module.startswith("torch"):  # the user's own (a declared op, a custom Function)
+        return qual
+    return f"torch.{name}"
+
+
+COMPILE_REFUSAL = (
+    "torch.compile cannot trace ops on a ShardedTensor: they run through Python rules with collectives that "
+    "dynamo does not capture. Run the parallelized model eagerly, or compile the submodules that see no sharded "
+    "activation (e.g. the head after a global pooling)"
+)
+
+
+@dataclass
+class Op:
+    """One intercepted call: the torch function, its arguments, and helpers for rules."""
+
+    func: Callable
+    args: tuple
+    kwargs: dict
+
+    @property
+    def name(self) -> str:
+        return op_name(self.func)
+
+    def refuse(self, why: str, dim: int | None = None, fix: str = "") -> ShardingRefusal:
+        """The error to raise: op, dim, the user's line, why, and how to fix."""
+        where = f" along sharded dim {dim}" if dim is not None else ""
+        shapes = ", ".join(
+            f"{tuple(t.spec.global_shape(t.shape))} sharded on dims {[d for d, _ in t.spec.dims]}"
+            for t in self.sharded()
+        )
+        text = f"{self.name}{where} cannot run on a sharded activation ({shapes}) at {user_frame()}: {why}"
+        return ShardingRefusal(text + (f". Fix: {fix}" if fix else ""))
+
+    @cached_property
+    def _tensors(self) -> list[Tensor]:
+        flat = [*self.args, *self.kwargs.values()]
+        if any(isinstance(a, (list, tuple, dict)) for a in flat):
+            flat = tree_flatten((self.args, self.kwargs))[0]
+        return [a for a in flat if isinstance(a, Tensor)]
+
+    def tensors(self) -> list[Tensor]:
+        return list(self._tensors)
+
+    @cached_property
+    def named(self) -> dict | None:
+        """The arguments by name of torch's overload for them (``arguments.bind``), or None."""
+        return bind(self.func, self.args, self.kwargs)
+
+    def sharded(self) -> list[ShardedTensor]:
+        return [a for a in self.tensors() if isinstance(a, ShardedTensor)]
+
+    def run(self, *args, **kwargs):
+        """The torch function on local tensors (the shard's own storage, autograd as usual)."""
+        return self.func(*args, **kwargs)
+
+
+class ShardedTensor(Tensor):
+    """This rank's shard of a global activation, with its ``ShardSpec`` (see the module docstring)."""
+
+    spec: ShardSpec
+
+    @staticmethod
+    def wrap(local: Tensor, spec: ShardSpec) -> ShardedTensor:
+        """``local`` as a sharded tensor with ``spec`` (no copy, autograd history kept).
+
+        Raises ``ShardingRefusal`` (on every rank: the spec is the same everywhere) for a spec that
+        shards two dims over one process group: each rank would hold only its diagonal block."""
+        if torch.compiler.is_compiling():  # dynamo traced the sharding itself (parallelize's hook, torch 2.8)
+            raise RuntimeError(COMPILE_REFUSAL)
+        groups = [shard.group for _, shard in spec.dims]
+        if len({id(g) for g in groups}) < len(groups):
+            dims = [d for d, _ in spec.dims]
+            raise ShardingRefusal(
+                f"a result sharded on dims {dims} with two of them over the same process group at {user_frame()}: "
+                "each rank would hold only the block where its pieces of both dims meet, not its share of the "
+                "tensor. Fix: shard the second dim over another mesh dim, or gather one operand first (full_tensor)"
+            )
+        if isinstance(local, ShardedTensor) or type(local) is not Tensor:
+            local = local.as_subclass(Tensor)
+        local.__class__ = ShardedTensor
+        local.spec = spec
+        return local
+
+    def to_local(self) -> Tensor:
+        """This rank's shard as a plain tensor (a view: gradients flow back to this tensor)."""
+        with torch._C.DisableTorchFunctionSubclass():
+            return self.as_subclass(Tensor)
+
+    def __repr__(self, *, tensor_contents=None) -> str:
+        with torch._C.DisableTorchFunctionSubclass():
+            shape = tuple(self.spec.global_shape(self.shape))
+            return f"ShardedTensor(global shape {shape}, {self.spec}, local=\n{self.as_subclass(Tensor)!r})"
+
+    @classmethod
+    def __torch_function__(cls, func, types, args=(), kwargs=None):
+        if torch.compiler.is_compiling():
+            raise RuntimeError(COMPILE_REFUSAL)
+        args, kwargs = normalize(func, args, kwargs or {})
+        with torch._C.DisableTorchFunctionSubclass():
+            handler = RULES.get(func)
+            op = Op(func, args, kwargs)
+            try:
+                if handler is None:
+                    handler = _fallback(func)
+                elif func not in ANY_OPERAND:
+                    handler = _first_operand(op) or handler
+                return handler(op)
+            except ShardingRefusal:
+                raise
+            except Exception as exc:
+                failure.post(exc, f"{op.name} at {user_frame()}")
+                raise
+
+
+def _first_operand(op: Op) -> Callable[[Op], object] | None:
+    """For a rule that takes its activation first: None when it may run; ``replicated_or_refuse`` when
+    every sharded argument is replicated but the first is plain; a refusal for any other sharded one."""
+    first = op.args[0] if op.args else None
+    others = [t for t in op.sharded() if t is not first and not t.spec.replicated]
+    if not others:
+        return None if isinstance(first, ShardedTensor) else replicated_or_refuse
+    raise op.refuse("a sharded tensor in an argument other than its input (a weight, a statistic, an index, a "
+                    "target shape)", fix="keep that argument plain (replicated), or gather it with full_tensor")
+
+
+def replicated_spec(spec: ShardSpec, ndim: int) -> ShardSpec:
+    return ShardSpec(ndim, (), spec.groups)
+
+
+# Property getters whose value depends on the global shape.
+_SHAPE_PROPERTIES = {"shape", "ndim", "T", "mT", "H", "mH"}
+
+
+def _fallback(func: Callable) -> Callable[[Op], object]:
+    """Rule for a function with no registered rule: property getters; replicated-only ops run as they
+    are; anything else touching a sharded activation is refused."""
+    if getattr(func, "__name__", "") == "__set__" and hasattr(func, "__self__"):  # requires_grad, grad, data
+        return lambda op: op.run(*op.args, **op.kwargs)
+    if getattr(func, "__name__", "") == "__get__" and hasattr(func, "__self__"):
+        prop = func.__self__.__name__
+        if prop in _SHAPE_PROPERTIES:
+            return RULES.get(("property", prop), _refuse_unknown)
+        return _property
+    for family in FAMILIES:
+        found = family(func)
+        if found is not None:
+            rule(func, any_operand=True)(found)
+            return found
+    return replicated_or_refuse
+
+
+def _property(op: Op):
+    """dtype, device, requires_grad, grad_fn, grad, data, ...: the local tensor's; a tensor of the
+    shard's shape (``data``, ``grad``) keeps the spec."""
+    (self,) = op.args
+    value = op.run(self)
+    if isinstance(value, Tensor) and value is not self and value.shape == self.shape:
+        return ShardedTensor.wrap(value, self.spec)
+    return value
+
+
+_RANDOM = {"rand_like", "randn_like", "randint_like", "bernoulli", "bernoulli_", "normal_", "uniform_",
+           "exponential_", "geometric_", "cauchy_", "log_normal_", "random_", "multinomial", "poisson"}
+
+
+def replicated_or_refuse(op: Op):
+    """Ops with only replicated activations: the same values on every rank give the same result."""
+    sharded = op.sharded()
+    if any(not t.spec.replicated for t in sharded):
+        return _refuse_unknown(op)
+    if getattr(op.func, "__name__", "") in _RANDOM:
+        check_agreed(op, sharded[0].device)
+    spec = sharded[0].spec
+    plain = [t for t in op.tensors() if not isinstance(t, ShardedTensor)]
+
+    def one(t):
+        if not isinstance(t, Tensor) or isinstance(t, ShardedTensor) or any(t is a for a in plain):
+            return t
+        return ShardedTensor.wrap(t, replicated_spec(spec, t.dim()))
+
+    return tree_map(one, op.run(*op.args, **op.kwargs))
+
+
+def _refuse_unknown(op: Op):
+    dims = sorted({d for t in op.sharded() for d, _ in t.spec.dims})
+    raise op.refuse(
+        "no sharding rule for this op, so it cannot be shown to be exact",
+        dims[0] if len(dims) == 1 else None,
+        "apply it where the activation is whole (after a global pooling), declare it position-wise "
+        "(nonlocal_dist.sharded.positionwise(op)) if each output position depends on the same input position only, "
+        "or give it a rule (nonlocal_dist.sharded.register_rule(op, rule))",
+    )
+
+
+_plain_backward = torch.autograd.backward
+
+
+def as_local(t):
+    """A sharded tensor's local shard (``to_local``); anything else as it is (for ``tree_map``)."""
+    return t.to_local() if isinstance(t, ShardedTensor) else t
+
+
+@functools.wraps(_plain_backward)
+def _backward(tensors, grad_tensors=None, *args, **kwargs):
+    """``torch.autograd.backward`` that tells the other ranks when this rank's backward fails (a
+    custom ``autograd.Function`` or a hook raising on one rank: the others, waiting in a collective
+    of the backward, raise ``PeerFailure`` instead of hanging). Sharded outputs (DeepSpeed's and
+    torch's reentrant checkpointing call it on the recomputed outputs with the local gradients) go
+    in as their local tensors, attached to the graph, with torch functions left on: a checkpoint
+    recomputed inside this backward still runs under the rules (torch 2.8 would compare the
+    global shape with the gradient's; newer torch would run the rule with them off)."""
+    try:
+        with torch.enable_grad():  # inside a backward grad mode is off: the aliases must stay in the graph
+            tensors, grad_tensors = tree_map(as_local, (tensors, grad_tensors))
+        return _plain_backward(tensors, grad_tensors, *args, **kwargs)
+    except Exception as exc:
+        failure.post(exc, "in backward")
+        raise
+
+
+torch.autograd.backward = _backward
+_WRAPPED[_backward] = _plain_backward

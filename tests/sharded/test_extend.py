@@ -1,0 +1,108 @@
+"""Declaring one's own ops: a custom autograd.Function on a sharded activation is refused in forward
+on every rank, naming it and the fix, until declared position-wise (then exact against one process,
+gradients included); ``register_rule`` and ``local_map`` likewise."""
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from nonlocal_dist import parallelize
+from nonlocal_dist.sharded import (
+    ShardingRefusal,
+    local_map,
+    positionwise,
+    register_rule,
+)
+from nonlocal_dist.testing import run_ranks
+
+
+class Swish(torch.autograd.Function):
+    """x sigmoid(x) with a hand-written backward (pytorchvideo's X3D has one like it)."""
+
+    @staticmethod
+    def forward(ctx, x):
+        ctx.save_for_backward(x)
+        return x * torch.sigmoid(x)
+
+    @staticmethod
+    def backward(ctx, grad):
+        (x,) = ctx.saved_tensors
+        s = torch.sigmoid(x)
+        return grad * s * (1 + x * (1 - s))
+
+
+class Shift(torch.autograd.Function):
+    """Not position-wise (rolls along t): left undeclared it must stay refused."""
+
+    @staticmethod
+    def forward(ctx, x):
+        return x.roll(1, 2)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad.roll(-1, 2)
+
+
+def _scale(x, k):
+    return x * k
+
+
+class Net(nn.Module):
+    def __init__(self, fn) -> None:
+        super().__init__()
+        self.conv, self.fn, self.pool = nn.Conv3d(2, 3, 3, padding=1), fn, nn.AdaptiveAvgPool3d(1)
+
+    def forward(self, x):
+        return self.pool(self.fn(self.conv(x))).flatten(1)
+
+
+def _shift_rule(op):
+    raise op.refuse("rolls along t", fix="a halo rule")
+
+
+def _extend_worker(rank, world):
+    x = torch.randn(2, 2, 7, 4, 4, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    outcomes = {}
+    for name, fn in [("swish", Swish.apply), ("shift", Shift.apply), ("scale", lambda t: local_map(_scale)(t, 3.0))]:
+        torch.manual_seed(0)
+        net = Net(fn).double()
+        xr = x.clone().requires_grad_(True)
+        want = net(xr)
+        want.sum().backward()
+        want_grad = xr.grad
+        parallelize(net, dist.group.WORLD, "t", sizes=[[4, 0, 3][:world] if world == 3 else [4, 3]])
+        xs = x.clone().requires_grad_(True)
+        try:
+            got = net(xs)
+        except ShardingRefusal as exc:
+            outcomes[name] = str(exc)
+            if name == "swish":  # declared, it runs
+                positionwise(Swish)
+                got = net(xs)
+            else:
+                continue
+        (got.sum() / world).backward()  # the loss convention: each rank's gradient is then its part
+        grad = xs.grad.clone()
+        dist.all_reduce(grad)
+        outcomes[name + " error"] = max((got - want).abs().max().item(), (grad - want_grad).abs().max().item())
+    register_rule(Shift, _shift_rule)
+    torch.manual_seed(0)
+    net = parallelize(Net(Shift.apply).double(), dist.group.WORLD, "t")
+    try:
+        net(x)
+    except ShardingRefusal as exc:
+        outcomes["registered"] = str(exc)
+    return outcomes
+
+
+def test_custom_functions_refused_until_declared_then_exact():
+    results = run_ranks(_extend_worker, 3, timeout=120)
+    for outcomes in results:
+        assert "Swish.apply" in outcomes["swish"] and "positionwise(Swish)" in outcomes["swish"], outcomes["swish"]
+        assert "test_extend.py" in outcomes["swish"]  # the user's line
+        assert outcomes["swish error"] < 1e-12, outcomes
+        assert "Shift.apply" in outcomes["shift"] and "shift error" not in outcomes
+        assert outcomes["scale error"] < 1e-12, outcomes
+        assert "rolls along t" in outcomes["registered"] and "a halo rule" in outcomes["registered"]
+    assert len({r["swish"] for r in results}) == 1  # the same refusal on every rank

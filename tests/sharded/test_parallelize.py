@@ -1,0 +1,504 @@
+"""parallelize(model, group, axis) on real gloo ranks equals the single-process model in float64:
+outputs, input gradient, every parameter gradient (summed over ranks) and BatchNorm statistics, for
+1-3 ranks with uneven shards; nothing in the model is changed; refusals name the op and the line on
+every rank."""
+from __future__ import annotations
+
+import copy
+import io
+
+import pytest
+import torch
+import torch.distributed as dist
+from helpers import rel_err
+from torch import nn
+
+from nonlocal_dist import NonLocalBlock, parallelize
+from nonlocal_dist.sharded import ShardingRefusal
+from nonlocal_dist.testing import run_ranks
+
+TOL = 1e-10
+ALIGNED8 = {1: [8], 2: [6, 2], 3: [4, 2, 2]}  # 8 positions, boundaries on the stride-2 grid
+
+
+def _lengths(total: int, world: int, pattern: str) -> list[int]:
+    """Uneven shard lengths: 'front' puts the remainder on rank 0, 'short' leaves rank 1 one position."""
+    if world == 1:
+        return [total]
+    if pattern == "short":
+        rest = total - 1
+        return [rest - rest // 2, 1, rest // 2][:world] if world == 3 else [total - 1, 1]
+    base = [total // world] * world
+    base[0] += total - sum(base)
+    return base
+
+
+def _compare(model: nn.Module, shape: tuple, lengths: list[int], axis: str, rank: int, world: int) -> dict:
+    """Run ``model`` whole and parallelized (input sharded as ``lengths``); relative errors by quantity."""
+    layout = "b c t h w"[: 2 * len(shape) - 1] if len(shape) != 4 else "b c h w"
+    if len(shape) == 3:
+        layout = "b c t"
+    group = dist.group.WORLD
+    whole = model.double()
+    sharded = parallelize(copy.deepcopy(whole), group, axis, layout=layout, sizes=[lengths])
+    gen = torch.Generator().manual_seed(7)
+    x = torch.randn(*shape, generator=gen, dtype=torch.float64)
+    xw, xs = x.clone().requires_grad_(), x.clone().requires_grad_()
+    yw, ys = whole(xw), sharded(xs)
+    weight = torch.randn(yw.shape, generator=gen, dtype=torch.float64)
+    (yw * weight).sum().backward()
+    (ys * weight).sum().div(world).backward()  # every rank holds the whole output: loss / group size
+    grad = xs.grad.clone()
+    dist.all_reduce(grad)
+    errors = {"output": rel_err(ys.detach(), yw), "input grad": rel_err(grad, xw.grad)}
+    scale = max(p.grad.abs().max().item() for p in whole.parameters()) if list(whole.parameters()) else 1.0
+    for (name, p), q in zip(sharded.named_parameters(), whole.parameters()):
+        total = p.grad.clone() if p.grad is not None else torch.zeros_like(p)
+        dist.all_reduce(total)
+        errors[f"grad {name}"] = rel_err(total, q.grad, floor=scale)
+    for (name, b), c in zip(sharded.named_buffers(), whole.buffers()):
+        errors[f"buffer {name}"] = rel_err(b.double(), c.double())
+    return errors
+
+
+def _seeded(build):
+    torch.manual_seed(3)
+    model = build()
+    with torch.no_grad():  # random BatchNorm affine and non-local norm weights, so nothing is an identity
+        for m in model.modules():
+            if isinstance(m, nn.modules.batchnorm._BatchNorm):
+                m.weight.uniform_(0.5, 1.5)
+                m.bias.uniform_(-0.5, 0.5)
+    return model
+
+
+def _layer_cases(world: int):
+    """(name, builder, input shape, shard lengths, axis)"""
+    cases = []
+    for k in range(1, 6):
+        cases.append((f"conv3d k{k} same", lambda k=k: nn.Conv3d(2, 3, (k, 3, 1), padding=(k // 2, 1, 0)),
+                      (2, 2, 7, 4, 3), _lengths(7, world, "short"), "t"))
+    cases += [
+        ("conv3d k3 valid", lambda: nn.Conv3d(2, 3, 3), (1, 2, 8, 5, 5), _lengths(8, world, "front"), "t"),
+        ("conv3d dilation 2", lambda: nn.Conv3d(2, 2, 3, padding=2, dilation=2), (1, 2, 7, 4, 4), _lengths(7, world, "short"), "t"),
+        ("conv3d 'same' k4", lambda: nn.Conv3d(2, 2, (4, 1, 1), padding="same"), (1, 2, 9, 3, 3), _lengths(9, world, "short"), "t"),
+        ("conv3d k5 valid, 1-position shard", lambda: nn.Conv3d(2, 2, (5, 1, 1)), (1, 2, 9, 2, 2), _lengths(9, world, "short"), "t"),
+        ("conv3d stride 2 aligned", lambda: nn.Conv3d(2, 3, 3, stride=2, padding=1), (1, 2, 8, 6, 6), ALIGNED8[world], "t"),
+        ("conv3d along h", lambda: nn.Conv3d(2, 2, 3, padding=1), (1, 2, 3, 7, 4), _lengths(7, world, "short"), "h"),
+        ("conv3d reflect, 0 pad on t", lambda: nn.Conv3d(2, 2, (3, 3, 3), padding=(0, 1, 1), padding_mode="reflect"), (1, 2, 7, 4, 4), _lengths(7, world, "front"), "t"),
+        ("conv2d along w", lambda: nn.Conv2d(2, 2, 3, padding=1, stride=(1, 2)), (2, 2, 5, 8), ALIGNED8[world], "w"),
+        ("conv1d k4 pad 2", lambda: nn.Conv1d(2, 2, 4, padding=2), (2, 2, 9), _lengths(9, world, "short"), "t"),
+        ("conv1d k1 s4", lambda: nn.Conv1d(2, 2, 1, stride=4), (1, 2, 16), {1: [16], 2: [8, 8], 3: [8, 4, 4]}[world], "t"),
+        ("maxpool1d k2 s4 pad 1", lambda: nn.MaxPool1d(2, stride=4, padding=1), (1, 2, 14), {1: [14], 2: [8, 6], 3: [4, 8, 2]}[world], "t"),
+        ("maxpool3d k3 s2", lambda: nn.MaxPool3d(3, stride=2, padding=1), (1, 2, 8, 4, 4), {1: [8], 2: [2, 6], 3: [2, 4, 2]}[world], "t"),
+        ("maxpool3d k2 s2", lambda: nn.MaxPool3d((2, 1, 1)), (1, 2, 8, 3, 3), ALIGNED8[world], "t"),
+        ("maxpool3d dilation 2", lambda: nn.MaxPool3d(3, stride=1, padding=1, dilation=2), (1, 2, 7, 5, 5), _lengths(7, world, "short"), "t"),
+        ("avgpool3d include pad", lambda: nn.AvgPool3d(3, stride=1, padding=1), (1, 2, 7, 4, 4), _lengths(7, world, "short"), "t"),
+        ("avgpool3d exclude pad", lambda: nn.AvgPool3d(3, stride=1, padding=1, count_include_pad=False), (1, 2, 7, 4, 4), _lengths(7, world, "short"), "t"),
+        ("avgpool1d exclude pad s2", lambda: nn.AvgPool1d(3, stride=2, padding=1, count_include_pad=False), (2, 2, 8), ALIGNED8[world], "t"),
+        ("batchnorm3d", lambda: nn.BatchNorm3d(2), (2, 2, 5, 3, 3), _lengths(5, world, "short"), "t"),
+        ("instancenorm3d running stats", lambda: nn.InstanceNorm3d(2, affine=True, track_running_stats=True),
+         (2, 2, 5, 3, 3), _lengths(5, world, "short"), "t"),
+        ("groupnorm", lambda: nn.GroupNorm(1, 2), (2, 2, 5, 3, 3), _lengths(5, world, "short"), "t"),
+        ("global pool", lambda: nn.Sequential(nn.AdaptiveAvgPool3d((1, 2, 2)), nn.Flatten(), nn.Linear(8, 3)), (2, 2, 7, 4, 4), _lengths(7, world, "short"), "t"),
+    ]
+    return cases
+
+
+def _video_net() -> nn.Module:
+    """conv3d + BN + ReLU + maxpool + NonLocalBlock + (3,1,1) conv + global pool + Linear."""
+    block = NonLocalBlock(4, sub_sample={"h": 2, "w": 2})
+    return nn.Sequential(
+        nn.Conv3d(2, 4, 3, padding=1, bias=False), nn.BatchNorm3d(4), nn.ReLU(inplace=True),
+        nn.MaxPool3d((3, 3, 3), stride=(2, 2, 2), padding=1), block,
+        nn.Conv3d(4, 6, (3, 1, 1), padding=(1, 0, 0)), nn.BatchNorm3d(6), nn.ReLU(),
+        nn.AdaptiveAvgPool3d(1), nn.Flatten(), nn.Linear(6, 3),
+    )
+
+
+def _layers_worker(rank, world):
+    failures = {}
+    for name, build, shape, lengths, axis in _layer_cases(world):
+        errors = _compare(_seeded(build), shape, lengths, axis, rank, world)
+        bad = {k: v for k, v in errors.items() if v > TOL}
+        if bad:
+            failures[name] = bad
+    return failures
+
+
+def _net_worker(rank, world, lengths):
+    model = _seeded(_video_net)
+    with torch.no_grad():
+        model[4].norm.weight.fill_(0.7)
+    errors = {}
+    for train in (True, False):
+        model.train(train)
+        errors.update({f"{k} ({'train' if train else 'eval'})": v
+                       for k, v in _compare(copy.deepcopy(model), (2, 2, 10, 6, 6), lengths, "t", rank, world).items()})
+    return {k: v for k, v in errors.items() if v > TOL}
+
+
+@pytest.mark.parametrize("world", [1, 2, 3])
+def test_layers_equal_single_process(world):
+    for failures in run_ranks(_layers_worker, world, timeout=300):
+        assert not failures, failures
+
+
+@pytest.mark.parametrize("world,lengths", [(1, [10]), (2, [6, 4]), (3, [4, 2, 4])])
+def test_video_net_equals_single_process(world, lengths):
+    for failures in run_ranks(_net_worker, world, lengths, timeout=300):
+        assert not failures, failures
+
+
+def _misaligned_worker(rank, world):
+    torch.manual_seed(0)
+    conv = parallelize(nn.Conv3d(1, 1, 3, stride=2, padding=1), dist.group.WORLD, "t")
+    x = torch.randn(1, 1, 8, 4, 4)
+    with pytest.raises(ShardingRefusal, match=r"shard lengths \[3, 3, 2\].*multiple of 2.*e\.g\. \[4, 2, 2\]"):
+        conv(x)
+    mismatch = parallelize(nn.Conv3d(1, 1, 3, padding=1), dist.group.WORLD, "t")
+    with pytest.raises(ValueError, match="disagree"):
+        mismatch(torch.randn(1, 1, 3, 4, 4 + (rank == 1)))
+    return True
+
+
+def test_unaligned_stride_and_mismatch_raise_on_every_rank():
+    assert run_ranks(_misaligned_worker, 3) == [True] * 3
+
+
+class _Flagged(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv3d(2, 2, 3, padding=1)
+
+    def forward(self, x, deep: bool = False):
+        return self.conv(self.conv(x)) if deep else self.conv(x)
+
+
+def _agreement_worker(rank, world):
+    x = torch.randn(1, 2, 6, 4, 4, generator=torch.Generator().manual_seed(1))
+    torch.manual_seed(rank)  # each rank builds its own weights
+    differing = parallelize(_Flagged(), dist.group.WORLD, "t")
+    with pytest.raises(ValueError) as weights:
+        differing(x)
+    torch.manual_seed(rank)
+    model = _Flagged()
+    built = model.conv.weight.sum().item()
+    synced = parallelize(model, dist.group.WORLD, "t", sync_module_states=True)
+    torch.manual_seed(0)
+    want = _Flagged()(x)  # rank 0's weights
+    got = synced(x)
+    with pytest.raises(ValueError) as flag:
+        synced(x, deep=rank == 1)  # a Python argument that differs between ranks
+    return str(weights.value), (got - want).abs().max().item(), str(flag.value), built
+
+
+def test_parameters_and_arguments_agreed_or_synced_from_rank_zero():
+    results = run_ranks(_agreement_worker, 3, timeout=120)
+    for weights, error, flag, _ in results:
+        assert "parameters or buffers differ between ranks (conv.weight, conv.bias)" in weights, weights
+        assert "sync_module_states=True" in weights
+        assert error < 1e-6, error
+        assert "inputs per rank" in flag and "True" in flag and "False" in flag, flag
+    assert len({r[3] for r in results}) == 3  # the weights really were built differently
+
+
+def _identity_worker(rank, world):
+    torch.manual_seed(0)  # the same weights on every rank (parallelize checks them)
+    model = _video_net()
+    params = [id(p) for p in model.parameters()]
+    buffers = [id(b) for b in model.buffers()]
+    keys = list(model.state_dict())
+    kinds = [type(m) for m in model.modules()]
+    out = parallelize(model, dist.group.WORLD, "t")
+    copied = copy.deepcopy(model)  # EMA helpers copy the model
+    buffer = io.BytesIO()
+    torch.save(model, buffer)
+    buffer.seek(0)
+    loaded = torch.load(buffer, weights_only=False)  # a saved model runs plain (no mesh travels)
+    x = torch.randn(2, 2, 8, 4, 4)
+    same_copy = torch.equal(copied(x), model(x))
+    loaded_runs = loaded(x).shape == (2, 3)
+    return (out is model, params == [id(p) for p in model.parameters()], buffers == [id(b) for b in model.buffers()],
+            keys == list(model.state_dict()), kinds == [type(m) for m in model.modules()], same_copy, loaded_runs)
+
+
+def test_parallelize_changes_nothing_in_the_model():
+    for result in run_ranks(_identity_worker, 2):
+        assert result == (True,) * 7, result
+
+
+def _refusal_worker(rank, world):
+    torch.manual_seed(0)  # the same weights on every rank (parallelize checks them)
+    group = dist.group.WORLD
+    cases = [
+        (nn.Sequential(nn.Flatten(), nn.Linear(96, 2)), r"linear along sharded dim 1.*contracts the sharded last dim"),
+        (nn.Sequential(nn.Conv3d(1, 2, 1), nn.Flatten(), nn.Linear(192, 2)), r"flatten along sharded dim 2.*merges sharded dim 2"),
+        (nn.Sequential(nn.MaxPool3d(3, ceil_mode=True)), "ceil_mode"),
+        (nn.Sequential(nn.AdaptiveAvgPool3d((2, 1, 1))), "output size 2"),
+        (nn.Sequential(nn.Conv3d(1, 1, 3, padding=3)), "exceeds the window's extent"),
+        (nn.Sequential(NonLocalBlock(1, axes="h w")), "interacting axes"),
+        (nn.Sequential(nn.Conv3d(1, 1, 3, padding=1), nn.Softmax(dim=2)), "F.softmax along sharded dim 2.*no sharding rule"),
+    ]
+    messages = []
+    for model, pattern in cases:
+        with pytest.raises(ShardingRefusal, match=pattern) as info:
+            parallelize(model, group, "t")(torch.randn(1, 1, 6, 4, 4))
+        messages.append(str(info.value))
+    with pytest.raises(TypeError, match="ProcessGroup"):
+        parallelize(nn.Conv3d(1, 1, 3), None, "t")
+    # Position-wise layers and a head after the global pool run; LayerNorm over the unsharded channels too.
+    kept = parallelize(nn.Sequential(nn.Conv3d(1, 2, (1, 3, 3)), nn.GELU(), nn.AdaptiveAvgPool3d(1), nn.Flatten(),
+                                     nn.Linear(2, 2), nn.LayerNorm(2)), group, "t")
+    return messages, kept(torch.randn(1, 1, 6, 4, 4)).shape
+
+
+def test_refusals_name_the_op_and_the_line_on_every_rank():
+    for messages, shape in run_ranks(_refusal_worker, 2):
+        assert shape == (1, 2)
+        assert all("test_parallelize.py" in m for m in messages), messages
+
+
+def _torchvision_worker(rank, world, name):
+    import torchvision
+
+    model = getattr(torchvision.models.video, name)(num_classes=3)
+    errors = _compare(_seeded(lambda: model), (1, 3, 16, 32, 32), [8, 8], "t", rank, world)  # 3 temporal stride-2 stages
+    return {k: v for k, v in errors.items() if v > 1e-9}
+
+
+@pytest.mark.parametrize("name", ["r3d_18", "r2plus1d_18"])
+def test_torchvision_video_resnets(name):
+    pytest.importorskip("torchvision.models.video")
+    for failures in run_ranks(_torchvision_worker, 2, name, timeout=600):
+        assert not failures, failures
+
+
+def _i3d_worker(rank, world, lengths):
+    from nonlocal_dist.models import I3DNonLocal
+
+    def build():
+        model = I3DNonLocal(3, 4, stem_channels=8, widths=(8, 16, 16), depths=(1, 2, 1), strides=(1, 2, 2),
+                            inflate=((1,), (1, 1), (1,)), nonlocal_stages=((1,), (1, 0), (1,)))
+        for block in model.modules():
+            if isinstance(block, NonLocalBlock):
+                nn.init.uniform_(block.norm.weight, 0.5, 1.0)  # not the identity init, so the blocks matter
+        return model
+
+    errors = _compare(_seeded(build), (2, 3, 8, 32, 32), lengths, "t", rank, world)
+    return {k: v for k, v in errors.items() if v > TOL}
+
+
+@pytest.mark.parametrize("world,lengths", [(2, [4, 4]), (3, [4, 2, 2])])
+def test_i3d_with_nonlocal_blocks_equals_single_process(world, lengths):
+    for failures in run_ranks(_i3d_worker, world, lengths, timeout=300):
+        assert not failures, failures
+
+
+def _bf16_norm_worker(rank, world):
+    """DeepSpeed's bf16: bf16 input and parameters, float32 running statistics (group_batch_norm's path)."""
+    torch.manual_seed(0)
+    whole = nn.BatchNorm3d(3)
+    sharded = parallelize(nn.Sequential(copy.deepcopy(whole)), dist.group.WORLD, "t", sizes=[[4, 3]])
+    for p in sharded.parameters():
+        p.data = p.data.bfloat16()
+    x = torch.randn(2, 3, 7, 4, 4, generator=torch.Generator().manual_seed(1))
+    want = whole.double()(x.double())
+    got = sharded(x.bfloat16().requires_grad_())
+    got.float().sum().backward()
+    return rel_err(got.detach().float(), want), rel_err(sharded[0].running_var, whole.running_var), got.dtype
+
+
+def test_bf16_batchnorm_with_float32_statistics():
+    for out_err, stats_err, dtype in run_ranks(_bf16_norm_worker, 2):
+        assert dtype == torch.bfloat16 and out_err < 2e-2 and stats_err < 1e-2, (out_err, stats_err)
+
+
+def _retained_bytes(fn) -> int:
+    """Bytes that torch's allocator still holds after ``fn()`` beyond those held before (profiler events)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        out = fn()
+    retained = sum(e.nbytes() for e in prof.profiler.kineto_results.events() if e.name() == "[memory]")
+    del out
+    return retained
+
+
+def _saved_input_worker(rank, world):
+    """A sharded window layer keeps no copy of its extended shard for backward (it rebuilds it), and an
+    in-place change of its input before the backward raises instead of giving a wrong gradient."""
+    from nonlocal_dist.sharded import distribute
+
+    torch.manual_seed(0)
+    whole = nn.Sequential(nn.Conv3d(4, 4, (3, 1, 1), padding=(1, 0, 0)), nn.MaxPool3d((3, 1, 1), 1, (1, 0, 0)))
+    x = distribute(torch.randn(1, 4, 32, 16, 16), dist.group.WORLD, "b c t h w", "t").requires_grad_()
+    local = x.to_local()
+    shard_bytes = local.numel() * local.element_size()
+    kept, y, yl = {}, x * 1.0, local * 1.0  # the layers' inputs, alive beforehand (the layer before saved them)
+    for name, layer, inp in (("plain conv", whole[0], yl), ("sharded conv", whole[0], y),
+                             ("plain pool", whole[1], yl), ("sharded pool", whole[1], y)):
+        kept[name] = [_retained_bytes(lambda: layer(inp)) for _ in range(2)][-1] / shard_bytes
+    y = x * 1.0
+    out = whole[0](y)
+    y.add_(1.0)
+    try:
+        out.sum().backward()
+        error = None
+    except RuntimeError as exc:
+        error = str(exc)
+    dist.barrier()
+    return kept, error
+
+
+@pytest.mark.skipif(not hasattr(torch._C._autograd, "_top_saved_tensors_default_hooks"),
+                    reason="this torch has no accessor for the outer saved-tensor hooks: the layers save a copy")
+def test_window_layers_keep_no_copy_of_the_shard():
+    for kept, error in run_ranks(_saved_input_worker, 2):
+        # retained beyond the plain layer's: the two halo positions (1/8 shard), not the extended shard (+9/8)
+        assert kept["sharded conv"] < kept["plain conv"] + 0.5, kept
+        assert kept["sharded pool"] < kept["plain pool"] + 0.5, kept
+        assert error is not None and "in-place" in error, error
+
+
+def _head_dropout_worker(rank, world):
+    """Dropout after the global pool, and a channel dropout on the sharded activation: every rank draws
+    the same masks although each rank's own RNG differs from the others'."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv3d(2, 64, (3, 1, 1), padding=(1, 0, 0)), nn.Dropout3d(0.5), nn.AdaptiveAvgPool3d(1),
+                          nn.Flatten(), nn.Dropout(0.5), nn.Linear(64, 3))
+    parallelize(model, dist.group.WORLD, "t")
+    torch.manual_seed(100 + rank)  # each rank's own RNG stream, as after differing data loading
+    x = torch.randn(4, 2, 6, 3, 3, generator=torch.Generator().manual_seed(1))
+    dropped = torch.stack([model(x) for _ in range(10)])
+    model.eval()
+    return dropped, model(x)
+
+
+def test_head_dropout_draws_one_mask_on_every_rank():
+    (first, plain), (second, _) = run_ranks(_head_dropout_worker, 2)
+    assert torch.equal(first, second)  # the same logits: the same masks, step after step, on both ranks
+    assert not torch.equal(first[0], first[1]) and not torch.allclose(first[0], plain)
+
+
+def _eval_on_one_rank_worker(rank, world):
+    """A non-local block put in eval mode on one rank alone is refused on every rank (the block agrees on it)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv3d(2, 8, (3, 1, 1), padding=(1, 0, 0)), NonLocalBlock(8, layout="b c t h w"))
+    sharded = parallelize(model, dist.group.WORLD, "t", output="local")
+    x = torch.randn(1, 2, 8, 3, 3, generator=torch.Generator().manual_seed(1))
+    sharded(x)
+    if rank == 1:
+        sharded[1].eval()
+    try:
+        sharded(x)
+    except ValueError as exc:
+        return str(exc)
+    return None
+
+
+def test_block_in_eval_mode_on_one_rank_is_refused_on_every_rank():
+    for message in run_ranks(_eval_on_one_rank_worker, 2, timeout=60):
+        assert message is not None and "training" in message, message
+
+
+def _one_rank_worker(rank, world, device):
+    """The I3D with non-local blocks parallelized over a group of one on ``device``: the sharded layers'
+    own code (group BatchNorm's fused kernels, the halo Function, the rebuilt saved input, the op rules,
+    the strategies) against the unchanged model, float32 without TF32, two forward+backward passes."""
+    from nonlocal_dist.models import I3DNonLocal
+
+    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
+    torch.manual_seed(0)
+    plain = I3DNonLocal(3, 5, stem_channels=8, widths=(16, 32, 64)).to(device)
+    sharded = parallelize(copy.deepcopy(plain), dist.group.WORLD, "t")
+    x = torch.randn(2, 3, 8, 32, 32, generator=torch.Generator().manual_seed(1)).to(device)
+    errors = {}
+    for step in range(2):
+        plain.zero_grad(), sharded.zero_grad()
+        yp, ys = plain(x), sharded(x)
+        yp.square().sum().backward()
+        ys.square().sum().backward()
+        errors[f"logits {step}"] = rel_err(ys, yp)
+        scale = max(q.grad.abs().max().item() for q in plain.parameters())
+        for (name, p), q in zip(sharded.named_parameters(), plain.parameters()):
+            errors[f"grad {name} {step}"] = rel_err(p.grad, q.grad, floor=scale)
+    for (name, b), c in zip(sharded.named_buffers(), plain.buffers()):
+        errors[f"buffer {name}"] = rel_err(b.double(), c.double())
+    return {k: v for k, v in errors.items() if not v <= 1e-4}
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="needs a CUDA device"))])
+def test_one_rank_group_equals_the_plain_model(device):
+    (failures,) = run_ranks(_one_rank_worker, 1, device, timeout=240, backend="nccl" if device == "cuda" else "gloo")
+    assert not failures, failures
+
+
+def _compiled_worker(rank, world):
+    import torch._dynamo as dynamo
+
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv3d(3, 4, 3, padding=1), nn.BatchNorm3d(4), nn.ReLU(), nn.AdaptiveAvgPool3d(1))
+    x = torch.randn(2, 3, 8, 4, 4)
+    want = net(x)
+    model = torch.compile(parallelize(net, dist.group.WORLD, "t"))
+    dynamo.reset()
+    try:
+        got = model(x)
+    except Exception as exc:  # dynamo wraps the error (InternalTorchDynamoError)
+        return str(exc)
+    return (got - want).abs().max().item()
+
+
+def test_torch_compile_of_a_parallelized_network_is_refused_or_runs_eagerly():
+    """torch 2.13 stops at the first op traced on a ShardedTensor, with the refusal on every rank;
+    torch 2.8's dynamo traces the sharding itself, meets the refusal there, and falls back to
+    running the hooks and the network eagerly: exact."""
+    outcomes = run_ranks(_compiled_worker, 2, timeout=300)
+    assert type(outcomes[0]) is type(outcomes[1]), outcomes
+    for outcome in outcomes:
+        if isinstance(outcome, str):
+            assert "torch.compile cannot trace ops on a ShardedTensor" in outcome, outcome
+        else:
+            assert outcome < 1e-5, outcome
+
+
+def _agreements_per_forward_worker(rank, world):
+    """Two non-local blocks (one sub-sampled along the sharded t) under parallelize: the forward makes one
+    agreement, the pre-hook's; the blocks take every rank's N and M from the spec. Exact against one process."""
+    import nonlocal_dist.distributed.checks as checks
+
+    calls = []
+    gather = checks.all_gather_into
+
+    def counting(*args, **kwargs):
+        calls.append(1)
+        return gather(*args, **kwargs)
+
+    checks.all_gather_into = counting
+    try:
+        torch.manual_seed(0)
+        model = nn.Sequential(
+            nn.Conv3d(2, 8, (3, 1, 1), padding=(1, 0, 0)),
+            NonLocalBlock(8, layout="b c t h w", mode="embedded_gaussian", sub_sample={"t": 2, "h": 2}, norm="batch"),
+            NonLocalBlock(8, layout="b c t h w", mode="dot_product"),
+        ).double()
+        plain = copy.deepcopy(model)
+        sharded = parallelize(model, dist.group.WORLD, "t", sizes=[[6, 2]] if world == 2 else None)
+        x = torch.randn(2, 2, 8, 4, 3, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+        sharded(x)  # the first call also checks the parameters (the same single agreement)
+        calls.clear()
+        out = sharded(x)
+        counted = len(calls)
+        expected = plain(x)
+    finally:
+        checks.all_gather_into = gather
+    return counted, rel_err(out, expected)
+
+
+@pytest.mark.parametrize("world", [1, 2])
+def test_one_agreement_per_forward_however_many_blocks(world):
+    for counted, err in run_ranks(_agreements_per_forward_worker, world, timeout=120):
+        assert counted == (0 if world == 1 else 1), counted
+        assert err < TOL, err

@@ -1,0 +1,168 @@
+"""Leak classes the op sweep found (``scripts/op_sweep.py``), each fixed at its root and checked here
+on 2 gloo ranks against one process in float64: torch's argument aliases and overloads, a sharded
+tensor in an argument other than the input, one group sharding two dims, ``full_tensor`` of a
+vector with an empty piece."""
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+
+from nonlocal_dist.sharded import ShardingRefusal, distribute, full_tensor
+from nonlocal_dist.testing import run_ranks
+
+
+def _err(got, want) -> float:
+    return (full_tensor(got) - want).abs().max().item() if want.numel() else 0.0
+
+
+def _refused(fn) -> str:
+    try:
+        fn()
+    except ShardingRefusal as exc:
+        return "refused: " + str(exc).split(" at ")[0]
+    return "ran"
+
+
+def _aliases_and_overloads(x, xs) -> dict:
+    """Numpy spellings (axis=, keepdims=, input=) and torch.var's overloads, reduced over the sharded dim 2."""
+    calls = {
+        "sum axis keepdims": lambda t: torch.sum(t, axis=2, keepdims=True),
+        "mean input= axis": lambda t: torch.mean(input=t, axis=(1, 2)),
+        "Tensor.amax axis": lambda t: t.amax(axis=2),
+        "var(x, True)": lambda t: torch.var(t, True),
+        "std(x, 2, False, True)": lambda t: torch.std(t, 2, False, True),
+        "var(dim=, correction=0)": lambda t: torch.var(t, dim=2, correction=0),
+        "Tensor.var(2, unbiased=False)": lambda t: t.var(2, unbiased=False),
+    }
+    return {name: _err(fn(xs), fn(x)) for name, fn in calls.items()}
+
+
+def _operands(x, xs, rank) -> dict:
+    """A sharded tensor where a rule reads only a plain one: refused, or run where only its shape is read."""
+    w = torch.randn(5, dtype=torch.float64)
+    ws = distribute(w, dist.group.WORLD, "c", "c", sizes=[[3, 2]])
+    mean, var = torch.zeros(3, dtype=torch.float64), torch.ones(3, dtype=torch.float64)
+    means = distribute(mean, dist.group.WORLD, "c", "c", sizes=[[2, 1]])
+    plain = torch.randn(2, 3, 5, dtype=torch.float64)
+    return {
+        "layer_norm sharded weight": _refused(lambda: F.layer_norm(plain, (5,), ws)),
+        "batch_norm sharded running_mean": _refused(lambda: F.batch_norm(xs, means, var, training=True)),
+        "group_norm sharded channels": _refused(lambda: F.group_norm(
+            distribute(plain, dist.group.WORLD, "b c t", "c", sizes=[[2, 1]]), 1)),
+        "adaptive pool keeping the sharded length": (full_tensor(F.adaptive_avg_pool1d(xs, 5)) - x).abs().max().item(),
+        "view_as sharded target": (plain.reshape(6, 5).view_as(xs) - plain).abs().max().item(),
+        "expand_as sharded target": (torch.ones(1, 1, 5, dtype=torch.float64).expand_as(xs) - 1).abs().max().item(),
+    }
+
+
+def _one_group_two_dims(rank) -> dict:
+    """An outer sum of two vectors sharded over one group gathers one side; a layout with two dims over
+    one group is refused at the entry point."""
+    gen = torch.Generator().manual_seed(5)
+    a, b, g = torch.randn(5, 1, generator=gen), torch.randn(4, generator=gen), torch.randn(5, 4, generator=gen)
+    a, b, g = a.double(), b.double(), g.double()
+    wa, wb = a.clone().requires_grad_(), b.clone().requires_grad_()
+    ((wa + wb) * g).sum().backward()
+    sa, sb = a.clone().requires_grad_(), b.clone().requires_grad_()
+    out = distribute(sa, dist.group.WORLD, "i j", "i", sizes=[[4, 1]]) + distribute(sb, dist.group.WORLD, "j", "j",
+                                                                                   sizes=[[1, 3]])
+    spec = [(d, list(s.sizes)) for d, s in out.spec.dims]
+    (full_tensor(out) * g).sum().div(dist.get_world_size()).backward()
+    grads = [sa.grad.clone(), sb.grad.clone()]
+    for t in grads:
+        dist.all_reduce(t)
+    x = torch.randn(4, 6, dtype=torch.float64)
+    group = dist.group.WORLD
+    return {
+        "outer sum": (spec, max((full_tensor(out) - (a + b)).abs().max().item(),
+                                *((t - w.grad).abs().max().item() for t, w in zip(grads, (wa, wb))))),
+        "two dims, one group": _refused(lambda: distribute(x, (group, group), "i j", ("i", "j"), sizes=[[2, 2], [3, 3]])),
+    }
+
+
+def _vector_with_an_empty_piece(rank) -> float:
+    v = torch.arange(5, dtype=torch.float64)
+    vs = distribute(v, dist.group.WORLD, "n", "n", sizes=[[5, 0]])
+    return (full_tensor(vs.exp()) - v.exp()).abs().max().item()
+
+
+def _empty_pieces(rank) -> dict:
+    """3 ranks, the middle one empty: a kernel acting along other dims, and statistics over every sample."""
+    gen = torch.Generator().manual_seed(2)
+    x, g = torch.randn(2, 3, 4, dtype=torch.float64, generator=gen), torch.randn(2, 3, 6, dtype=torch.float64, generator=gen)
+    want = x.clone().requires_grad_()
+    (F.interpolate(want, size=6, mode="linear") * g).sum().backward()
+    got = x.clone().requires_grad_()
+    xs = distribute(got, dist.group.WORLD, "b c t", "c", sizes=[[2, 0, 1]])
+    out = full_tensor(F.interpolate(xs, size=6, mode="linear"))
+    (out * g).sum().div(dist.get_world_size()).backward()
+    grad = got.grad.clone()
+    dist.all_reduce(grad)
+    interp = max((out - F.interpolate(x, size=6, mode="linear")).abs().max().item(), (grad - want.grad).abs().max().item())
+    y = torch.randn(5, 2, 4, dtype=torch.float64, generator=gen)
+    stats = [torch.zeros(2, dtype=torch.float64), torch.ones(2, dtype=torch.float64)]
+    mine = [s.clone() for s in stats]
+    F.instance_norm(y, *stats, momentum=0.5)
+    ys = distribute(y, dist.group.WORLD, "b c t", "b", sizes=[[3, 0, 2]])
+    F.instance_norm(ys, *mine, momentum=0.5)
+    wb = [torch.randn(2, dtype=torch.float64, generator=gen) for _ in range(2)]
+    gy = torch.randn(5, 2, 4, dtype=torch.float64, generator=gen)
+    ref_leaves = [t.clone().requires_grad_() for t in wb]
+    want = torch.autograd.grad((F.batch_norm(y, None, None, *ref_leaves, training=True) * gy).sum(), ref_leaves)
+    got_leaves = [t.clone().requires_grad_() for t in wb]
+    out = full_tensor(F.batch_norm(ys, None, None, *got_leaves, training=True))
+    got = torch.autograd.grad((out * gy).sum() / dist.get_world_size(), got_leaves)
+    for t in got:  # in place, as a data-parallel reduction does: the two gradients must not share storage
+        dist.all_reduce(t)
+    return {"interpolate over channels": interp,
+            "batch_norm weight and bias grads": max((a - b).abs().max().item() for a, b in zip(got, want)),
+            "instance_norm running stats": max((a - b).abs().max().item() for a, b in zip(mine, stats))}
+
+
+def _worker3(rank, world):
+    return _empty_pieces(rank)
+
+
+def test_empty_pieces_run_and_statistics_span_every_rank():
+    for r in run_ranks(_worker3, 3, timeout=180):
+        assert all(err < 1e-12 for err in r.values()), r
+
+
+def _worker(rank, world):
+    x = torch.randn(2, 3, 5, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    xs = distribute(x, dist.group.WORLD, "b c t", "t", sizes=[[3, 2]])
+    return {"aliases": _aliases_and_overloads(x, xs), "operands": _operands(x, xs, rank),
+            "two dims": _one_group_two_dims(rank), "vector": _vector_with_an_empty_piece(rank)}
+
+
+@pytest.fixture(scope="module")
+def results():
+    return run_ranks(_worker, 2, timeout=180)
+
+
+def test_aliases_and_overloads_are_read_as_torch_reads_them(results):
+    for r in results:
+        assert all(err < 1e-12 for err in r["aliases"].values()), r["aliases"]
+
+
+def test_a_sharded_weight_or_statistic_is_refused_on_every_rank(results):
+    for r in results:
+        ops = r["operands"]
+        assert ops["layer_norm sharded weight"].startswith("refused: F.layer_norm"), ops
+        assert ops["batch_norm sharded running_mean"].startswith("refused: F.batch_norm"), ops
+        assert ops["group_norm sharded channels"].startswith("refused: F.group_norm along sharded dim 1"), ops
+        assert ops["adaptive pool keeping the sharded length"] < 1e-12, ops
+        assert ops["view_as sharded target"] == 0.0 and ops["expand_as sharded target"] == 0.0, ops
+
+
+def test_one_group_never_shards_two_dims(results):
+    for r in results:
+        spec, err = r["two dims"]["outer sum"]
+        assert spec == [(0, [4, 1])] and err < 1e-12, r["two dims"]
+        assert r["two dims"]["two dims, one group"].startswith("refused: a result sharded on dims [0, 1]"), r
+
+
+def test_full_tensor_of_a_vector_with_an_empty_piece(results):
+    assert all(r["vector"] == 0.0 for r in results)

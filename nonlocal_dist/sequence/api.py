@@ -4,6 +4,7 @@ from __future__ import annotations
 import torch.distributed as dist
 from torch import Tensor
 
+from nonlocal_dist.backends import dispatch
 from nonlocal_dist.distributed.checks import agree_across_ranks
 from nonlocal_dist.sequence.strategies import (
     MODE_STRATEGIES,
@@ -81,5 +82,8 @@ def parallel_nonlocal(
     if sum(values["N"]) == 0 or sum(values["M"]) == 0:  # every rank sees the same sums: all raise
         raise ValueError(f"the group holds no {'query' if sum(values['N']) == 0 else 'key'} positions (N per rank = "
                          f"{values['N']}, M per rank = {values['M']}); a shard may be empty, the whole sequence not")
-    y = STRATEGIES[chosen](inputs, group, values["N"], values["M"], backend)
+    if world == 1:  # the whole sequence on this rank: the single-device dispatch (the strategy was checked)
+        y = dispatch(inputs, backend)
+    else:
+        y = STRATEGIES[chosen](inputs, group, values["N"], values["M"], backend)
     return y.squeeze(1) if added_heads else y

@@ -40,6 +40,8 @@ def batch_norm_rows(x: Tensor, bn: nn.BatchNorm1d, group: dist.ProcessGroup | No
     """
     params = {t.dtype for t in (bn.weight, bn.bias, bn.running_mean, bn.running_var) if t is not None}
     own_kernel = params == {x.dtype} or (x.dtype in HALF_DTYPES and params <= {torch.float32})
+    if group is not None and dist.get_world_size(group) == 1:  # one rank holds every row
+        group = None
     if group is None and own_kernel and not isinstance(x, ShardedTensor):  # BatchNorm's own forward
         return nn.modules.batchnorm._BatchNorm.forward(bn, x)
     return group_batch_norm(x, bn, group)

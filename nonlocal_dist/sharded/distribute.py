@@ -171,6 +171,9 @@ class _Hooks:
         on some rank raises instead of computing wrongly).
         Returns the first rank's random seed for this call (``sharded.rng``)."""
         span = span_group(mesh_groups(self.mesh, self.axes))
+        if dist.get_world_size(span) == 1:  # nothing to agree on
+            self.state_checked = True
+            return rng.draw_seed()
         described = tuple(_describe_argument(t) for t in tree_flatten(inputs)[0])
         states = None if self.state_checked else _state_digests(module)
         fields = {"inputs": described, "parameters and buffers": tuple(sorted(states.items())) if states else None,

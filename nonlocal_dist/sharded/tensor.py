@@ -26,12 +26,10 @@ import linecache
 import os
 import sys
 from collections.abc import Callable
-from dataclasses import dataclass
-from functools import cached_property
 
 import torch
 from torch import Tensor
-from torch.utils._pytree import tree_flatten, tree_map
+from torch.utils._pytree import tree_map
 
 import nonlocal_dist.distributed.failure as failure
 from nonlocal_dist.sharded.arguments import bind, normalize
@@ -110,13 +108,22 @@ COMPILE_REFUSAL = (
 )
 
 
-@dataclass
-class Op:
-    """One intercepted call: the torch function, its arguments, and helpers for rules."""
+_UNBOUND = object()
 
-    func: Callable
-    args: tuple
-    kwargs: dict
+
+class Op:
+    """One intercepted call: the torch function, its arguments, and helpers for rules (a plain class
+    with slots: one is made for every intercepted op)."""
+
+    __slots__ = ("func", "args", "kwargs", "_found", "_named")
+
+    def __init__(self, func: Callable, args: tuple, kwargs: dict) -> None:
+        self.func, self.args, self.kwargs = func, args, kwargs
+        self._found: list[Tensor] | None = None
+        self._named = _UNBOUND
+
+    def __repr__(self) -> str:
+        return f"Op({self.name}, {len(self.args)} args, kwargs {sorted(self.kwargs)})"
 
     @property
     def name(self) -> str:
@@ -132,27 +139,41 @@ class Op:
         text = f"{self.name}{where} cannot run on a sharded activation ({shapes}) at {user_frame()}: {why}"
         return ShardingRefusal(text + (f". Fix: {fix}" if fix else ""))
 
-    @cached_property
     def _tensors(self) -> list[Tensor]:
-        flat = [*self.args, *self.kwargs.values()]
-        if any(isinstance(a, (list, tuple, dict)) for a in flat):
-            flat = tree_flatten((self.args, self.kwargs))[0]
-        return [a for a in flat if isinstance(a, Tensor)]
+        if self._found is None:
+            self._found = []
+            _collect_tensors(self.args, self._found)
+            _collect_tensors(self.kwargs.values(), self._found)
+        return self._found
 
     def tensors(self) -> list[Tensor]:
-        return list(self._tensors)
+        return list(self._tensors())
 
-    @cached_property
+    @property
     def named(self) -> dict | None:
         """The arguments by name of torch's overload for them (``arguments.bind``), or None."""
-        return bind(self.func, self.args, self.kwargs)
+        if self._named is _UNBOUND:
+            self._named = bind(self.func, self.args, self.kwargs)
+        return self._named
 
     def sharded(self) -> list[ShardedTensor]:
-        return [a for a in self.tensors() if isinstance(a, ShardedTensor)]
+        return [a for a in self._tensors() if isinstance(a, ShardedTensor)]
 
     def run(self, *args, **kwargs):
         """The torch function on local tensors (the shard's own storage, autograd as usual)."""
         return self.func(*args, **kwargs)
+
+
+def _collect_tensors(values, found: list[Tensor]) -> None:
+    """The tensors among ``values``, in order, through nested lists, tuples and dicts (as ``tree_flatten``
+    would give them, without its per-leaf cost: this runs for every intercepted op)."""
+    for value in values:
+        if isinstance(value, Tensor):
+            found.append(value)
+        elif isinstance(value, (list, tuple)):
+            _collect_tensors(value, found)
+        elif isinstance(value, dict):
+            _collect_tensors(value.values(), found)
 
 
 class ShardedTensor(Tensor):

@@ -46,11 +46,30 @@ def _signature(reference) -> inspect.Signature:
     return inspect.signature(reference)
 
 
+@functools.cache
+def _binding(reference, positional: int, keywords: tuple[str, ...]) -> tuple[tuple[str, str, object], ...]:
+    """How to bind ``positional`` arguments and ``keywords`` to ``reference``'s parameters, in its order:
+    ``(name, "arg", index)``, ``(name, "kw", name)`` or ``(name, "default", value)``. Raises the
+    ``TypeError`` of ``inspect.Signature.bind`` for a call the signature does not take."""
+    signature = _signature(reference)
+    signature.bind(*range(positional), **dict.fromkeys(keywords))
+    plan = []
+    for i, (name, p) in enumerate(signature.parameters.items()):
+        if i < positional:
+            plan.append((name, "arg", i))
+        elif name in keywords:
+            plan.append((name, "kw", name))
+        else:
+            plan.append((name, "default", p.default))
+    return tuple(plan)
+
+
 def bind(op: Op, reference) -> dict:
-    """The op's arguments by name, defaults filled (``reference``: a function with the op's signature)."""
-    bound = _signature(reference).bind(*op.args, **op.kwargs)
-    bound.apply_defaults()
-    return dict(bound.arguments)
+    """The op's arguments by name, defaults filled (``reference``: a function with the op's signature,
+    no ``*args``/``**kwargs``). The binding is worked out once per signature and call shape."""
+    plan = _binding(reference, len(op.args), tuple(op.kwargs))
+    return {name: op.args[where] if how == "arg" else op.kwargs[where] if how == "kw" else where
+            for name, how, where in plan}
 
 
 def per_dim(value, n: int) -> list:

@@ -33,19 +33,25 @@ def _check(op: Op, dim: int, window: Window, shard: Shard) -> None:
     why = window.refusal()
     if why is not None:
         raise op.refuse(why, dim)
+    if shard.world == 1:  # no rank boundary to align
+        return
     try:
         _check_alignment(list(shard.sizes), window.stride, op.name)
     except ValueError as exc:
         raise op.refuse(str(exc), dim) from None
 
 
-def windowed(op: Op, x: ShardedTensor, windows: dict[int, Window], fn, value: float) -> ShardedTensor:
-    """``fn`` (the op with zero padding along the windows' dims) over the halo-extended shard."""
+def windowed(op: Op, x: ShardedTensor, windows: dict[int, Window], fn, value: float, native=None) -> ShardedTensor:
+    """``fn`` (the op with zero padding along the windows' dims) over the halo-extended shard; where
+    every windowed dim is sharded over a group of one (the rank holds the whole axis), ``native``
+    (the op with its own padding) on the shard, with no exchange."""
     dims = x.spec.sharded
     for d, w in windows.items():
         _check(op, d, w, dims[d])
     local = x.as_subclass(Tensor)
-    if len(windows) == 1:
+    if native is not None and all(dims[d].world == 1 for d in windows):
+        out = native(local)
+    elif len(windows) == 1:
         (d, w), = windows.items()
         out, _ = sliding_window(fn, local, d, w, list(dims[d].sizes), dims[d].group, op.name, value)
     else:
@@ -100,7 +106,10 @@ def _conv_rule(n: int, conv):
             def fn(t):
                 return conv(constant_pad(t, flat), weight, bias, stride, 0, dilation, a["groups"])
 
-        return windowed(op, x, windows, fn, 0.0)
+        def native(t):
+            return conv(t, weight, bias, stride, a["padding"], dilation, a["groups"])
+
+        return windowed(op, x, windows, fn, 0.0, native)
 
     return run
 
@@ -143,7 +152,10 @@ def _max_rule(n: int, pool):
         def fn(t):
             return pool(t, kernel, stride, padding, dilation, ceil_mode=a["ceil_mode"])
 
-        return windowed(op, x, windows, fn, float("-inf"))
+        def native(t):
+            return pool(t, kernel, stride, a["padding"], dilation, ceil_mode=a["ceil_mode"])
+
+        return windowed(op, x, windows, fn, float("-inf"), native)
 
     return run
 
@@ -165,7 +177,10 @@ def _avg_rule(n: int, pool):
         def fn(t):
             return pool(t, kernel, stride, padding, a["ceil_mode"], a["count_include_pad"], *extra)
 
-        return windowed(op, x, windows, fn, 0.0)
+        def native(t):
+            return pool(t, kernel, stride, a["padding"], a["ceil_mode"], a["count_include_pad"], *extra)
+
+        return windowed(op, x, windows, fn, 0.0, native)
 
     return run
 

@@ -87,6 +87,11 @@ def broadcast_rule(op: Op):
         if _inplace(op) is not None:
             return x
         return _wrap_outputs(out, x.spec, x.dim(), [])
+    if _sharded_alike(op, tensors):  # a residual sum, a gate: operands split alike, nothing to align
+        out = op.run(*[a.as_subclass(Tensor) if isinstance(a, ShardedTensor) else a for a in op.args],
+                     **{k: a.as_subclass(Tensor) if isinstance(a, ShardedTensor) else a for k, a in op.kwargs.items()})
+        inplace = _inplace(op)
+        return inplace if inplace is not None else _wrap_outputs(out, tensors[0].spec, tensors[0].dim(), [])
     ndim = max(t.dim() for t in tensors)
     op = one_dim_per_group(op, ndim)
     tensors = op.tensors()
@@ -105,6 +110,19 @@ def broadcast_rule(op: Op):
     if inplace is not None:
         return inplace
     return _wrap_outputs(out, spec, ndim, [t for t in tensors if not isinstance(t, ShardedTensor)])
+
+
+def _sharded_alike(op: Op, tensors: list[Tensor]) -> bool:
+    """Whether every tensor operand is a top-level argument, sharded, of one rank and split alike (the
+    same dims, groups and sizes): the op then runs on the pieces as they are."""
+    first = tensors[0]
+    if sum(isinstance(a, Tensor) for a in (*op.args, *op.kwargs.values())) != len(tensors):
+        return False
+    if not all(isinstance(t, ShardedTensor) and t.dim() == first.dim() for t in tensors):
+        return False
+    dims = first.spec.dims
+    return all(len(t.spec.dims) == len(dims) and all(d == e and s.same(r) for (d, s), (e, r) in zip(t.spec.dims, dims))
+               for t in tensors[1:])
 
 
 def _wrap_outputs(out, spec, ndim: int, plain: list[Tensor]):

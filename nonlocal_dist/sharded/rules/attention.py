@@ -76,6 +76,7 @@ def _sdpa(op: Op):
     shard = specs[0][seq]
     scale = a["scale"] if a["scale"] is not None else 1.0 / math.sqrt(q.shape[-1])
     local = [t.as_subclass(Tensor) for t in tensors]
+    lengths = (list(shard.sizes), list(shard.sizes))  # every rank's tokens, from the spec: no agreement
     y = parallel_nonlocal(*local, "embedded_gaussian", scale=scale, concat_weight=None, backend="auto",
-                          group=shard.group, strategy=None)
+                          group=shard.group, strategy=None, lengths=lengths)
     return ShardedTensor.wrap(y, q.spec.remap(y.dim(), {seq: shard}))

@@ -4,15 +4,27 @@ A slice ``start:stop:step`` of a sharded dim keeps, on each rank, the selected g
 holds (SlowFast's ``x[:, :, ::4]``): exact with no communication, the result sharded by where those
 positions live (uneven or empty shards as they fall). Integer or tensor indices into a sharded dim
 are refused (the value lives on one rank).
+
+``cat`` along a sharded dim joins global sequences (text tokens before video tokens, a class token,
+frames repeated as causal padding): with one operand sharded there and the others whole on every
+rank, the parts before it go to the first rank and the parts after it to the last, with no
+communication (an uneven, exact sharding); with several sharded operands or a whole one between
+them, the result is split evenly and each rank fetches its positions (one all-to-all per sharded
+operand, logged once per call site with its bytes). ``split``/``chunk`` along a sharded dim are
+global slices.
 """
 from __future__ import annotations
+
+import logging
 
 import torch
 from torch import Tensor
 
+from nonlocal_dist.distributed.shards import split_sizes, starts
+from nonlocal_dist.sharded.fetch import fetch_positions
 from nonlocal_dist.sharded.rules.common import localise, one_dim_per_group, output_dims
 from nonlocal_dist.sharded.spec import Shard
-from nonlocal_dist.sharded.tensor import Op, ShardedTensor, rule
+from nonlocal_dist.sharded.tensor import Op, ShardedTensor, rule, user_frame
 
 
 def _expand_index(index, ndim: int) -> list:
@@ -85,9 +97,9 @@ def _cat_like(op: Op, stack: bool):
     dim %= ndim
     fake = one_dim_per_group(Op(op.func, tuple(tensors), {}), base_ndim)
     tensors = list(fake.args)
+    if not stack and any(isinstance(t, ShardedTensor) and dim - base_ndim + t.dim() in t.spec.sharded for t in tensors):
+        return _cat_along_shard(op, tensors, dim, base_ndim)
     dims = output_dims(fake, base_ndim)
-    if not stack and dim in dims:
-        raise op.refuse("concatenation along a sharded dim", dim, "concatenate along another dim (channels)")
     local = [localise(fake, t, dims, base_ndim) for t in tensors]
     out = op.func(local, dim, **{k: v for k, v in op.kwargs.items() if k != "dim"})
     if stack:
@@ -114,10 +126,105 @@ def _split(op: Op):
     dim = op.args[position] if len(op.args) > position else op.kwargs.get("dim", 0)
     dim %= x.dim()
     if dim in x.spec.sharded:
-        raise op.refuse(f"{name} along a sharded dim", dim, f"{name} along another dim")
+        if name == "unbind":
+            raise op.refuse("unbind along a sharded dim (each position lives on one rank)", dim,
+                            "slice it (x[:, i:i+1]) or unbind along another dim")
+        return _split_along_shard(op, x, dim, name)
     args = [x.as_subclass(Tensor), *op.args[1:]]
     pieces = op.run(*args, **op.kwargs)
     dims = x.spec.sharded
     if name == "unbind":
         dims = {d - (d > dim): s for d, s in dims.items()}
     return tuple(ShardedTensor.wrap(p, x.spec.remap(p.dim(), dims)) for p in pieces)
+
+
+_log = logging.getLogger("nonlocal_dist.sharded")
+_LOGGED: set[str] = set()
+
+
+def _log_once(site: str, message: str) -> None:
+    """``message`` at INFO, once per call site (the user's source line)."""
+    if site not in _LOGGED:
+        _LOGGED.add(site)
+        _log.info("%s at %s", message, site)
+
+
+def _cat_along_shard(op: Op, tensors: list, dim: int, ndim: int) -> ShardedTensor:
+    """``cat`` along ``dim``, sharded by one group in some operands, whole (plain, or replicated there)
+    in the others. Any other sharded dim must be split alike in every operand that shards it."""
+    def shard_of(t):
+        return t.spec.sharded.get(dim - ndim + t.dim()) if isinstance(t, ShardedTensor) else None
+
+    shards = [shard_of(t) for t in tensors]
+    along = [s for s in shards if s is not None]
+    if any(s.group is not along[0].group for s in along):
+        raise op.refuse("its operands are sharded along the joined dim over different groups", dim,
+                        "shard them over the same mesh dim")
+    first = next(t for t, s in zip(tensors, shards) if s is not None)
+    rest = {d: s for d, s in first.spec.sharded.items() if d != dim}
+    for t in tensors:
+        if isinstance(t, ShardedTensor):
+            other = {d - t.dim() + ndim: s for d, s in t.spec.sharded.items() if d - t.dim() + ndim != dim}
+            if other.keys() - rest.keys() or any(not s.same(rest[d]) for d, s in other.items()):
+                raise op.refuse("its operands are sharded differently along the other dims", dim,
+                                "compute them from the same sharded input")
+    local = [localise(op, t, rest, ndim) for t in tensors]
+    totals = [s.total if s is not None else t.shape[dim] for t, s in zip(local, shards)]
+    group, rank, world = along[0].group, along[0].rank, along[0].world
+    kwargs = {k: v for k, v in op.kwargs.items() if k != "dim"}
+    if len(along) == 1:  # the whole parts before it on the first rank, after it on the last: no exchange
+        k = shards.index(along[0])
+        sizes = list(along[0].sizes)
+        sizes[0] += sum(totals[:k])
+        sizes[-1] += sum(totals[k + 1:])
+        # A rank that holds none of a whole part joins an empty slice of it: every rank's graph reaches
+        # every operand (a parameter gets a zero gradient there, not None).
+        before = local[:k] if rank == 0 else [t.narrow(dim, 0, 0) for t in local[:k]]
+        after = local[k + 1:] if rank == world - 1 else [t.narrow(dim, 0, 0) for t in local[k + 1:]]
+        pieces = [*before, local[k], *after]
+        out = op.func(pieces, dim, **kwargs)
+    else:  # an even split of the joined length; each rank fetches its positions of every sharded operand
+        sizes = list(split_sizes(sum(totals), world))
+        targets = [(a, a + n) for a, n in zip(starts(sizes), sizes)]
+        pieces, offset, moved = [], 0, 0
+        for t, shard, total in zip(local, shards, totals):
+            def part(q):
+                lo, hi = max(targets[q][0], offset), min(targets[q][1], offset + total)
+                return torch.arange(lo - offset, max(lo, hi) - offset)
+            if shard is None:
+                mine = part(rank)
+                pieces.append(t.narrow(dim, int(mine[0]) if len(mine) else 0, len(mine)))
+            else:
+                needs = [part(q) for q in range(world)]
+                pieces.append(fetch_positions(t, dim, needs, shard.sizes, group, rank))
+                moved += sum(len(n) for q, n in enumerate(needs)) * t.element_size() * (t.numel() // max(t.shape[dim], 1))
+            offset += total
+        _log_once(user_frame(), f"{op.name} along sharded dim {dim}: resharded to an even split {sizes}, "
+                                f"about {moved} bytes moved over the group per call")
+        out = op.func(pieces, dim, **kwargs)
+    spec = first.spec.remap(ndim, {**rest, dim: Shard(group, tuple(sizes), rank)})
+    return ShardedTensor.wrap(out, spec)
+
+
+def _split_along_shard(op: Op, x: ShardedTensor, dim: int, name: str) -> tuple:
+    """``split``/``chunk`` along a sharded dim: each piece a global slice (``_getitem``), uneven or
+    empty shards as the positions fall."""
+    total = x.spec.sharded[dim].total
+    how = op.args[1] if len(op.args) > 1 else next(
+        op.kwargs[k] for k in ("split_size_or_sections", "split_size", "chunks", "sections") if k in op.kwargs)
+    if name == "chunk":
+        step = -(-total // how) if total else 0
+        lengths = [min(step, total - a) for a in range(0, total, step)] if step else [0]
+    elif isinstance(how, int):
+        lengths = [min(how, total - a) for a in range(0, total, how)] if total else [0]
+    else:
+        lengths = list(how)
+        if sum(lengths) != total:
+            raise op.refuse(f"split sizes {lengths} that do not sum to the dim's length {total}", dim)
+    pieces, offset = [], 0
+    for n in lengths:
+        index = (slice(None),) * dim + (slice(offset, offset + n),)
+        pieces.append(_getitem(Op(Tensor.__getitem__, (x, index), {})))
+        offset += n
+    return tuple(pieces)
+

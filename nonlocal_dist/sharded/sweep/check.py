@@ -67,7 +67,9 @@ def _input_grads(outputs: list, grads: dict[int, Tensor], inputs: list[Tensor], 
         return []
     loss = sum((outputs[i] * g).sum() for i, g in grads.items()) / scale
     got = torch.autograd.grad(loss, wanted, allow_unused=True)
-    return [torch.zeros_like(t) if g is None else g for t, g in zip(wanted, got)]
+    # autograd.grad may hand back a view (cat's backward slices the output's gradient): contiguous
+    # for the in-place all_reduce that sums the ranks' parts (gloo does not write back into a view).
+    return [torch.zeros_like(t) if g is None else g.contiguous() for t, g in zip(wanted, got)]
 
 
 def seeds_itself(op) -> bool:

@@ -1,0 +1,144 @@
+"""Joins and splits along a sharded dim (issue 25, item 1), unchanged model code on 1-3 gloo ranks with
+uneven shards, float64, against one process: outputs, input gradients and summed parameter gradients.
+
+- joint text+video tokens (HunyuanVideo, CogVideoX): ``cat([text, video], dim=1)``, attention over
+  the joint sequence, then ``split`` back: the text goes to the first rank, no exchange;
+- a class token before and after the tokens, ``chunk`` along the tokens and a re-join with a whole
+  part in the middle (an even reshard, one all-to-all per sharded part);
+- causal first-frame padding written as ``cat`` along t (CogVideoX's VAE), then a temporal conv.
+"""
+from __future__ import annotations
+
+import copy
+import logging
+
+import pytest
+import torch
+import torch.nn.functional as F
+from sharded_parity import assert_parity, reference, sharded_run
+from torch import nn
+
+from nonlocal_dist.testing import run_ranks
+
+
+class JointTextVideo(nn.Module):
+    """x (b, n, c) video tokens; text tokens held whole by every rank."""
+
+    def __init__(self, c: int = 8, text: int = 3) -> None:
+        super().__init__()
+        self.text = nn.Parameter(torch.randn(1, text, c))
+        self.proj = nn.Linear(c, 3 * c)
+        self.out = nn.Linear(c, c)
+
+    def forward(self, x):
+        text = self.text.expand(x.shape[0], -1, -1)
+        joint = torch.cat([text, x], dim=1)
+        q, k, v = self.proj(joint).chunk(3, dim=-1)
+        y = F.scaled_dot_product_attention(q[:, None], k[:, None], v[:, None])[:, 0]
+        joint = joint + self.out(y)
+        text_out, video = joint.split([text.shape[1], x.shape[1]], dim=1)
+        return video + text_out.mean(1, keepdim=True)
+
+
+class ClassTokens(nn.Module):
+    def __init__(self, c: int = 8) -> None:
+        super().__init__()
+        self.cls = nn.Parameter(torch.randn(1, 1, c))
+        self.mid = nn.Parameter(torch.randn(1, 2, c))
+        self.lin = nn.Linear(c, c)
+
+    def forward(self, x):
+        b = x.shape[0]
+        y = torch.cat([self.cls.expand(b, -1, -1), x, self.cls.expand(b, -1, -1)], dim=1)
+        front, back = y.chunk(2, dim=1)
+        z = torch.cat([back, self.mid.expand(b, -1, -1), torch.tanh(front)], dim=1)
+        return self.lin(z)
+
+
+class CausalPad(nn.Module):
+    """x (b, c, t, h, w): the first frame repeated twice in front, then a kernel-3 temporal conv."""
+
+    def __init__(self, c: int = 2) -> None:
+        super().__init__()
+        self.conv = nn.Conv3d(c, 4, (3, 1, 1))
+
+    def forward(self, x):
+        first = x[:, :, :1]
+        return self.conv(torch.cat([first, first, x], dim=2))
+
+
+CASES = {
+    "joint_text_video": (JointTextVideo, (2, 7, 8), "b n c", "n"),
+    "class_tokens": (ClassTokens, (2, 7, 8), "b n c", "n"),
+    "causal_pad": (CausalPad, (1, 2, 7, 3, 2), "b c t h w", "t"),
+}
+SIZES = {1: [[7]], 2: [[5, 2]], 3: [[1, 6, 0]]}
+
+
+def _worker(rank, world, name):
+    import torch.distributed as dist
+
+    cls, shape, layout, axis = CASES[name]
+    torch.manual_seed(0)
+    model = cls().double()
+    x = torch.randn(*shape, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    ref = reference(copy.deepcopy(model), x)
+    got = sharded_run(model, x, dist.group.WORLD, axis, layout=layout, sizes=SIZES[world])
+    assert_parity(ref, got)
+    return True
+
+
+@pytest.mark.parametrize("world", [1, 2, 3])
+@pytest.mark.parametrize("name", sorted(CASES))
+def test_joins_and_splits_along_the_sharded_dim_are_exact(name, world):
+    assert run_ranks(_worker, world, name, timeout=120) == [True] * world
+
+
+def _every_rank_has_every_gradient(rank, world):
+    """A rank holding no part of a whole operand still has its (zero) gradient, not None: optimizers and
+    gradient reductions see the same parameters on every rank."""
+    import torch.distributed as dist
+
+    from nonlocal_dist import parallelize
+
+    torch.manual_seed(0)
+    model = parallelize(ClassTokens().double(), dist.group.WORLD, "n", layout="b n c", sizes=SIZES[world])
+    model(torch.randn(2, 7, 8, dtype=torch.float64)).sum().backward()
+    return sorted(n for n, p in model.named_parameters() if p.grad is None)
+
+
+def test_every_rank_gets_every_parameter_gradient():
+    assert run_ranks(_every_rank_has_every_gradient, 3, timeout=120) == [[]] * 3
+
+
+class Rejoin(nn.Module):
+    def __init__(self, c: int = 8) -> None:
+        super().__init__()
+        self.lin = nn.Linear(c, c)
+
+    def forward(self, x):
+        front, back = x.split([4, 3], dim=1)
+        return self.lin(torch.cat([back, front], dim=1))
+
+
+def _logged_worker(rank, world):
+    import torch.distributed as dist
+
+    records = []
+    handler = logging.Handler()
+    handler.emit = records.append
+    logger = logging.getLogger("nonlocal_dist.sharded")
+    logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
+    torch.manual_seed(0)
+    model = Rejoin().double()  # its own call site: the pooled ranks may have logged ClassTokens' already
+    x = torch.randn(2, 7, 8, dtype=torch.float64)
+    sharded_run(model, x, dist.group.WORLD, "n", layout="b n c", sizes=SIZES[world], steps=3)
+    logger.removeHandler(handler)
+    return [r.getMessage() for r in records]
+
+
+def test_a_reshard_is_logged_once_per_call_site_with_its_bytes():
+    for messages in run_ranks(_logged_worker, 2, timeout=120):
+        assert len(messages) == 1, messages
+        assert "resharded to an even split" in messages[0] and "bytes" in messages[0] and "test_join.py" in messages[0]

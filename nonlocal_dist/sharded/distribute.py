@@ -15,6 +15,7 @@ Mesh: a process group (one mesh dim), a tuple of groups (one per mesh dim), or a
 """
 from __future__ import annotations
 
+import inspect
 from collections.abc import Sequence
 
 import torch
@@ -133,9 +134,10 @@ def _raise_differing_state(span, mine: dict[str, int]) -> None:
 class _Hooks:
     """parallelize's two hooks and its settings (picklable state; no process group kept on the model)."""
 
-    def __init__(self, mesh, layout: str, axes: tuple[str, ...], output: str, align, sizes) -> None:
+    def __init__(self, mesh, layout: str, axes: tuple[str, ...], output: str, align, sizes,
+                 inputs: tuple[int | str, ...] | None = None) -> None:
         self.mesh, self.layout, self.axes, self.output = mesh, layout, axes, output
-        self.align, self.sizes = align, sizes
+        self.align, self.sizes, self.inputs = align, sizes, inputs
         self.state_checked = False
         self.rng_states: list[tuple] = []  # the user's generator states, given back by the post-hook
 
@@ -159,7 +161,32 @@ class _Hooks:
                 return t
             return distribute(t, self.mesh, self.layout, self.axes, align=self.align, sizes=self.sizes)
 
-        return tree_map(one, args), tree_map(one, kwargs)
+        if self.inputs is None:
+            return tree_map(one, args), tree_map(one, kwargs)
+        return self._shard_chosen(module, args, kwargs)
+
+    def _shard_chosen(self, module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+        """``args``/``kwargs`` with the chosen inputs sharded, every other one as given."""
+        args, kwargs = list(args), dict(kwargs)
+        names = list(inspect.signature(module.forward).parameters)
+        for key in self.inputs:
+            if isinstance(key, int):
+                where, at = (args, key) if key < len(args) else (None, None)
+            elif key in kwargs:
+                where, at = kwargs, key
+            else:
+                index = names.index(key)
+                where, at = (args, index) if index < len(args) else (None, None)
+            value = where[at] if where is not None else None
+            if isinstance(value, ShardedTensor):
+                continue
+            if not isinstance(value, Tensor) or value.dim() != len(self.layout.split()):
+                got = "not given" if where is None else (
+                    f"shape {tuple(value.shape)}" if isinstance(value, Tensor) else type(value).__name__)
+                raise ValueError(f"parallelize(inputs=...) shards {type(module).__name__}.forward's input {key!r}, "
+                                 f"which is {got}: expected a tensor in layout {self.layout!r}")
+            where[at] = distribute(value, self.mesh, self.layout, self.axes, align=self.align, sizes=self.sizes)
+        return tuple(args), kwargs
 
     @torch.compiler.disable  # collectives and digests on the host: never traced
     def _agree(self, module: nn.Module, inputs) -> int:
@@ -210,6 +237,23 @@ class _Hooks:
         return tree_map(one, output)
 
 
+def _check_inputs(model: nn.Module, inputs) -> tuple[int | str, ...] | None:
+    """``inputs`` as a tuple, each a position or a parameter name of ``model.forward``."""
+    if inputs is None:
+        return None
+    chosen = (inputs,) if isinstance(inputs, (int, str)) else tuple(inputs)
+    names = list(inspect.signature(model.forward).parameters)
+    for key in chosen:
+        if isinstance(key, bool) or not isinstance(key, (int, str)):
+            raise TypeError(f"inputs= takes positions (ints) or parameter names (strs), got {key!r}")
+        if isinstance(key, str) and key not in names:
+            raise ValueError(f"inputs= names {key!r}, which is not a parameter of {type(model).__name__}.forward "
+                             f"{tuple(names)}; give one of those names, or a position")
+    if not chosen:
+        raise ValueError("inputs= is empty: name at least one input to shard (or leave it None)")
+    return chosen
+
+
 def _broadcast_state(model: nn.Module, groups) -> None:
     """Every parameter and buffer of the mesh's first rank on every rank of the mesh, in place."""
     span = span_group(groups)
@@ -223,12 +267,17 @@ def _broadcast_state(model: nn.Module, groups) -> None:
 
 def parallelize(model: nn.Module, mesh, axis: str | Sequence[str] = "t", *, layout: str = "b c t h w",
                 output: str = "full", align: int | Sequence[int] = 1, sizes: Sequence[Sequence[int]] | None = None,
-                strategy: str | None = None, sync_module_states: bool = False) -> nn.Module:
+                strategy: str | None = None, sync_module_states: bool = False,
+                inputs: Sequence[int | str] | None = None) -> nn.Module:
     """Run ``model`` with its inputs sharded along ``axis`` (one axis name, or one per mesh dim) over ``mesh``;
     returns ``model`` (two hooks added).
 
     Inputs: whole tensors named by ``layout`` (the same clip on every rank of the mesh; other
     tensor arguments of another rank pass unchanged) or ``ShardedTensor``s (``from_local``).
+    ``inputs``: which forward arguments to shard, by position or by parameter name (a diffusers
+    transformer: ``inputs=("hidden_states",)``); every other argument stays whole on every rank
+    (text embeddings, a timestep, a mask). Default: every tensor argument with as many dims as the
+    layout.
     Outputs: replicated ones (logits after a global pooling) as plain tensors; sharded ones
     gathered whole (``output="full"``) or this rank's shard (``output="local"``). Every op of the
     forward runs exact on the shards or raises on every rank naming the op and the source line.
@@ -247,6 +296,7 @@ def parallelize(model: nn.Module, mesh, axis: str | Sequence[str] = "t", *, layo
     axes = _axes(axis)
     if output not in ("full", "local"):
         raise ValueError(f"output must be 'full' or 'local', got {output!r}")
+    chosen = _check_inputs(model, inputs)
     groups = mesh_groups(mesh, axes)
     axis_dims(layout, axes, len(layout.split()))
     if strategy is not None:
@@ -255,7 +305,7 @@ def parallelize(model: nn.Module, mesh, axis: str | Sequence[str] = "t", *, layo
                 block.sp_strategy = strategy
     if sync_module_states:
         _broadcast_state(model, groups)
-    hooks = _Hooks(mesh, layout, axes, output, align, sizes)
+    hooks = _Hooks(mesh, layout, axes, output, align, sizes, chosen)
     model.register_forward_pre_hook(hooks.pre, with_kwargs=True)
     model.register_forward_hook(hooks.post, always_call=True, prepend=True)  # the last pre-hook's post runs first
     return model

@@ -502,3 +502,45 @@ def test_one_agreement_per_forward_however_many_blocks(world):
     for counted, err in run_ranks(_agreements_per_forward_worker, world, timeout=120):
         assert counted == (0 if world == 1 else 1), counted
         assert err < TOL, err
+
+
+class _TextConditioned(nn.Module):
+    """Video tokens (b, n, c) conditioned on text tokens (b, m, c) and a timestep (b,), as a diffusion
+    transformer's forward takes them; records whether the text arrived whole."""
+
+    def __init__(self, c: int = 6) -> None:
+        super().__init__()
+        self.lin, self.proj = nn.Linear(c, c), nn.Linear(c, c)
+        self.text_was_whole = None
+
+    def forward(self, hidden_states, encoder_hidden_states, timestep):
+        from nonlocal_dist.sharded import ShardedTensor
+
+        self.text_was_whole = not isinstance(encoder_hidden_states, ShardedTensor)
+        context = self.proj(encoder_hidden_states).mean(1, keepdim=True)
+        return self.lin(hidden_states) + context * timestep[:, None, None]
+
+
+def _chosen_inputs_worker(rank, world, by_position):
+    torch.manual_seed(0)
+    model = _TextConditioned().double()
+    plain = copy.deepcopy(model)
+    gen = torch.Generator().manual_seed(1)
+    x, text = torch.randn(2, 7, 6, dtype=torch.float64, generator=gen), torch.randn(2, 7, 6, dtype=torch.float64, generator=gen)
+    t = torch.tensor([0.5, 2.0], dtype=torch.float64)
+    sharded = parallelize(model, dist.group.WORLD, "n", layout="b n c", inputs=(0,) if by_position else ("hidden_states",))
+    out = sharded(x, encoder_hidden_states=text, timestep=t) if by_position else sharded(x, text, t)
+    return model.text_was_whole, rel_err(out, plain(x, text, t))
+
+
+@pytest.mark.parametrize("by_position", [False, True])
+@pytest.mark.parametrize("world", [2, 3])
+def test_inputs_picks_what_is_sharded_and_the_rest_stays_whole(world, by_position):
+    for whole, err in run_ranks(_chosen_inputs_worker, world, by_position, timeout=120):
+        assert whole is True  # the text (as many dims as the layout) was not sharded
+        assert err < TOL, err
+
+
+def test_inputs_naming_no_parameter_is_refused_at_parallelize():
+    with pytest.raises(ValueError, match="'latents', which is not a parameter of _TextConditioned.forward"):
+        parallelize(_TextConditioned(), object(), "n", layout="b n c", inputs=("latents",))

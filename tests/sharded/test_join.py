@@ -142,3 +142,52 @@ def test_a_reshard_is_logged_once_per_call_site_with_its_bytes():
     for messages in run_ranks(_logged_worker, 2, timeout=120):
         assert len(messages) == 1, messages
         assert "resharded to an even split" in messages[0] and "bytes" in messages[0] and "test_join.py" in messages[0]
+
+
+class CrossAttention(nn.Module):
+    """Video tokens attend to text tokens every rank holds whole (Wan, LTX-Video): a padding mask over
+    the text keys, a per-query mask, and grouped-query heads."""
+
+    def __init__(self, c: int = 8, heads: int = 4, kv_heads: int = 2) -> None:
+        super().__init__()
+        self.heads, self.kv_heads, self.d = heads, kv_heads, c // heads
+        self.q, self.kv = nn.Linear(c, c), nn.Linear(c, 2 * kv_heads * self.d)
+        self.out = nn.Linear(c, c)
+
+    def forward(self, x, text, keep, rows):
+        b, n, _ = x.shape
+        q = self.q(x).view(b, n, self.heads, self.d).transpose(1, 2)
+        k, v = self.kv(text).view(b, text.shape[1], 2 * self.kv_heads, self.d).transpose(1, 2).chunk(2, dim=1)
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=keep[:, None, None, :], enable_gqa=True)
+        y = y + F.scaled_dot_product_attention(q, k, v, attn_mask=rows[:, None], enable_gqa=True)
+        return self.out(y.transpose(1, 2).reshape(b, n, -1))
+
+
+def _cross_worker(rank, world):
+    import torch.distributed as dist
+
+    from nonlocal_dist import parallelize
+
+    torch.manual_seed(0)
+    model = CrossAttention().double()
+    plain = copy.deepcopy(model)
+    gen = torch.Generator().manual_seed(1)
+    x = torch.randn(2, 7, 8, dtype=torch.float64, generator=gen, requires_grad=True)
+    text = torch.randn(2, 5, 8, dtype=torch.float64, generator=gen, requires_grad=True)
+    keep = torch.tensor([[True] * 5, [True, True, True, False, False]])
+    rows = torch.randn(2, 7, 5, dtype=torch.float64, generator=gen)  # an additive bias per query and key
+    w = torch.randn(2, 7, 8, dtype=torch.float64, generator=gen)
+    ref = plain(x, text, keep, rows)
+    ref_grads = torch.autograd.grad((ref * w).sum(), [x, text, *plain.parameters()])
+    sharded = parallelize(model, dist.group.WORLD, "n", layout="b n c", inputs=("x",), sizes=SIZES[world])
+    out = sharded(x, text, keep, rows)
+    grads = [g.contiguous() for g in torch.autograd.grad((out * w).sum() / world, [x, text, *model.parameters()])]
+    for g in grads:
+        dist.all_reduce(g)
+    return max([(out - ref).abs().max().item()] + [(g - r).abs().max().item() for g, r in zip(grads, ref_grads)])
+
+
+@pytest.mark.parametrize("world", [1, 2, 3])
+def test_cross_attention_to_whole_text_keys_is_exact(world):
+    for err in run_ranks(_cross_worker, world, timeout=120):
+        assert err < 1e-12, err

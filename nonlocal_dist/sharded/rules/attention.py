@@ -3,7 +3,9 @@
 A per-position ``Linear`` (a head on every position, an MLP on tokens) contracts the channels only:
 it runs locally. ``F.scaled_dot_product_attention`` with q, k, v sharded along the sequence runs
 this package's sequence-parallel softmax attention (``nonlocal_op(group=)``: ring / all-gather /
-Ulysses, exact with uneven and empty shards).
+Ulysses, exact with uneven and empty shards). Cross-attention of sharded queries to keys and values
+every rank holds whole (text tokens) runs locally, each rank's queries against all the keys, with a
+mask over the keys or one sliced to the rank's query rows, and GQA.
 """
 from __future__ import annotations
 
@@ -14,7 +16,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from nonlocal_dist.sequence.api import parallel_nonlocal
-from nonlocal_dist.sharded.rules.common import bind
+from nonlocal_dist.sharded.rules.common import bind, on_piece
 from nonlocal_dist.sharded.tensor import Op, ShardedTensor, replicated_or_refuse, rule
 
 
@@ -62,6 +64,8 @@ def _sdpa_ref(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False,
 def _sdpa(op: Op):
     a = bind(op, _sdpa_ref)
     q, k, v = a["query"], a["key"], a["value"]
+    if isinstance(q, ShardedTensor) and not any(isinstance(t, ShardedTensor) and t.spec.sharded for t in (k, v)):
+        return _cross_attention(op, a)
     if a["attn_mask"] is not None or a["is_causal"] or a["dropout_p"] or a["enable_gqa"]:
         raise op.refuse("a mask, causal attention, dropout or GQA over a sharded sequence",
                         fix="use unmasked attention over all positions")
@@ -80,3 +84,40 @@ def _sdpa(op: Op):
     y = parallel_nonlocal(*local, "embedded_gaussian", scale=scale, concat_weight=None, backend="auto",
                           group=shard.group, strategy=None, lengths=lengths)
     return ShardedTensor.wrap(y, q.spec.remap(y.dim(), {seq: shard}))
+
+
+def _cross_attention(op: Op, a: dict) -> ShardedTensor:
+    """Sharded queries (..., N_r, d) against whole keys and values (..., M, d): local attention per rank."""
+    q = a["query"]
+    seq = q.dim() - 2
+    if set(q.spec.sharded) != {seq}:
+        raise op.refuse("queries sharded along another dim than the sequence (-2)", None,
+                        "shard the tokens, not the batch, heads or channels")
+    if a["is_causal"] or a["dropout_p"]:
+        raise op.refuse("causal attention or dropout with keys every rank holds whole", seq,
+                        "pass an explicit mask (it is sliced to each rank's queries), and no dropout")
+    shard = q.spec.sharded[seq]
+    mask = a["attn_mask"]
+    if isinstance(mask, ShardedTensor):
+        if mask.spec.sharded and set(mask.spec.sharded) != {mask.dim() - 2} or (
+                mask.spec.sharded and not mask.spec.sharded[mask.dim() - 2].same(shard)):
+            raise op.refuse("a mask sharded otherwise than the queries' rows", seq)
+        mask = mask.as_subclass(Tensor)
+    elif mask is not None and mask.dim() >= 2 and mask.shape[-2] != 1:
+        if mask.shape[-2] != shard.total:
+            raise op.refuse(f"a mask with {mask.shape[-2]} query rows for {shard.total} queries", seq)
+        mask = mask.narrow(-2, shard.start, shard.local)
+    k, v = (t.as_subclass(Tensor) if isinstance(t, ShardedTensor) else t for t in (a["key"], a["value"]))
+    extra = {"enable_gqa": True} if a["enable_gqa"] else {}
+
+    def attend(local_q: Tensor) -> Tensor:
+        rows = mask
+        if mask is not None and mask.dim() >= 2 and mask.shape[-2] not in (1, local_q.shape[-2]):
+            # an empty piece's stand-in query (``on_piece``): a row that masks nothing, dropped after
+            fill = torch.ones if mask.dtype == torch.bool else torch.zeros
+            rows = fill((*mask.shape[:-2], local_q.shape[-2], mask.shape[-1]), dtype=mask.dtype, device=mask.device)
+        return op.run(local_q, k, v, attn_mask=rows, scale=a["scale"], **extra)
+
+    y = on_piece(attend, q.as_subclass(Tensor), [seq])
+    return ShardedTensor.wrap(y, q.spec.remap(y.dim(), {seq: shard}))
+

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Creates (or reuses) .venv and installs torch 2.13.0 first, then this package with the given extras.
-# Usage: bash scripts/setup_env.sh EXTRAS   (e.g. "dev,deepspeed,wandb,train,video")
+# Usage: bash scripts/setup_env.sh EXTRAS   (e.g. "dev,deepspeed,wandb,train,video,diffusers")
 set -euo pipefail
 cd "$(dirname "$0")/.."
 extras="${1:-dev}"

@@ -24,7 +24,7 @@ for version in ${TORCH_RANGE:-2.8.0 2.14.1}; do
         fi
     fi
     PIP_NO_CACHE_DIR=1 NONLOCAL_VENV="$venv" TORCH_VERSION="$version" \
-        bash scripts/setup_env.sh "dev,deepspeed,wandb,train,video"
+        bash scripts/setup_env.sh "dev,deepspeed,wandb,train,video,diffusers"
     "$venv/bin/python" -c "import torch, sys; sys.exit(torch.__version__.split('+')[0] != '$version')" \
         || { echo "$venv holds torch $("$venv/bin/python" -c 'import torch; print(torch.__version__)'), not $version" >&2; exit 1; }
     echo "== torch $version =="

@@ -1,4 +1,5 @@
-"""Joins and splits along a sharded dim (issue 25, item 1), unchanged model code on 1-3 gloo ranks with
+"""Joins and splits along a sharded dim (issue 25, item 1), and the index forms real models use
+(assignments into unsharded dims, ``...`` slices, ``type_as``), unchanged model code on 1-3 gloo ranks with
 uneven shards, float64, against one process: outputs, input gradients and summed parameter gradients.
 
 - joint text+video tokens (HunyuanVideo, CogVideoX): ``cat([text, video], dim=1)``, attention over
@@ -67,7 +68,27 @@ class CausalPad(nn.Module):
         return self.conv(torch.cat([first, first, x], dim=2))
 
 
+class Rotary(nn.Module):
+    """A rotary embedding written as Wan writes it (``out[..., 0::2] = ...`` into ``empty_like``), a
+    ``...`` slice, and ``type_as`` of a tensor of another shape."""
+
+    def __init__(self, c: int = 8, n: int = 7) -> None:
+        super().__init__()
+        self.lin = nn.Linear(c, c)
+        self.register_buffer("cos", torch.randn(1, n, c // 2))
+        self.register_buffer("sin", torch.randn(1, n, c // 2))
+
+    def forward(self, x):
+        h = self.lin(x)
+        x1, x2 = h.unflatten(-1, (-1, 2)).unbind(-1)
+        out = torch.empty_like(h)
+        out[..., 0::2] = x1 * self.cos - x2 * self.sin
+        out[..., 1::2] = x1 * self.sin + x2 * self.cos
+        return out[..., 1:].type_as(h.unsqueeze(2)) * 2
+
+
 CASES = {
+    "rotary": (Rotary, (2, 7, 8), "b n c", "n"),
     "joint_text_video": (JointTextVideo, (2, 7, 8), "b n c", "n"),
     "class_tokens": (ClassTokens, (2, 7, 8), "b n c", "n"),
     "causal_pad": (CausalPad, (1, 2, 7, 3, 2), "b c t h w", "t"),

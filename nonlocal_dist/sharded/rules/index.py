@@ -33,7 +33,8 @@ def _expand_index(index, ndim: int) -> list:
     if Ellipsis in index:
         at = index.index(Ellipsis)
         index[at : at + 1] = [slice(None)] * (ndim - used)
-    return index + [slice(None)] * (ndim - used - sum(1 for i in index if i is Ellipsis))
+        return index
+    return index + [slice(None)] * (ndim - used)
 
 
 def _slice_shard(shard: Shard, s: slice) -> tuple[slice, Shard]:
@@ -227,4 +228,31 @@ def _split_along_shard(op: Op, x: ShardedTensor, dim: int, name: str) -> tuple:
         pieces.append(_getitem(Op(Tensor.__getitem__, (x, index), {})))
         offset += n
     return tuple(pieces)
+
+
+@rule(Tensor.__setitem__, any_operand=True)
+def _setitem(op: Op):
+    """``x[index] = value`` where the index keeps every sharded dim of x whole (``out[..., 0::2] = ...``
+    of a rotary embedding): each rank writes its rows; ``value`` sharded alike there, or plain of the
+    global length (sliced) or of length 1 (broadcast)."""
+    x, index, value = op.args
+    if not isinstance(x, ShardedTensor):
+        raise op.refuse("writing sharded values into a plain tensor", fix="write into a tensor made from the sharded one")
+    if isinstance(index, (Tensor, list)) or (isinstance(index, tuple) and any(
+            isinstance(i, (Tensor, list)) or i is None for i in index)):
+        raise op.refuse("a tensor, list or None index in an assignment to a sharded activation",
+                        fix="assign through slices of the unsharded dims")
+    parts = _expand_index(index, x.dim())
+    view_dims, position = {}, 0
+    for d, part in enumerate(parts):
+        shard = x.spec.sharded.get(d)
+        if shard is not None:
+            if part != slice(None):
+                raise op.refuse("an assignment into part of a sharded dim", d, "assign along unsharded dims only")
+            view_dims[position] = shard
+        if not isinstance(part, int):
+            position += 1
+    view_ndim = position
+    local_value = localise(op, value, view_dims, view_ndim) if isinstance(value, Tensor) else value
+    x.as_subclass(Tensor)[tuple(parts)] = local_value
 

@@ -135,17 +135,31 @@ def _ln_ref(input, normalized_shape, weight=None, bias=None, eps=1e-5):
     """Signature of F.layer_norm."""
 
 
-@rule(F.layer_norm)
-def _layer_norm(op: Op):
-    a = bind(op, _ln_ref)
+def _rms_ref(input, normalized_shape, weight=None, eps=None):
+    """Signature of F.rms_norm."""
+
+
+def _trailing_norm(op: Op, reference, what: str):
+    a = bind(op, reference)
     x = a["input"]
     shape = a["normalized_shape"]
     k = 1 if isinstance(shape, int) else len(shape)
     dims = list(range(x.dim() - k, x.dim()))
     if not any(d in x.spec.sharded for d in dims):
         return _local_norm(op, x)
-    raise op.refuse("layer norm over a sharded dim", next(d for d in dims if d in x.spec.sharded),
+    raise op.refuse(f"{what} over a sharded dim", next(d for d in dims if d in x.spec.sharded),
                     "normalise over unsharded dims (channels last), as transformers do")
+
+
+@rule(F.layer_norm)
+def _layer_norm(op: Op):
+    return _trailing_norm(op, _ln_ref, "layer norm")
+
+
+if hasattr(F, "rms_norm"):
+    @rule(F.rms_norm)
+    def _rms_norm(op: Op):
+        return _trailing_norm(op, _rms_ref, "RMS norm")
 
 
 def _local_norm(op: Op, x: ShardedTensor):

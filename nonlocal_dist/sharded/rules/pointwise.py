@@ -262,3 +262,14 @@ def _dropout(op: Op):
 
 for _name in ("dropout", "alpha_dropout", "feature_alpha_dropout", "dropout1d", "dropout2d", "dropout3d"):
     rule(getattr(F, _name))(_dropout)
+
+
+@rule(Tensor.type_as, any_operand=True)
+def _type_as(op: Op):
+    """``x.type_as(other)`` takes only ``other``'s type: x keeps its positions and spec, whatever
+    ``other``'s shape or sharding (Wan casts attention outputs to the queries' type)."""
+    x, other = op.args[0], op.args[1]
+    other = other.as_subclass(Tensor) if isinstance(other, ShardedTensor) else other
+    if not isinstance(x, ShardedTensor):
+        return op.run(x, other)
+    return ShardedTensor.wrap(op.run(x.as_subclass(Tensor), other), x.spec)

@@ -1,0 +1,130 @@
+"""diffusers' video transformers, unchanged, on sharded video tokens (issue 25): built from small
+configs (no weights), float64, the text, timestep and mask whole on every rank (``parallelize(...,
+inputs=("hidden_states",))``), 1-3 gloo ranks with uneven and empty shards, against one process:
+the output, the gradient of the video tokens and every parameter gradient summed over the ranks.
+diffusers is an optional extra (``pip install -e .[diffusers]``): the tests skip, saying why, without it."""
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+from nonlocal_dist.testing import run_ranks
+
+try:
+    import diffusers
+except Exception as exc:  # noqa: BLE001  (absent, or not importable beside this torch: skip with the reason)
+    pytest.skip(f"diffusers is not usable here ({type(exc).__name__}: {exc}); pip install -e .[diffusers]",
+                allow_module_level=True)
+
+FRAMES, HEIGHT, WIDTH = 3, 2, 2  # 12 video tokens
+SIZES = {1: [[12]], 2: [[8, 4]], 3: [[5, 7, 0]]}
+
+
+def _ltx():
+    torch.manual_seed(0)
+    return diffusers.LTXVideoTransformer3DModel(
+        in_channels=4, out_channels=4, num_attention_heads=2, attention_head_dim=8, cross_attention_dim=16,
+        num_layers=2, caption_channels=12).double().eval()
+
+
+def _inputs():
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(2, FRAMES * HEIGHT * WIDTH, 4, dtype=torch.float64, generator=g)
+    text = torch.randn(2, 5, 12, dtype=torch.float64, generator=g)
+    mask = torch.tensor([[1, 1, 1, 1, 0], [1, 1, 0, 0, 0]])  # text padding, as LTX's pipeline passes it
+    t = torch.tensor([500, 20])
+    w = torch.randn(2, FRAMES * HEIGHT * WIDTH, 4, dtype=torch.float64, generator=g)
+    return x, text, t, mask, w
+
+
+def _run(model, x, text, t, mask):
+    x = x.clone().requires_grad_(True)
+    out = model(x, text, t, mask, num_frames=FRAMES, height=HEIGHT, width=WIDTH, return_dict=False)[0]
+    return out, x
+
+
+def _ltx_worker(rank, world):
+    import torch.distributed as dist
+
+    from nonlocal_dist import parallelize
+
+    model = _ltx()
+    plain = copy.deepcopy(model)
+    x, text, t, mask, w = _inputs()
+    ref, ref_x = _run(plain, x, text, t, mask)
+    (ref * w).sum().backward()
+    sharded = parallelize(model, dist.group.WORLD, "n", layout="b n c", inputs=("hidden_states",), sizes=SIZES[world])
+    out, got_x = _run(sharded, x, text, t, mask)
+    ((out * w).sum() / world).backward()
+    grads = {n: p.grad.contiguous() for n, p in model.named_parameters() if p.grad is not None}
+    for g in [got_x.grad, *grads.values()]:
+        dist.all_reduce(g)
+    errors = {"output": (out - ref).abs().max().item(), "hidden_states grad": (got_x.grad - ref_x.grad).abs().max().item()}
+    ref_grads = {n: p.grad for n, p in plain.named_parameters() if p.grad is not None}
+    assert grads.keys() == ref_grads.keys(), set(grads) ^ set(ref_grads)
+    errors["parameter grads"] = max((grads[n] - ref_grads[n]).abs().max().item() for n in grads)
+    return errors
+
+
+@pytest.mark.parametrize("world", [1, 2, 3])
+def test_ltx_video_transformer_is_exact_on_sharded_tokens(world):
+    for errors in run_ranks(_ltx_worker, world, timeout=300):
+        assert max(errors.values()) < 1e-10, errors
+
+
+def _wan():
+    torch.manual_seed(0)
+    return diffusers.WanTransformer3DModel(
+        patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=8, in_channels=4, out_channels=4,
+        text_dim=12, freq_dim=16, ffn_dim=32, num_layers=2, rope_max_seq_len=32).double().eval()
+
+
+WAN_SIZES = {1: [[5]], 2: [[3, 2]], 3: [[1, 4, 0]]}  # latent frames
+
+
+def _wan_worker(rank, world):
+    import torch.distributed as dist
+
+    from nonlocal_dist import parallelize
+
+    model = _wan()
+    plain = copy.deepcopy(model)
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(2, 4, 5, 4, 4, dtype=torch.float64, generator=g)
+    text = torch.randn(2, 5, 12, dtype=torch.float64, generator=g)
+    t = torch.tensor([500, 20])
+    w = torch.randn(2, 4, 5, 4, 4, dtype=torch.float64, generator=g)
+    # Wan computes parts of its blocks in float32: the one-process control's own floor is the change
+    # in its parameter gradients when the same loss is summed in two backward passes (first frames, rest).
+    control = copy.deepcopy(plain)
+    for part in (slice(0, 2), slice(2, None)):
+        (control(x, t, text, return_dict=False)[0][:, :, part] * w[:, :, part]).sum().backward()
+    ref_x = x.clone().requires_grad_(True)
+    ref = plain(ref_x, t, text, return_dict=False)[0]
+    (ref * w).sum().backward()
+    sharded = parallelize(model, dist.group.WORLD, "t", inputs=("hidden_states",), sizes=WAN_SIZES[world])
+    got_x = x.clone().requires_grad_(True)
+    out = sharded(got_x, t, text, return_dict=False)[0]
+    ((out * w).sum() / world).backward()
+    grads = {n: p.grad.contiguous() for n, p in model.named_parameters() if p.grad is not None}
+    for grad in [got_x.grad, *grads.values()]:
+        dist.all_reduce(grad)
+    ref_grads = {n: p.grad for n, p in plain.named_parameters() if p.grad is not None}
+    assert grads.keys() == ref_grads.keys(), set(grads) ^ set(ref_grads)
+    rel = lambda a, b: ((a - b).abs().max() / b.abs().max().clamp_min(1e-30)).item()  # noqa: E731
+    floor = max(rel(p.grad, ref_grads[n]) for n, p in control.named_parameters() if p.grad is not None)
+    return {"output": rel(out, ref), "hidden_states grad": rel(got_x.grad, ref_x.grad),
+            "parameter grads": max(rel(grads[n], ref_grads[n]) for n in grads), "control floor": floor}
+
+
+@pytest.mark.parametrize("world", [1, 2, 3])
+def test_wan_transformer_is_exact_on_sharded_frames(world):
+    """Exact in float64 where Wan stays in float64 (the output, the input gradient); the parameter
+    gradients within 20x the one-process control's own float32 floor."""
+    for errors in run_ranks(_wan_worker, world, timeout=300):
+        assert errors["output"] < 1e-10 and errors["hidden_states grad"] < 1e-10, errors
+        assert 0 < errors["control floor"] < 1e-5, errors
+        assert errors["parameter grads"] <= 20 * errors["control floor"], errors
+

@@ -39,10 +39,31 @@ def _inputs():
     return x, text, t, mask, w
 
 
-def _run(model, x, text, t, mask):
-    x = x.clone().requires_grad_(True)
-    out = model(x, text, t, mask, num_frames=FRAMES, height=HEIGHT, width=WIDTH, return_dict=False)[0]
-    return out, x
+def _against_one_process(plain, sharded, model, call, x, w, world: int, relative: bool = False):
+    """``call(m, x)`` -> output, for the one-process ``plain`` and the parallelized ``sharded`` (whose
+    module is ``model``): the output, the gradient of x and every parameter gradient summed over the
+    ranks, against one process (max absolute or relative error); and the one-process gradients."""
+    import torch.distributed as dist
+
+    ref_x = x.clone().requires_grad_(True)
+    ref = call(plain, ref_x)
+    (ref * w).sum().backward()
+    got_x = x.clone().requires_grad_(True)
+    out = call(sharded, got_x)
+    ((out * w).sum() / world).backward()
+    grads = {n: p.grad.contiguous() for n, p in model.named_parameters() if p.grad is not None}
+    for grad in [got_x.grad, *grads.values()]:
+        dist.all_reduce(grad)
+    ref_grads = {n: p.grad for n, p in plain.named_parameters() if p.grad is not None}
+    assert grads.keys() == ref_grads.keys(), set(grads) ^ set(ref_grads)
+
+    def err(a, b):
+        scale = b.abs().max().clamp_min(1e-30) if relative else 1.0
+        return ((a - b).abs().max() / scale).item()
+
+    errors = {"output": err(out, ref), "hidden_states grad": err(got_x.grad, ref_x.grad),
+              "parameter grads": max(err(grads[n], ref_grads[n]) for n in grads)}
+    return errors, ref_grads, err
 
 
 def _ltx_worker(rank, world):
@@ -53,19 +74,12 @@ def _ltx_worker(rank, world):
     model = _ltx()
     plain = copy.deepcopy(model)
     x, text, t, mask, w = _inputs()
-    ref, ref_x = _run(plain, x, text, t, mask)
-    (ref * w).sum().backward()
     sharded = parallelize(model, dist.group.WORLD, "n", layout="b n c", inputs=("hidden_states",), sizes=SIZES[world])
-    out, got_x = _run(sharded, x, text, t, mask)
-    ((out * w).sum() / world).backward()
-    grads = {n: p.grad.contiguous() for n, p in model.named_parameters() if p.grad is not None}
-    for g in [got_x.grad, *grads.values()]:
-        dist.all_reduce(g)
-    errors = {"output": (out - ref).abs().max().item(), "hidden_states grad": (got_x.grad - ref_x.grad).abs().max().item()}
-    ref_grads = {n: p.grad for n, p in plain.named_parameters() if p.grad is not None}
-    assert grads.keys() == ref_grads.keys(), set(grads) ^ set(ref_grads)
-    errors["parameter grads"] = max((grads[n] - ref_grads[n]).abs().max().item() for n in grads)
-    return errors
+
+    def call(m, tokens):
+        return m(tokens, text, t, mask, num_frames=FRAMES, height=HEIGHT, width=WIDTH, return_dict=False)[0]
+
+    return _against_one_process(plain, sharded, model, call, x, w, world)[0]
 
 
 @pytest.mark.parametrize("world", [1, 2, 3])
@@ -101,22 +115,11 @@ def _wan_worker(rank, world):
     control = copy.deepcopy(plain)
     for part in (slice(0, 2), slice(2, None)):
         (control(x, t, text, return_dict=False)[0][:, :, part] * w[:, :, part]).sum().backward()
-    ref_x = x.clone().requires_grad_(True)
-    ref = plain(ref_x, t, text, return_dict=False)[0]
-    (ref * w).sum().backward()
     sharded = parallelize(model, dist.group.WORLD, "t", inputs=("hidden_states",), sizes=WAN_SIZES[world])
-    got_x = x.clone().requires_grad_(True)
-    out = sharded(got_x, t, text, return_dict=False)[0]
-    ((out * w).sum() / world).backward()
-    grads = {n: p.grad.contiguous() for n, p in model.named_parameters() if p.grad is not None}
-    for grad in [got_x.grad, *grads.values()]:
-        dist.all_reduce(grad)
-    ref_grads = {n: p.grad for n, p in plain.named_parameters() if p.grad is not None}
-    assert grads.keys() == ref_grads.keys(), set(grads) ^ set(ref_grads)
-    rel = lambda a, b: ((a - b).abs().max() / b.abs().max().clamp_min(1e-30)).item()  # noqa: E731
-    floor = max(rel(p.grad, ref_grads[n]) for n, p in control.named_parameters() if p.grad is not None)
-    return {"output": rel(out, ref), "hidden_states grad": rel(got_x.grad, ref_x.grad),
-            "parameter grads": max(rel(grads[n], ref_grads[n]) for n in grads), "control floor": floor}
+    errors, ref_grads, rel = _against_one_process(
+        plain, sharded, model, lambda m, latents: m(latents, t, text, return_dict=False)[0], x, w, world, relative=True)
+    errors["control floor"] = max(rel(p.grad, ref_grads[n]) for n, p in control.named_parameters() if p.grad is not None)
+    return errors
 
 
 @pytest.mark.parametrize("world", [1, 2, 3])
@@ -127,4 +130,36 @@ def test_wan_transformer_is_exact_on_sharded_frames(world):
         assert errors["output"] < 1e-10 and errors["hidden_states grad"] < 1e-10, errors
         assert 0 < errors["control floor"] < 1e-5, errors
         assert errors["parameter grads"] <= 20 * errors["control floor"], errors
+
+
+def _hunyuan_worker(rank, world):
+    """HunyuanVideo's joint text+video attention: the text tokens joined to the sharded video tokens
+    (``cat``), masked attention over the joint sequence, the split back, frames unpatchified."""
+    import torch.distributed as dist
+
+    from nonlocal_dist import parallelize
+
+    torch.manual_seed(0)
+    model = diffusers.HunyuanVideoTransformer3DModel(
+        in_channels=4, out_channels=4, num_attention_heads=2, attention_head_dim=8, num_layers=1,
+        num_single_layers=1, num_refiner_layers=1, patch_size=2, patch_size_t=1, text_embed_dim=12,
+        pooled_projection_dim=6, rope_axes_dim=(2, 2, 4), guidance_embeds=False).double().eval()
+    plain = copy.deepcopy(model)
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(2, 4, 3, 4, 4, dtype=torch.float64, generator=g)
+    text = torch.randn(2, 5, 12, dtype=torch.float64, generator=g)
+    mask = torch.tensor([[1, 1, 1, 1, 0], [1, 1, 1, 0, 0]])
+    pooled = torch.randn(2, 6, dtype=torch.float64, generator=g)
+    t = torch.tensor([500, 20])
+    w = torch.randn(2, 4, 3, 4, 4, dtype=torch.float64, generator=g)
+    sizes = {1: [[3]], 2: [[2, 1]], 3: [[1, 2, 0]]}[world]
+    sharded = parallelize(model, dist.group.WORLD, "t", inputs=("hidden_states",), sizes=sizes)
+    return _against_one_process(
+        plain, sharded, model, lambda m, latents: m(latents, t, text, mask, pooled, return_dict=False)[0], x, w, world)[0]
+
+
+@pytest.mark.parametrize("world", [1, 2, 3])
+def test_hunyuan_video_transformer_is_exact_on_sharded_frames(world):
+    for errors in run_ranks(_hunyuan_worker, world, timeout=300):
+        assert max(errors.values()) < 1e-10, errors
 

@@ -87,13 +87,49 @@ class Rotary(nn.Module):
         return out[..., 1:].type_as(h.unsqueeze(2)) * 2
 
 
+class MaskedSelfAttention(nn.Module):
+    """Self-attention over the sharded tokens with a key padding mask, causal, and grouped heads: the
+    keys and values are gathered whole, each rank's queries use their rows of the mask."""
+
+    def __init__(self, c: int = 8) -> None:
+        super().__init__()
+        self.qkv = nn.Linear(c, 2 * c)
+        self.register_buffer("keep", torch.tensor([[True] * 5 + [False, True]] * 2))
+
+    def forward(self, x):
+        b, n, _ = x.shape
+        q, k, v = self.qkv(x).split([8, 4, 4], dim=-1)
+        q = q.view(b, n, 4, 2).transpose(1, 2)
+        k, v = (t.reshape(b, n, 2, 2).transpose(1, 2) for t in (k, v))
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=self.keep[:, None, None, :], enable_gqa=True)
+        y = y + F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
+        return y.transpose(1, 2).reshape(b, n, 8)
+
+
+class Refold(nn.Module):
+    """Tokens regrouped by a reshape whose factor does not divide the shard lengths (7 + 5 tokens into
+    frames of 4): the runtime reshards onto the frame grid, then reshapes."""
+
+    def __init__(self, c: int = 8) -> None:
+        super().__init__()
+        self.lin = nn.Linear(c, c)
+
+    def forward(self, x):
+        b, n, c = x.shape
+        frames = self.lin(x).reshape(b, n // 4, 4, c)
+        return (frames - frames.mean(2, keepdim=True)).reshape(b, n, c)
+
+
 CASES = {
+    "masked_self_attention": (MaskedSelfAttention, (2, 7, 8), "b n c", "n"),
+    "refold": (Refold, (2, 12, 8), "b n c", "n"),
     "rotary": (Rotary, (2, 7, 8), "b n c", "n"),
     "joint_text_video": (JointTextVideo, (2, 7, 8), "b n c", "n"),
     "class_tokens": (ClassTokens, (2, 7, 8), "b n c", "n"),
     "causal_pad": (CausalPad, (1, 2, 7, 3, 2), "b c t h w", "t"),
 }
 SIZES = {1: [[7]], 2: [[5, 2]], 3: [[1, 6, 0]]}
+REFOLD_SIZES = {1: [[12]], 2: [[7, 5]], 3: [[5, 7, 0]]}  # off the grid of 4
 
 
 def _worker(rank, world, name):
@@ -104,7 +140,8 @@ def _worker(rank, world, name):
     model = cls().double()
     x = torch.randn(*shape, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
     ref = reference(copy.deepcopy(model), x)
-    got = sharded_run(model, x, dist.group.WORLD, axis, layout=layout, sizes=SIZES[world])
+    sizes = (REFOLD_SIZES if name == "refold" else SIZES)[world]
+    got = sharded_run(model, x, dist.group.WORLD, axis, layout=layout, sizes=sizes)
     assert_parity(ref, got)
     return True
 

@@ -15,9 +15,16 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from nonlocal_dist.distributed.collectives import gather_dim
 from nonlocal_dist.sequence.api import parallel_nonlocal
-from nonlocal_dist.sharded.rules.common import bind, on_piece
-from nonlocal_dist.sharded.tensor import Op, ShardedTensor, replicated_or_refuse, rule
+from nonlocal_dist.sharded.rules.common import bind, log_once, on_piece
+from nonlocal_dist.sharded.tensor import (
+    Op,
+    ShardedTensor,
+    replicated_or_refuse,
+    rule,
+    user_frame,
+)
 
 
 def _all_replicated(op: Op) -> bool:
@@ -65,10 +72,9 @@ def _sdpa(op: Op):
     a = bind(op, _sdpa_ref)
     q, k, v = a["query"], a["key"], a["value"]
     if isinstance(q, ShardedTensor) and not any(isinstance(t, ShardedTensor) and t.spec.sharded for t in (k, v)):
-        return _cross_attention(op, a)
-    if a["attn_mask"] is not None or a["is_causal"] or a["dropout_p"] or a["enable_gqa"]:
-        raise op.refuse("a mask, causal attention, dropout or GQA over a sharded sequence",
-                        fix="use unmasked attention over all positions")
+        return _cross_attention(op, a, *(t.as_subclass(Tensor) if isinstance(t, ShardedTensor) else t for t in (k, v)))
+    if a["dropout_p"]:
+        raise op.refuse("attention dropout over a sharded sequence", fix="use dropout_p=0 (dropout after the attention)")
     tensors = (q, k, v)
     if not all(isinstance(t, ShardedTensor) for t in tensors):
         raise op.refuse("q, k and v must all be sharded along the sequence")
@@ -78,6 +84,13 @@ def _sdpa(op: Op):
         raise op.refuse("q, k and v must be sharded along the sequence dim (-2) alone, alike", seq,
                         "shard the tokens, not the batch, heads or channels")
     shard = specs[0][seq]
+    if a["attn_mask"] is not None or a["is_causal"] or a["enable_gqa"]:
+        # A mask, causal attention or grouped heads: the keys and values gathered whole (the all-gather
+        # strategy), each rank's queries against all of them with the mask's rows for its queries.
+        whole = [gather_dim(t.as_subclass(Tensor), seq, list(shard.sizes), shard.group) for t in (k, v)]
+        log_once(user_frame(), f"{op.name} over a sharded sequence with a mask, causal or GQA: keys and values "
+                               f"gathered whole ({sum(t.numel() * t.element_size() for t in whole)} bytes per rank per call)")
+        return _cross_attention(op, a, *whole)
     scale = a["scale"] if a["scale"] is not None else 1.0 / math.sqrt(q.shape[-1])
     local = [t.as_subclass(Tensor) for t in tensors]
     lengths = (list(shard.sizes), list(shard.sizes))  # every rank's tokens, from the spec: no agreement
@@ -86,28 +99,32 @@ def _sdpa(op: Op):
     return ShardedTensor.wrap(y, q.spec.remap(y.dim(), {seq: shard}))
 
 
-def _cross_attention(op: Op, a: dict) -> ShardedTensor:
-    """Sharded queries (..., N_r, d) against whole keys and values (..., M, d): local attention per rank."""
+def _cross_attention(op: Op, a: dict, k: Tensor, v: Tensor) -> ShardedTensor:
+    """Sharded queries (..., N_r, d) against whole keys and values ``k``, ``v`` (..., M, d): local
+    attention per rank. ``is_causal`` (N = M, the keys gathered from the same sequence): each rank's
+    rows of the causal mask, from its queries' global positions."""
     q = a["query"]
     seq = q.dim() - 2
     if set(q.spec.sharded) != {seq}:
         raise op.refuse("queries sharded along another dim than the sequence (-2)", None,
                         "shard the tokens, not the batch, heads or channels")
-    if a["is_causal"] or a["dropout_p"]:
-        raise op.refuse("causal attention or dropout with keys every rank holds whole", seq,
-                        "pass an explicit mask (it is sliced to each rank's queries), and no dropout")
     shard = q.spec.sharded[seq]
+    if a["dropout_p"] or (a["is_causal"] and (a["attn_mask"] is not None or k.shape[-2] != shard.total)):
+        raise op.refuse("attention dropout, or causal attention with a mask or with keys of another length", seq,
+                        "pass one explicit mask (it is sliced to each rank's queries), and no dropout")
     mask = a["attn_mask"]
+    if a["is_causal"]:  # SDPA's causal mask (top-left aligned), this rank's rows
+        rows = torch.arange(shard.start, shard.start + shard.local, device=q.device)
+        mask = rows[:, None] >= torch.arange(k.shape[-2], device=q.device)[None, :]
     if isinstance(mask, ShardedTensor):
         if mask.spec.sharded and set(mask.spec.sharded) != {mask.dim() - 2} or (
                 mask.spec.sharded and not mask.spec.sharded[mask.dim() - 2].same(shard)):
             raise op.refuse("a mask sharded otherwise than the queries' rows", seq)
         mask = mask.as_subclass(Tensor)
-    elif mask is not None and mask.dim() >= 2 and mask.shape[-2] != 1:
+    elif mask is not None and mask.dim() >= 2 and mask.shape[-2] != 1 and not a["is_causal"]:
         if mask.shape[-2] != shard.total:
             raise op.refuse(f"a mask with {mask.shape[-2]} query rows for {shard.total} queries", seq)
         mask = mask.narrow(-2, shard.start, shard.local)
-    k, v = (t.as_subclass(Tensor) if isinstance(t, ShardedTensor) else t for t in (a["key"], a["value"]))
     extra = {"enable_gqa": True} if a["enable_gqa"] else {}
 
     def attend(local_q: Tensor) -> Tensor:

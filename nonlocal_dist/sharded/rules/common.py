@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import functools
 import inspect
+import logging
 import math
 from collections.abc import Callable
 
@@ -168,3 +169,16 @@ def sum_over_groups(t: Tensor, shards: list[Shard]) -> Tensor:
         if shard.world > 1:
             t = all_reduce(t, shard.group)
     return t
+
+
+_log = logging.getLogger("nonlocal_dist.sharded")
+_LOGGED: set[str] = set()
+
+
+def log_once(site: str, message: str) -> None:
+    """``message`` at INFO on logger ``nonlocal_dist.sharded``, once per call site (the user's source
+    line): where the runtime moves positions between ranks to run an op exactly (a reshard)."""
+    if site not in _LOGGED:
+        _LOGGED.add(site)
+        _log.info("%s at %s", message, site)
+

@@ -15,14 +15,17 @@ global slices.
 """
 from __future__ import annotations
 
-import logging
-
 import torch
 from torch import Tensor
 
 from nonlocal_dist.distributed.shards import split_sizes, starts
 from nonlocal_dist.sharded.fetch import fetch_positions
-from nonlocal_dist.sharded.rules.common import localise, one_dim_per_group, output_dims
+from nonlocal_dist.sharded.rules.common import (
+    localise,
+    log_once,
+    one_dim_per_group,
+    output_dims,
+)
 from nonlocal_dist.sharded.spec import Shard
 from nonlocal_dist.sharded.tensor import Op, ShardedTensor, rule, user_frame
 
@@ -139,17 +142,6 @@ def _split(op: Op):
     return tuple(ShardedTensor.wrap(p, x.spec.remap(p.dim(), dims)) for p in pieces)
 
 
-_log = logging.getLogger("nonlocal_dist.sharded")
-_LOGGED: set[str] = set()
-
-
-def _log_once(site: str, message: str) -> None:
-    """``message`` at INFO, once per call site (the user's source line)."""
-    if site not in _LOGGED:
-        _LOGGED.add(site)
-        _log.info("%s at %s", message, site)
-
-
 def _cat_along_shard(op: Op, tensors: list, dim: int, ndim: int) -> ShardedTensor:
     """``cat`` along ``dim``, sharded by one group in some operands, whole (plain, or replicated there)
     in the others. Any other sharded dim must be split alike in every operand that shards it."""
@@ -200,7 +192,7 @@ def _cat_along_shard(op: Op, tensors: list, dim: int, ndim: int) -> ShardedTenso
                 pieces.append(fetch_positions(t, dim, needs, shard.sizes, group, rank))
                 moved += sum(len(n) for q, n in enumerate(needs)) * t.element_size() * (t.numel() // max(t.shape[dim], 1))
             offset += total
-        _log_once(user_frame(), f"{op.name} along sharded dim {dim}: resharded to an even split {sizes}, "
+        log_once(user_frame(), f"{op.name} along sharded dim {dim}: resharded to an even split {sizes}, "
                                 f"about {moved} bytes moved over the group per call")
         out = op.func(pieces, dim, **kwargs)
     spec = first.spec.remap(ndim, {**rest, dim: Shard(group, tuple(sizes), rank)})

@@ -14,8 +14,11 @@ import math
 import torch
 from torch import Tensor
 
+from nonlocal_dist.distributed.shards import split_sizes
+from nonlocal_dist.sharded.fetch import reshard
+from nonlocal_dist.sharded.rules.common import log_once
 from nonlocal_dist.sharded.spec import Shard
-from nonlocal_dist.sharded.tensor import Op, ShardedTensor, rule
+from nonlocal_dist.sharded.tensor import Op, ShardedTensor, rule, user_frame
 
 
 def _self(op: Op) -> ShardedTensor:
@@ -80,8 +83,13 @@ def _blocks(src: list[int], dst: list[int]) -> list[tuple[list[int], list[int]]]
     return blocks
 
 
-def reshape_spec(op: Op, src: list[int], dst: list[int], sharded: dict[int, Shard]) -> dict[int, Shard]:
-    """The dst dims' shards for a reshape of global shape ``src`` (sharded as given) to ``dst``."""
+def reshape_spec(op: Op, src: list[int], dst: list[int], sharded: dict[int, Shard],
+                 resharded: dict[int, tuple[int, ...]] | None = None) -> dict[int, Shard]:
+    """The dst dims' shards for a reshape of global shape ``src`` (sharded as given) to ``dst``.
+
+    Where a split of a sharded dim needs every rank's length to be a multiple of its inner factor
+    and it is not: with ``resharded`` (a dict to fill), the dim's new split (as even as possible on
+    that grid) goes there and the caller reshards before reshaping; without it, a refusal."""
     if 0 in src:
         raise op.refuse("a reshape of an empty tensor")
     out: dict[int, Shard] = {}
@@ -103,6 +111,11 @@ def reshape_spec(op: Op, src: list[int], dst: list[int], sharded: dict[int, Shar
         if target is None or math.prod(dst[k] for k in b if k < target) != 1:
             raise op.refuse(f"no dim of the result carries the sharded positions of dim {d}", d)
         below = math.prod(dst[k] for k in b if k > target)
+        if any(s % below for s in flat) and resharded is not None and (shard.total * inner) % below == 0:
+            unit = below // math.gcd(below, inner)
+            resharded[d] = split_sizes(shard.total, shard.world, unit)
+            shard = shard.with_sizes(resharded[d])
+            flat = [s * inner for s in shard.sizes]
         if any(s % below for s in flat):
             raise op.refuse(
                 f"it splits sharded dim {d} into factors whose inner part ({below} positions) does not divide every "
@@ -119,10 +132,18 @@ def _reshape_to(op: Op, target) -> ShardedTensor:
     dst = _resolve(target, math.prod(src))
     if math.prod(dst) != math.prod(src):
         raise op.refuse(f"shape {tuple(dst)} is invalid for a tensor of global shape {tuple(src)}")
-    dims = reshape_spec(op, src, dst, x.spec.sharded)
-    local_target = [dims[k].local if k in dims else s for k, s in enumerate(dst)]
     method = getattr(op.func, "__name__", "reshape")
+    resharded: dict[int, tuple[int, ...]] = {}
+    dims = reshape_spec(op, src, dst, x.spec.sharded, None if method == "view" else resharded)
+    local_target = [dims[k].local if k in dims else s for k, s in enumerate(dst)]
     base = x.as_subclass(Tensor)
+    for d, sizes in resharded.items():  # boundaries moved onto the reshape's grid (a view cannot copy)
+        shard = x.spec.sharded[d]
+        moved = base.numel() // max(base.shape[d], 1) * base.element_size()
+        log_once(user_frame(), f"{op.name} splits sharded dim {d} into factors off the shard boundaries "
+                               f"{list(shard.sizes)}: resharded to {list(sizes)}, about "
+                               f"{moved * sum(abs(a - b) for a, b in zip(shard.sizes, sizes)) // 2} bytes moved per call")
+        base = reshard(base, d, shard.sizes, sizes, shard.group, shard.rank)
     out = base.view(local_target) if method == "view" else base.reshape(local_target)
     return _wrap(op, out, dims)
 

@@ -12,7 +12,7 @@ from torch import Tensor, nn
 
 from nonlocal_dist.backends import BACKEND_NAMES
 from nonlocal_dist.conventions import MODES, SOFTMAX_MODES
-from nonlocal_dist.distributed.checks import agree_on_shards
+from nonlocal_dist.distributed.checks import agree_on_shards, pooling_across_ranks
 from nonlocal_dist.distributed.mesh import span_coordinates, span_group
 from nonlocal_dist.functional import nonlocal_op
 from nonlocal_dist.layout import (
@@ -216,14 +216,10 @@ class NonLocalBlock(nn.Module):
         sharded = {names[d]: (i, shard) for i, (d, shard) in enumerate(dims)}
         factors = [self.sub_sample.get(a, 1) for a in sharded]
         if any(s % f for (_, shard), f in zip(sharded.values(), factors) for s in shard.sizes):
-            lengths = [shard.sizes for _, shard in sharded.values()]
-            factor = factors[0] if len(factors) == 1 else tuple(factors)
-            raise ShardingRefusal(
-                f"sub_sample pools shard axis {' '.join(sharded)} by {factor}, but the shard lengths "
-                f"{lengths[0] if len(lengths) == 1 else list(zip(*lengths))} are not all divisible by {factor}: "
-                "pooling windows would cross rank boundaries. Shard so that every rank holds a multiple of the "
-                f"factor (parallelize's align=) (at {user_frame()})"
-            )
+            lengths = [list(shard.sizes) for _, shard in sharded.values()]
+            lengths = lengths[0] if len(lengths) == 1 else list(zip(*lengths))
+            raise ShardingRefusal(f"{pooling_across_ranks(list(sharded), factors, lengths)} (parallelize's "
+                                  f"align=) (at {user_frame()})")
         counts_n, counts_m = [], []
         for coordinate in span_coordinates([shard.group for _, shard in dims]):
             n = m = 1

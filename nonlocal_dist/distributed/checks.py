@@ -192,13 +192,17 @@ def agree_on_shards(
     per_axis = [values[n] for n in length_names]
     lengths = per_axis[0] if len(per_axis) == 1 else list(zip(*per_axis))
     if any(values["pool_remainder"]):
-        factor = factors[0] if len(factors) == 1 else tuple(factors)
-        raise everywhere(ValueError(
-            f"sub_sample pools shard axis {' '.join(shard_axes)} by {factor}, but the shard lengths {lengths} "
-            f"are not all divisible by {factor}: pooling windows would cross rank boundaries. Shard so that "
-            "every rank holds a multiple of the factor."
-        ))
+        raise everywhere(ValueError(pooling_across_ranks(shard_axes, factors, lengths) + "."))
     return result, lengths
 
 
-__all__ = ["agree_across_ranks", "agree_on_shards", "digest", "exchange_device"]
+def pooling_across_ranks(axes, factors: list[int], lengths) -> str:
+    """The error for a ``sub_sample`` window that would cross rank boundaries: ``axes`` sharded, pooled
+    by ``factors``, with every rank's ``lengths`` (per rank an int for one axis, a tuple for several)."""
+    factor = factors[0] if len(factors) == 1 else tuple(factors)
+    return (f"sub_sample pools shard axis {' '.join(axes)} by {factor}, but the shard lengths {lengths} are not "
+            f"all divisible by {factor}: pooling windows would cross rank boundaries. Shard so that every rank "
+            "holds a multiple of the factor")
+
+
+__all__ = ["agree_across_ranks", "agree_on_shards", "digest", "exchange_device", "pooling_across_ranks"]

@@ -135,7 +135,7 @@ class _Hooks:
     """parallelize's two hooks and its settings (picklable state; no process group kept on the model)."""
 
     def __init__(self, mesh, layout: str, axes: tuple[str, ...], output: str, align, sizes,
-                 inputs: tuple[int | str, ...] | None = None) -> None:
+                 inputs: tuple[tuple[int | str, int], ...] | None = None) -> None:
         self.mesh, self.layout, self.axes, self.output = mesh, layout, axes, output
         self.align, self.sizes, self.inputs = align, sizes, inputs
         self.state_checked = False
@@ -168,15 +168,11 @@ class _Hooks:
     def _shard_chosen(self, module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
         """``args``/``kwargs`` with the chosen inputs sharded, every other one as given."""
         args, kwargs = list(args), dict(kwargs)
-        names = list(inspect.signature(module.forward).parameters)
-        for key in self.inputs:
-            if isinstance(key, int):
-                where, at = (args, key) if key < len(args) else (None, None)
-            elif key in kwargs:
+        for key, position in self.inputs:  # positions resolved once, at parallelize
+            if isinstance(key, str) and key in kwargs:
                 where, at = kwargs, key
             else:
-                index = names.index(key)
-                where, at = (args, index) if index < len(args) else (None, None)
+                where, at = (args, position) if position < len(args) else (None, None)
             value = where[at] if where is not None else None
             if isinstance(value, ShardedTensor):
                 continue
@@ -237,8 +233,8 @@ class _Hooks:
         return tree_map(one, output)
 
 
-def _check_inputs(model: nn.Module, inputs) -> tuple[int | str, ...] | None:
-    """``inputs`` as a tuple, each a position or a parameter name of ``model.forward``."""
+def _check_inputs(model: nn.Module, inputs) -> tuple[tuple[int | str, int], ...] | None:
+    """``inputs`` (positions or parameter names of ``model.forward``) as ``(key, position)`` pairs."""
     if inputs is None:
         return None
     chosen = (inputs,) if isinstance(inputs, (int, str)) else tuple(inputs)
@@ -251,7 +247,7 @@ def _check_inputs(model: nn.Module, inputs) -> tuple[int | str, ...] | None:
                              f"{tuple(names)}; give one of those names, or a position")
     if not chosen:
         raise ValueError("inputs= is empty: name at least one input to shard (or leave it None)")
-    return chosen
+    return tuple((key, names.index(key) if isinstance(key, str) else key) for key in chosen)
 
 
 def _broadcast_state(model: nn.Module, groups) -> None:

@@ -30,6 +30,13 @@ from nonlocal_dist.sharded.spec import Shard
 from nonlocal_dist.sharded.tensor import Op, ShardedTensor, rule, user_frame
 
 
+def _has_tensor_index(index, none_too: bool = False) -> bool:
+    """Whether ``index`` holds a tensor or list (advanced indexing), or ``None`` where ``none_too``."""
+    kinds = (Tensor, list)
+    parts = index if isinstance(index, tuple) else (index,)
+    return any(isinstance(i, kinds) or (none_too and i is None) for i in parts)
+
+
 def _expand_index(index, ndim: int) -> list:
     index = list(index) if isinstance(index, tuple) else [index]
     used = sum(1 for i in index if i is not None and i is not Ellipsis)
@@ -62,7 +69,7 @@ def _getitem(op: Op):
     if x.spec.replicated:
         out = x.as_subclass(Tensor)[index]
         return ShardedTensor.wrap(out, x.spec.remap(out.dim(), {}))
-    if isinstance(index, (Tensor, list)) or (isinstance(index, tuple) and any(isinstance(i, (Tensor, list)) for i in index)):
+    if _has_tensor_index(index):
         raise op.refuse("tensor or list indices into a sharded activation", fix="index before sharding, or use slices")
     parts = _expand_index(index, x.dim())
     local_index, dims, in_dim, out_dim = [], {}, 0, 0
@@ -190,7 +197,7 @@ def _cat_along_shard(op: Op, tensors: list, dim: int, ndim: int) -> ShardedTenso
             else:
                 needs = [part(q) for q in range(world)]
                 pieces.append(fetch_positions(t, dim, needs, shard.sizes, group, rank))
-                moved += sum(len(n) for q, n in enumerate(needs)) * t.element_size() * (t.numel() // max(t.shape[dim], 1))
+                moved += sum(map(len, needs)) * t.element_size() * (t.numel() // max(t.shape[dim], 1))
             offset += total
         log_once(user_frame(), f"{op.name} along sharded dim {dim}: resharded to an even split {sizes}, "
                                 f"about {moved} bytes moved over the group per call")
@@ -205,11 +212,9 @@ def _split_along_shard(op: Op, x: ShardedTensor, dim: int, name: str) -> tuple:
     total = x.spec.sharded[dim].total
     how = op.args[1] if len(op.args) > 1 else next(
         op.kwargs[k] for k in ("split_size_or_sections", "split_size", "chunks", "sections") if k in op.kwargs)
-    if name == "chunk":
-        step = -(-total // how) if total else 0
-        lengths = [min(step, total - a) for a in range(0, total, step)] if step else [0]
-    elif isinstance(how, int):
-        lengths = [min(how, total - a) for a in range(0, total, how)] if total else [0]
+    if isinstance(how, int):  # chunk(n): pieces of ceil(total / n), as torch.chunk
+        size = -(-total // how) if name == "chunk" else how
+        lengths = [min(size, total - a) for a in range(0, total, size)] if total else [0]
     else:
         lengths = list(how)
         if sum(lengths) != total:
@@ -230,8 +235,7 @@ def _setitem(op: Op):
     x, index, value = op.args
     if not isinstance(x, ShardedTensor):
         raise op.refuse("writing sharded values into a plain tensor", fix="write into a tensor made from the sharded one")
-    if isinstance(index, (Tensor, list)) or (isinstance(index, tuple) and any(
-            isinstance(i, (Tensor, list)) or i is None for i in index)):
+    if _has_tensor_index(index, none_too=True):
         raise op.refuse("a tensor, list or None index in an assignment to a sharded activation",
                         fix="assign through slices of the unsharded dims")
     parts = _expand_index(index, x.dim())

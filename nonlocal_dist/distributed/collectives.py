@@ -108,3 +108,22 @@ def scatter_heads(group, sizes: list[list[int]], *parts: Tensor) -> tuple[Tensor
 def gather_heads(x: Tensor, group, sizes: list[int]) -> Tensor:
     """Differentiable ``heads_to_seq``."""
     return _HeadsToSeq.apply(x, group, sizes)
+
+
+class _MoveShard(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, from_dim, from_sizes, to_dim, to_sizes, group):
+        ctx.args = (from_dim, from_sizes, to_dim, to_sizes, group)
+        return all_to_all_varlen(x, to_dim, to_sizes, from_dim, from_sizes, group)
+
+    @staticmethod
+    def backward(ctx, grad):
+        from_dim, from_sizes, to_dim, to_sizes, group = ctx.args
+        return all_to_all_varlen(grad.contiguous(), from_dim, from_sizes, to_dim, to_sizes, group), None, None, None, None, None
+
+
+def move_shard(x: Tensor, from_dim: int, from_sizes: list[int], to_dim: int, to_sizes: list[int], group) -> Tensor:
+    """x sharded along ``from_dim`` (``from_sizes[r]`` on rank r, ``to_dim`` whole) -> the same tensor
+    sharded along ``to_dim`` by ``to_sizes`` (``from_dim`` whole): one all-to-all, differentiable (the
+    backward is the reverse all-to-all)."""
+    return _MoveShard.apply(x, from_dim, list(from_sizes), to_dim, list(to_sizes), group)

@@ -1,12 +1,22 @@
 """Geometry of a sliding window (convolution, pooling) along the shard axis, and its sharded input.
 
-Ownership rule: global output o belongs to the rank that holds input position ``o * stride``; with
-every shard boundary on the stride grid, rank r's outputs start at ``a_r / stride`` and the output
-stays sharded in rank order (a stride-1 'same' layer keeps the shard lengths). To compute them, rank
-r needs the global positions ``[a_r - pad_left, a_r + L_r - pad_left + extent)`` of the padded axis:
-``pad_left`` before its shard and ``extent - pad_left`` after it (``extent = dilation * (kernel - 1)``),
-from its neighbours (``halo_exchange``), or the layer's padding value beyond the global edges. The
-last rank also takes every output past the last input position (``pad_right`` larger than needed).
+Ownership rule. Output o's window covers the (unpadded) input positions ``[o*s - pad_left,
+o*s - pad_left + extent]`` (``extent = dilation * (kernel - 1)``, s the stride); its *anchor* is the
+input position ``o*s + c`` with ``c = max(0, extent - pad_left - pad_right)``, and o belongs to the
+rank that holds its anchor (the first rank also every output before, the last every output after).
+For a 'same' layer (``pad_left + pad_right = extent``) the anchor is ``o*s`` itself, so a stride-1
+'same' layer keeps the shard lengths. A causal layer written as an explicit pad before a 'valid'
+convolution (``F.pad`` or ``cat`` of k-1 frames, which land on the first rank) is anchored at its
+window's end: its output keeps the shard lengths of the unpadded input, so the boundaries do not
+drift from layer to layer.
+
+Rank r > 0 owns the outputs from ``o_r = ceil((a_r - c) / s)`` on; its window of the padded axis
+starts ``before = pad_left + e`` positions before its shard, where ``e = a_r - o_r*s`` must be the
+same on every rank boundary (``window_offset``; a boundary at the end of the axis, after which
+every rank is empty, is free where no output lies wholly in the right padding). It needs ``extent - before`` positions after its shard, from its
+neighbours (``halo_exchange``), or the layer's padding value beyond the global edges. Where the
+boundaries share no offset (a strided layer after shards of odd lengths), the caller first moves
+them to the nearest ones that do (``aligned_sizes``).
 """
 from __future__ import annotations
 
@@ -18,7 +28,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from nonlocal_dist.distributed.shards import piece, split_sizes
+from nonlocal_dist.distributed.shards import piece
 from nonlocal_dist.distributed.shards import starts as shard_starts
 from nonlocal_dist.sharded.halo import constant_pad, halo_exchange
 
@@ -38,6 +48,11 @@ class Window:
         return self.dilation * (self.kernel - 1)
 
     @property
+    def anchor(self) -> int:
+        """c: the offset from ``o*stride`` of the input position that decides which rank owns output o."""
+        return max(0, self.extent - self.pad_left - self.pad_right)
+
+    @property
     def position_wise(self) -> bool:
         """True when every output position reads only its own input position."""
         return self.kernel == 1 and self.stride == 1 and self.pad_left == self.pad_right == 0
@@ -52,53 +67,81 @@ class Window:
         return None
 
 
-def span(window: Window, sizes: list[int] | tuple[int, ...], rank: int) -> tuple[int, int, int]:
+def window_offset(window: Window, sizes: list[int] | tuple[int, ...]) -> int | None:
+    """e: how far before its shard (beyond ``pad_left``) every rank but the first starts its window,
+    the same for all; None when the rank boundaries give no common offset (``aligned_sizes``)."""
+    total, offsets = sum(sizes), set()
+    free = window.extent >= window.pad_left + window.pad_right  # no output lies wholly in the right padding
+    for b in shard_starts(sizes)[1:]:
+        if b == total and total > 0 and free:  # every rank from here on is empty: it owns no output
+            continue
+        first = max(0, -((window.anchor - b) // window.stride))  # ceil((b - c) / s), at least 0
+        offsets.add(b - first * window.stride)
+    if not offsets:
+        return window.anchor
+    if len(offsets) > 1 or min(offsets) < 0:
+        return None
+    return offsets.pop()
+
+
+def aligned_sizes(window: Window, sizes: list[int] | tuple[int, ...]) -> tuple[int, ...]:
+    """Shard lengths close to ``sizes`` (each boundary moved to the nearest ``c + k*stride``, or to the
+    end of the axis) that share one window offset: the split to reshard to when ``sizes`` do not."""
+    total, c, s = sum(sizes), window.anchor, window.stride
+    # The end of the axis is a free boundary where no output lies wholly in the right padding.
+    last = total if window.extent >= window.pad_left + window.pad_right else c + s * max(0, (total - c) // s)
+    bounds = []
+    for b in shard_starts(sizes)[1:]:
+        moved = c + s * max(0, (2 * (b - c) + s) // (2 * s))  # the nearest grid point, ties upward
+        bounds.append(min(moved, last))
+    edges = [0, *bounds, total]
+    return tuple(edges[i + 1] - edges[i] for i in range(len(sizes)))
+
+
+def span(window: Window, sizes: list[int] | tuple[int, ...], rank: int, offset: int = 0) -> tuple[int, int, int]:
     """Rank ``rank``'s window of the padded axis: (padding positions before it, after it, its length).
 
-    The window is ``[a_r - pad_left, end)`` with ``end = a_r + L_r - pad_left + extent`` clipped to the
-    padded axis (the last rank's reaches its end); positions outside ``[0, N)`` are padding."""
+    The window is ``[a_r - before, end)`` with ``before = pad_left`` on the first rank and
+    ``pad_left + offset`` on the others (``offset`` from ``window_offset``), ``end = a_r + L_r +
+    extent - pad_left - offset`` clipped to the padded axis (the last rank's reaches its end);
+    positions outside ``[0, N)`` are padding."""
     total, start = sum(sizes), piece(sizes, rank)[0]
-    end = start + sizes[rank] - window.pad_left + window.extent
+    before = window.pad_left + (offset if rank else 0)
+    end = start + sizes[rank] - window.pad_left - offset + window.extent
     end = total + window.pad_right if rank == len(sizes) - 1 else min(end, total + window.pad_right)
-    return max(0, window.pad_left - start), max(0, end - total), end - (start - window.pad_left)
+    return max(0, before - start), max(0, end - total), end - (start - before)
 
 
-def output_lengths(window: Window, sizes: list[int] | tuple[int, ...]) -> tuple[int, ...]:
-    """Every rank's number of outputs along the axis (the windows that start in its shard)."""
-    return tuple(max(0, (span(window, sizes, r)[2] - window.extent - 1) // window.stride + 1)
+def output_lengths(window: Window, sizes: list[int] | tuple[int, ...], offset: int = 0) -> tuple[int, ...]:
+    """Every rank's number of outputs along the axis (the windows whose anchor lies in its shard)."""
+    return tuple(max(0, (span(window, sizes, r, offset)[2] - window.extent - 1) // window.stride + 1)
                  for r in range(len(sizes)))
 
 
-def _check_alignment(sizes: list[int], stride: int, what: str) -> None:
-    starts = list(shard_starts(sizes)[1:])  # the rank boundaries
-    if stride > 1 and any(s % stride for s in starts):
-        raise ValueError(
-            f"{what} has stride {stride} along the shard axis, but the shard lengths {sizes} put rank "
-            f"boundaries at {starts}, not all multiples of {stride}: each rank's outputs would start off "
-            f"the stride grid. Shard so that every rank but the last holds a multiple of {stride} positions "
-            f"(of the positions this layer sees), e.g. {list(split_sizes(sum(sizes), len(sizes), stride))} "
-            f"for {sum(sizes)} positions on {len(sizes)} ranks."
-        )
+def halo_lengths(window: Window, offset: int) -> tuple[int, int]:
+    """(before, after): the positions every rank's window reaches beyond its shard on each side."""
+    before = window.pad_left + offset
+    return before, window.extent - before
 
 
 def sliding_window(
-    fn: Callable[[Tensor], Tensor], x: Tensor, dim: int, window: Window, sizes: list[int], group, what: str, value: float
-) -> tuple[Tensor, tuple[int, int, int]]:
+    fn: Callable[[Tensor], Tensor], x: Tensor, dim: int, window: Window, sizes: list[int], group, value: float,
+    offset: int,
+) -> Tensor:
     """This rank's outputs of the window op ``fn`` (no padding along ``dim``) over the padded axis.
 
-    Rank r's window of the padded axis is ``[a_r - pad_left, end)``: ``pad_left`` positions before
-    its shard (the lower ranks' halo, or ``value`` beyond the global start), the shard, then
-    ``extent - pad_left`` after it (or the last rank's ``pad_right``), assembled by one
-    ``halo_exchange``; ``fn`` runs once on it. Returns the outputs and ``(left, right, length)``:
-    the padding positions at the two ends of the window and its length. ``sizes``: every rank's L.
-    Raises on every rank when the shard boundaries are off the stride grid.
+    Rank r's window of the padded axis (``span``): ``before`` positions before its shard (the lower
+    ranks' halo, or ``value`` beyond the global start), the shard, then ``extent - before`` after it
+    (or the last rank's ``pad_right``), assembled by one ``halo_exchange``; ``fn`` runs once on it.
+    ``sizes``: every rank's L, sharing the window offset ``offset`` (``window_offset``).
     """
-    _check_alignment(sizes, window.stride, what)
-    left, right, _ = span(window, sizes, dist.get_rank(group))
-    ext = halo_exchange(x, dim, window.pad_left, window.extent - window.pad_left, sizes, group, (left, right), value)
-    with contextlib.nullcontext() if ext is x else _saved_as_shard(ext, x, dim, window.pad_left):
-        out = apply_windows(fn, ext, {dim: window}, value)
-    return out, (left, right, ext.shape[dim])
+    rank = dist.get_rank(group)
+    left, right, _ = span(window, sizes, rank, offset)
+    before, after = halo_lengths(window, offset)
+    ext = halo_exchange(x, dim, before, after, sizes, group, (left, right), value)
+    at = window.pad_left + (offset if rank else 0)
+    with contextlib.nullcontext() if ext is x else _saved_as_shard(ext, x, dim, at):
+        return apply_windows(fn, ext, {dim: window}, value)
 
 
 # The innermost saved-tensor hooks (a private accessor, present from torch 2.8, the floor).

@@ -3,6 +3,9 @@ gloo ranks, against the same model in one process: outputs, input gradient, ever
 (summed over ranks) and every buffer (running statistics)."""
 from __future__ import annotations
 
+import contextlib
+import logging
+
 import torch
 import torch.distributed as dist
 
@@ -55,3 +58,20 @@ def assert_parity(ref, got, tol: float = TOL) -> None:
         a, b = ref[3][n], got[3][n]
         err = (a.double() - b.double()).abs().max().item()
         assert err <= tol * max(1.0, a.double().abs().max().item()), f"buffer {n}: max abs err {err}"
+
+
+@contextlib.contextmanager
+def runtime_log():
+    """The messages the runtime logs (logger ``nonlocal_dist.sharded``, INFO: its reshards) in the block."""
+    messages: list[str] = []
+    handler = logging.Handler(logging.INFO)
+    handler.emit = lambda record: messages.append(record.getMessage())
+    logger = logging.getLogger("nonlocal_dist.sharded")
+    level = logger.level
+    logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
+    try:
+        yield messages
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(level)

@@ -11,12 +11,11 @@ uneven shards, float64, against one process: outputs, input gradients and summed
 from __future__ import annotations
 
 import copy
-import logging
 
 import pytest
 import torch
 import torch.nn.functional as F
-from sharded_parity import assert_parity, reference, sharded_run
+from sharded_parity import assert_parity, reference, runtime_log, sharded_run
 from torch import nn
 
 from nonlocal_dist.testing import run_ranks
@@ -182,18 +181,12 @@ class Rejoin(nn.Module):
 def _logged_worker(rank, world):
     import torch.distributed as dist
 
-    records = []
-    handler = logging.Handler()
-    handler.emit = records.append
-    logger = logging.getLogger("nonlocal_dist.sharded")
-    logger.addHandler(handler)
-    logger.setLevel(logging.INFO)
     torch.manual_seed(0)
     model = Rejoin().double()  # its own call site: the pooled ranks may have logged ClassTokens' already
     x = torch.randn(2, 7, 8, dtype=torch.float64)
-    sharded_run(model, x, dist.group.WORLD, "n", layout="b n c", sizes=SIZES[world], steps=3)
-    logger.removeHandler(handler)
-    return [r.getMessage() for r in records]
+    with runtime_log() as messages:
+        sharded_run(model, x, dist.group.WORLD, "n", layout="b n c", sizes=SIZES[world], steps=3)
+    return messages
 
 
 def test_a_reshard_is_logged_once_per_call_site_with_its_bytes():

@@ -11,6 +11,7 @@ import pytest
 import torch
 import torch.distributed as dist
 from helpers import rel_err
+from sharded_parity import runtime_log
 from torch import nn
 
 from nonlocal_dist import NonLocalBlock, parallelize
@@ -152,18 +153,25 @@ def test_video_net_equals_single_process(world, lengths):
 
 def _misaligned_worker(rank, world):
     torch.manual_seed(0)
-    conv = parallelize(nn.Conv3d(1, 1, 3, stride=2, padding=1), dist.group.WORLD, "t")
-    x = torch.randn(1, 1, 8, 4, 4)
-    with pytest.raises(ShardingRefusal, match=r"shard lengths \[3, 3, 2\].*multiple of 2.*e\.g\. \[4, 2, 2\]"):
-        conv(x)
+    conv = nn.Conv3d(1, 1, 3, stride=2, padding=1).double()
+    plain = copy.deepcopy(conv)
+    x = torch.randn(1, 1, 8, 4, 4, dtype=torch.float64)
+    with runtime_log() as messages:
+        error = (parallelize(conv, dist.group.WORLD, "t")(x) - plain(x)).abs().max().item()
     mismatch = parallelize(nn.Conv3d(1, 1, 3, padding=1), dist.group.WORLD, "t")
     with pytest.raises(ValueError, match="disagree"):
         mismatch(torch.randn(1, 1, 3, 4, 4 + (rank == 1)))
-    return True
+    return error, messages
 
 
-def test_unaligned_stride_and_mismatch_raise_on_every_rank():
-    assert run_ranks(_misaligned_worker, 3) == [True] * 3
+def test_unaligned_stride_reshards_and_mismatch_raises_on_every_rank():
+    """Shard lengths [3, 3, 2] put a stride-2 conv's windows off its grid: the boundaries move to
+    [4, 2, 2] (logged once, with the bytes moved) and the result is exact; differing inputs raise on
+    every rank."""
+    for error, messages in run_ranks(_misaligned_worker, 3):
+        assert error < 1e-12, error
+        assert any("shard lengths [3, 3, 2]" in m and "resharded to [4, 2, 2]" in m and "bytes" in m
+                   for m in messages), messages
 
 
 class _Flagged(nn.Module):
@@ -233,12 +241,12 @@ def _refusal_worker(rank, world):
     group = dist.group.WORLD
     cases = [
         (nn.Sequential(nn.Flatten(), nn.Linear(96, 2)), r"linear along sharded dim 1.*contracts the sharded last dim"),
-        (nn.Sequential(nn.Conv3d(1, 2, 1), nn.Flatten(), nn.Linear(192, 2)), r"flatten along sharded dim 2.*merges sharded dim 2"),
+        (nn.Sequential(nn.Conv3d(1, 2, 1), nn.Flatten(), nn.Linear(192, 2)), r"linear along sharded dim 1.*contracts the sharded last dim"),  # flatten moved the shard to c
         (nn.Sequential(nn.MaxPool3d(3, ceil_mode=True)), "ceil_mode"),
         (nn.Sequential(nn.AdaptiveAvgPool3d((2, 1, 1))), "output size 2"),
         (nn.Sequential(nn.Conv3d(1, 1, 3, padding=3)), "exceeds the window's extent"),
         (nn.Sequential(NonLocalBlock(1, axes="h w")), "interacting axes"),
-        (nn.Sequential(nn.Conv3d(1, 1, 3, padding=1), nn.Softmax(dim=2)), "F.softmax along sharded dim 2.*no sharding rule"),
+        (nn.Sequential(nn.Conv3d(1, 1, 3, padding=1), nn.Softmax(dim=2)), "F.softmax along sharded dim 2.*acts along the sharded dim"),
     ]
     messages = []
     for model, pattern in cases:

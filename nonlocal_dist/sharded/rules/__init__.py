@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 from nonlocal_dist.sharded.rules import (
+    along,
     attention,
     conv_pool,
     index,
@@ -13,4 +14,4 @@ from nonlocal_dist.sharded.rules import (
     transpose,
 )
 
-__all__ = ["attention", "conv_pool", "index", "norm", "pointwise", "reduce", "resize", "shape", "transpose"]
+__all__ = ["along", "attention", "conv_pool", "index", "norm", "pointwise", "reduce", "resize", "shape", "transpose"]

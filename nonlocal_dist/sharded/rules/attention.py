@@ -17,7 +17,7 @@ from torch import Tensor
 
 from nonlocal_dist.distributed.collectives import gather_dim
 from nonlocal_dist.sequence.api import parallel_nonlocal
-from nonlocal_dist.sharded.rules.common import bind, log_once, on_piece
+from nonlocal_dist.sharded.rules.common import bind, localise, log_once, on_piece
 from nonlocal_dist.sharded.tensor import (
     Op,
     ShardedTensor,
@@ -75,6 +75,8 @@ def _sdpa(op: Op):
         return _cross_attention(op, a, *(t.as_subclass(Tensor) if isinstance(t, ShardedTensor) else t for t in (k, v)))
     if a["dropout_p"]:
         raise op.refuse("attention dropout over a sharded sequence", fix="use dropout_p=0 (dropout after the attention)")
+    if _batch_sharded(q, k, v):
+        return _batched_attention(op, a)
     tensors = (q, k, v)
     if not all(isinstance(t, ShardedTensor) for t in tensors):
         raise op.refuse("q, k and v must all be sharded along the sequence")
@@ -97,6 +99,27 @@ def _sdpa(op: Op):
     y = parallel_nonlocal(*local, "embedded_gaussian", scale=scale, concat_weight=None, backend="auto",
                           group=shard.group, strategy=None, lengths=lengths)
     return ShardedTensor.wrap(y, q.spec.remap(y.dim(), {seq: shard}))
+
+
+def _batch_sharded(q, k, v) -> bool:
+    """Whether q, k and v are sharded alike along batch dims only (frames folded into the batch, as a
+    VAE's per-frame attention has them): every sequence is whole on its rank."""
+    if not all(isinstance(t, ShardedTensor) and t.dim() == q.dim() for t in (q, k, v)):
+        return False
+    dims = q.spec.sharded
+    return bool(dims) and max(dims) < q.dim() - 2 and all(
+        t.spec.sharded.keys() == dims.keys() and all(t.spec.sharded[d].same(dims[d]) for d in dims) for t in (k, v))
+
+
+def _batched_attention(op: Op, a: dict) -> ShardedTensor:
+    """Attention within each rank's batch rows (no communication); a mask is sliced to those rows."""
+    q = a["query"]
+    dims = q.spec.sharded
+    mask = localise(op, a["attn_mask"], dims, q.dim())
+    local = [a[n].as_subclass(Tensor) for n in ("query", "key", "value")]
+    extra = {"enable_gqa": True} if a["enable_gqa"] else {}
+    y = op.run(*local, attn_mask=mask, is_causal=a["is_causal"], scale=a["scale"], **extra)
+    return ShardedTensor.wrap(y, q.spec.remap(y.dim(), dims))
 
 
 def _cross_attention(op: Op, a: dict, k: Tensor, v: Tensor) -> ShardedTensor:

@@ -25,7 +25,7 @@ from torch.utils._pytree import tree_map
 from nonlocal_dist.distributed.collectives import all_reduce, gather_dim
 from nonlocal_dist.sharded.fetch import reshard
 from nonlocal_dist.sharded.spec import Shard
-from nonlocal_dist.sharded.tensor import Op, ShardedTensor
+from nonlocal_dist.sharded.tensor import Op, ShardedTensor, user_frame
 
 
 def on_piece(fn: Callable[[Tensor], Tensor], local: Tensor, dims) -> Tensor:
@@ -78,9 +78,13 @@ def per_dim(value, n: int) -> list:
 
 
 def spatial_dims(x: ShardedTensor, n: int, op: Op) -> dict[int, int]:
-    """Sharded dims of a (B, C, *n spatial) input -> spatial index; batch/channel dims refused."""
+    """Sharded dims of a (B, C, *n spatial) input -> spatial index. A sharded batch dim (frames folded
+    into the batch, ``(b t) c h w``) is not among them: the layer acts on each rank's rows as they
+    are. A sharded channel dim is refused."""
     out = {}
     for d, _ in x.spec.dims:
+        if d < x.dim() - n - 1:
+            continue
         if d < x.dim() - n:
             raise op.refuse(f"dim {d} is not one of its {n} spatial dims", d,
                             "shard a spatial dim (the ones the window slides over)")
@@ -182,3 +186,23 @@ def log_once(site: str, message: str) -> None:
         _LOGGED.add(site)
         _log.info("%s at %s", message, site)
 
+
+
+def whole_along(op: Op, x: ShardedTensor, dims: list[int]) -> ShardedTensor:
+    """x with each of its sharded ``dims`` gathered whole on every rank of its group (one differentiable
+    all-gather per dim, whose backward sums the ranks' gradients), those dims no longer sharded:
+    where an op needs every position of a sharded dim (an integer index, a squeeze of a length-1
+    dim, ``repeat`` along it). Logged once per call site with the bytes gathered."""
+    sharded = x.spec.sharded
+    dims = [d for d in dims if d in sharded]
+    if not dims:
+        return x
+    local = x.as_subclass(Tensor)
+    for d in dims:
+        shard = sharded.pop(d)
+        row = local.numel() // max(local.shape[d], 1) * local.element_size()
+        if shard.total > 1:
+            log_once(user_frame(), f"{op.name} needs sharded dim {d} whole: gathered on every rank, about "
+                                   f"{row * shard.total} bytes per rank per call")
+        local = gather_dim(local, d, list(shard.sizes), shard.group)
+    return ShardedTensor.wrap(local, x.spec.remap(x.dim(), sharded))

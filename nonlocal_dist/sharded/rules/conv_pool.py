@@ -15,30 +15,41 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from nonlocal_dist.sharded.fetch import reshard
 from nonlocal_dist.sharded.halo import constant_pad, halo_exchange
-from nonlocal_dist.sharded.rules.common import bind, per_dim, spatial_dims
+from nonlocal_dist.sharded.rules.common import bind, log_once, per_dim, spatial_dims
 from nonlocal_dist.sharded.sliding import (
     Window,
-    _check_alignment,
+    aligned_sizes,
     apply_windows,
+    halo_lengths,
     output_lengths,
     sliding_window,
     span,
+    window_offset,
 )
 from nonlocal_dist.sharded.spec import Shard
-from nonlocal_dist.sharded.tensor import Op, ShardedTensor, rule
+from nonlocal_dist.sharded.tensor import Op, ShardedTensor, rule, user_frame
 
 
-def _check(op: Op, dim: int, window: Window, shard: Shard) -> None:
+def _aligned(op: Op, x: Tensor, d: int, window: Window, shard: Shard) -> tuple[Tensor, Shard, int]:
+    """x's shard along ``d`` with boundaries that share one window offset (``sliding.window_offset``),
+    resharded to the nearest such split where they do not (logged once per call site with its
+    bytes), its shard and the offset. Decided from the spec: every rank reshards alike."""
     why = window.refusal()
     if why is not None:
-        raise op.refuse(why, dim)
-    if shard.world == 1:  # no rank boundary to align
-        return
-    try:
-        _check_alignment(list(shard.sizes), window.stride, op.name)
-    except ValueError as exc:
-        raise op.refuse(str(exc), dim) from None
+        raise op.refuse(why, d)
+    offset = window_offset(window, shard.sizes) if shard.world > 1 else 0
+    if offset is not None:
+        return x, shard, offset
+    sizes = aligned_sizes(window, shard.sizes)
+    row = x.numel() // max(x.shape[d], 1) * x.element_size()
+    log_once(user_frame(), f"{op.name} has stride {window.stride} along sharded dim {d}, but the shard lengths "
+                           f"{list(shard.sizes)} put its windows off one grid: resharded to {list(sizes)}, about "
+                           f"{row * sum(abs(p - q) for p, q in zip(shard.sizes, sizes)) // 2} bytes moved per call")
+    x = reshard(x, d, shard.sizes, sizes, shard.group, shard.rank)
+    shard = shard.with_sizes(sizes)
+    return x, shard, window_offset(window, sizes)
 
 
 def windowed(op: Op, x: ShardedTensor, windows: dict[int, Window], fn, value: float, native=None) -> ShardedTensor:
@@ -46,23 +57,25 @@ def windowed(op: Op, x: ShardedTensor, windows: dict[int, Window], fn, value: fl
     every windowed dim is sharded over a group of one (the rank holds the whole axis), ``native``
     (the op with its own padding) on the shard, with no exchange."""
     dims = x.spec.sharded
-    for d, w in windows.items():
-        _check(op, d, w, dims[d])
     local = x.as_subclass(Tensor)
+    offsets = {}
+    for d, w in windows.items():
+        local, dims[d], offsets[d] = _aligned(op, local, d, w, dims[d])
     if native is not None and all(dims[d].world == 1 for d in windows):
         out = native(local)
     elif len(windows) == 1:
         (d, w), = windows.items()
-        out, _ = sliding_window(fn, local, d, w, list(dims[d].sizes), dims[d].group, op.name, value)
+        out = sliding_window(fn, local, d, w, list(dims[d].sizes), dims[d].group, value, offsets[d])
     else:
         ext = local
         for d, w in windows.items():
             shard = dims[d]
-            left, right, _ = span(w, shard.sizes, shard.rank)
-            ext = halo_exchange(ext, d, w.pad_left, w.extent - w.pad_left, list(shard.sizes), shard.group, (left, right),
+            left, right, _ = span(w, shard.sizes, shard.rank, offsets[d])
+            ext = halo_exchange(ext, d, *halo_lengths(w, offsets[d]), list(shard.sizes), shard.group, (left, right),
                                 value)
         out = apply_windows(fn, ext, windows, value)
-    new = {d: (s.with_sizes(output_lengths(windows[d], s.sizes)) if d in windows else s) for d, s in dims.items()}
+    new = {d: (s.with_sizes(output_lengths(windows[d], s.sizes, offsets[d])) if d in windows else s)
+           for d, s in dims.items()}
     return ShardedTensor.wrap(out, x.spec.remap(out.dim(), new))
 
 

@@ -2,8 +2,10 @@
 
 A slice ``start:stop:step`` of a sharded dim keeps, on each rank, the selected global positions it
 holds (SlowFast's ``x[:, :, ::4]``): exact with no communication, the result sharded by where those
-positions live (uneven or empty shards as they fall). Integer or tensor indices into a sharded dim
-are refused (the value lives on one rank).
+positions live (uneven or empty shards as they fall). An integer index into a sharded dim (a first
+frame, ``x[:, :, 0]``) is the slice ``i:i+1`` gathered whole on every rank (its owner's one
+position, by one all-gather): the result is replicated along the dims that remain of that group.
+Tensor indices into a sharded dim are refused.
 
 ``cat`` along a sharded dim joins global sequences (text tokens before video tokens, a class token,
 frames repeated as causal padding): with one operand sharded there and the others whole on every
@@ -18,6 +20,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+import nonlocal_dist.distributed.failure as failure
 from nonlocal_dist.distributed.shards import split_sizes, starts
 from nonlocal_dist.sharded.fetch import fetch_positions
 from nonlocal_dist.sharded.rules.common import (
@@ -25,6 +28,7 @@ from nonlocal_dist.sharded.rules.common import (
     log_once,
     one_dim_per_group,
     output_dims,
+    whole_along,
 )
 from nonlocal_dist.sharded.spec import Shard
 from nonlocal_dist.sharded.tensor import Op, ShardedTensor, rule, user_frame
@@ -72,20 +76,25 @@ def _getitem(op: Op):
     if _has_tensor_index(index):
         raise op.refuse("tensor or list indices into a sharded activation", fix="index before sharding, or use slices")
     parts = _expand_index(index, x.dim())
-    local_index, dims, in_dim, out_dim = [], {}, 0, 0
+    local_index, dims, in_dim, out_dim, picked = [], {}, 0, 0, []
     for part in parts:
         if part is None:
             local_index.append(None)
             out_dim += 1
             continue
         shard = x.spec.sharded.get(in_dim)
-        if isinstance(part, int) or isinstance(part, bool):
-            if shard is not None:
-                raise op.refuse("an integer index into a sharded dim (the position lives on one rank)", in_dim,
-                                "slice it (x[:, :, i:i+1]) and reduce, or index before sharding")
-            local_index.append(part)
-            in_dim += 1
-            continue
+        if isinstance(part, bool):
+            raise op.refuse("a boolean index", in_dim, "index before sharding")
+        if isinstance(part, int):
+            if shard is None:
+                local_index.append(part)
+                in_dim += 1
+                continue
+            if not -shard.total <= part < shard.total:
+                raise failure.everywhere(IndexError(
+                    f"index {part} is out of bounds for dimension {in_dim} with size {shard.total}"))
+            part = slice(part % shard.total, part % shard.total + 1)
+            picked.append(out_dim)
         if shard is not None:
             if part.step is not None and part.step <= 0:
                 raise op.refuse("a non-positive step", in_dim)
@@ -97,7 +106,15 @@ def _getitem(op: Op):
         in_dim += 1
         out_dim += 1
     out = x.as_subclass(Tensor)[tuple(local_index)]
-    return ShardedTensor.wrap(out, x.spec.remap(out.dim(), dims))
+    out = ShardedTensor.wrap(out, x.spec.remap(out.dim(), dims))
+    if not picked:
+        return out
+    # An integer index into a sharded dim: the position's owner slices it, every rank gets it whole.
+    whole = whole_along(op, out, picked).as_subclass(Tensor)
+    whole = whole[tuple(0 if d in picked else slice(None) for d in range(whole.dim()))]
+    kept = [d for d in range(out.dim()) if d not in picked]
+    return ShardedTensor.wrap(whole, x.spec.remap(whole.dim(), {kept.index(d): s for d, s in dims.items()
+                                                                 if d not in picked}))
 
 
 def _cat_like(op: Op, stack: bool):

@@ -5,7 +5,9 @@ target shapes (einops computes them from the global shape); a sharded dim merged
 sharded when it is the outermost factor of the merge (each rank's positions remain one contiguous
 block), and a split keeps the outer factor sharded when every rank's length divides by the inner
 ones. Anything else is refused. ``permute``/``transpose``/``movedim``/``squeeze``/``unsqueeze``
-move the spec with the dims.
+move the spec with the dims; squeezing a sharded dim of length 1, or ``repeat`` tiling a sharded
+dim, gathers that dim whole first (logged once per call site); ``repeat_interleave`` by one count
+repeats each rank's positions in place.
 """
 from __future__ import annotations
 
@@ -14,9 +16,11 @@ import math
 import torch
 from torch import Tensor
 
+import nonlocal_dist.distributed.failure as failure
+from nonlocal_dist.distributed.collectives import move_shard
 from nonlocal_dist.distributed.shards import split_sizes
 from nonlocal_dist.sharded.fetch import reshard
-from nonlocal_dist.sharded.rules.common import log_once
+from nonlocal_dist.sharded.rules.common import bind, log_once, whole_along
 from nonlocal_dist.sharded.spec import Shard
 from nonlocal_dist.sharded.tensor import Op, ShardedTensor, rule, user_frame
 
@@ -126,6 +130,32 @@ def reshape_spec(op: Op, src: list[int], dst: list[int], sharded: dict[int, Shar
     return out
 
 
+def _outermost_sharded(op: Op, x: ShardedTensor, src: list[int], dst: list[int]) -> ShardedTensor:
+    """x with the shard of each merge whose sharded dim is not its outermost factor (``(t h)`` with h
+    sharded) moved to that outermost dim, split evenly (one all-to-all, logged once per call site):
+    each rank's merged positions are then one contiguous block."""
+    if 0 in src:
+        return x
+    for a, _ in _blocks(src, dst):
+        inside = [d for d in a if d in x.spec.sharded]
+        outer = [k for k in a if src[k] != 1 and inside and k < inside[0]]
+        if len(inside) != 1 or not outer:
+            continue
+        d, k = inside[0], outer[0]
+        shard = x.spec.sharded[d]
+        sizes = split_sizes(src[k], shard.world)
+        local = x.as_subclass(Tensor)
+        log_once(user_frame(), f"{op.name} merges sharded dim {d} under dim {k}: the shard moved to dim {k} "
+                               f"(split {list(sizes)}), about {local.numel() * local.element_size()} bytes per rank "
+                               "per call")
+        moved = move_shard(local, d, list(shard.sizes), k, list(sizes), shard.group)
+        dims = x.spec.sharded
+        del dims[d]
+        dims[k] = shard.with_sizes(sizes)
+        x = ShardedTensor.wrap(moved, x.spec.remap(x.dim(), dims))
+    return x
+
+
 def _reshape_to(op: Op, target) -> ShardedTensor:
     x = _self(op)
     src = list(global_shape(x))
@@ -133,6 +163,8 @@ def _reshape_to(op: Op, target) -> ShardedTensor:
     if math.prod(dst) != math.prod(src):
         raise op.refuse(f"shape {tuple(dst)} is invalid for a tensor of global shape {tuple(src)}")
     method = getattr(op.func, "__name__", "reshape")
+    if method != "view":
+        x = _outermost_sharded(op, x, src, dst)
     resharded: dict[int, tuple[int, ...]] = {}
     dims = reshape_spec(op, src, dst, x.spec.sharded, None if method == "view" else resharded)
     local_target = [dims[k].local if k in dims else s for k, s in enumerate(dst)]
@@ -263,14 +295,55 @@ def _squeeze(op: Op):
         chosen = [d for d, s in enumerate(shape) if s == 1]
     else:
         chosen = [d % x.dim() for d in ([dim] if isinstance(dim, int) else dim) if shape[d % x.dim()] == 1]
-    if any(d in x.spec.sharded for d in chosen):
-        raise op.refuse("squeezing a sharded dim of global length 1", fix="squeeze it before sharding")
+    x = whole_along(op, x, chosen)  # a sharded dim of length 1: its one position, on every rank
     keep = [d for d in range(x.dim()) if d not in chosen]
     dims = {keep.index(d): s for d, s in x.spec.dims}
     local = x.as_subclass(Tensor)
     for d in sorted(chosen, reverse=True):
         local = local.squeeze(d)
     return _wrap(op, local, dims)
+
+
+@rule(Tensor.repeat)
+def _repeat(op: Op):
+    """Tiles along a sharded dim need all its positions: that dim is gathered whole first (logged);
+    a factor of 1 keeps it sharded, as do new leading dims."""
+    x = _self(op)
+    reps = _shape_args(op.args[1:]) if len(op.args) > 1 else _shape_args((op.kwargs["repeats"],))
+    extra = len(reps) - x.dim()
+    if extra < 0:
+        raise failure.everywhere(RuntimeError(
+            "Number of dimensions of repeat dims can not be smaller than number of dimensions of tensor"))
+    x = whole_along(op, x, [d for d in x.spec.sharded if reps[d + extra] != 1])
+    out = x.as_subclass(Tensor).repeat(reps)
+    return ShardedTensor.wrap(out, x.spec.remap(out.dim(), {d + extra: s for d, s in x.spec.dims}))
+
+
+def _repeat_interleave_ref(input, repeats=None, dim=None, *, output_size=None):
+    """Signature of torch.repeat_interleave."""
+
+
+@rule(Tensor.repeat_interleave, torch.repeat_interleave)
+def _repeat_interleave(op: Op):
+    """Along an unsharded dim: on each rank's piece. Along a sharded dim by one count k: each rank's
+    positions repeated in place, the shard lengths times k (no communication)."""
+    a = bind(op, _repeat_interleave_ref)
+    x, repeats, dim = a["input"], a["repeats"], a["dim"]
+    if dim is None:
+        raise op.refuse("repeat_interleave with no dim (it flattens the sharded dims)", fix="give dim=")
+    dim %= x.dim()
+    shard = x.spec.sharded.get(dim)
+    count = repeats if not isinstance(repeats, Tensor) else int(repeats) if repeats.numel() == 1 else None
+    if shard is not None and count is None:
+        raise op.refuse("per-position counts along a sharded dim", dim, "repeat by one count, or before sharding")
+    local = x.as_subclass(Tensor)
+    if shard is None:
+        out = local.repeat_interleave(repeats, dim)
+        return _wrap(op, out, x.spec.sharded)
+    out = local.repeat_interleave(count, dim)
+    dims = x.spec.sharded
+    dims[dim] = shard.with_sizes(n * count for n in shard.sizes)
+    return _wrap(op, out, dims)
 
 
 @rule(Tensor.expand, Tensor.broadcast_to, torch.broadcast_to)

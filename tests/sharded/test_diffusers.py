@@ -173,6 +173,36 @@ def test_hunyuan_video_transformer_is_exact_on_sharded_frames(world):
 
 
 
+def _cogvideox_worker(rank, world):
+    """CogVideoX: frames folded into the batch for the patch embedding (``(b t) c h w``: with b = 2 the
+    shard moves from t to b, one all-to-all), text tokens joined in front of the video tokens."""
+    import torch.distributed as dist
+
+    from nonlocal_dist import parallelize
+
+    torch.manual_seed(0)
+    model = diffusers.CogVideoXTransformer3DModel(
+        num_attention_heads=2, attention_head_dim=8, in_channels=4, out_channels=4, time_embed_dim=8, text_embed_dim=12,
+        num_layers=2, sample_width=8, sample_height=8, sample_frames=9, patch_size=2, temporal_compression_ratio=4,
+        max_text_seq_length=5).double().eval()
+    plain = copy.deepcopy(model)
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(2, 3, 4, 8, 8, dtype=torch.float64, generator=g)  # b t c h w latents
+    text = torch.randn(2, 5, 12, dtype=torch.float64, generator=g)
+    t = torch.tensor([500, 20])
+    w = torch.randn(2, 3, 4, 8, 8, dtype=torch.float64, generator=g)
+    sizes = {1: [[3]], 2: [[2, 1]], 3: [[1, 2, 0]]}[world]
+    sharded = parallelize(model, dist.group.WORLD, "t", layout="b t c h w", inputs=("hidden_states",), sizes=sizes)
+    return _against_one_process(
+        plain, sharded, model, lambda m, latents: m(latents, text, t, return_dict=False)[0], x, w, world)[0]
+
+
+@pytest.mark.parametrize("world", [1, 2, 3])
+def test_cogvideox_transformer_is_exact_on_sharded_frames(world):
+    for errors in run_ranks(_cogvideox_worker, world, timeout=300):
+        assert max(errors.values()) < 1e-10, errors
+
+
 # ----------------------------------------------------------------------------------------------
 # Causal video VAEs: the encoder and the decoder of each, run whole over the frames (the models'
 # own frame-batching loops with caches compute the same function in pieces; sharding replaces them).

@@ -259,10 +259,15 @@ def _vae_worker(rank, world, name, part, axis):
     x = torch.randn(shape, dtype=torch.float64, generator=g)
     ref_shape = _first(plain(x)).shape
     w = torch.randn(ref_shape, dtype=torch.float64, generator=g)
-    sizes = [_VAE_SIZES[part, axis, world]]
-    if axis == "t" and part == "encoder" and name == "mochi":
-        sizes = [{2: [6, 6], 3: [3, 9, 0]}[world]]
-    sharded = parallelize(module, dist.group.WORLD, axis, sizes=sizes)
+    if axis == "t h":  # a 2 x 2 mesh, even splits
+        from torch.distributed.device_mesh import init_device_mesh
+
+        mesh, axes, sizes = init_device_mesh("cpu", (2, 2), mesh_dim_names=("t", "h")), ("t", "h"), None
+    else:
+        mesh, axes, sizes = dist.group.WORLD, axis, [_VAE_SIZES[part, axis, world]]
+        if axis == "t" and part == "encoder" and name == "mochi":
+            sizes = [{2: [6, 6], 3: [3, 9, 0]}[world]]
+    sharded = parallelize(module, mesh, axes, sizes=sizes)
     errors, param_error = _against_one_process(
         plain, sharded, module, lambda m, v: _first(m(v)), x, w, world, relative=True)
     if name in _FLOAT32_INSIDE:
@@ -278,7 +283,7 @@ def _vae_worker(rank, world, name, part, axis):
     return errors
 
 
-@pytest.mark.parametrize("axis,world", [("t", 2), ("t", 3), ("h", 2)])
+@pytest.mark.parametrize("axis,world", [("t", 2), ("t", 3), ("h", 2), ("t h", 4)])
 @pytest.mark.parametrize("part", ["encoder", "decoder"])
 @pytest.mark.parametrize("name", ["cogvideox", "hunyuan", "ltx", "mochi"])
 def test_video_vae_is_exact_on_sharded_frames(name, part, axis, world):

@@ -82,9 +82,12 @@ def _sdpa(op: Op):
         raise op.refuse("q, k and v must all be sharded along the sequence")
     seq = q.dim() - 2
     specs = [t.spec.sharded for t in tensors]
-    if any(set(s) != {seq} for s in specs) or not specs[0][seq].same(specs[1][seq]) or not specs[1][seq].same(specs[2][seq]):
-        raise op.refuse("q, k and v must be sharded along the sequence dim (-2) alone, alike", seq,
-                        "shard the tokens, not the batch, heads or channels")
+    batch = {d: s for d, s in specs[0].items() if d < seq}  # batch rows sharded over another group: independent
+    if (any(set(s) != {seq, *batch} for s in specs) or any(not t.spec.sharded[d].same(b) for t in tensors[1:]
+                                                           for d, b in batch.items())
+            or not specs[0][seq].same(specs[1][seq]) or not specs[1][seq].same(specs[2][seq])):
+        raise op.refuse("q, k and v must be sharded along the sequence dim (-2), and the batch dims, alike", seq,
+                        "shard the tokens or the batch, not the heads or channels")
     shard = specs[0][seq]
     if a["attn_mask"] is not None or a["is_causal"] or a["enable_gqa"]:
         # A mask, causal attention or grouped heads: the keys and values gathered whole (the all-gather
@@ -92,13 +95,13 @@ def _sdpa(op: Op):
         whole = [gather_dim(t.as_subclass(Tensor), seq, list(shard.sizes), shard.group) for t in (k, v)]
         log_once(user_frame(), f"{op.name} over a sharded sequence with a mask, causal or GQA: keys and values "
                                f"gathered whole ({sum(t.numel() * t.element_size() for t in whole)} bytes per rank per call)")
-        return _cross_attention(op, a, *whole)
+        return _cross_attention(op, a, *whole, local_batch=True)
     scale = a["scale"] if a["scale"] is not None else 1.0 / math.sqrt(q.shape[-1])
     local = [t.as_subclass(Tensor) for t in tensors]
     lengths = (list(shard.sizes), list(shard.sizes))  # every rank's tokens, from the spec: no agreement
     y = parallel_nonlocal(*local, "embedded_gaussian", scale=scale, concat_weight=None, backend="auto",
                           group=shard.group, strategy=None, lengths=lengths)
-    return ShardedTensor.wrap(y, q.spec.remap(y.dim(), {seq: shard}))
+    return ShardedTensor.wrap(y, q.spec.remap(y.dim(), {**batch, seq: shard}))
 
 
 def _batch_sharded(q, k, v) -> bool:
@@ -122,16 +125,21 @@ def _batched_attention(op: Op, a: dict) -> ShardedTensor:
     return ShardedTensor.wrap(y, q.spec.remap(y.dim(), dims))
 
 
-def _cross_attention(op: Op, a: dict, k: Tensor, v: Tensor) -> ShardedTensor:
+def _cross_attention(op: Op, a: dict, k: Tensor, v: Tensor, local_batch: bool = False) -> ShardedTensor:
     """Sharded queries (..., N_r, d) against whole keys and values ``k``, ``v`` (..., M, d): local
     attention per rank. ``is_causal`` (N = M, the keys gathered from the same sequence): each rank's
-    rows of the causal mask, from its queries' global positions."""
+    rows of the causal mask, from its queries' global positions. Batch dims of the queries may be
+    sharded too (over other groups): k, v and the mask are sliced to the rank's rows, unless
+    ``local_batch`` (k and v gathered from the rank's own rows)."""
     q = a["query"]
     seq = q.dim() - 2
-    if set(q.spec.sharded) != {seq}:
-        raise op.refuse("queries sharded along another dim than the sequence (-2)", None,
-                        "shard the tokens, not the batch, heads or channels")
+    batch = {d: s for d, s in q.spec.sharded.items() if d < seq}
+    if set(q.spec.sharded) != {seq, *batch}:
+        raise op.refuse("queries sharded along the heads' or channels' dim", None,
+                        "shard the tokens or the batch, not the heads or channels")
     shard = q.spec.sharded[seq]
+    if batch and not local_batch:
+        k, v = (localise(op, t, batch, q.dim()) for t in (k, v))
     if a["dropout_p"] or (a["is_causal"] and (a["attn_mask"] is not None or k.shape[-2] != shard.total)):
         raise op.refuse("attention dropout, or causal attention with a mask or with keys of another length", seq,
                         "pass one explicit mask (it is sliced to each rank's queries), and no dropout")
@@ -148,6 +156,8 @@ def _cross_attention(op: Op, a: dict, k: Tensor, v: Tensor) -> ShardedTensor:
         if mask.shape[-2] != shard.total:
             raise op.refuse(f"a mask with {mask.shape[-2]} query rows for {shard.total} queries", seq)
         mask = mask.narrow(-2, shard.start, shard.local)
+    if batch and mask is not None:
+        mask = localise(op, mask, batch, q.dim())
     extra = {"enable_gqa": True} if a["enable_gqa"] else {}
 
     def attend(local_q: Tensor) -> Tensor:
@@ -159,5 +169,5 @@ def _cross_attention(op: Op, a: dict, k: Tensor, v: Tensor) -> ShardedTensor:
         return op.run(local_q, k, v, attn_mask=rows, scale=a["scale"], **extra)
 
     y = on_piece(attend, q.as_subclass(Tensor), [seq])
-    return ShardedTensor.wrap(y, q.spec.remap(y.dim(), {seq: shard}))
+    return ShardedTensor.wrap(y, q.spec.remap(y.dim(), {**batch, seq: shard}))
 

@@ -72,13 +72,12 @@ def _group_norm(op: Op):
     _no_channel_shard(op, x)  # a group spans channels: not even the local path may run then
     if not any(d >= 2 for d, _ in x.spec.dims):
         return _local_norm(op, x)
-    if 0 in x.spec.sharded:
-        raise op.refuse("the batch dim is sharded; group norm's statistics are per sample", 0)
-    b, c = x.shape[0], x.as_subclass(Tensor).shape[1]
-    groups = a["num_groups"]
+    # A sharded batch (frames folded into it) needs nothing: the statistics are per sample.
     local = x.as_subclass(Tensor)
+    b, c = local.shape[:2]
+    groups = a["num_groups"]
     grouped = local.reshape(b, groups, c // groups, *local.shape[2:])
-    spec = x.spec.remap(grouped.dim(), {d + 1: s for d, s in x.spec.dims})
+    spec = x.spec.remap(grouped.dim(), {(d + 1 if d else d): s for d, s in x.spec.dims})
     normed, _, _ = normalize(ShardedTensor.wrap(grouped, spec), list(range(2, grouped.dim())), a["eps"])
     out = normed.reshape(local.shape)
     out = _affine(out, _plain(a["weight"]), _plain(a["bias"]))

@@ -133,11 +133,16 @@ def reshape_spec(op: Op, src: list[int], dst: list[int], sharded: dict[int, Shar
 def _outermost_sharded(op: Op, x: ShardedTensor, src: list[int], dst: list[int]) -> ShardedTensor:
     """x with the shard of each merge whose sharded dim is not its outermost factor (``(t h)`` with h
     sharded) moved to that outermost dim, split evenly (one all-to-all, logged once per call site):
-    each rank's merged positions are then one contiguous block."""
+    each rank's merged positions are then one contiguous block. Where a merge holds two sharded dims
+    (``(t h w)`` on a t x h mesh), the inner one is gathered whole first (logged): the merged dim is
+    sharded over the outer one's group and the same on the inner one's ranks."""
     if 0 in src:
         return x
     for a, _ in _blocks(src, dst):
         inside = [d for d in a if d in x.spec.sharded]
+        if len(inside) > 1:  # two sharded dims merged (t and h of a 2-D mesh): the inner ones gathered whole
+            x = whole_along(op, x, inside[1:])
+            inside = inside[:1]
         outer = [k for k in a if src[k] != 1 and inside and k < inside[0]]
         if len(inside) != 1 or not outer:
             continue

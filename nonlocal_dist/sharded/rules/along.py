@@ -1,9 +1,10 @@
-"""Ops that act along one given dim: softmax, log_softmax, cumulative sums and products, F.normalize.
+"""Ops that act along given dims: softmax, log_softmax, cumulative sums and products, F.normalize, roll.
 
 Along an unsharded dim each rank's piece is computed as it is (exact, no communication; an empty
 piece runs on one zero position, ``on_piece``). Along a sharded dim, ``F.normalize`` divides by the
 p-norm of the whole dim (|x|^p summed over the ranks, one all-reduce per mesh dim); softmax and the
-cumulative ops there are refused. A missing dim (softmax's implicit one) is refused too.
+cumulative ops there are refused, as is ``roll`` along a sharded dim or with no dims (it flattens).
+A missing dim (softmax's implicit one) is refused too.
 """
 from __future__ import annotations
 
@@ -65,3 +66,20 @@ def _normalize(op: Op):
         raise op.refuse(f"p={p} along the sharded dim", dim, "use a finite p > 0, or normalize along another dim")
     norm = sum_over_groups(local.abs().pow(p).sum(dim, keepdim=True), [shard]).pow(1 / p)
     return ShardedTensor.wrap(local / norm.clamp_min(eps).expand_as(local), x.spec)
+
+
+@rule(torch.roll, Tensor.roll)
+def _roll(op: Op):
+    """``roll`` along unsharded dims (Swin's shifted windows over h and w): each rank's piece."""
+    x = op.args[0]
+    a = op.named
+    dims = None if a is None else a.get("dims")
+    dims = [dims] if isinstance(dims, int) else list(dims or [])
+    if not dims:
+        raise op.refuse("roll with no dims (it rolls the flattened tensor)", fix="give dims=")
+    sharded = [d % x.dim() for d in dims if d % x.dim() in x.spec.sharded]
+    if sharded:
+        raise op.refuse("a roll along the sharded dim (positions wrap across ranks)", sharded[0],
+                        "roll along unsharded dims, or pad and slice instead")
+    out = on_piece(lambda t: op.run(t, *op.args[1:], **op.kwargs), x.as_subclass(Tensor), x.spec.sharded)
+    return ShardedTensor.wrap(out, x.spec)

@@ -15,9 +15,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from nonlocal_dist.distributed import failure
 from nonlocal_dist.distributed.collectives import gather_dim
 from nonlocal_dist.sequence.api import parallel_nonlocal
-from nonlocal_dist.sharded.rules.common import bind, localise, log_once, on_piece
+from nonlocal_dist.sharded.rules.common import bind, localise, log_once, on_piece, output_dims
 from nonlocal_dist.sharded.tensor import (
     Op,
     ShardedTensor,
@@ -45,13 +46,33 @@ def _linear(op: Op):
     return ShardedTensor.wrap(out, x.spec)
 
 
-@rule(torch.matmul, Tensor.matmul, Tensor.__matmul__, Tensor.__rmatmul__, any_operand=True)
+def _batched_matmul(op: Op, a, b) -> ShardedTensor | None:
+    """``a @ b`` with every sharded dim of either operand a batch dim (windows or frames folded into
+    the batch: windowed attention's ``q @ k.transpose(-2, -1)``): each rank's batch rows, the other
+    operand sliced to them or broadcast; None where the case does not apply."""
+    if not all(isinstance(t, Tensor) and t.dim() >= 3 for t in (a, b)):
+        return None
+    if any(isinstance(t, ShardedTensor) and any(d >= t.dim() - 2 for d in t.spec.sharded) for t in (a, b)):
+        return None
+    ndim = max(a.dim(), b.dim())
+    dims = output_dims(op, ndim)
+    out = torch.matmul(*(localise(op, t, dims, ndim) for t in (a, b)))
+    spec = (a if isinstance(a, ShardedTensor) else b).spec
+    return ShardedTensor.wrap(out, spec.remap(out.dim(), dims))
+
+
+@rule(torch.matmul, Tensor.matmul, Tensor.__matmul__, Tensor.__rmatmul__, torch.bmm, Tensor.bmm, any_operand=True)
 def _matmul(op: Op):
     if _all_replicated(op):  # e.g. a weight gradient from a replicated head's input (ZeRO-3's linear)
         return replicated_or_refuse(op)
     a, b = op.args[:2]
     if getattr(op.func, "__name__", "") == "__rmatmul__":
         a, b = b, a
+    if getattr(op.func, "__name__", "") == "bmm" and (a.dim() != 3 or b.dim() != 3):
+        raise failure.everywhere(RuntimeError("batch1 and batch2 must be 3D tensors"))
+    batched = _batched_matmul(op, a, b)
+    if batched is not None:
+        return batched
     if isinstance(b, ShardedTensor) and not b.spec.replicated:
         raise op.refuse("the right operand is sharded (a contraction over sharded positions)",
                         fix="contract over unsharded dims, or use nonlocal_op / scaled_dot_product_attention")

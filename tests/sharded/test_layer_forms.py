@@ -1,6 +1,6 @@
-"""The forms causal video VAEs write their layers in (issue 25), in small modules, unchanged code on 1-3
-gloo ranks with uneven and empty shards, float64, against one process (outputs, input gradients, summed
-parameter gradients):
+"""The forms causal video VAEs and window transformers write their layers in (issue 25), in small modules,
+unchanged code on 1-3 gloo ranks with uneven and empty shards, float64, against one process (outputs,
+input gradients, summed parameter gradients):
 
 - a first frame taken by an integer index (``x[:, :, 0]``, CogVideoX) or a squeeze (Hunyuan) and
   processed apart: its owner's frame gathered whole on every rank, then joined back in front;
@@ -10,7 +10,9 @@ parameter gradients):
 - frames folded into the batch (``(b t) c h w``: per-frame 2-D convs, group norms and attention);
 - ops along unsharded dims (softmax, ``F.normalize``, ``cumsum``, ``repeat_interleave``) and
   ``F.normalize``/``repeat_interleave`` along the sharded one;
-- tokens flattened as ``(t h w)`` with h sharded: the shard moves to t, the outermost factor.
+- tokens flattened as ``(t h w)`` with h sharded: the shard moves to t, the outermost factor;
+- Swin3D's shifted-window attention: ``roll`` along h and w, windows partitioned from t (sharded on
+  the window grid) into the batch, ``q @ k.transpose(-2, -1)`` with a relative bias, softmax, ``@ v``.
 """
 from __future__ import annotations
 
@@ -113,6 +115,27 @@ class FlattenedTokens(nn.Module):
         return y.unflatten(1, (t, h, w)).permute(0, 4, 1, 2, 3)
 
 
+class ShiftedWindowAttention(nn.Module):
+    """Swin3D-style: (b, c, t, h, w), windows of 2 x 2 x 2 tokens, shifted by one along h and w."""
+
+    def __init__(self, c: int = 8, heads: int = 2) -> None:
+        super().__init__()
+        self.heads = heads
+        self.qkv = nn.Linear(c, 3 * c)
+        self.proj = nn.Linear(c, c)
+        self.bias = nn.Parameter(torch.randn(heads, 8, 8))
+
+    def forward(self, x):
+        x = torch.roll(x.permute(0, 2, 3, 4, 1), shifts=(-1, -1), dims=(2, 3))
+        b, t, h, w, c = x.shape
+        win = x.view(b, t // 2, 2, h // 2, 2, w // 2, 2, c).permute(0, 1, 3, 5, 2, 4, 6, 7).reshape(-1, 8, c)
+        q, k, v = self.qkv(win).reshape(win.shape[0], 8, 3, self.heads, c // self.heads).permute(2, 0, 3, 1, 4)
+        attn = ((q * (c // self.heads) ** -0.5) @ k.transpose(-2, -1) + self.bias).softmax(-1)
+        y = self.proj((attn @ v).transpose(1, 2).reshape(win.shape[0], 8, c))
+        y = y.view(b, t // 2, h // 2, w // 2, 2, 2, 2, c).permute(0, 1, 4, 2, 5, 3, 6, 7).reshape(b, t, h, w, c)
+        return torch.roll(y, shifts=(1, 1), dims=(2, 3)).permute(0, 4, 1, 2, 3)
+
+
 CASES = {  # name -> (module, input shape, axis)
     "first_frame_apart": (FirstFrameApart, (1, 2, 9, 3, 2), "t"),
     "squeezed_first": (SqueezedFirst, (1, 2, 5, 3, 2), "t"),
@@ -120,8 +143,10 @@ CASES = {  # name -> (module, input shape, axis)
     "frames_folded": (FramesFolded, (1, 4, 5, 3, 2), "t"),
     "along_dims": (AlongDims, (1, 4, 5, 3, 2), "t"),
     "flattened_tokens": (FlattenedTokens, (1, 4, 3, 5, 2), "h"),
+    "shifted_windows": (ShiftedWindowAttention, (1, 8, 6, 4, 4), "t"),
 }
 SIZES = {1: lambda n: [[n]], 2: lambda n: [[n - n // 3, n // 3]], 3: lambda n: [[1, n - 1, 0]]}
+WINDOW_SIZES = {1: [[6]], 2: [[4, 2]], 3: [[2, 4, 0]]}  # on the window grid of 2 frames
 
 
 def _worker(rank, world, name):
@@ -133,7 +158,8 @@ def _worker(rank, world, name):
     x = torch.randn(*shape, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
     ref = reference(copy.deepcopy(model), x)
     length = shape[2 if axis == "t" else 3]
-    got = sharded_run(model, x, dist.group.WORLD, axis, sizes=SIZES[world](length))
+    sizes = WINDOW_SIZES[world] if name == "shifted_windows" else SIZES[world](length)
+    got = sharded_run(model, x, dist.group.WORLD, axis, sizes=sizes)
     assert_parity(ref, got)
     return True
 

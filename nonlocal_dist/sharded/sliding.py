@@ -5,10 +5,11 @@ o*s - pad_left + extent]`` (``extent = dilation * (kernel - 1)``, s the stride);
 input position ``o*s + c`` with ``c = max(0, extent - pad_left - pad_right)``, and o belongs to the
 rank that holds its anchor (the first rank also every output before, the last every output after).
 For a 'same' layer (``pad_left + pad_right = extent``) the anchor is ``o*s`` itself, so a stride-1
-'same' layer keeps the shard lengths. A causal layer written as an explicit pad before a 'valid'
-convolution (``F.pad`` or ``cat`` of k-1 frames, which land on the first rank) is anchored at its
-window's end: its output keeps the shard lengths of the unpadded input, so the boundaries do not
-drift from layer to layer.
+'same' layer keeps the shard lengths. A layer written as an explicit pad before a 'valid'
+convolution (``F.pad`` or ``cat`` of frames in front, which land on the first rank: a causal pad of
+k-1 frames, a symmetric one of (k-1)/2) is anchored by the pad's length (``lead``, carried on the
+input's ``Shard``): its output keeps the shard lengths of the unpadded input, so the boundaries do
+not drift from layer to layer.
 
 Rank r > 0 owns the outputs from ``o_r = ceil((a_r - c) / s)`` on; its window of the padded axis
 starts ``before = pad_left + e`` positions before its shard, where ``e = a_r - o_r*s`` must be the
@@ -42,6 +43,7 @@ class Window:
     dilation: int
     pad_left: int
     pad_right: int
+    lead: int = 0  # positions a pad put before the input's first rank (``Shard.lead``)
 
     @property
     def extent(self) -> int:
@@ -49,8 +51,10 @@ class Window:
 
     @property
     def anchor(self) -> int:
-        """c: the offset from ``o*stride`` of the input position that decides which rank owns output o."""
-        return max(0, self.extent - self.pad_left - self.pad_right)
+        """c: the offset from ``o*stride`` of the input position that decides which rank owns output o:
+        the positions a pad put in front (``lead``) where the window spans them, else its unpadded span."""
+        free = max(0, self.extent - self.pad_left - self.pad_right)
+        return self.lead if 0 < self.lead <= free else free
 
     @property
     def position_wise(self) -> bool:

@@ -24,6 +24,10 @@ class Shard:
     group: dist.ProcessGroup
     sizes: tuple[int, ...]
     rank: int = field(compare=False)
+    # Positions a pad or a ``cat`` put in front of the first rank's part (a causal pad's k-1 frames):
+    # the next sliding window anchors its outputs by it, so the shard boundaries do not drift. Any
+    # other op's result has none (``with_sizes``).
+    lead: int = field(default=0, compare=False)
 
     @cached_property
     def starts(self) -> tuple[int, ...]:
@@ -45,8 +49,8 @@ class Shard:
     def start(self) -> int:
         return self.starts[self.rank]
 
-    def with_sizes(self, sizes) -> Shard:
-        return Shard(self.group, tuple(int(s) for s in sizes), self.rank)
+    def with_sizes(self, sizes, lead: int = 0) -> Shard:
+        return Shard(self.group, tuple(int(s) for s in sizes), self.rank, lead)
 
     def same(self, other: Shard) -> bool:
         """Same group and the same split (two tensors sharded alike along this dim)."""

@@ -9,7 +9,7 @@ input gradients, summed parameter gradients):
   (no drift onto the first rank), and the strided one reshards only where its grid needs it;
 - frames folded into the batch (``(b t) c h w``: per-frame 2-D convs, group norms and attention);
 - ops along unsharded dims (softmax, ``F.normalize``, ``cumsum``, ``repeat_interleave``) and
-  ``F.normalize``/``repeat_interleave`` along the sharded one;
+  ``F.normalize``/``repeat_interleave`` along the sharded one (a zero vector included);
 - tokens flattened as ``(t h w)`` with h sharded: the shard moves to t, the outermost factor;
 - Swin3D's shifted-window attention: ``roll`` along h and w, windows partitioned from t (sharded on
   the window grid) into the batch, ``q @ k.transpose(-2, -1)`` with a relative bias, softmax, ``@ v``.
@@ -100,6 +100,20 @@ class AlongDims(nn.Module):
         return y.repeat_interleave(2, dim=2) + y.repeat_interleave(2, dim=1)[:, ::2].repeat_interleave(2, dim=2)
 
 
+class NormalizeAcrossRanks(nn.Module):
+    """``F.normalize`` along the sharded t, one vector of it all zeros (a finite gradient, as torch's)."""
+
+    def __init__(self, c: int = 4) -> None:
+        super().__init__()
+        self.conv = nn.Conv3d(c, c, 1)
+        keep = torch.ones(1, c, 1, 3, 2)
+        keep[0, 0, 0, 0, 0] = 0
+        self.register_buffer("keep", keep)
+
+    def forward(self, x):
+        return F.normalize(self.conv(x) * self.keep, dim=2) + F.normalize(x, p=3.0, dim=2)
+
+
 class FlattenedTokens(nn.Module):
     """A mid-block attention over ``(t h w)`` tokens (Hunyuan's VAE) on an activation sharded along h."""
 
@@ -142,6 +156,7 @@ CASES = {  # name -> (module, input shape, axis)
     "causal_chain": (CausalChain, (1, 2, 8, 3, 2), "t"),
     "frames_folded": (FramesFolded, (1, 4, 5, 3, 2), "t"),
     "along_dims": (AlongDims, (1, 4, 5, 3, 2), "t"),
+    "normalize_across_ranks": (NormalizeAcrossRanks, (1, 4, 5, 3, 2), "t"),
     "flattened_tokens": (FlattenedTokens, (1, 4, 3, 5, 2), "h"),
     "shifted_windows": (ShiftedWindowAttention, (1, 8, 6, 4, 4), "t"),
 }

@@ -64,8 +64,14 @@ def _normalize(op: Op):
         return ShardedTensor.wrap(out, x.spec)
     if not 0 < p < float("inf"):
         raise op.refuse(f"p={p} along the sharded dim", dim, "use a finite p > 0, or normalize along another dim")
-    norm = sum_over_groups(local.abs().pow(p).sum(dim, keepdim=True), [shard]).pow(1 / p)
-    return ShardedTensor.wrap(local / norm.clamp_min(eps).expand_as(local), x.spec)
+    # sum |x|^p over the ranks in float32 at least (half precision overflows past 256 squared); the
+    # root only where the sum is positive, so a zero vector's gradient is torch's (finite), not NaN.
+    acc = torch.promote_types(local.dtype, torch.float32)
+    part = torch.linalg.vector_norm(local, p, dim, keepdim=True, dtype=acc).pow(p)
+    total = sum_over_groups(part, [shard])
+    positive = total > 0
+    norm = torch.where(positive, total, torch.ones_like(total)).pow(1 / p) * positive
+    return ShardedTensor.wrap(local / norm.clamp_min(eps).to(local.dtype).expand_as(local), x.spec)
 
 
 @rule(torch.roll, Tensor.roll)

@@ -18,7 +18,14 @@ from torch import Tensor
 from nonlocal_dist.distributed import failure
 from nonlocal_dist.distributed.collectives import gather_dim
 from nonlocal_dist.sequence.api import parallel_nonlocal
-from nonlocal_dist.sharded.rules.common import bind, localise, log_once, on_piece, output_dims
+from nonlocal_dist.sharded.rules.common import (
+    bind,
+    localise,
+    log_once,
+    on_piece,
+    output_dims,
+)
+from nonlocal_dist.sharded.rules.shape import global_shape
 from nonlocal_dist.sharded.tensor import (
     Op,
     ShardedTensor,
@@ -55,8 +62,12 @@ def _batched_matmul(op: Op, a, b) -> ShardedTensor | None:
     if any(isinstance(t, ShardedTensor) and any(d >= t.dim() - 2 for d in t.spec.sharded) for t in (a, b)):
         return None
     ndim = max(a.dim(), b.dim())
+    bmm = getattr(op.func, "__name__", "") == "bmm"
+    if bmm and global_shape(a)[0] != global_shape(b)[0]:
+        raise failure.everywhere(RuntimeError(
+            f"batch1 and batch2 must have the same batch size, got {global_shape(a)[0]} and {global_shape(b)[0]}"))
     dims = output_dims(op, ndim)
-    out = torch.matmul(*(localise(op, t, dims, ndim) for t in (a, b)))
+    out = (torch.bmm if bmm else torch.matmul)(*(localise(op, t, dims, ndim) for t in (a, b)))
     spec = (a if isinstance(a, ShardedTensor) else b).spec
     return ShardedTensor.wrap(out, spec.remap(out.dim(), dims))
 
@@ -107,8 +118,8 @@ def _sdpa(op: Op):
     if (any(set(s) != {seq, *batch} for s in specs) or any(not t.spec.sharded[d].same(b) for t in tensors[1:]
                                                            for d, b in batch.items())
             or not specs[0][seq].same(specs[1][seq]) or not specs[1][seq].same(specs[2][seq])):
-        raise op.refuse("q, k and v must be sharded along the sequence dim (-2), and the batch dims, alike", seq,
-                        "shard the tokens or the batch, not the heads or channels")
+        raise op.refuse("q, k and v must be sharded along the sequence dim (-2), and the batch or heads dims, alike",
+                        seq, "shard the tokens, the batch or the heads, not the channels")
     shard = specs[0][seq]
     if a["attn_mask"] is not None or a["is_causal"] or a["enable_gqa"]:
         # A mask, causal attention or grouped heads: the keys and values gathered whole (the all-gather
@@ -139,7 +150,11 @@ def _batched_attention(op: Op, a: dict) -> ShardedTensor:
     """Attention within each rank's batch rows (no communication); a mask is sliced to those rows."""
     q = a["query"]
     dims = q.spec.sharded
-    mask = localise(op, a["attn_mask"], dims, q.dim())
+    mask = a["attn_mask"]
+    if isinstance(mask, ShardedTensor) and any(d + q.dim() - mask.dim() not in dims for d in mask.spec.sharded):
+        raise op.refuse("a mask sharded along other dims than the batch rows of q, k and v", None,
+                        "pass the mask whole (it is sliced to each rank's rows)")
+    mask = localise(op, mask, dims, q.dim())
     local = [a[n].as_subclass(Tensor) for n in ("query", "key", "value")]
     extra = {"enable_gqa": True} if a["enable_gqa"] else {}
     y = op.run(*local, attn_mask=mask, is_causal=a["is_causal"], scale=a["scale"], **extra)
@@ -156,9 +171,12 @@ def _cross_attention(op: Op, a: dict, k: Tensor, v: Tensor, local_batch: bool = 
     seq = q.dim() - 2
     batch = {d: s for d, s in q.spec.sharded.items() if d < seq}
     if set(q.spec.sharded) != {seq, *batch}:
-        raise op.refuse("queries sharded along the heads' or channels' dim", None,
-                        "shard the tokens or the batch, not the heads or channels")
+        raise op.refuse("queries sharded along the channels", None,
+                        "shard the tokens, the batch or the heads, not the channels")
     shard = q.spec.sharded[seq]
+    if batch and isinstance(a["attn_mask"], ShardedTensor):
+        raise op.refuse("a sharded mask with the batch rows sharded too", seq,
+                        "pass the mask whole (it is sliced to each rank's rows and queries)")
     if batch and not local_batch:
         k, v = (localise(op, t, batch, q.dim()) for t in (k, v))
     if a["dropout_p"] or (a["is_causal"] and (a["attn_mask"] is not None or k.shape[-2] != shard.total)):

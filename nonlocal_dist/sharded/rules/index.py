@@ -9,9 +9,10 @@ Tensor indices into a sharded dim are refused.
 
 ``cat`` along a sharded dim joins global sequences (text tokens before video tokens, a class token,
 frames repeated as causal padding): with one operand sharded there and the others whole on every
-rank, the parts before it go to the first rank and the parts after it to the last, with no
-communication (an uneven, exact sharding); with several sharded operands or a whole one between
-them, the result is split evenly and each rank fetches its positions (one all-to-all per sharded
+rank (or held by the first or last rank alone: a first frame sliced off and processed apart), the
+parts before it go to the first rank and the parts after it to the last, with no communication (an
+uneven, exact sharding); with several spread sharded operands or a whole one between them, the
+result is split evenly and each rank fetches its positions (one all-to-all per sharded
 operand, logged once per call site with its bytes). ``split``/``chunk`` along a sharded dim are
 global slices.
 """
@@ -117,6 +118,20 @@ def _getitem(op: Op):
                                                                  if d not in picked}))
 
 
+def _main_operand(shards: list, totals: list[int]) -> int | None:
+    """The operand the others join with no exchange: every operand before it whole or held by the first
+    rank alone (a first frame sliced off), every one after it whole or held by the last rank alone;
+    None where there is no such operand."""
+    def held_by(s, q, total):
+        return s is None or s.sizes[q] == total
+
+    for k, shard in enumerate(shards):
+        if shard is not None and all(held_by(s, 0, n) for s, n in zip(shards[:k], totals[:k])) and all(
+                held_by(s, -1, n) for s, n in zip(shards[k + 1:], totals[k + 1:])):
+            return k
+    return None
+
+
 def _cat_like(op: Op, stack: bool):
     tensors = list(op.args[0])
     dim = op.args[1] if len(op.args) > 1 else op.kwargs.get("dim", 0)
@@ -189,9 +204,9 @@ def _cat_along_shard(op: Op, tensors: list, dim: int, ndim: int) -> ShardedTenso
     totals = [s.total if s is not None else t.shape[dim] for t, s in zip(local, shards)]
     group, rank, world = along[0].group, along[0].rank, along[0].world
     kwargs = {k: v for k, v in op.kwargs.items() if k != "dim"}
-    if len(along) == 1:  # the whole parts before it on the first rank, after it on the last: no exchange
-        k = shards.index(along[0])
-        sizes = list(along[0].sizes)
+    k = _main_operand(shards, totals)
+    if k is not None:  # the parts before it on the first rank, after it on the last: no exchange
+        sizes = list(shards[k].sizes)
         sizes[0] += sum(totals[:k])
         sizes[-1] += sum(totals[k + 1:])
         # A rank that holds none of a whole part joins an empty slice of it: every rank's graph reaches
@@ -219,7 +234,8 @@ def _cat_along_shard(op: Op, tensors: list, dim: int, ndim: int) -> ShardedTenso
         log_once(user_frame(), f"{op.name} along sharded dim {dim}: resharded to an even split {sizes}, "
                                 f"about {moved} bytes moved over the group per call")
         out = op.func(pieces, dim, **kwargs)
-    spec = first.spec.remap(ndim, {**rest, dim: Shard(group, tuple(sizes), rank)})
+    lead = shards[k].lead + sum(totals[:k]) if k is not None else 0  # a prefix (a causal pad) in front
+    spec = first.spec.remap(ndim, {**rest, dim: Shard(group, tuple(sizes), rank, lead)})
     return ShardedTensor.wrap(out, spec)
 
 

@@ -299,7 +299,10 @@ def _squeeze(op: Op):
     if dim is None:
         chosen = [d for d, s in enumerate(shape) if s == 1]
     else:
-        chosen = [d % x.dim() for d in ([dim] if isinstance(dim, int) else dim) if shape[d % x.dim()] == 1]
+        given = [d % x.dim() for d in ([dim] if isinstance(dim, int) else dim)]
+        if len(set(given)) < len(given):
+            raise failure.everywhere(RuntimeError(f"dim {given} appears multiple times in the list of dims"))
+        chosen = [d for d in given if shape[d] == 1]
     x = whole_along(op, x, chosen)  # a sharded dim of length 1: its one position, on every rank
     keep = [d for d in range(x.dim()) if d not in chosen]
     dims = {keep.index(d): s for d, s in x.spec.dims}
@@ -388,3 +391,11 @@ _METADATA = ["is_floating_point", "is_complex", "is_signed", "element_size", "ge
 def _metadata(op: Op):
     """Facts about the local tensor that do not depend on the global shape (dtype class, device, layout)."""
     return op.run(*op.args, **op.kwargs)
+
+
+@rule(Tensor.new_ones, Tensor.new_zeros, Tensor.new_full, Tensor.new_tensor)
+def _new_factory(op: Op):
+    """``x.new_ones(n, n)`` (a causal mask over the frames): a plain tensor of the given shape with x's
+    dtype and device, the same on every rank; x's sharding plays no part."""
+    rest = [a.as_subclass(Tensor) if isinstance(a, ShardedTensor) else a for a in op.args[1:]]
+    return op.run(_self(op).as_subclass(Tensor), *rest, **op.kwargs)

@@ -175,7 +175,7 @@ def _error(phase: str, exc: Exception) -> Outcome:
 def run_case(op, sample, case: Case, groups: tuple) -> Outcome:
     """The case on this rank (every rank of the world calls it with the same case, and takes the same
     collectives of its own: ``agree`` after the forward and before summing the gradients)."""
-    skip = None
+    skip, random = None, False
     if digest(sample) != case.digest:
         skip = Outcome("skip", "the sample differs from the parent's on this rank")
     else:
@@ -191,6 +191,9 @@ def run_case(op, sample, case: Case, groups: tuple) -> Outcome:
             skip = Outcome("skip", f"the one-process op raises {type(exc).__name__}: {str(exc)[:100]}")
     if not agree(skip is None):  # a skip on one rank is a skip on every rank: no rank left in a collective
         return skip or Outcome("skip", "another rank skips this sample")
+    # Random on one rank is random on every rank: an uninitialised output (``empty_like``) may happen to
+    # repeat on one rank and not on another, and the ranks must take the same path below.
+    random = not agree(not random)
     outcome, whole, inputs = _forward(op, sample, case, groups, (ref_inputs, ref_flat, ref_spec, which, random))
     if not agree(outcome is None) or outcome is not None:
         return outcome or Outcome("ok", "another rank failed the forward")

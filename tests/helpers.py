@@ -45,3 +45,27 @@ class LargestTensor(TorchDispatchMode):
         sizes = [t.numel() for t in tree_leaves(out) if isinstance(t, torch.Tensor)]
         self.numel = max([self.numel, *sizes])
         return out
+
+
+def torchvision_video():
+    """``torchvision.models.video``, or a pytest skip saying why. The registry's torchvision is a CUDA
+    build whose C++ operators do not load beside a CPU torch: its ``torchvision::`` fake-op
+    registrations (detection ops, unused by the video models) are skipped while it imports."""
+    import pytest
+    import torch.library
+
+    register_fake = torch.library.register_fake
+
+    def skip_torchvision_ops(op, *args, **kwargs):
+        if isinstance(op, str) and op.startswith("torchvision::"):
+            return None if args else (lambda fn: fn)
+        return register_fake(op, *args, **kwargs)
+
+    torch.library.register_fake = skip_torchvision_ops
+    try:
+        import torchvision.models.video as video
+    except Exception as exc:  # noqa: BLE001  (absent, or not importable beside this torch)
+        pytest.skip(f"torchvision's video models are not usable here ({type(exc).__name__}: {exc})")
+    finally:
+        torch.library.register_fake = register_fake
+    return video

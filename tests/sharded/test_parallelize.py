@@ -10,7 +10,7 @@ import io
 import pytest
 import torch
 import torch.distributed as dist
-from helpers import rel_err
+from helpers import rel_err, torchvision_video
 from sharded_parity import runtime_log
 from torch import nn
 
@@ -267,18 +267,44 @@ def test_refusals_name_the_op_and_the_line_on_every_rank():
         assert all("test_parallelize.py" in m for m in messages), messages
 
 
-def _torchvision_worker(rank, world, name):
-    import torchvision
+def _torchvision_model(name: str) -> nn.Module:
+    video = torchvision_video()
+    if name == "swin3d":  # Swin3D-T's code, small: windows of 2 x 4 x 4 tokens, shifted
+        return video.swin_transformer.SwinTransformer3d(
+            patch_size=[2, 4, 4], embed_dim=16, depths=[1, 1], num_heads=[2, 2], window_size=[2, 4, 4], num_classes=3,
+            stochastic_depth_prob=0.0)
+    if name == "mvit":  # MViT-v2's code, small: a class token, pooled keys, relative positions
+        block = video.mvit.MSBlockConfig
+        return video.mvit.MViT(
+            spatial_size=(32, 32), temporal_size=8, residual_pool=True, residual_with_cls_embed=False,
+            rel_pos_embed=True, proj_after_attn=True, stochastic_depth_prob=0.0, dropout=0.0, num_classes=3, block_setting=[
+                block(num_heads=1, input_channels=16, output_channels=16, kernel_q=[3, 3, 3], kernel_kv=[3, 3, 3],
+                      stride_q=[1, 1, 1], stride_kv=[1, 4, 4]),
+                block(num_heads=2, input_channels=16, output_channels=32, kernel_q=[3, 3, 3], kernel_kv=[3, 3, 3],
+                      stride_q=[1, 2, 2], stride_kv=[1, 2, 2])])
+    return getattr(video, name)(num_classes=3)
 
-    model = getattr(torchvision.models.video, name)(num_classes=3)
-    errors = _compare(_seeded(lambda: model), (1, 3, 16, 32, 32), [8, 8], "t", rank, world)  # 3 temporal stride-2 stages
+
+def _torchvision_worker(rank, world, name, shape, lengths):
+    errors = _compare(_seeded(lambda: _torchvision_model(name)), shape, lengths, "t", rank, world)
     return {k: v for k, v in errors.items() if v > 1e-9}
 
 
-@pytest.mark.parametrize("name", ["r3d_18", "r2plus1d_18"])
-def test_torchvision_video_resnets(name):
-    pytest.importorskip("torchvision.models.video")
-    for failures in run_ranks(_torchvision_worker, 2, name, timeout=600):
+_TORCHVISION = {  # name -> (input shape, shard lengths)
+    "r3d_18": ((1, 3, 16, 32, 32), [8, 8]),  # 3 temporal stride-2 stages
+    "r2plus1d_18": ((1, 3, 16, 32, 32), [8, 8]),
+    "swin3d": ((1, 3, 12, 32, 32), [8, 4]),  # its window partition is a view: shards on the grid of 2 x 2 frames
+    "mvit": ((1, 3, 8, 32, 32), [5, 3]),  # any split: the stride-2 patch conv reshards it onto its grid
+}
+
+
+@pytest.mark.parametrize("name", sorted(_TORCHVISION))
+def test_torchvision_video_models(name):
+    """torchvision's video ResNets and its video transformers (Swin3D's shifted windows, MViT's class
+    token, pooled attention and relative positions), unchanged code, on 2 ranks: outputs, input and
+    parameter gradients against one process."""
+    torchvision_video()
+    for failures in run_ranks(_torchvision_worker, 2, name, *_TORCHVISION[name], timeout=600):
         assert not failures, failures
 
 

@@ -24,6 +24,7 @@ from nonlocal_dist.sharded.rules.common import (
     log_once,
     on_piece,
     output_dims,
+    whole_along,
 )
 from nonlocal_dist.sharded.rules.shape import global_shape
 from nonlocal_dist.sharded.tensor import (
@@ -81,17 +82,24 @@ def _matmul(op: Op):
         a, b = b, a
     if getattr(op.func, "__name__", "") == "bmm" and (a.dim() != 3 or b.dim() != 3):
         raise failure.everywhere(RuntimeError("batch1 and batch2 must be 3D tensors"))
+    bmm = getattr(op.func, "__name__", "") == "bmm"
+    if isinstance(b, ShardedTensor) and any(d >= b.dim() - 2 for d in b.spec.sharded):
+        # Attention written by hand (q @ k^T, then attn @ v): the right operand's sharded key positions
+        # gathered whole on every rank (the all-gather strategy, logged), the queries' rows kept.
+        b = whole_along(op, b, [d for d in b.spec.sharded if d >= b.dim() - 2])
+        op = Op(torch.bmm if bmm else torch.matmul, (a, b), {})
     batched = _batched_matmul(op, a, b)
     if batched is not None:
         return batched
-    if isinstance(b, ShardedTensor) and not b.spec.replicated:
-        raise op.refuse("the right operand is sharded (a contraction over sharded positions)",
-                        fix="contract over unsharded dims, or use nonlocal_op / scaled_dot_product_attention")
-    if a.dim() < 2 or b.dim() > 2:
-        raise op.refuse("a batched or vector matmul with a sharded operand", fix="use F.linear or einsum-free shapes")
+    if not isinstance(a, ShardedTensor) or a.spec.replicated or a.dim() < 2:
+        raise op.refuse("a sharded right operand with a whole or vector left one", fix="shard the left operand's rows")
     if a.dim() - 1 in a.spec.sharded:
         raise op.refuse("it contracts the sharded last dim", a.dim() - 1)
-    out = torch.matmul(a.as_subclass(Tensor), b.as_subclass(Tensor) if isinstance(b, ShardedTensor) else b)
+    if b.dim() > a.dim():
+        raise op.refuse("a right operand with more batch dims than the sharded left one", fix="expand the left one first")
+    batch = {d: s for d, s in a.spec.sharded.items() if d < a.dim() - 2}
+    right = localise(op, b, batch, a.dim()) if b.dim() > 2 else b.as_subclass(Tensor) if isinstance(b, ShardedTensor) else b
+    out = (torch.bmm if bmm else torch.matmul)(a.as_subclass(Tensor), right)
     return ShardedTensor.wrap(out, a.spec.remap(out.dim(), a.spec.sharded))
 
 
@@ -210,3 +218,49 @@ def _cross_attention(op: Op, a: dict, k: Tensor, v: Tensor, local_batch: bool = 
     y = on_piece(attend, q.as_subclass(Tensor), [seq])
     return ShardedTensor.wrap(y, q.spec.remap(y.dim(), {**batch, seq: shard}))
 
+
+
+@rule(torch.einsum, any_operand=True)
+def _einsum(op: Op):
+    """``einsum`` whose sharded letters all stay in the output (MViT's relative positions,
+    ``"bythwc,tkc->bythwk"``): each rank's positions; a whole operand indexed by a sharded letter is
+    sliced to the rank's part (length 1 broadcasts). A contracted sharded letter, or two letters
+    sharded over one group, is refused."""
+    if _all_replicated(op):
+        return replicated_or_refuse(op)
+    equation = op.args[0]
+    operands = list(op.args[1]) if len(op.args) == 2 and isinstance(op.args[1], (list, tuple)) else list(op.args[1:])
+    if not isinstance(equation, str) or "->" not in equation or "..." in equation:
+        raise op.refuse("an einsum without an explicit output ('->') or with '...'", fix="spell every index out")
+    inputs, output = equation.replace(" ", "").split("->")
+    terms = inputs.split(",")
+    letters: dict[str, object] = {}
+    for t, term in zip(operands, terms):
+        for d, shard in (t.spec.dims if isinstance(t, ShardedTensor) else ()):
+            letter = term[d]
+            if letter not in output:
+                raise op.refuse(f"it contracts the sharded index {letter!r}", d, "contract over unsharded dims")
+            if letter in letters and not letters[letter].same(shard):
+                raise op.refuse(f"index {letter!r} is sharded differently in two operands", d)
+            letters[letter] = shard
+    groups = [id(s.group) for s in letters.values()]
+    if len(set(groups)) < len(groups):
+        raise op.refuse("two indices sharded over one group (an outer product of shards)", None,
+                        "gather one operand first, or contract it")
+    local = []
+    for t, term in zip(operands, terms):
+        own = t.spec.sharded if isinstance(t, ShardedTensor) else {}
+        base = t.as_subclass(Tensor) if isinstance(t, ShardedTensor) else t
+        for d, letter in enumerate(term):
+            shard = letters.get(letter)
+            if shard is None or d in own:
+                continue
+            if base.shape[d] == shard.total and shard.total != 1:
+                base = base.narrow(d, shard.start, shard.local)
+            elif base.shape[d] != 1:
+                raise op.refuse(f"an operand of length {base.shape[d]} along index {letter!r}, sharded with length "
+                                f"{shard.total}", d)
+        local.append(base)
+    out = torch.einsum(equation, *local)
+    spec = next(t for t in operands if isinstance(t, ShardedTensor)).spec
+    return ShardedTensor.wrap(out, spec.remap(out.dim(), {output.index(k): s for k, s in letters.items()}))

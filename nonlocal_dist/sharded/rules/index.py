@@ -13,8 +13,8 @@ rank (or held by the first or last rank alone: a first frame sliced off and proc
 parts before it go to the first rank and the parts after it to the last, with no communication (an
 uneven, exact sharding); with several spread sharded operands or a whole one between them, the
 result is split evenly and each rank fetches its positions (one all-to-all per sharded
-operand, logged once per call site with its bytes). ``split``/``chunk`` along a sharded dim are
-global slices.
+operand, logged once per call site with its bytes). ``split``/``chunk``/``tensor_split`` along a
+sharded dim are global slices.
 """
 from __future__ import annotations
 
@@ -252,19 +252,47 @@ def _split_along_shard(op: Op, x: ShardedTensor, dim: int, name: str) -> tuple:
         lengths = list(how)
         if sum(lengths) != total:
             raise op.refuse(f"split sizes {lengths} that do not sum to the dim's length {total}", dim)
-    pieces, offset = [], 0
-    for n in lengths:
-        index = (slice(None),) * dim + (slice(offset, offset + n),)
-        pieces.append(_getitem(Op(Tensor.__getitem__, (x, index), {})))
-        offset += n
-    return tuple(pieces)
+    return _global_slices(x, dim, [(a, a + n) for a, n in zip(starts(lengths), lengths)])
+
+
+def _global_slices(x: ShardedTensor, dim: int, bounds: list[tuple[int, int]]) -> tuple:
+    """The global slices ``[lo, hi)`` of sharded dim ``dim`` (``_getitem``: no communication)."""
+    return tuple(_getitem(Op(Tensor.__getitem__, (x, (slice(None),) * dim + (slice(lo, hi),)), {}))
+                 for lo, hi in bounds)
+
+
+@rule(Tensor.tensor_split, torch.tensor_split)
+def _tensor_split(op: Op):
+    """``tensor_split`` (MViT's class token off the tokens): along a sharded dim, global slices."""
+    x = op.args[0]
+    a = op.named
+    if a is None:
+        raise op.refuse("arguments that no overload of it takes", fix="call it as torch documents it")
+    dim = a.get("dim", 0) % x.dim()
+    if dim not in x.spec.sharded:
+        pieces = op.run(x.as_subclass(Tensor), *op.args[1:], **op.kwargs)
+        return tuple(ShardedTensor.wrap(p, x.spec.remap(p.dim(), x.spec.sharded)) for p in pieces)
+    how = next(a[k] for k in ("indices", "sections", "tensor_indices_or_sections", "indices_or_sections") if k in a)
+    if isinstance(how, Tensor):
+        how = int(how) if how.dim() == 0 else how.tolist()
+    total = x.spec.sharded[dim].total
+    if isinstance(how, int):  # n sections: the first total % n one longer
+        if how <= 0:
+            raise failure.everywhere(RuntimeError(f"number of sections must be larger than 0, got {how}"))
+        lengths = [total // how + (i < total % how) for i in range(how)]
+        bounds = [(lo, lo + n) for lo, n in zip(starts(lengths), lengths)]
+    else:
+        edges = [0, *(min(max(i if i >= 0 else i + total, 0), total) for i in how), total]
+        bounds = [(lo, max(lo, hi)) for lo, hi in zip(edges, edges[1:])]
+    return _global_slices(x, dim, bounds)
 
 
 @rule(Tensor.__setitem__, any_operand=True)
 def _setitem(op: Op):
-    """``x[index] = value`` where the index keeps every sharded dim of x whole (``out[..., 0::2] = ...``
-    of a rotary embedding): each rank writes its rows; ``value`` sharded alike there, or plain of the
-    global length (sliced) or of length 1 (broadcast)."""
+    """``x[index] = value`` with slices of the sharded dims (``out[..., 0::2] = ...`` of a rotary
+    embedding, MViT's ``attn[:, :, 1:, 1:] += rel_pos``): each rank writes its positions of the global
+    slice; ``value`` sharded alike there, or plain of the slice's global length (sliced) or of length 1
+    (broadcast)."""
     x, index, value = op.args
     if not isinstance(x, ShardedTensor):
         raise op.refuse("writing sharded values into a plain tensor", fix="write into a tensor made from the sharded one")
@@ -276,9 +304,11 @@ def _setitem(op: Op):
     for d, part in enumerate(parts):
         shard = x.spec.sharded.get(d)
         if shard is not None:
-            if part != slice(None):
-                raise op.refuse("an assignment into part of a sharded dim", d, "assign along unsharded dims only")
-            view_dims[position] = shard
+            if not isinstance(part, slice) or (part.step is not None and part.step <= 0):
+                raise op.refuse("an integer index or a non-positive step into a sharded dim in an assignment", d,
+                                "assign through a slice of it")
+            # a global slice (MViT's attn[:, :, 1:, 1:] += ...): each rank writes its positions of it
+            parts[d], view_dims[position] = _slice_shard(shard, part)
         if not isinstance(part, int):
             position += 1
     view_ndim = position

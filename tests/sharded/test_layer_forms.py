@@ -201,3 +201,26 @@ def _no_drift_worker(rank, world):
 
 def test_causal_convolutions_keep_the_shard_boundaries():
     assert run_ranks(_no_drift_worker, 2, timeout=120) == [(2, [])] * 2
+
+
+def _stray_shards_worker(rank, world):
+    """A right operand of ``@`` sharded along a batch dim the left one keeps whole, and a value sharded
+    along a dim its target keeps whole: gathered, not used as the local part."""
+    import torch.distributed as dist
+
+    from nonlocal_dist import distribute
+    from nonlocal_dist.sharded.distribute import full_tensor
+
+    g = torch.Generator().manual_seed(0)
+    a, b = torch.randn(3, 4, 5, dtype=torch.float64, generator=g), torch.randn(3, 5, 3, dtype=torch.float64, generator=g)
+    product = full_tensor(distribute(a, dist.group.WORLD, "b n c", "n", sizes=[[3, 1]])
+                          @ distribute(b, dist.group.WORLD, "b n c", "b", sizes=[[2, 1]]))
+    x, v = torch.randn(4, 7, dtype=torch.float64, generator=g), torch.randn(4, 7, dtype=torch.float64, generator=g)
+    target = distribute(x, dist.group.WORLD, "n c", "c", sizes=[[5, 2]])
+    target[:, 1:] = distribute(v, dist.group.WORLD, "n c", "n", sizes=[[3, 1]])[:, 1:]
+    x[:, 1:] = v[:, 1:]
+    return (product - a @ b).abs().max().item(), (full_tensor(target) - x).abs().max().item()
+
+
+def test_operands_sharded_where_the_target_is_whole_are_gathered():
+    assert run_ranks(_stray_shards_worker, 2, timeout=120) == [(0.0, 0.0)] * 2

@@ -98,6 +98,9 @@ def _matmul(op: Op):
     if b.dim() > a.dim():
         raise op.refuse("a right operand with more batch dims than the sharded left one", fix="expand the left one first")
     batch = {d: s for d, s in a.spec.sharded.items() if d < a.dim() - 2}
+    if isinstance(b, ShardedTensor):  # b's shards that a's batch rows do not line up with: gathered whole
+        lead = a.dim() - b.dim()
+        b = whole_along(op, b, [d for d, s in b.spec.dims if d + lead not in batch or batch[d + lead].group is not s.group])
     right = localise(op, b, batch, a.dim()) if b.dim() > 2 else b.as_subclass(Tensor) if isinstance(b, ShardedTensor) else b
     out = (torch.bmm if bmm else torch.matmul)(a.as_subclass(Tensor), right)
     return ShardedTensor.wrap(out, a.spec.remap(out.dim(), a.spec.sharded))

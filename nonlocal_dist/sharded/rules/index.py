@@ -312,6 +312,10 @@ def _setitem(op: Op):
         if not isinstance(part, int):
             position += 1
     view_ndim = position
+    if isinstance(value, ShardedTensor):  # the value's shards that the target's do not line up with: gathered whole
+        lead = view_ndim - value.dim()
+        value = whole_along(op, value, [d for d, s in value.spec.dims
+                                        if d + lead not in view_dims or view_dims[d + lead].group is not s.group])
     local_value = localise(op, value, view_dims, view_ndim) if isinstance(value, Tensor) else value
     x.as_subclass(Tensor)[tuple(parts)] = local_value
 

@@ -4,6 +4,7 @@ gloo ranks, against the same model in one process: outputs, input gradient, ever
 from __future__ import annotations
 
 import contextlib
+import copy
 import logging
 
 import torch
@@ -42,6 +43,16 @@ def sharded_run(model: torch.nn.Module, x: torch.Tensor, mesh, axes, steps: int 
     dist.all_reduce(xg)
     buffers = {n: b.clone() for n, b in model.named_buffers()}
     return out.detach(), xg, grads, buffers
+
+
+def module_parity(cls, shape: tuple, mesh, axes, **kw) -> bool:
+    """``cls()`` (torch seed 0, float64) on a float64 input of ``shape`` (seed 1), in one process and
+    parallelized over ``axes`` (``parallelize``'s keywords in ``kw``): ``assert_parity``, then True."""
+    torch.manual_seed(0)
+    model = cls().double()
+    x = torch.randn(*shape, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    assert_parity(reference(copy.deepcopy(model), x), sharded_run(model, x, mesh, axes, **kw))
+    return True
 
 
 def assert_parity(ref, got, tol: float = TOL) -> None:

@@ -16,13 +16,11 @@ input gradients, summed parameter gradients):
 """
 from __future__ import annotations
 
-import copy
-
 import pytest
 import torch
 import torch.nn.functional as F
 from einops import rearrange
-from sharded_parity import assert_parity, reference, runtime_log, sharded_run
+from sharded_parity import module_parity, runtime_log
 from torch import nn
 
 from nonlocal_dist.testing import run_ranks
@@ -168,15 +166,8 @@ def _worker(rank, world, name):
     import torch.distributed as dist
 
     cls, shape, axis = CASES[name]
-    torch.manual_seed(0)
-    model = cls().double()
-    x = torch.randn(*shape, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
-    ref = reference(copy.deepcopy(model), x)
-    length = shape[2 if axis == "t" else 3]
-    sizes = WINDOW_SIZES[world] if name == "shifted_windows" else SIZES[world](length)
-    got = sharded_run(model, x, dist.group.WORLD, axis, sizes=sizes)
-    assert_parity(ref, got)
-    return True
+    sizes = WINDOW_SIZES[world] if name == "shifted_windows" else SIZES[world](shape[2 if axis == "t" else 3])
+    return module_parity(cls, shape, dist.group.WORLD, axis, sizes=sizes)
 
 
 @pytest.mark.parametrize("world", [1, 2, 3])

@@ -20,6 +20,7 @@ from nonlocal_dist.distributed.collectives import gather_dim
 from nonlocal_dist.sequence.api import parallel_nonlocal
 from nonlocal_dist.sharded.rules.common import (
     bind,
+    gather_unaligned,
     localise,
     log_once,
     on_piece,
@@ -80,9 +81,9 @@ def _matmul(op: Op):
     a, b = op.args[:2]
     if getattr(op.func, "__name__", "") == "__rmatmul__":
         a, b = b, a
-    if getattr(op.func, "__name__", "") == "bmm" and (a.dim() != 3 or b.dim() != 3):
-        raise failure.everywhere(RuntimeError("batch1 and batch2 must be 3D tensors"))
     bmm = getattr(op.func, "__name__", "") == "bmm"
+    if bmm and (a.dim() != 3 or b.dim() != 3):
+        raise failure.everywhere(RuntimeError("batch1 and batch2 must be 3D tensors"))
     if isinstance(b, ShardedTensor) and any(d >= b.dim() - 2 for d in b.spec.sharded):
         # Attention written by hand (q @ k^T, then attn @ v): the right operand's sharded key positions
         # gathered whole on every rank (the all-gather strategy, logged), the queries' rows kept.
@@ -98,9 +99,7 @@ def _matmul(op: Op):
     if b.dim() > a.dim():
         raise op.refuse("a right operand with more batch dims than the sharded left one", fix="expand the left one first")
     batch = {d: s for d, s in a.spec.sharded.items() if d < a.dim() - 2}
-    if isinstance(b, ShardedTensor):  # b's shards that a's batch rows do not line up with: gathered whole
-        lead = a.dim() - b.dim()
-        b = whole_along(op, b, [d for d, s in b.spec.dims if d + lead not in batch or batch[d + lead].group is not s.group])
+    b = gather_unaligned(op, b, batch, a.dim())  # b's shards that a's batch rows do not line up with
     right = localise(op, b, batch, a.dim()) if b.dim() > 2 else b.as_subclass(Tensor) if isinstance(b, ShardedTensor) else b
     out = (torch.bmm if bmm else torch.matmul)(a.as_subclass(Tensor), right)
     return ShardedTensor.wrap(out, a.spec.remap(out.dim(), a.spec.sharded))

@@ -200,9 +200,23 @@ def whole_along(op: Op, x: ShardedTensor, dims: list[int]) -> ShardedTensor:
     local = x.as_subclass(Tensor)
     for d in dims:
         shard = sharded.pop(d)
-        row = local.numel() // max(local.shape[d], 1) * local.element_size()
         if shard.total > 1:
             log_once(user_frame(), f"{op.name} needs sharded dim {d} whole: gathered on every rank, about "
-                                   f"{row * shard.total} bytes per rank per call")
+                                   f"{row_bytes(local, d) * shard.total} bytes per rank per call")
         local = gather_dim(local, d, list(shard.sizes), shard.group)
     return ShardedTensor.wrap(local, x.spec.remap(x.dim(), sharded))
+
+
+def gather_unaligned(op: Op, t, dims: dict[int, Shard], ndim: int):
+    """Operand ``t`` with every shard that ``dims`` (the result's sharded dims, right-aligned to ``ndim``)
+    does not hold over the same group gathered whole (``whole_along``), so that ``localise`` never
+    takes a part of it for the whole; ``t`` as it is where nothing strays (a plain tensor too)."""
+    if not isinstance(t, ShardedTensor):
+        return t
+    lead = ndim - t.dim()
+    return whole_along(op, t, [d for d, s in t.spec.dims if d + lead not in dims or dims[d + lead].group is not s.group])
+
+
+def row_bytes(t: Tensor, dim: int) -> int:
+    """The bytes of one position of ``t`` along ``dim`` (what moving one position costs)."""
+    return t.numel() // max(t.shape[dim], 1) * t.element_size()

@@ -18,7 +18,13 @@ from torch import Tensor
 
 from nonlocal_dist.sharded.fetch import reshard
 from nonlocal_dist.sharded.halo import constant_pad, halo_exchange
-from nonlocal_dist.sharded.rules.common import bind, log_once, per_dim, spatial_dims
+from nonlocal_dist.sharded.rules.common import (
+    bind,
+    log_once,
+    per_dim,
+    row_bytes,
+    spatial_dims,
+)
 from nonlocal_dist.sharded.sliding import (
     Window,
     aligned_sizes,
@@ -44,10 +50,10 @@ def _aligned(op: Op, x: Tensor, d: int, window: Window, shard: Shard) -> tuple[T
     if offset is not None:
         return x, shard, offset
     sizes = aligned_sizes(window, shard.sizes)
-    row = x.numel() // max(x.shape[d], 1) * x.element_size()
+    moved = row_bytes(x, d) * sum(abs(p - q) for p, q in zip(shard.sizes, sizes)) // 2
     log_once(user_frame(), f"{op.name} has stride {window.stride} along sharded dim {d}, but the shard lengths "
                            f"{list(shard.sizes)} put its windows off one grid: resharded to {list(sizes)}, about "
-                           f"{row * sum(abs(p - q) for p, q in zip(shard.sizes, sizes)) // 2} bytes moved per call")
+                           f"{moved} bytes moved per call")
     x = reshard(x, d, shard.sizes, sizes, shard.group, shard.rank)
     shard = shard.with_sizes(sizes)
     return x, shard, window_offset(window, sizes)

@@ -25,10 +25,12 @@ import nonlocal_dist.distributed.failure as failure
 from nonlocal_dist.distributed.shards import split_sizes, starts
 from nonlocal_dist.sharded.fetch import fetch_positions
 from nonlocal_dist.sharded.rules.common import (
+    gather_unaligned,
     localise,
     log_once,
     one_dim_per_group,
     output_dims,
+    row_bytes,
     whole_along,
 )
 from nonlocal_dist.sharded.spec import Shard
@@ -229,7 +231,7 @@ def _cat_along_shard(op: Op, tensors: list, dim: int, ndim: int) -> ShardedTenso
             else:
                 needs = [part(q) for q in range(world)]
                 pieces.append(fetch_positions(t, dim, needs, shard.sizes, group, rank))
-                moved += sum(map(len, needs)) * t.element_size() * (t.numel() // max(t.shape[dim], 1))
+                moved += sum(map(len, needs)) * row_bytes(t, dim)
             offset += total
         log_once(user_frame(), f"{op.name} along sharded dim {dim}: resharded to an even split {sizes}, "
                                 f"about {moved} bytes moved over the group per call")
@@ -312,10 +314,7 @@ def _setitem(op: Op):
         if not isinstance(part, int):
             position += 1
     view_ndim = position
-    if isinstance(value, ShardedTensor):  # the value's shards that the target's do not line up with: gathered whole
-        lead = view_ndim - value.dim()
-        value = whole_along(op, value, [d for d, s in value.spec.dims
-                                        if d + lead not in view_dims or view_dims[d + lead].group is not s.group])
+    value = gather_unaligned(op, value, view_dims, view_ndim)  # the value's shards the target's do not line up with
     local_value = localise(op, value, view_dims, view_ndim) if isinstance(value, Tensor) else value
     x.as_subclass(Tensor)[tuple(parts)] = local_value
 

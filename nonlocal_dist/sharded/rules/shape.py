@@ -20,7 +20,7 @@ import nonlocal_dist.distributed.failure as failure
 from nonlocal_dist.distributed.collectives import move_shard
 from nonlocal_dist.distributed.shards import split_sizes
 from nonlocal_dist.sharded.fetch import reshard
-from nonlocal_dist.sharded.rules.common import bind, log_once, whole_along
+from nonlocal_dist.sharded.rules.common import bind, log_once, row_bytes, whole_along
 from nonlocal_dist.sharded.spec import Shard
 from nonlocal_dist.sharded.tensor import Op, ShardedTensor, rule, user_frame
 
@@ -140,13 +140,15 @@ def _outermost_sharded(op: Op, x: ShardedTensor, src: list[int], dst: list[int])
         return x
     for a, _ in _blocks(src, dst):
         inside = [d for d in a if d in x.spec.sharded]
+        if not inside:
+            continue
         if len(inside) > 1:  # two sharded dims merged (t and h of a 2-D mesh): the inner ones gathered whole
             x = whole_along(op, x, inside[1:])
-            inside = inside[:1]
-        outer = [k for k in a if src[k] != 1 and inside and k < inside[0]]
-        if len(inside) != 1 or not outer:
+        d = inside[0]
+        outer = [k for k in a if src[k] != 1 and k < d]
+        if not outer:
             continue
-        d, k = inside[0], outer[0]
+        k = outer[0]
         shard = x.spec.sharded[d]
         sizes = split_sizes(src[k], shard.world)
         local = x.as_subclass(Tensor)
@@ -176,10 +178,9 @@ def _reshape_to(op: Op, target) -> ShardedTensor:
     base = x.as_subclass(Tensor)
     for d, sizes in resharded.items():  # boundaries moved onto the reshape's grid (a view cannot copy)
         shard = x.spec.sharded[d]
-        moved = base.numel() // max(base.shape[d], 1) * base.element_size()
+        moved = row_bytes(base, d) * sum(abs(a - b) for a, b in zip(shard.sizes, sizes)) // 2
         log_once(user_frame(), f"{op.name} splits sharded dim {d} into factors off the shard boundaries "
-                               f"{list(shard.sizes)}: resharded to {list(sizes)}, about "
-                               f"{moved * sum(abs(a - b) for a, b in zip(shard.sizes, sizes)) // 2} bytes moved per call")
+                               f"{list(shard.sizes)}: resharded to {list(sizes)}, about {moved} bytes moved per call")
         base = reshard(base, d, shard.sizes, sizes, shard.group, shard.rank)
     out = base.view(local_target) if method == "view" else base.reshape(local_target)
     return _wrap(op, out, dims)

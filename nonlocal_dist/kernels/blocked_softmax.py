@@ -81,19 +81,32 @@ def _tracked(*tensors: Tensor) -> bool:
     return torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
 
 
-def blocked_forward(q: Tensor, k: Tensor, v: Tensor, scale: float, block: int | None = None) -> tuple[Tensor, Tensor]:
+def future_keys(start: int, rows: int, keys: int, device) -> Tensor:
+    """The causal mask of query rows ``start .. start + rows`` against ``keys`` keys: True where key
+    j > query i (top-left aligned: query i sees keys 0..i), (rows, keys) bool."""
+    i = torch.arange(start, start + rows, device=device)
+    return torch.arange(keys, device=device)[None, :] > i[:, None]
+
+
+def blocked_forward(q: Tensor, k: Tensor, v: Tensor, scale: float, block: int | None = None,
+                    causal: bool = False) -> tuple[Tensor, Tensor]:
     """``out = softmax(scale q k^T) v`` and ``lse = log Σ_j exp(scale q·k_j)``, one query block at a time.
 
     Shapes: q (B, H, N, d), k (B, H, M, d), v (B, H, M, dv) -> out (B, H, N, dv) in v's dtype,
     lse (B, H, N) in the accumulation dtype. ``block``: queries per block (default from memory).
+    ``causal``: query i sees keys 0..i only (``future_keys``; N <= M, each row keeps a key).
     """
     block = block or query_block_size(q, k)
     in_place = not _tracked(q, k, v)
     k_t = k.transpose(-1, -2)
     outs, lses = [], []
-    for q_b in q.split(block, dim=-2):
+    for start in range(0, q.shape[-2], block):
+        q_b = q[..., start:start + block, :]
         s = matmul_acc(q_b, k_t)
         s = s.mul_(scale) if in_place else s * scale
+        if causal:
+            mask = future_keys(start, q_b.shape[-2], k.shape[-2], q.device)
+            s = s.masked_fill_(mask, float("-inf")) if in_place else s.masked_fill(mask, float("-inf"))
         # One fused softmax pass; the LSE from the largest probability, p_max >= 1/M, so
         # lse = s_max - log p_max loses nothing (a separate logsumexp would read the scores twice more).
         s_max, at = s.max(dim=-1, keepdim=True)
@@ -105,13 +118,15 @@ def blocked_forward(q: Tensor, k: Tensor, v: Tensor, scale: float, block: int | 
 
 
 def blocked_backward(
-    dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, scale: float, block: int | None = None
+    dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, scale: float, block: int | None = None,
+    causal: bool = False,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """Gradients (dq, dk, dv) of ``softmax(scale q k^T) v``, the probabilities recomputed per block.
 
     ``p_ij = exp(scale q_i·k_j - lse_i)``, ``dv = p^T dout``, ``ds = p ∘ (dout v^T - rowsum(dout ∘ out))``,
     ``dq = scale ds k``, ``dk = scale ds^T q``. As ``attention_backward``: out (B, H, N, dv) and lse
-    (B, H, N) may be those of a larger key set (then dq is this key block's share).
+    (B, H, N) may be those of a larger key set (then dq is this key block's share). ``causal``: as
+    ``blocked_forward``.
     """
     acc = accumulation_dtype(q.dtype)
     block = block or query_block_size(q, k)
@@ -121,9 +136,14 @@ def blocked_backward(
     k_t, v_t = k.transpose(-1, -2), v.transpose(-1, -2)
     dqs, dk, dv = [], None, None
     parts = zip(q.split(block, -2), dout.split(block, -2), neg_lse.split(block, -2), delta.split(block, -2))
+    start = 0
     for q_b, dout_b, neg_lse_b, delta_b in parts:
         p = torch.add(neg_lse_b, matmul_acc(q_b, k_t), alpha=scale)
         p = p.exp_() if in_place else p.exp()
+        if causal:
+            mask = future_keys(start, q_b.shape[-2], k.shape[-2], q.device)
+            p = p.masked_fill_(mask, 0.0) if in_place else p.masked_fill(mask, 0.0)
+        start += q_b.shape[-2]
         dv_b = matmul_acc(p.to(v.dtype).transpose(-1, -2), dout_b)
         dp = matmul_acc(dout_b, v_t)
         ds = dp.sub_(delta_b).mul_(p) if in_place else (dp - delta_b) * p
@@ -167,4 +187,4 @@ def blocked_jvp(
     return torch.cat(outs, dim=-2).to(v.dtype)
 
 
-__all__ = ["blocked_backward", "blocked_forward", "blocked_jvp", "matmul_acc", "query_block_size"]
+__all__ = ["blocked_backward", "blocked_forward", "blocked_jvp", "future_keys", "matmul_acc", "query_block_size"]

@@ -20,7 +20,11 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from nonlocal_dist.conventions import all_finite
-from nonlocal_dist.kernels.blocked_softmax import blocked_backward, blocked_forward, blocked_jvp
+from nonlocal_dist.kernels.blocked_softmax import (
+    blocked_backward,
+    blocked_forward,
+    blocked_jvp,
+)
 
 # Widest head for the fused kernels. CUDA: no fused backward past 256 (torch falls back to a path
 # 4-8x slower than the blocked one, issue 10, H200). CPU: the blocked path was 1.7-3x faster than
@@ -78,29 +82,32 @@ def _op(name: str):
     return getattr(torch.ops.aten, name)
 
 
-def fused_forward(kernel: str, q: Tensor, k: Tensor, v: Tensor, scale: float) -> tuple[Tensor, Tensor]:
-    """One private op's forward on inputs of one head size e: out (B, H, N, e), lse (B, H, N)."""
+def fused_forward(kernel: str, q: Tensor, k: Tensor, v: Tensor, scale: float,
+                  causal: bool = False) -> tuple[Tensor, Tensor]:
+    """One private op's forward on inputs of one head size e: out (B, H, N, e), lse (B, H, N).
+    ``causal``: query i sees keys 0..i (N = M only: the kernels disagree on the alignment otherwise)."""
     op = _op(FUSED_OPS[kernel][0])
     if kernel == "cpu_flash":
-        return op(q, k, v, 0.0, False, attn_mask=None, scale=scale)
+        return op(q, k, v, 0.0, causal, attn_mask=None, scale=scale)
     if kernel == "flash":
-        return op(q, k, v, 0.0, False, False, scale=scale)[:2]
-    out, lse = op(q, k, v, None, True, 0.0, False, scale=scale)[:2]
+        return op(q, k, v, 0.0, causal, False, scale=scale)[:2]
+    out, lse = op(q, k, v, None, True, 0.0, causal, scale=scale)[:2]
     return out, lse[..., : q.shape[-2]]  # the efficient kernel pads the LSE to its tile
 
 
 def fused_backward(
-    kernel: str, dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, scale: float
+    kernel: str, dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, scale: float,
+    causal: bool = False,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """One private op's backward on inputs of one head size: (dq, dk, dv)."""
     op = _op(FUSED_OPS[kernel][1])
     if kernel == "cpu_flash":
-        return op(dout, q, k, v, out, lse, 0.0, False, attn_mask=None, scale=scale)
+        return op(dout, q, k, v, out, lse, 0.0, causal, attn_mask=None, scale=scale)
     # Dense calls: no cumulative sequence lengths; no dropout, so the philox seed and offset are never read.
     seed = torch.zeros((), dtype=torch.int64, device=q.device)
     if kernel == "flash":
-        return op(dout, q, k, v, out, lse, None, None, q.shape[-2], k.shape[-2], 0.0, False, seed, seed, scale=scale)
-    return op(dout, q, k, v, None, out, lse, seed, seed, 0.0, [True, True, True, False], False, scale=scale)[:3]
+        return op(dout, q, k, v, out, lse, None, None, q.shape[-2], k.shape[-2], 0.0, causal, seed, seed, scale=scale)
+    return op(dout, q, k, v, None, out, lse, seed, seed, 0.0, [True, True, True, False], causal, scale=scale)[:3]
 
 
 # (kernel, device type, dtype) -> whether its private ops ran when first tried in this process.
@@ -135,33 +142,40 @@ def _try_once(kernel: str, device: torch.device, dtype: torch.dtype) -> bool:
     return True
 
 
-def attention_forward(q: Tensor, k: Tensor, v: Tensor, scale: float, kernel: str) -> tuple[Tensor, Tensor]:
+def attention_forward(q: Tensor, k: Tensor, v: Tensor, scale: float, kernel: str,
+                      causal: bool = False) -> tuple[Tensor, Tensor]:
     """``out = softmax(scale q k^T) v`` and ``lse = log Σ_j exp(scale q·k_j)`` through ``kernel``.
 
     Shapes: q (B, H, N, d), k (B, H, M, d), v (B, H, M, dv) -> out (B, H, N, dv) in v's dtype,
     lse (B, H, N) (float32 for half inputs). ``kernel``: one of ``LSE_KERNELS``, as chosen by
     ``backends.select_block_kernel``; non-finite CPU inputs run ``blocked`` (``nonfinite_on_cpu``).
+    ``causal`` (N = M, the same positions): query i sees keys 0..i only.
     """
+    if causal and q.shape[-2] != k.shape[-2]:
+        raise ValueError(f"a causal block needs as many queries as keys (the same positions); given N = "
+                         f"{q.shape[-2]}, M = {k.shape[-2]}")
     if kernel == "blocked" or nonfinite_on_cpu(q, k, v):
-        return blocked_forward(q, k, v, scale)
+        return blocked_forward(q, k, v, scale, causal=causal)
     e = fused_head_size(q, v)
-    out, lse = fused_forward(kernel, _pad_last(q, e), _pad_last(k, e), _pad_last(v, e), scale)
+    out, lse = fused_forward(kernel, _pad_last(q, e), _pad_last(k, e), _pad_last(v, e), scale, causal)
     return out[..., : v.shape[-1]], lse
 
 
 def attention_backward(
-    dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, scale: float, kernel: str
+    dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, scale: float, kernel: str,
+    causal: bool = False,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """Gradients (dq, dk, dv) of ``softmax(scale q k^T) v`` for this key block through ``kernel``.
 
     ``out`` and ``lse`` (B, H, N, dv) / (B, H, N) may be those of the full key set: then dq is this
-    block's contribution to the full dq and dk, dv are exact for this block.
+    block's contribution to the full dq and dk, dv are exact for this block. ``causal``: as ``attention_forward``.
     """
     if kernel == "blocked" or nonfinite_on_cpu(dout, q, k, v):
-        return blocked_backward(dout, q, k, v, out, lse, scale)
+        return blocked_backward(dout, q, k, v, out, lse, scale, causal=causal)
     e = fused_head_size(q, v)
     qp, kp, vp = _pad_last(q, e), _pad_last(k, e), _pad_last(v, e)
-    dq, dk, dv = fused_backward(kernel, _pad_last(dout, e), qp, kp, vp, _pad_last(out, e), lse.contiguous(), scale)
+    dq, dk, dv = fused_backward(kernel, _pad_last(dout, e), qp, kp, vp, _pad_last(out, e), lse.contiguous(), scale,
+                                causal)
     return dq[..., : q.shape[-1]], dk[..., : k.shape[-1]], dv[..., : v.shape[-1]]
 
 

@@ -9,7 +9,8 @@ For a 'same' layer (``pad_left + pad_right = extent``) the anchor is ``o*s`` its
 convolution (``F.pad`` or ``cat`` of frames in front, which land on the first rank: a causal pad of
 k-1 frames, a symmetric one of (k-1)/2) is anchored by the pad's length (``lead``, carried on the
 input's ``Shard``): its output keeps the shard lengths of the unpadded input, so the boundaries do
-not drift from layer to layer.
+not drift from layer to layer. A pad after the last rank (``trail``: a right pad before a strided
+'valid' convolution) moves the anchor back by its length, as the layer's own right padding would.
 
 Rank r > 0 owns the outputs from ``o_r = ceil((a_r - c) / s)`` on; its window of the padded axis
 starts ``before = pad_left + e`` positions before its shard, where ``e = a_r - o_r*s`` must be the
@@ -44,6 +45,7 @@ class Window:
     pad_left: int
     pad_right: int
     lead: int = 0  # positions a pad put before the input's first rank (``Shard.lead``)
+    trail: int = 0  # positions a pad put after the input's last rank (``Shard.trail``)
 
     @property
     def extent(self) -> int:
@@ -52,9 +54,10 @@ class Window:
     @property
     def anchor(self) -> int:
         """c: the offset from ``o*stride`` of the input position that decides which rank owns output o:
-        the positions a pad put in front (``lead``) where the window spans them, else its unpadded span."""
+        the positions a pad put in front (``lead``) where the window spans them, else its unpadded span
+        less the positions a pad put after (``trail``)."""
         free = max(0, self.extent - self.pad_left - self.pad_right)
-        return self.lead if 0 < self.lead <= free else free
+        return self.lead if 0 < self.lead <= free else max(0, free - self.trail)
 
     @property
     def position_wise(self) -> bool:

@@ -28,6 +28,10 @@ class Shard:
     # the next sliding window anchors its outputs by it, so the shard boundaries do not drift. Any
     # other op's result has none (``with_sizes``).
     lead: int = field(default=0, compare=False)
+    # Positions ``F.pad`` put after the last rank's part (a right pad before a strided 'valid'
+    # convolution): the window's anchor moves back by them, as for a layer padding itself. (Not a
+    # ``cat`` suffix: that may be the real frames after a cache, as a prefix may be.)
+    trail: int = field(default=0, compare=False)
 
     @cached_property
     def starts(self) -> tuple[int, ...]:
@@ -49,8 +53,8 @@ class Shard:
     def start(self) -> int:
         return self.starts[self.rank]
 
-    def with_sizes(self, sizes, lead: int = 0) -> Shard:
-        return Shard(self.group, tuple(int(s) for s in sizes), self.rank, lead)
+    def with_sizes(self, sizes, lead: int = 0, trail: int = 0) -> Shard:
+        return Shard(self.group, tuple(int(s) for s in sizes), self.rank, lead, trail)
 
     def same(self, other: Shard) -> bool:
         """Same group and the same split (two tensors sharded alike along this dim)."""

@@ -216,3 +216,22 @@ def test_ring_schedule_in_one_process():
     grad = torch.randn_like(want)
     for a, b in zip(torch.autograd.grad(y, leaves, grad.to("cuda", torch.bfloat16)), torch.autograd.grad(want, ref, grad)):
         assert_rel(a.cpu(), b, 5e-2, "grad")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_causal_kernels_and_zigzag_ring_schedule_on_cuda(dtype):
+    """The per-block kernels' causal flag (the fused ops' is_causal) and the zigzag ring in one process."""
+    from nonlocal_dist.sequence.causal import local_causal_ring_attention
+
+    gen = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(2, 4, 96, 64, generator=gen).to("cuda", dtype).requires_grad_() for _ in range(3))
+    ref_leaves = [t.detach().double().requires_grad_() for t in (q, k, v)]
+    s = 0.125 * ref_leaves[0] @ ref_leaves[1].transpose(-1, -2)
+    s = s.masked_fill(torch.ones(96, 96, dtype=torch.bool, device="cuda").triu(1), float("-inf"))
+    want = torch.softmax(s, -1) @ ref_leaves[2]
+    y = local_causal_ring_attention(q, k, v, 0.125, 3)
+    out_tol, grad_tol = TOLERANCE[dtype]
+    assert_rel(y.double(), want, out_tol, "y")
+    grad = torch.randn_like(want)
+    for a, b in zip(torch.autograd.grad(y, (q, k, v), grad.to(dtype)), torch.autograd.grad(want, ref_leaves, grad)):
+        assert_rel(a.double(), b, grad_tol, "grad")

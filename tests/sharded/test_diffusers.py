@@ -206,6 +206,28 @@ def test_cogvideox_transformer_is_exact_on_sharded_frames(world):
 # ----------------------------------------------------------------------------------------------
 # Causal video VAEs: the encoder and the decoder of each, run whole over the frames (the models'
 # own frame-batching loops with caches compute the same function in pieces; sharding replaces them).
+# Wan's (2.1, and 2.2's residual form; QwenImage's is the same code) exists only as its loop: its
+# temporal resampling runs only with the frame cache. It runs unchanged through its own ``encode`` and
+# ``decode``: over h every rank works on every chunk; over t each chunk runs on the ranks holding its
+# frames, in turn (exact, not parallel in time).
+
+
+class _Encode(torch.nn.Module):
+    """The VAE's own ``encode`` (its chunk loop and caches) as a module ``parallelize`` can hook."""
+
+    def __init__(self, vae):
+        super().__init__()
+        self.vae = vae
+
+    def forward(self, x):
+        return self.vae.encode(x).latent_dist.mode()
+
+
+class _Decode(_Encode):
+    """The VAE's own ``decode``."""
+
+    def forward(self, z):
+        return self.vae.decode(z).sample
 
 
 def _vae(name):
@@ -230,6 +252,13 @@ def _vae(name):
         model = diffusers.AutoencoderKLLTXVideo(
             latent_channels=8, block_out_channels=(8, 8, 16, 16), decoder_block_out_channels=(8, 8, 16, 16),
             layers_per_block=(1, 1, 1, 1, 1), decoder_layers_per_block=(1, 1, 1, 1, 1), patch_size=1)
+    elif name == "ltx2":
+        model = diffusers.AutoencoderKLLTX2Video(
+            latent_channels=8, block_out_channels=(8, 16, 32, 64), decoder_block_out_channels=(8, 16, 32),
+            layers_per_block=(1, 1, 1, 1, 1), decoder_layers_per_block=(1, 1, 1, 1), patch_size=1)
+    elif name in ("wan", "wan22"):
+        residual = {"is_residual": True, "in_channels": 12, "out_channels": 12, "patch_size": 2} if name == "wan22" else {}
+        model = diffusers.AutoencoderKLWan(base_dim=8, z_dim=4, dim_mult=[1, 2, 2, 2], num_res_blocks=1, **residual)
     else:  # mochi: its GroupNorm has 32 groups
         model = diffusers.AutoencoderKLMochi(
             encoder_block_out_channels=(32,) * 4, decoder_block_out_channels=(32,) * 4, latent_channels=4,
@@ -246,6 +275,9 @@ _VAE_INPUT = {  # (name, part) -> input shape (b, c, t, h, w)
     ("cosmos", "encoder"): (1, 3, 9, 16, 16), ("cosmos", "decoder"): (1, 4, 3, 4, 4),
     ("ltx", "encoder"): (1, 3, 9, 16, 16), ("ltx", "decoder"): (1, 8, 3, 4, 4),
     ("mochi", "encoder"): (1, 3, 12, 16, 16), ("mochi", "decoder"): (1, 4, 3, 4, 4),
+    ("ltx2", "encoder"): (1, 3, 9, 16, 16), ("ltx2", "decoder"): (1, 8, 2, 2, 2),
+    ("wan", "encoder"): (1, 3, 9, 16, 16), ("wan", "decoder"): (1, 4, 3, 4, 4),
+    ("wan22", "encoder"): (1, 3, 9, 32, 32), ("wan22", "decoder"): (1, 4, 3, 4, 4),
 }
 _VAE_SIZES = {  # (length, world) -> shard lengths, uneven and empty
     (2, 2): [1, 1], (2, 3): [1, 1, 0], (3, 2): [2, 1], (3, 3): [1, 2, 0], (4, 2): [3, 1], (8, 2): [5, 3],
@@ -254,12 +286,16 @@ _VAE_SIZES = {  # (length, world) -> shard lengths, uneven and empty
 }
 # HunyuanVideo 1.5's encoder packs 2x2(x2) pixels into channels by ``view``, which cannot move positions
 # between ranks (a copy is not a view: it is refused off the grid): its shards sit on that grid.
-_VAE_GRID_SIZES = {("hunyuan15", "encoder", "t", 3): [5, 4, 0], ("hunyuan15", "encoder", "h", 2): [16, 16]}
+# Wan 2.2's encoder averages pairs of frames and of pixels by ``view`` (AvgDown3D) at every level, within
+# the frame chunks of its loop ([0], [1, 5), [5, 9)).
+_VAE_GRID_SIZES = {("hunyuan15", "encoder", "t", 3): [5, 4, 0], ("hunyuan15", "encoder", "h", 2): [16, 16],
+                   ("wan22", "encoder", "t", 3): [1, 4, 4], ("wan22", "encoder", "h", 2): [16, 16]}
 
 
 # diffusers' RMSNorm (LTX's VAE) computes its variance in float32 whatever the input dtype; with it in
 # float64 (RMSNorm.forward patched, a one-off check on 2026-12-06) its sharded decoder matched to 5e-15.
-_FLOAT32_INSIDE = {"ltx"}
+# Wan upsamples in float32 (WanUpsample casts its input): its backward sums gradients in float32.
+_FLOAT32_INSIDE = {"ltx", "wan", "wan22"}
 
 
 def _first(out):
@@ -271,7 +307,11 @@ def _vae_worker(rank, world, name, part, axis):
 
     from nonlocal_dist import parallelize
 
-    module = getattr(_vae(name), part)
+    vae = _vae(name)
+    if name in ("wan", "wan22"):  # through the VAE's own loop
+        module = _Encode(vae) if part == "encoder" else _Decode(vae)
+    else:
+        module = getattr(vae, part)
     plain = copy.deepcopy(module)
     g = torch.Generator().manual_seed(1)
     shape = _VAE_INPUT[name, part]
@@ -303,7 +343,8 @@ def _vae_worker(rank, world, name, part, axis):
 
 @pytest.mark.parametrize("axis,world", [("t", 2), ("t", 3), ("h", 2), ("t h", 4)])
 @pytest.mark.parametrize("part", ["encoder", "decoder"])
-@pytest.mark.parametrize("name", ["cogvideox", "hunyuan", "ltx", "mochi", "allegro", "magvit", "hunyuan15", "cosmos"])
+@pytest.mark.parametrize("name", ["cogvideox", "hunyuan", "ltx", "mochi", "allegro", "magvit", "hunyuan15", "cosmos",
+                                  "wan", "wan22", "ltx2"])
 def test_video_vae_is_exact_on_sharded_frames(name, part, axis, world):
     """The output, the input gradient and every parameter gradient (relative to their largest value)
     within 1e-10, or within 20x the one-process control's floor where the model computes in float32."""

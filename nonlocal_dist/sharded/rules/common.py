@@ -150,7 +150,7 @@ def localise(op: Op, t, dims: dict[int, Shard], ndim: int):
                 base = reshard(base, d, own[d].sizes, shard.sizes, shard.group, shard.rank)
             continue
         length = base.shape[d]
-        if length == shard.total and shard.total != 1:
+        if length == shard.total:  # total 1 too: a join (cat) does not broadcast
             base = base.narrow(d, shard.start, shard.local)
         elif length != 1:
             raise op.refuse(

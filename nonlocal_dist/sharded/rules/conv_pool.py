@@ -65,7 +65,7 @@ def windowed(op: Op, x: ShardedTensor, windows: dict[int, Window], fn, value: fl
     (the op with its own padding) on the shard, with no exchange."""
     dims = x.spec.sharded
     local = x.as_subclass(Tensor)
-    windows = {d: dataclasses.replace(w, lead=dims[d].lead) for d, w in windows.items()}
+    windows = {d: dataclasses.replace(w, lead=dims[d].lead, trail=dims[d].trail) for d, w in windows.items()}
     offsets = {}
     for d, w in windows.items():
         local, dims[d], offsets[d] = _aligned(op, local, d, w, dims[d])

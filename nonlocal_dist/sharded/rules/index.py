@@ -136,6 +136,8 @@ def _main_operand(shards: list, totals: list[int]) -> int | None:
 
 def _cat_like(op: Op, stack: bool):
     tensors = list(op.args[0])
+    if not stack:  # torch's cat skips 1-D empty operands (its legacy form), whatever the other shapes
+        tensors = [t for t in tensors if isinstance(t, ShardedTensor) or not (t.dim() == 1 and t.shape[0] == 0)]
     dim = op.args[1] if len(op.args) > 1 else op.kwargs.get("dim", 0)
     ndim = max(t.dim() for t in tensors) + (1 if stack else 0)
     base_ndim = ndim - 1 if stack else ndim

@@ -144,7 +144,8 @@ def _pad_sharded(t: Tensor, d: int, shard: Shard, left: int, right: int, mode: s
         else:
             before, after = edge_fill(t, d, 0, 0.0), edge_fill(t, d, 0, 0.0)
     out = torch.cat([before, middle, after], d)
-    return out, shard.with_sizes([q_hi - q_lo for q_lo, _, _, q_hi in ranges], lead=shard.lead + max(left, 0))
+    return out, shard.with_sizes([q_hi - q_lo for q_lo, _, _, q_hi in ranges], lead=shard.lead + max(left, 0),
+                                 trail=shard.trail + max(right, 0))
 
 
 @rule(F.pad)

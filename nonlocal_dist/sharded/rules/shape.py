@@ -68,9 +68,22 @@ def _resolve(shape, numel: int) -> list[int]:
 
 
 def _blocks(src: list[int], dst: list[int]) -> list[tuple[list[int], list[int]]]:
-    """Split two shapes of equal numel (no zeros) into aligned blocks (src dims, dst dims) of equal products."""
+    """Split two shapes of equal numel (no zeros) into aligned blocks (src dims, dst dims) of equal products.
+
+    A length-1 dim facing a longer one joins the block before it where that block is all length 1:
+    ``(b t) c`` with b == t == 1 is the block (b, t) -> (b t), not (t, c) -> c (frames folded into the
+    batch stay the batch's), while ``c (t two)`` with t == 1 keeps t the outer factor of (t two)."""
     blocks, i, j = [], 0, 0
     while i < len(src) or j < len(dst):
+        ones = bool(blocks) and math.prod(src[k] for k in blocks[-1][0]) == 1
+        if ones and i < len(src) and src[i] == 1 and (j == len(dst) or dst[j] != 1):
+            blocks[-1][0].append(i)
+            i += 1
+            continue
+        if ones and j < len(dst) and dst[j] == 1 and (i == len(src) or src[i] != 1):
+            blocks[-1][1].append(j)
+            j += 1
+            continue
         a, b, pa, pb = [], [], 1, 1
         if i < len(src):
             a, pa, i = [i], src[i], i + 1
@@ -85,6 +98,12 @@ def _blocks(src: list[int], dst: list[int]) -> list[tuple[list[int], list[int]]]
                 pb, j = pb * dst[j], j + 1
         blocks.append((a, b))
     return blocks
+
+
+def held_by_one(shard: Shard) -> bool:
+    """Whether one rank holds every position of the dim (a chunk sliced off a sharded sequence): it
+    merges with outer dims as it is, the merged dim held by that rank."""
+    return sum(1 for s in shard.sizes if s) <= 1
 
 
 def reshape_spec(op: Op, src: list[int], dst: list[int], sharded: dict[int, Shard],
@@ -102,16 +121,19 @@ def reshape_spec(op: Op, src: list[int], dst: list[int], sharded: dict[int, Shar
         if not inside:
             continue
         d = inside[0]
-        if len(inside) > 1 or math.prod(src[k] for k in a if k < d) != 1:
+        outer = math.prod(src[k] for k in a if k < d)
+        if len(inside) > 1 or (outer != 1 and not held_by_one(sharded[d])):
             raise op.refuse(
                 f"it merges sharded dim {d} with the outer dim(s) {[k for k in a if k < d and src[k] != 1]}: each rank's "
                 "positions would not be one contiguous block", d,
                 "move the sharded dim outermost of the merge first (permute), as '(t h w)' in einops",
             )
-        inner = math.prod(src[k] for k in a if k > d)
+        inner = math.prod(src[k] for k in a if k > d) * outer  # one rank holding it all: the whole block
         shard = sharded[d]
         flat = [s * inner for s in shard.sizes]
-        target = next((k for k in b if dst[k] != 1), b[0] if b else None)
+        target = next((k for k in b if dst[k] != 1), None)
+        if target is None and b:  # all length 1: the dim as far from the end as the source's ((b t) -> b, t)
+            target = next((k for k in b if len(dst) - k == len(src) - d), b[0])
         if target is None or math.prod(dst[k] for k in b if k < target) != 1:
             raise op.refuse(f"no dim of the result carries the sharded positions of dim {d}", d)
         below = math.prod(dst[k] for k in b if k > target)
@@ -146,7 +168,7 @@ def _outermost_sharded(op: Op, x: ShardedTensor, src: list[int], dst: list[int])
             x = whole_along(op, x, inside[1:])
         d = inside[0]
         outer = [k for k in a if src[k] != 1 and k < d]
-        if not outer:
+        if not outer or held_by_one(x.spec.sharded[d]):
             continue
         k = outer[0]
         shard = x.spec.sharded[d]

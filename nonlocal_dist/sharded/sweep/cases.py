@@ -9,7 +9,10 @@ given piece lengths. Kinds of case (world size in ``KIND_WORLD``):
 - ``pair``: two leaves each sharded along one dim by the same group (aligned when their
   right-aligned dims and lengths match, so a broadcasting op can run them together);
 - ``two-dims``: two dims of one leaf over the same group (a spec a rule must refuse or handle);
-- ``mesh``: two dims of one leaf over the two groups of a 2x2 mesh (4 ranks).
+- ``mesh``: two dims of one leaf over the two groups of a 2x2 mesh (4 ranks);
+- ``held``: a length-1 dim of one leaf held by the last of 2 ranks (the first holds none of it: a
+  first frame sliced off, frames folded into a batch of one), alone and paired with another leaf
+  sharded along a longer dim by the same group.
 
 Samples are regenerated on every rank from the same seed (a digest of the op's name), so only the
 case travels; ``Case.digest`` checks that the rank's sample is the parent's.
@@ -25,8 +28,8 @@ from dataclasses import dataclass
 import torch
 from torch.utils._pytree import tree_flatten
 
-KINDS = ("uneven", "empty", "pair", "two-dims", "mesh")
-KIND_WORLD = {"uneven": 2, "empty": 3, "pair": 2, "two-dims": 2, "mesh": 4}
+KINDS = ("uneven", "empty", "pair", "two-dims", "mesh", "held")
+KIND_WORLD = {"uneven": 2, "empty": 3, "pair": 2, "two-dims": 2, "mesh": 4, "held": 2}
 
 
 @dataclass(frozen=True)
@@ -140,6 +143,11 @@ def _slots(shapes: list[tuple[int, ...] | None]) -> list[tuple[int, int, int]]:
     return [(i, d, n) for i, shape in enumerate(shapes) if shape is not None for d, n in enumerate(shape) if n >= 2]
 
 
+def _ones(shapes: list[tuple[int, ...] | None]) -> list[tuple[int, int, int]]:
+    """(leaf, dim, 1) of every length-1 dim."""
+    return [(i, d, 1) for i, shape in enumerate(shapes) if shape is not None for d, n in enumerate(shape) if n == 1]
+
+
 def shapes(sample) -> list[tuple[int, ...] | None]:
     return [tuple(t.shape) if t.layout == torch.strided else None for t in leaves(sample)]
 
@@ -184,6 +192,13 @@ def sample_cases(name: str, index: int, sample, kinds) -> list[Case]:
     if "pair" in kinds:
         for a, b in _pairs(dims, slots):
             case("pair", Placement(a[0], a[1], 0, uneven(a[2])), Placement(b[0], b[1], 0, uneven(b[2])))
+    if "held" in kinds:
+        for leaf, dim, _ in _ones(dims):
+            case("held", Placement(leaf, dim, 0, (0, 1)))
+        other = next(((a, b) for a in _ones(dims) for b in slots if a[0] != b[0]), None)
+        if other is not None:
+            a, b = other
+            case("held", Placement(a[0], a[1], 0, (0, 1)), Placement(b[0], b[1], 0, uneven(b[2])))
     two = _two_dims(slots)
     if two is not None:
         a, b = two
@@ -217,7 +232,7 @@ def enumerate_cases(ops: list[str] | None = None, kinds=KINDS, samples_per_op: i
             made = samples(infos[name], None)
         except Exception:  # a sample generator that fails on this build: no cases from it
             continue
-        splittable = [i for i, s in enumerate(made) if _slots(shapes(s))]
+        splittable = [i for i, s in enumerate(made) if _slots(shapes(s)) or ("held" in kinds and _ones(shapes(s)))]
         for index in _spread(splittable, samples_per_op):
             out.extend(sample_cases(name, index, made[index], kinds))
     return out[::every]

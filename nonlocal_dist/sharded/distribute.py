@@ -32,6 +32,8 @@ from nonlocal_dist.distributed.comm import broadcast_
 from nonlocal_dist.distributed.mesh import mesh_groups, span_group
 from nonlocal_dist.distributed.shards import split_sizes
 from nonlocal_dist.layout import axis_dims
+from nonlocal_dist.sequence.strategies import STRATEGIES
+from nonlocal_dist.sharded.rules.attention import set_attention_strategy
 from nonlocal_dist.sharded.spec import Shard, ShardSpec
 from nonlocal_dist.sharded.tensor import ShardedTensor
 
@@ -135,9 +137,9 @@ class _Hooks:
     """parallelize's two hooks and its settings (picklable state; no process group kept on the model)."""
 
     def __init__(self, mesh, layout: str, axes: tuple[str, ...], output: str, align, sizes,
-                 inputs: tuple[tuple[int | str, int], ...] | None = None) -> None:
+                 inputs: tuple[tuple[int | str, int], ...] | None = None, strategy: str | None = None) -> None:
         self.mesh, self.layout, self.axes, self.output = mesh, layout, axes, output
-        self.align, self.sizes, self.inputs = align, sizes, inputs
+        self.align, self.sizes, self.inputs, self.strategy = align, sizes, inputs, strategy
         self.state_checked = False
         self.rng_states: list[tuple] = []  # the user's generator states, given back by the post-hook
 
@@ -200,7 +202,8 @@ class _Hooks:
         described = tuple(_describe_argument(t) for t in tree_flatten(inputs)[0])
         states = None if self.state_checked else _state_digests(module)
         fields = {"inputs": described, "parameters and buffers": tuple(sorted(states.items())) if states else None,
-                  "training modes and block settings": _module_settings(module), "seed": rng.draw_seed()}
+                  "training modes and block settings": _module_settings(module), "attention strategy": self.strategy,
+                  "seed": rng.draw_seed()}
         try:
             _, values = agree_across_ranks(
                 span, lambda: (None, fields), tuple(fields), free=("seed",),
@@ -281,7 +284,11 @@ def parallelize(model: nn.Module, mesh, axis: str | Sequence[str] = "t", *, layo
     size (``integrations.deepspeed_sp.loss_scale``); each rank's parameter gradient is then its
     part, and their sum (DeepSpeed's reduction) is the single-device gradient. ``align``: shard
     lengths a multiple of it (``split_sizes``; the network's stride along the axis), or ``sizes``: the
-    lengths, one list per axis. ``strategy``: the sequence-parallel strategy of every
+    lengths, one list per axis. ``strategy``: the sequence-parallel strategy of attention over the
+    sharded tokens (``F.scaled_dot_product_attention``: ``"ring"``, the zigzag ring where causal;
+    ``"allgather"``; ``"ulysses"``, not causal; refused where a form cannot run the one named; it
+    holds for the groups of ``mesh`` until another ``parallelize`` names one; None: each form's
+    default) and of every
     ``NonLocalBlock`` (``nonlocal_op``'s). ``sync_module_states``: broadcast the first rank's
     parameters and buffers to every rank of the mesh now (as FSDP does); otherwise the first
     forward checks that they are equal on every rank (one digest in the pre-hook's agreement) and
@@ -296,12 +303,15 @@ def parallelize(model: nn.Module, mesh, axis: str | Sequence[str] = "t", *, layo
     groups = mesh_groups(mesh, axes)
     axis_dims(layout, axes, len(layout.split()))
     if strategy is not None:
+        if strategy not in STRATEGIES:
+            raise ValueError(f"strategy must be one of {tuple(STRATEGIES)} or None, got {strategy!r}")
+        set_attention_strategy(groups, strategy)
         for block in model.modules():  # NonLocalBlocks (the block sits above this package: no import)
             if hasattr(block, "sp_strategy"):
                 block.sp_strategy = strategy
     if sync_module_states:
         _broadcast_state(model, groups)
-    hooks = _Hooks(mesh, layout, axes, output, align, sizes, chosen)
+    hooks = _Hooks(mesh, layout, axes, output, align, sizes, chosen, strategy)
     model.register_forward_pre_hook(hooks.pre, with_kwargs=True)
     model.register_forward_hook(hooks.post, always_call=True, prepend=True)  # the last pre-hook's post runs first
     return model

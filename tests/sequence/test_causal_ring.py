@@ -124,3 +124,58 @@ def test_causal_sdpa_on_sharded_tokens_runs_the_zigzag_ring_exactly(world, shape
     for sizes in _SIZES[world]:
         for err in run_ranks(_sdpa_worker, world, sizes, shape, timeout=120):
             assert err < 1e-12, (sizes, err)
+
+
+# ---------------------------------------------------------------------------------------------
+# parallelize(strategy=) chooses the attention's strategy, or the form refuses it on every rank.
+
+
+class _SelfAttention(torch.nn.Module):
+    """Causal and full self-attention over the tokens of x (b, n, c), two heads."""
+
+    def __init__(self):
+        super().__init__()
+        self.qkv = torch.nn.Linear(8, 24)
+
+    def forward(self, x):
+        q, k, v = (t.unflatten(-1, (2, 4)).transpose(1, 2) for t in self.qkv(x).chunk(3, -1))
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=True) + F.scaled_dot_product_attention(q, k, v)
+        return y.transpose(1, 2).flatten(2)
+
+
+def _strategy_worker(rank, world, strategy):
+    import copy
+    import sys
+
+    import torch.distributed as dist
+
+    sys.path.insert(0, str(__import__("pathlib").Path(__file__).parents[1] / "sharded"))
+    from sharded_parity import runtime_log
+
+    from nonlocal_dist.sharded import ShardingRefusal, parallelize
+    from nonlocal_dist.sharded.rules.attention import set_attention_strategy
+
+    torch.manual_seed(0)
+    model = _SelfAttention().double()
+    plain = copy.deepcopy(model)
+    x = torch.randn(2, 11, 8, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    sharded = parallelize(model, dist.group.WORLD, "n", layout="b n c", sizes=[[7, 4]], strategy=strategy)
+    try:
+        with runtime_log() as log:
+            y = sharded(x)
+    except ShardingRefusal as exc:
+        return "refused", str(exc)
+    finally:  # the ranks persist across tests: the group's default strategy again
+        set_attention_strategy([dist.group.WORLD], None)
+    return rel_err(y, plain(x)), any("gathered whole" in m for m in log)
+
+
+@pytest.mark.parametrize("strategy", [None, "ring", "allgather", "ulysses"])
+def test_parallelize_strategy_chooses_the_attention_strategy(strategy):
+    results = run_ranks(_strategy_worker, 2, strategy, timeout=120)
+    if strategy == "ulysses":  # the full attention could; the causal one runs ring or allgather only
+        assert all(r[0] == "refused" and "causal attention" in r[1] and "'ulysses'" in r[1] for r in results), results
+        return
+    for err, gathered in results:
+        assert err < 1e-12, results
+        assert gathered == (strategy == "allgather"), results  # the ring gathers no keys

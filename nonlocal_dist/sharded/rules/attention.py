@@ -7,7 +7,9 @@ Ulysses, exact with uneven and empty shards). Cross-attention of sharded queries
 every rank holds whole (text tokens) runs locally, each rank's queries against all the keys, with a
 mask over the keys or one sliced to the rank's query rows, and GQA. Causal self-attention over a
 sharded sequence runs the load-balanced zigzag ring (``sequence.causal``): q, k and v fetched into
-zigzag order, the output fetched back.
+zigzag order, the output fetched back. ``parallelize(strategy=)`` chooses the strategy of attention
+over the tokens of its groups (``set_attention_strategy``), or the op refuses where that strategy
+cannot run it.
 """
 from __future__ import annotations
 
@@ -22,6 +24,7 @@ from nonlocal_dist.distributed.collectives import gather_dim
 from nonlocal_dist.distributed.shards import starts
 from nonlocal_dist.sequence.api import parallel_nonlocal
 from nonlocal_dist.sequence.causal import causal_ring_attention, zigzag_positions
+from nonlocal_dist.sequence.strategies import MODE_STRATEGIES
 from nonlocal_dist.sharded.fetch import fetch_positions
 from nonlocal_dist.sharded.rules.common import (
     bind,
@@ -40,6 +43,34 @@ from nonlocal_dist.sharded.tensor import (
     rule,
     user_frame,
 )
+
+# id(process group) -> the strategy of attention over tokens sharded on it (``parallelize(strategy=)``);
+# absent: each form's default. Kept per group, not per call: a checkpoint's recomputation runs
+# outside the forward's hooks and must choose alike.
+_STRATEGY: dict[int, str] = {}
+# The strategies each form of attention over sharded keys can run; the first is its default.
+CAUSAL_STRATEGIES = ("ring", "allgather")
+MASKED_STRATEGIES = ("allgather",)
+
+
+def set_attention_strategy(groups, strategy: str | None) -> None:
+    """``strategy`` (``"ring"``, ``"allgather"`` or ``"ulysses"``; None: each form's default again) for
+    ``scaled_dot_product_attention`` over tokens sharded on any of ``groups``."""
+    for group in groups:
+        if strategy is None:
+            _STRATEGY.pop(id(group), None)
+        else:
+            _STRATEGY[id(group)] = strategy
+
+
+def _strategy(op: Op, shard, allowed: tuple[str, ...], form: str) -> str:
+    chosen = _STRATEGY.get(id(shard.group))
+    if chosen is None:
+        return allowed[0]
+    if chosen not in allowed:
+        raise op.refuse(f"{form} with strategy {chosen!r} (parallelize(strategy=)); it runs {' or '.join(map(repr, allowed))}",
+                        fix=f"parallelize with strategy=None (each attention its default) or one of {allowed}")
+    return chosen
 
 
 def _all_replicated(op: Op) -> bool:
@@ -137,7 +168,10 @@ def _sdpa(op: Op):
                         seq, "shard the tokens, the batch or the heads, not the channels")
     shard = specs[0][seq]
     if a["is_causal"] and a["attn_mask"] is None and not a["enable_gqa"]:
-        return _causal_ring(op, a, shard, batch)
+        if _strategy(op, shard, CAUSAL_STRATEGIES, "causal attention over a sharded sequence") == "ring":
+            return _causal_ring(op, a, shard, batch)
+    elif a["attn_mask"] is not None or a["enable_gqa"]:
+        _strategy(op, shard, MASKED_STRATEGIES, "attention with a mask or GQA over a sharded sequence")
     if a["attn_mask"] is not None or a["is_causal"] or a["enable_gqa"]:
         # A mask, causal attention or grouped heads: the keys and values gathered whole (the all-gather
         # strategy), each rank's queries against all of them with the mask's rows for its queries.
@@ -148,8 +182,9 @@ def _sdpa(op: Op):
     scale = a["scale"] if a["scale"] is not None else 1.0 / math.sqrt(q.shape[-1])
     local = [t.as_subclass(Tensor) for t in tensors]
     lengths = (list(shard.sizes), list(shard.sizes))  # every rank's tokens, from the spec: no agreement
+    strategy = _strategy(op, shard, MODE_STRATEGIES["embedded_gaussian"], "attention over a sharded sequence")
     y = parallel_nonlocal(*local, "embedded_gaussian", scale=scale, concat_weight=None, backend="auto",
-                          group=shard.group, strategy=None, lengths=lengths)
+                          group=shard.group, strategy=strategy, lengths=lengths)
     return ShardedTensor.wrap(y, q.spec.remap(y.dim(), {**batch, seq: shard}))
 
 

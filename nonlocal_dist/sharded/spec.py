@@ -56,6 +56,10 @@ class Shard:
     def with_sizes(self, sizes, lead: int = 0, trail: int = 0) -> Shard:
         return Shard(self.group, tuple(int(s) for s in sizes), self.rank, lead, trail)
 
+    def held_by_one(self) -> bool:
+        """Whether one rank holds every position (a chunk or a token sliced off a sharded sequence)."""
+        return sum(1 for s in self.sizes if s) <= 1
+
     def same(self, other: Shard) -> bool:
         """Same group and the same split (two tensors sharded alike along this dim)."""
         return self.group is other.group and self.sizes == other.sizes

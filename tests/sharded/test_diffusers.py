@@ -354,3 +354,95 @@ def test_video_vae_is_exact_on_sharded_frames(name, part, axis, world):
             assert 0 < errors["control floor"] < 1e-5, errors
             floor = 20 * errors["control floor"]
         assert max(v for k, v in errors.items() if k != "control floor") <= floor, errors
+
+
+# ----------------------------------------------------------------------------------------------
+# More video transformers, each as its pipeline calls it (batch 2, 3 latent frames of 4x4 or 8x8):
+# outputs and input gradients exact; parameter gradients exact, or within 20x the one-process
+# control's own floor where the model computes in float32 (diffusers' RMSNorm variance, FP32LayerNorm,
+# Wan-style float32 blocks): the change in its parameter gradients when the same loss is summed in two
+# backward passes.
+
+
+def _more(name: str, g):
+    """(model, call(model, latents), latents, w) for ``name``, seeded alike on every rank."""
+    torch.manual_seed(0)
+    x = torch.randn(2, 4, 3, 8, 8, dtype=torch.float64, generator=g)
+    text = torch.randn(2, 5, 12, dtype=torch.float64, generator=g)
+    mask = torch.tensor([[1, 1, 1, 1, 0], [1, 1, 1, 0, 0]])
+    t = torch.tensor([500, 20])
+    if name == "mochi":
+        text = torch.randn(2, 5, 16, dtype=torch.float64, generator=g)  # its attention pooler has 8 heads
+        model = diffusers.MochiTransformer3DModel(
+            patch_size=2, num_attention_heads=2, attention_head_dim=8, num_layers=2, pooled_projection_dim=16,
+            in_channels=4, text_embed_dim=16, time_embed_dim=16, max_sequence_length=5)
+        with torch.no_grad():  # zero at init: its rotary embedding would be the identity
+            model.pos_frequencies.normal_(0, 0.5, generator=torch.Generator().manual_seed(2))
+        call = lambda m, v: m(v, text, t, mask, return_dict=False)[0]  # noqa: E731
+    elif name == "allegro":
+        model = diffusers.AllegroTransformer3DModel(
+            patch_size=2, patch_size_t=1, num_attention_heads=2, attention_head_dim=8, in_channels=4, out_channels=4,
+            num_layers=2, cross_attention_dim=16, sample_height=8, sample_width=8, sample_frames=3, caption_channels=12)
+        call = lambda m, v: m(v, text, t, encoder_attention_mask=mask, return_dict=False)[0]  # noqa: E731
+    elif name == "cosmos":
+        model = diffusers.CosmosTransformer3DModel(
+            in_channels=4, out_channels=4, num_attention_heads=2, attention_head_dim=12, num_layers=2, mlp_ratio=2.0,
+            text_embed_dim=12, adaln_lora_dim=4, max_size=(8, 16, 16), patch_size=(1, 2, 2),
+            concat_padding_mask=False, extra_pos_embed_type=None)
+        call = lambda m, v: m(v, t.double(), text, return_dict=False)[0]  # noqa: E731
+    elif name == "skyreels":
+        model = diffusers.SkyReelsV2Transformer3DModel(
+            patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=8, in_channels=4, out_channels=4,
+            text_dim=12, freq_dim=16, ffn_dim=32, num_layers=2, rope_max_seq_len=32)
+        call = lambda m, v: m(v, t, text, return_dict=False)[0]  # noqa: E731
+    elif name == "hunyuan15":
+        x = torch.randn(2, 4, 3, 4, 4, dtype=torch.float64, generator=g)
+        text2 = torch.randn(2, 3, 8, dtype=torch.float64, generator=g)
+        image = torch.randn(2, 2, 6, dtype=torch.float64, generator=g)
+        model = diffusers.HunyuanVideo15Transformer3DModel(
+            in_channels=4, out_channels=4, num_attention_heads=2, attention_head_dim=8, num_layers=1,
+            num_refiner_layers=1, patch_size=2, patch_size_t=1, text_embed_dim=12, text_embed_2_dim=8,
+            image_embed_dim=6, rope_axes_dim=(2, 2, 4))
+        mask2 = torch.tensor([[1, 1, 0], [1, 0, 0]])
+        call = lambda m, v: m(v, t.double(), text, mask, encoder_hidden_states_2=text2,  # noqa: E731
+                              encoder_attention_mask_2=mask2, image_embeds=image, return_dict=False)[0]
+    elif name == "easyanimate":
+        x = torch.randn(2, 4, 3, 4, 4, dtype=torch.float64, generator=g)
+        model = diffusers.EasyAnimateTransformer3DModel(
+            num_attention_heads=2, attention_head_dim=16, in_channels=4, out_channels=4, patch_size=2, sample_width=8,
+            sample_height=8, num_layers=2, mmdit_layers=1, time_embed_dim=8, text_embed_dim=12)
+        call = lambda m, v: m(v, t, encoder_hidden_states=text, return_dict=False)[0]  # noqa: E731
+    else:  # latte: frames folded into the batch, cross-attention to the text repeated per frame
+        x = torch.randn(2, 4, 3, 4, 4, dtype=torch.float64, generator=g)
+        model = diffusers.LatteTransformer3DModel(
+            num_attention_heads=2, attention_head_dim=8, in_channels=4, out_channels=4, num_layers=2,
+            cross_attention_dim=16, sample_size=4, patch_size=2, activation_fn="gelu-approximate",
+            norm_type="ada_norm_single", caption_channels=12, video_length=3)
+        call = lambda m, v: m(v, t, encoder_hidden_states=text, return_dict=False)[0]  # noqa: E731
+    w = torch.randn(x.shape, dtype=torch.float64, generator=g)
+    return model.double().eval(), call, x, w
+
+
+def _more_worker(rank, world, name):
+    import torch.distributed as dist
+
+    from nonlocal_dist import parallelize
+
+    model, call, x, w = _more(name, torch.Generator().manual_seed(1))
+    plain = copy.deepcopy(model)
+    control = copy.deepcopy(plain)
+    for part in (slice(0, 2), slice(2, None)):
+        (call(control, x)[:, :, part] * w[:, :, part]).sum().backward()
+    sizes = {1: [[3]], 2: [[2, 1]], 3: [[1, 2, 0]]}[world]
+    sharded = parallelize(model, dist.group.WORLD, "t", inputs=("hidden_states",), sizes=sizes)
+    errors, param_error = _against_one_process(plain, sharded, model, call, x, w, world, relative=True)
+    errors["control floor"] = param_error({n: p.grad for n, p in control.named_parameters() if p.grad is not None})
+    return errors
+
+
+@pytest.mark.parametrize("world", [2, 3])
+@pytest.mark.parametrize("name", ["mochi", "allegro", "cosmos", "skyreels", "hunyuan15", "easyanimate", "latte"])
+def test_more_video_transformers_are_exact_on_sharded_frames(name, world):
+    for errors in run_ranks(_more_worker, world, name, timeout=300):
+        assert errors["output"] < 1e-10 and errors["hidden_states grad"] < 1e-10, errors
+        assert errors["parameter grads"] <= max(1e-10, 20 * errors["control floor"]), errors

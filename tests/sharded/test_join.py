@@ -119,7 +119,45 @@ class Refold(nn.Module):
         return (frames - frames.mean(2, keepdim=True)).reshape(b, n, c)
 
 
+class RegisterTokens(nn.Module):
+    """Register tokens (whole) and a class token sliced off the tokens (held by the first rank) joined
+    after the tokens (MiniMax-H3's VAE decoder): the class token moves to the last rank, the tokens
+    keep their split."""
+
+    def __init__(self, c: int = 8) -> None:
+        super().__init__()
+        self.registers = nn.Parameter(torch.randn(1, 2, c))
+        self.lin = nn.Linear(c, c)
+
+    def forward(self, x):
+        b, n, c = x.shape
+        cls = torch.zeros_like(x[:, :1, :]) + x[:, :1, :].mean()
+        joint = self.lin(torch.cat([x, self.registers.expand(b, -1, -1), cls], dim=1))
+        return joint[:, :n] * joint[:, n:].mean(1, keepdim=True)
+
+
+class TextPerFrame(nn.Module):
+    """Latte's spatial cross-attention: frames folded into the batch (``(b t) (h w) c`` queries) against
+    text tokens every rank holds, repeated per frame; and attention over a replicated summary."""
+
+    def __init__(self, c: int = 4) -> None:
+        super().__init__()
+        self.text = nn.Parameter(torch.randn(1, 3, c))
+        self.q = nn.Linear(c, c)
+
+    def forward(self, x):
+        b, c, t, h, w = x.shape
+        tokens = x.permute(0, 2, 3, 4, 1).reshape(b * t, h * w, c)
+        text = self.text.repeat_interleave(b * t, dim=0)
+        y = F.scaled_dot_product_attention(self.q(tokens)[:, None], text[:, None], text[:, None])[:, 0]
+        summary = x.mean(dim=(2, 3, 4))[:, None, None, :]  # replicated
+        y = y + F.scaled_dot_product_attention(summary, summary, summary)[:, 0]
+        return y.reshape(b, t, h, w, c).permute(0, 4, 1, 2, 3)
+
+
 CASES = {
+    "register_tokens": (RegisterTokens, (2, 7, 8), "b n c", "n"),
+    "text_per_frame": (TextPerFrame, (1, 4, 7, 2, 3), "b c t h w", "t"),
     "masked_self_attention": (MaskedSelfAttention, (2, 7, 8), "b n c", "n"),
     "refold": (Refold, (2, 12, 8), "b n c", "n"),
     "rotary": (Rotary, (2, 7, 8), "b n c", "n"),
@@ -181,6 +219,30 @@ def _logged_worker(rank, world):
     with runtime_log() as messages:
         sharded_run(model, x, dist.group.WORLD, "n", layout="b n c", sizes=SIZES[world], steps=3)
     return messages
+
+
+class RegisterTokensAgain(RegisterTokens):
+    def forward(self, x):  # its own call site: the pooled ranks may have logged RegisterTokens' already
+        cls = torch.zeros_like(x[:, :1, :])
+        joint = self.lin(torch.cat([x, self.registers.expand(x.shape[0], -1, -1), cls], dim=1))
+        return joint[:, :x.shape[1]]
+
+
+def _register_worker(rank, world):
+    import torch.distributed as dist
+
+    torch.manual_seed(0)
+    model = RegisterTokensAgain().double()
+    with runtime_log() as messages:
+        sharded_run(model, torch.randn(2, 7, 8, dtype=torch.float64), dist.group.WORLD, "n", layout="b n c",
+                    sizes=SIZES[world])
+    return messages
+
+
+def test_a_part_held_by_one_rank_moves_to_its_side_of_the_join():
+    """The class token (one position) moves; the tokens are not resharded evenly."""
+    for messages in run_ranks(_register_worker, 2, timeout=120):
+        assert any("moved to rank 1" in m for m in messages) and not any("even split" in m for m in messages), messages
 
 
 def test_a_reshard_is_logged_once_per_call_site_with_its_bytes():

@@ -149,12 +149,14 @@ def _sdpa_ref(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False,
 def _sdpa(op: Op):
     a = bind(op, _sdpa_ref)
     q, k, v = a["query"], a["key"], a["value"]
-    if isinstance(q, ShardedTensor) and not any(isinstance(t, ShardedTensor) and t.spec.sharded for t in (k, v)):
-        return _cross_attention(op, a, *(t.as_subclass(Tensor) if isinstance(t, ShardedTensor) else t for t in (k, v)))
+    if not any(isinstance(t, ShardedTensor) and t.spec.sharded for t in (q, k, v)):  # replicated (or a mask only)
+        return replicated_or_refuse(op)
     if a["dropout_p"]:
-        raise op.refuse("attention dropout over a sharded sequence", fix="use dropout_p=0 (dropout after the attention)")
+        raise op.refuse("attention dropout over sharded queries or keys", fix="use dropout_p=0 (dropout after the attention)")
     if _batch_sharded(q, k, v):
         return _batched_attention(op, a)
+    if isinstance(q, ShardedTensor) and not any(isinstance(t, ShardedTensor) and t.spec.sharded for t in (k, v)):
+        return _cross_attention(op, a, *(t.as_subclass(Tensor) if isinstance(t, ShardedTensor) else t for t in (k, v)))
     tensors = (q, k, v)
     if not all(isinstance(t, ShardedTensor) for t in tensors):
         raise op.refuse("q, k and v must all be sharded along the sequence")
@@ -212,18 +214,27 @@ def _causal_ring(op: Op, a: dict, shard, batch: dict) -> ShardedTensor:
     return ShardedTensor.wrap(y, q.spec.remap(y.dim(), {**batch, seq: shard}))
 
 
+def _right_aligned(dims: dict, shift: int) -> dict:
+    """q's sharded dims as the output's: keys or values with more batch dims than q (broadcast) put
+    ``shift`` dims in front."""
+    return {d + shift: s for d, s in dims.items()}
+
+
 def _batch_sharded(q, k, v) -> bool:
-    """Whether q, k and v are sharded alike along batch dims only (frames folded into the batch, as a
-    VAE's per-frame attention has them): every sequence is whole on its rank."""
-    if not all(isinstance(t, ShardedTensor) and t.dim() == q.dim() for t in (q, k, v)):
+    """Whether q is sharded along batch dims only (frames folded into the batch, as a VAE's per-frame
+    attention has them) and k and v alike, or whole on every rank (Latte's text, repeated per frame):
+    every sequence is whole on its rank."""
+    if not isinstance(q, ShardedTensor) or not q.spec.sharded or max(q.spec.sharded) >= q.dim() - 2:
         return False
     dims = q.spec.sharded
-    return bool(dims) and max(dims) < q.dim() - 2 and all(
-        t.spec.sharded.keys() == dims.keys() and all(t.spec.sharded[d].same(dims[d]) for d in dims) for t in (k, v))
+    return all(not (isinstance(t, ShardedTensor) and t.spec.sharded) or (
+        t.dim() == q.dim() and t.spec.sharded.keys() == dims.keys() and all(t.spec.sharded[d].same(dims[d]) for d in dims))
+        for t in (k, v))
 
 
 def _batched_attention(op: Op, a: dict) -> ShardedTensor:
-    """Attention within each rank's batch rows (no communication); a mask is sliced to those rows."""
+    """Attention within each rank's batch rows (no communication); whole keys, values and a mask are
+    sliced to those rows (length 1 broadcasts)."""
     q = a["query"]
     dims = q.spec.sharded
     mask = a["attn_mask"]
@@ -231,10 +242,15 @@ def _batched_attention(op: Op, a: dict) -> ShardedTensor:
         raise op.refuse("a mask sharded along other dims than the batch rows of q, k and v", None,
                         "pass the mask whole (it is sliced to each rank's rows)")
     mask = localise(op, mask, dims, q.dim())
-    local = [a[n].as_subclass(Tensor) for n in ("query", "key", "value")]
+    local = [q.as_subclass(Tensor), *(localise(op, a[n], dims, q.dim()) for n in ("key", "value"))]
     extra = {"enable_gqa": True} if a["enable_gqa"] else {}
+    if any(t.numel() == 0 for t in local):  # no rows here (torch's CPU kernel crashes on an empty batch)
+        shape = (*torch.broadcast_shapes(local[0].shape[:-2], local[1].shape[:-2]), q.shape[-2], local[2].shape[-1])
+        tie = sum(t.sum() for t in local) * 0  # every operand in the graph: zero gradients, not None
+        y = local[0].new_zeros(shape) + tie
+        return ShardedTensor.wrap(y, q.spec.remap(y.dim(), _right_aligned(dims, y.dim() - q.dim())))
     y = op.run(*local, attn_mask=mask, is_causal=a["is_causal"], scale=a["scale"], **extra)
-    return ShardedTensor.wrap(y, q.spec.remap(y.dim(), dims))
+    return ShardedTensor.wrap(y, q.spec.remap(y.dim(), _right_aligned(dims, y.dim() - q.dim())))
 
 
 def _cross_attention(op: Op, a: dict, k: Tensor, v: Tensor, local_batch: bool = False) -> ShardedTensor:
@@ -284,7 +300,7 @@ def _cross_attention(op: Op, a: dict, k: Tensor, v: Tensor, local_batch: bool = 
         return op.run(local_q, k, v, attn_mask=rows, scale=a["scale"], **extra)
 
     y = on_piece(attend, q.as_subclass(Tensor), [seq])
-    return ShardedTensor.wrap(y, q.spec.remap(y.dim(), {**batch, seq: shard}))
+    return ShardedTensor.wrap(y, q.spec.remap(y.dim(), _right_aligned({**batch, seq: shard}, y.dim() - q.dim())))
 
 
 

@@ -30,7 +30,8 @@ from nonlocal_dist.sharded.tensor import Op, ShardedTensor, user_frame
 
 def on_piece(fn: Callable[[Tensor], Tensor], local: Tensor, dims) -> Tensor:
     """``fn(local)`` for ``fn`` that keeps each of ``dims`` (the sharded dims of ``local``, shape
-    ``(..., L_r, ...)``) in place and acts along the others; empty along one of them: an empty result."""
+    ``(..., L_r, ...)``) in place, counted from the end (a broadcast may add leading dims), and acts
+    along the others; empty along one of them: an empty result."""
     empty = [d for d in dims if local.shape[d] == 0]
     for d in empty:
         shape = list(local.shape)
@@ -38,7 +39,7 @@ def on_piece(fn: Callable[[Tensor], Tensor], local: Tensor, dims) -> Tensor:
         local = torch.cat([local, local.new_zeros(shape)], d)
     out = fn(local)
     for d in empty:
-        out = out.narrow(d, 0, 0)
+        out = out.narrow(d + out.dim() - local.dim(), 0, 0)
     return out
 
 

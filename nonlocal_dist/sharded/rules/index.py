@@ -77,7 +77,7 @@ def _getitem(op: Op):
         out = x.as_subclass(Tensor)[index]
         return ShardedTensor.wrap(out, x.spec.remap(out.dim(), {}))
     if _has_tensor_index(index):
-        raise op.refuse("tensor or list indices into a sharded activation", fix="index before sharding, or use slices")
+        return _tensor_index(op, x, index)
     parts = _expand_index(index, x.dim())
     local_index, dims, in_dim, out_dim, picked = [], {}, 0, 0, []
     for part in parts:
@@ -120,6 +120,43 @@ def _getitem(op: Op):
                                                                  if d not in picked}))
 
 
+def _tensor_index(op: Op, x: ShardedTensor, index) -> ShardedTensor:
+    """Tensor or list indices (advanced indexing, Mochi's valid text tokens ``q[i:i+1, :, kept, :]``).
+    One 1-D index: the other parts first (``_getitem``), then the index along its dim, which keeps its
+    place: locally along an unsharded dim; along a sharded one after gathering that dim whole (logged
+    once per call site with its bytes). Several: where every sharded dim is indexed by one, those
+    dims gathered whole first and the result replicated; otherwise a refusal."""
+    parts = _expand_index(index, x.dim())
+    tensors = [(k, p) for k, p in enumerate(parts) if isinstance(p, (Tensor, list))]
+    if len(tensors) == 1:
+        k, chosen = tensors[0]
+        chosen = torch.as_tensor(chosen) if isinstance(chosen, list) else chosen
+        if chosen.dim() == 1 and chosen.dtype != torch.bool:
+            rest = tuple(slice(None) if j == k else p for j, p in enumerate(parts))
+            y = _getitem(Op(Tensor.__getitem__, (x, rest), {})) if any(
+                not (isinstance(p, slice) and p == slice(None)) for p in rest) else x
+            at = sum(1 for p in parts[:k] if p is None or isinstance(p, slice))  # ints drop a dim, None adds one
+            if at in y.spec.sharded:
+                y = whole_along(op, y, [at])
+            out = y.as_subclass(Tensor)[(slice(None),) * at + (chosen.to(y.device),)]
+            return ShardedTensor.wrap(out, y.spec.remap(out.dim(), y.spec.sharded))
+    picked, in_dim = [], 0
+    for part in parts:
+        if part is None:
+            continue
+        if isinstance(part, Tensor) and part.dtype == torch.bool or isinstance(part, bool):
+            raise op.refuse("a boolean index into a sharded activation", fix="index before sharding, or use slices")
+        if isinstance(part, (Tensor, list)):
+            picked.append(in_dim)
+        in_dim += 1
+    if not set(x.spec.sharded) <= set(picked):
+        raise op.refuse("tensor or list indices into a sharded activation along other dims than the sharded ones",
+                        fix="index before sharding, or use slices")
+    whole = whole_along(op, x, sorted(x.spec.sharded)).as_subclass(Tensor)
+    out = whole[index]
+    return ShardedTensor.wrap(out, x.spec.remap(out.dim(), {}))
+
+
 def _main_operand(shards: list, totals: list[int]) -> int | None:
     """The operand the others join with no exchange: every operand before it whole or held by the first
     rank alone (a first frame sliced off), every one after it whole or held by the last rank alone;
@@ -132,6 +169,39 @@ def _main_operand(shards: list, totals: list[int]) -> int | None:
                 held_by(s, -1, n) for s, n in zip(shards[k + 1:], totals[k + 1:])):
             return k
     return None
+
+
+def _spread_operand(shards: list) -> int | None:
+    """The one operand held by several ranks where every other one is whole or held by one rank, and
+    those to move to the first or last rank are small (at most one rank's share of it: a class
+    token; larger ones are joined by an even reshard, which keeps the ranks balanced)."""
+    spread = [k for k, s in enumerate(shards) if s is not None and not s.held_by_one()]
+    if len(spread) != 1:
+        return None
+    k = spread[0]
+    world = shards[k].world
+    moving = sum(s.total for j, s in enumerate(shards) if s is not None and j != k
+                 and s.sizes[0 if j < k else world - 1] != s.total)
+    return k if moving * world <= shards[k].total else None
+
+
+def _move_held_parts(op: Op, local: list, shards: list, k: int, dim: int, group, rank: int, world: int):
+    """Every part held by one rank moved to the first rank if it comes before operand k, to the last
+    if after (one all-to-all each, logged once per call site with its bytes): then ``cat`` joins
+    them to operand k with no other exchange."""
+    local, shards = list(local), list(shards)
+    for j, shard in enumerate(shards):
+        if j == k or shard is None:
+            continue
+        to = 0 if j < k else world - 1
+        if shard.sizes[to] == shard.total:
+            continue
+        needs = [torch.arange(shard.total) if q == to else torch.arange(0) for q in range(world)]
+        log_once(user_frame(), f"{op.name} along sharded dim {dim}: a part of {shard.total} positions held by one "
+                               f"rank moved to rank {to}, about {shard.total * row_bytes(local[j], dim)} bytes per call")
+        local[j] = fetch_positions(local[j], dim, needs, shard.sizes, group, rank)
+        shards[j] = shard.with_sizes([shard.total if q == to else 0 for q in range(world)])
+    return local, shards
 
 
 def _cat_like(op: Op, stack: bool):
@@ -165,7 +235,8 @@ def _stack(op: Op):
     return _cat_like(op, stack=True)
 
 
-@rule(Tensor.split, torch.split, Tensor.chunk, torch.chunk, Tensor.unbind, torch.unbind)
+@rule(Tensor.split, torch.split, Tensor.split_with_sizes, torch.split_with_sizes, Tensor.chunk, torch.chunk,
+      Tensor.unbind, torch.unbind)
 def _split(op: Op):
     x = op.args[0]
     name = getattr(op.func, "__name__", "")
@@ -209,6 +280,10 @@ def _cat_along_shard(op: Op, tensors: list, dim: int, ndim: int) -> ShardedTenso
     group, rank, world = along[0].group, along[0].rank, along[0].world
     kwargs = {k: v for k, v in op.kwargs.items() if k != "dim"}
     k = _main_operand(shards, totals)
+    if k is None:  # parts one rank holds on the wrong side of the spread one (MiniMax's class token after it)
+        k = _spread_operand(shards)
+        if k is not None:
+            local, shards = _move_held_parts(op, local, shards, k, dim, group, rank, world)
     if k is not None:  # the parts before it on the first rank, after it on the last: no exchange
         sizes = list(shards[k].sizes)
         sizes[0] += sum(totals[:k])
@@ -248,7 +323,8 @@ def _split_along_shard(op: Op, x: ShardedTensor, dim: int, name: str) -> tuple:
     empty shards as the positions fall."""
     total = x.spec.sharded[dim].total
     how = op.args[1] if len(op.args) > 1 else next(
-        op.kwargs[k] for k in ("split_size_or_sections", "split_size", "chunks", "sections") if k in op.kwargs)
+        op.kwargs[k] for k in ("split_size_or_sections", "split_size", "split_sizes", "chunks", "sections")
+        if k in op.kwargs)
     if isinstance(how, int):  # chunk(n): pieces of ceil(total / n), as torch.chunk
         size = -(-total // how) if name == "chunk" else how
         lengths = [min(size, total - a) for a in range(0, total, size)] if total else [0]

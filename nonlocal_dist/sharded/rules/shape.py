@@ -100,12 +100,6 @@ def _blocks(src: list[int], dst: list[int]) -> list[tuple[list[int], list[int]]]
     return blocks
 
 
-def held_by_one(shard: Shard) -> bool:
-    """Whether one rank holds every position of the dim (a chunk sliced off a sharded sequence): it
-    merges with outer dims as it is, the merged dim held by that rank."""
-    return sum(1 for s in shard.sizes if s) <= 1
-
-
 def reshape_spec(op: Op, src: list[int], dst: list[int], sharded: dict[int, Shard],
                  resharded: dict[int, tuple[int, ...]] | None = None) -> dict[int, Shard]:
     """The dst dims' shards for a reshape of global shape ``src`` (sharded as given) to ``dst``.
@@ -122,7 +116,7 @@ def reshape_spec(op: Op, src: list[int], dst: list[int], sharded: dict[int, Shar
             continue
         d = inside[0]
         outer = math.prod(src[k] for k in a if k < d)
-        if len(inside) > 1 or (outer != 1 and not held_by_one(sharded[d])):
+        if len(inside) > 1 or (outer != 1 and not sharded[d].held_by_one()):  # one rank's whole dim merges as it is
             raise op.refuse(
                 f"it merges sharded dim {d} with the outer dim(s) {[k for k in a if k < d and src[k] != 1]}: each rank's "
                 "positions would not be one contiguous block", d,
@@ -168,7 +162,7 @@ def _outermost_sharded(op: Op, x: ShardedTensor, src: list[int], dst: list[int])
             x = whole_along(op, x, inside[1:])
         d = inside[0]
         outer = [k for k in a if src[k] != 1 and k < d]
-        if not outer or held_by_one(x.spec.sharded[d]):
+        if not outer or x.spec.sharded[d].held_by_one():
             continue
         k = outer[0]
         shard = x.spec.sharded[d]

@@ -252,6 +252,12 @@ def _vae(name):
         model = diffusers.AutoencoderKLLTXVideo(
             latent_channels=8, block_out_channels=(8, 8, 16, 16), decoder_block_out_channels=(8, 8, 16, 16),
             layers_per_block=(1, 1, 1, 1, 1), decoder_layers_per_block=(1, 1, 1, 1, 1), patch_size=1)
+    elif name == "minimax":  # MiniMax-H3: a convolutional encoder, a ViT decoder with register and class tokens
+        model = diffusers.AutoencoderKLMiniMaxH3(
+            latent_channels=4, block_out_channels=(8, 8, 16), layers_per_block=1, spatial_downsample_factors=(2, 2, 1),
+            temporal_downsample_factors=(1, 2, 1), norm_num_groups=4, decoder_num_layers=1,
+            decoder_num_attention_heads=2, decoder_attention_head_dim=16, decoder_num_register_tokens=2,
+            latents_mean=(0.0,) * 4, latents_std=(1.0,) * 4)
     elif name == "ltx2":
         model = diffusers.AutoencoderKLLTX2Video(
             latent_channels=8, block_out_channels=(8, 16, 32, 64), decoder_block_out_channels=(8, 16, 32),
@@ -275,6 +281,7 @@ _VAE_INPUT = {  # (name, part) -> input shape (b, c, t, h, w)
     ("cosmos", "encoder"): (1, 3, 9, 16, 16), ("cosmos", "decoder"): (1, 4, 3, 4, 4),
     ("ltx", "encoder"): (1, 3, 9, 16, 16), ("ltx", "decoder"): (1, 8, 3, 4, 4),
     ("mochi", "encoder"): (1, 3, 12, 16, 16), ("mochi", "decoder"): (1, 4, 3, 4, 4),
+    ("minimax", "encoder"): (1, 3, 9, 16, 16), ("minimax", "decoder"): (1, 4, 3, 4, 4),
     ("ltx2", "encoder"): (1, 3, 9, 16, 16), ("ltx2", "decoder"): (1, 8, 2, 2, 2),
     ("wan", "encoder"): (1, 3, 9, 16, 16), ("wan", "decoder"): (1, 4, 3, 4, 4),
     ("wan22", "encoder"): (1, 3, 9, 32, 32), ("wan22", "decoder"): (1, 4, 3, 4, 4),
@@ -344,7 +351,7 @@ def _vae_worker(rank, world, name, part, axis):
 @pytest.mark.parametrize("axis,world", [("t", 2), ("t", 3), ("h", 2), ("t h", 4)])
 @pytest.mark.parametrize("part", ["encoder", "decoder"])
 @pytest.mark.parametrize("name", ["cogvideox", "hunyuan", "ltx", "mochi", "allegro", "magvit", "hunyuan15", "cosmos",
-                                  "wan", "wan22", "ltx2"])
+                                  "wan", "wan22", "ltx2", "minimax"])
 def test_video_vae_is_exact_on_sharded_frames(name, part, axis, world):
     """The output, the input gradient and every parameter gradient (relative to their largest value)
     within 1e-10, or within 20x the one-process control's floor where the model computes in float32."""

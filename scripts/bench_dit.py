@@ -1,21 +1,23 @@
 """A video diffusion transformer's forward+backward on 2 ranks: ours against diffusers' own context
 parallelism (Ulysses), same model, input and run (issue 25's DiT target).
 
-diffusers' ``WanTransformer3DModel`` (a small config, random weights, float32), latents
-(1, 16, T, S, S), text (1, 16, 64), one forward and backward of ``(out * w).sum()``:
+diffusers' ``WanTransformer3DModel`` (``--model wan``: latents (1, 16, T, S, S), 2x2 patches) or
+``LTXVideoTransformer3DModel`` (``--model ltx``: tokens (1, T (S/2)^2, 16), the same count), small
+configs, random weights, float32, text (1, 16, 64), one forward and backward of ``(out * w).sum()``:
 
 - **one process**: the model as it is (1 thread);
 - **diffusers Ulysses**: ``model.enable_parallelism(config=ContextParallelConfig(ulysses_degree=P))``
   on P gloo ranks. On a CPU build it needs two patches, applied here and nowhere else:
   ``torch.accelerator.device_count`` must not be 0 (diffusers computes ``rank % device_count()``) and
   its context-parallel hook's logger lacks ``warning_once`` (called for the 1-D timestep);
-- **ours**: ``parallelize(model, pg, "t", inputs=("hidden_states",))`` on the same P ranks.
+- **ours**: ``parallelize(model, pg, "t", inputs=("hidden_states",))`` on the same P ranks (LTX:
+  axis ``"n"`` of layout ``"b n c"``).
 
 Columns: the output's max abs error against one process, the best wall time of the step over
 ``--repeats`` (the slowest rank), torch's CPU allocator peak during one step per rank
 (``bench_utils.peak_memory_mb``), and the ratios to diffusers' Ulysses.
 
-    python scripts/bench_dit.py [--world 2] [--frames 8] [--size 16] [--repeats 5]
+    python scripts/bench_dit.py [--model wan|ltx] [--world 2] [--frames 8] [--size 16] [--repeats 5]
 """
 from __future__ import annotations
 
@@ -28,6 +30,7 @@ from bench_utils import best_time, peak_memory_mb, print_table, spawn_ranks
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", choices=("wan", "ltx"), default="wan", help="which diffusers transformer")
     p.add_argument("--world", type=int, default=2, help="ranks P")
     p.add_argument("--frames", type=int, default=8, help="latent frames T")
     p.add_argument("--size", type=int, default=16, help="latent height and width S (tokens: T S^2 / 4)")
@@ -35,10 +38,14 @@ def parse_args(argv=None):
     return p.parse_args(argv)
 
 
-def _model():
+def _model(args):
     import diffusers
 
     torch.manual_seed(0)
+    if args.model == "ltx":
+        return diffusers.LTXVideoTransformer3DModel(
+            in_channels=16, out_channels=16, num_attention_heads=4, attention_head_dim=32, cross_attention_dim=128,
+            num_layers=2, caption_channels=64).eval()
     return diffusers.WanTransformer3DModel(
         patch_size=(1, 2, 2), num_attention_heads=4, attention_head_dim=32, in_channels=16, out_channels=16,
         text_dim=64, freq_dim=64, ffn_dim=256, num_layers=2, rope_max_seq_len=64).eval()
@@ -46,16 +53,29 @@ def _model():
 
 def _inputs(args):
     g = torch.Generator().manual_seed(1)
-    x = torch.randn(1, 16, args.frames, args.size, args.size, generator=g)
+    if args.model == "ltx":
+        x = torch.randn(1, args.frames * (args.size // 2) ** 2, 16, generator=g)
+    else:
+        x = torch.randn(1, 16, args.frames, args.size, args.size, generator=g)
     text = torch.randn(1, 16, 64, generator=g)
     w = torch.randn(x.shape, generator=g)
     return x, torch.tensor([500]), text, w
 
 
-def _step(model, x, t, text, w):
+def _forward(args):
+    """model, latents, timestep, text -> the model's output, as its pipeline calls it."""
+    if args.model == "ltx":
+        mask = torch.ones(1, 16, dtype=torch.long)  # LTX's pipeline passes the text mask
+        side = args.size // 2
+        return lambda m, x, t, text: m(x, text, t, mask, num_frames=args.frames, height=side, width=side,
+                                       return_dict=False)[0]
+    return lambda m, x, t, text: m(x, t, text, return_dict=False)[0]
+
+
+def _step(model, forward, x, t, text, w):
     def run():
         model.zero_grad(set_to_none=True)
-        out = model(x, t, text, return_dict=False)[0]
+        out = forward(model, x, t, text)
         (out * w).sum().backward()
         return out.detach()
 
@@ -64,7 +84,7 @@ def _step(model, x, t, text, w):
 
 def _measure(model, args) -> dict:
     x, t, text, w = _inputs(args)
-    run = _step(model, x, t, text, w)
+    run = _step(model, _forward(args), x, t, text, w)
     return {"out": run(), "seconds": best_time(run, args.repeats), "peak_mb": peak_memory_mb(run)}
 
 
@@ -76,16 +96,17 @@ def _ranks(rank, world, args, group) -> dict:
 
     torch.accelerator.device_count = lambda: 1  # diffusers' rank % device_count() on a CPU build
     hooks.logger.warning_once = hooks.logger.warning  # missing on its logger
-    ulysses = _model()
+    ulysses = _model(args)
     ulysses.enable_parallelism(config=ContextParallelConfig(ulysses_degree=world))
-    ours = parallelize(_model(), group, "t", inputs=("hidden_states",))
+    axis, layout = ("n", "b n c") if args.model == "ltx" else ("t", "b c t h w")
+    ours = parallelize(_model(args), group, axis, layout=layout, inputs=("hidden_states",))
     return {"diffusers Ulysses": _measure(ulysses, args), "ours": _measure(ours, args)}
 
 
 def main(argv=None) -> None:
     args = parse_args(argv)
     torch.set_num_threads(1)
-    ref = _measure(_model(), args)
+    ref = _measure(_model(args), args)
     ranks = spawn_ranks(_ranks, args.world, args)
     rows, base = [], None
     for name in ("diffusers Ulysses", "ours"):
@@ -96,7 +117,8 @@ def main(argv=None) -> None:
         rows.append([f"{name}, P = {args.world}", err, seconds, peak, seconds / base[0], peak / base[1]])
     rows.insert(0, ["one process", 0.0, ref["seconds"], ref["peak_mb"], ref["seconds"] / base[0], ref["peak_mb"] / base[1]])
     tokens = args.frames * args.size ** 2 // 4
-    print_table(f"Wan transformer forward+backward, {tokens} video tokens, float32, 1 thread per process",
+    name = "LTX-Video" if args.model == "ltx" else "Wan"
+    print_table(f"{name} transformer forward+backward, {tokens} video tokens, float32, 1 thread per process",
                 ["run", "max abs err", "step (s)", "peak MiB per rank", "time x Ulysses", "memory x Ulysses"], rows)
 
 

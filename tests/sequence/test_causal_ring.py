@@ -179,3 +179,31 @@ def test_parallelize_strategy_chooses_the_attention_strategy(strategy):
     for err, gathered in results:
         assert err < 1e-12, results
         assert gathered == (strategy == "allgather"), results  # the ring gathers no keys
+
+
+def _broadcast_worker(rank, world, sizes):
+    """Multi-query attention written without an expand: k and v (b, 1, n, d) broadcast over q's heads."""
+    import torch.distributed as dist
+
+    from nonlocal_dist.sharded import distribute, full_tensor
+
+    gen = torch.Generator().manual_seed(4)
+    q = torch.randn(2, 3, 7, 4, dtype=torch.float64, generator=gen)
+    k, v = (torch.randn(2, 1, 7, 4, dtype=torch.float64, generator=gen) for _ in range(2))
+    leaves = [t.clone().requires_grad_() for t in (q, k, v)]
+    sharded = [distribute(t, dist.group.WORLD, "b h t c", "t", sizes=[sizes]) for t in leaves]
+    y = full_tensor(F.scaled_dot_product_attention(*sharded, is_causal=True))
+    (y.sum() / world).backward()
+    grads = [t.grad.clone() for t in leaves]
+    for g in grads:
+        dist.all_reduce(g)
+    ref_leaves = [t.clone().requires_grad_() for t in (q, k, v)]
+    ref = F.scaled_dot_product_attention(*ref_leaves, is_causal=True)
+    ref.sum().backward()
+    return max(rel_err(a, b) for a, b in zip([y, *grads], [ref, *(t.grad for t in ref_leaves)]))
+
+
+@pytest.mark.parametrize("sizes", [[4, 3], [7, 0]])
+def test_causal_attention_with_broadcast_keys_runs_the_all_gather_exactly(sizes):
+    for err in run_ranks(_broadcast_worker, 2, sizes, timeout=120):
+        assert err < 1e-12, err

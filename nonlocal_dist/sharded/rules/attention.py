@@ -169,12 +169,14 @@ def _sdpa(op: Op):
         raise op.refuse("q, k and v must be sharded along the sequence dim (-2), and the batch or heads dims, alike",
                         seq, "shard the tokens, the batch or the heads, not the channels")
     shard = specs[0][seq]
-    if a["is_causal"] and a["attn_mask"] is None and not a["enable_gqa"]:
+    # k or v broadcast over q's batch or heads (multi-query attention without an expand): the all-gather
+    broadcast = not (q.shape[:-2] == k.shape[:-2] == v.shape[:-2])  # local shapes here, alike but the sequence
+    if a["attn_mask"] is not None or a["enable_gqa"] or broadcast:
+        _strategy(op, shard, MASKED_STRATEGIES, "attention with a mask, GQA or broadcast keys over a sharded sequence")
+    elif a["is_causal"]:
         if _strategy(op, shard, CAUSAL_STRATEGIES, "causal attention over a sharded sequence") == "ring":
             return _causal_ring(op, a, shard, batch)
-    elif a["attn_mask"] is not None or a["enable_gqa"]:
-        _strategy(op, shard, MASKED_STRATEGIES, "attention with a mask or GQA over a sharded sequence")
-    if a["attn_mask"] is not None or a["is_causal"] or a["enable_gqa"]:
+    if a["attn_mask"] is not None or a["is_causal"] or a["enable_gqa"] or broadcast:
         # A mask, causal attention or grouped heads: the keys and values gathered whole (the all-gather
         # strategy), each rank's queries against all of them with the mask's rows for its queries.
         whole = [gather_dim(t.as_subclass(Tensor), seq, list(shard.sizes), shard.group) for t in (k, v)]
@@ -185,6 +187,10 @@ def _sdpa(op: Op):
     local = [t.as_subclass(Tensor) for t in tensors]
     lengths = (list(shard.sizes), list(shard.sizes))  # every rank's tokens, from the spec: no agreement
     strategy = _strategy(op, shard, MODE_STRATEGIES["embedded_gaussian"], "attention over a sharded sequence")
+    if strategy == "ulysses" and (q.dim() != 4 or q.shape[1] % shard.world):
+        raise op.refuse(f"strategy 'ulysses' with {q.shape[1] if q.dim() == 4 else 1} heads over {shard.world} ranks "
+                        "(it needs the heads divisible by the group size)", seq,
+                        "parallelize with strategy='ring' or 'allgather', or a heads count the group size divides")
     y = parallel_nonlocal(*local, "embedded_gaussian", scale=scale, concat_weight=None, backend="auto",
                           group=shard.group, strategy=strategy, lengths=lengths)
     return ShardedTensor.wrap(y, q.spec.remap(y.dim(), {**batch, seq: shard}))
@@ -245,8 +251,10 @@ def _batched_attention(op: Op, a: dict) -> ShardedTensor:
     local = [q.as_subclass(Tensor), *(localise(op, a[n], dims, q.dim()) for n in ("key", "value"))]
     extra = {"enable_gqa": True} if a["enable_gqa"] else {}
     if any(t.numel() == 0 for t in local):  # no rows here (torch's CPU kernel crashes on an empty batch)
-        shape = (*torch.broadcast_shapes(local[0].shape[:-2], local[1].shape[:-2]), q.shape[-2], local[2].shape[-1])
-        tie = sum(t.sum() for t in local) * 0  # every operand in the graph: zero gradients, not None
+        leads = [t.shape[:-2] for t in local] + ([mask.shape[:-2]] if isinstance(mask, Tensor) else [])
+        shape = (*torch.broadcast_shapes(*leads), q.shape[-2], local[2].shape[-1])
+        tied = local + ([mask] if isinstance(mask, Tensor) and mask.is_floating_point() else [])
+        tie = sum(t.sum() for t in tied) * 0  # every operand in the graph: zero gradients, not None
         y = local[0].new_zeros(shape) + tie
         return ShardedTensor.wrap(y, q.spec.remap(y.dim(), _right_aligned(dims, y.dim() - q.dim())))
     y = op.run(*local, attn_mask=mask, is_causal=a["is_causal"], scale=a["scale"], **extra)

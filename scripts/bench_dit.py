@@ -11,13 +11,20 @@ configs, random weights, float32, text (1, 16, 64), one forward and backward of 
   ``torch.accelerator.device_count`` must not be 0 (diffusers computes ``rank % device_count()``) and
   its context-parallel hook's logger lacks ``warning_once`` (called for the 1-D timestep);
 - **ours**: ``parallelize(model, pg, "t", inputs=("hidden_states",))`` on the same P ranks (LTX:
-  axis ``"n"`` of layout ``"b n c"``).
+  axis ``"n"`` of layout ``"b n c"``): attention by the ring (the default, the lowest memory), and
+  again with ``strategy="allgather"`` (one collective per attention: faster where the keys are few).
 
 Columns: the output's max abs error against one process, the best wall time of the step over
 ``--repeats`` (the slowest rank), torch's CPU allocator peak during one step per rank
 (``bench_utils.peak_memory_mb``), and the ratios to diffusers' Ulysses.
 
-    python scripts/bench_dit.py [--model wan|ltx] [--world 2] [--frames 8] [--size 16] [--repeats 5]
+    python scripts/bench_dit.py [--model wan|ltx] [--forward] [--world 2] [--frames 8] [--size 16] [--repeats 5]
+
+diffusers' Ulysses cannot run LTX's forward+backward here: with the pipeline's text mask its forward
+fails (``The size of tensor a (2) must match the size of tensor b (4) at non-singleton dimension 1``),
+and without one its backward does (``shape '[1, 2, 256, 2, 32]' is invalid``: its all-to-all backward
+assumes the keys as long as the queries, which the text cross-attention's are not). So LTX is
+compared forward only (``--forward``), without the mask.
 """
 from __future__ import annotations
 
@@ -35,6 +42,7 @@ def parse_args(argv=None):
     p.add_argument("--frames", type=int, default=8, help="latent frames T")
     p.add_argument("--size", type=int, default=16, help="latent height and width S (tokens: T S^2 / 4)")
     p.add_argument("--repeats", type=int, default=5, help="timed steps (best taken)")
+    p.add_argument("--forward", action="store_true", help="forward only, under no_grad (inference)")
     return p.parse_args(argv)
 
 
@@ -65,15 +73,18 @@ def _inputs(args):
 def _forward(args):
     """model, latents, timestep, text -> the model's output, as its pipeline calls it."""
     if args.model == "ltx":
-        mask = torch.ones(1, 16, dtype=torch.long)  # LTX's pipeline passes the text mask
+        mask = None  # LTX's pipeline passes a text mask; with one, diffusers' Ulysses fails (README)
         side = args.size // 2
         return lambda m, x, t, text: m(x, text, t, mask, num_frames=args.frames, height=side, width=side,
                                        return_dict=False)[0]
     return lambda m, x, t, text: m(x, t, text, return_dict=False)[0]
 
 
-def _step(model, forward, x, t, text, w):
+def _step(model, forward, x, t, text, w, backward: bool = True):
     def run():
+        if not backward:
+            with torch.no_grad():
+                return forward(model, x, t, text)
         model.zero_grad(set_to_none=True)
         out = forward(model, x, t, text)
         (out * w).sum().backward()
@@ -84,7 +95,7 @@ def _step(model, forward, x, t, text, w):
 
 def _measure(model, args) -> dict:
     x, t, text, w = _inputs(args)
-    run = _step(model, _forward(args), x, t, text, w)
+    run = _step(model, _forward(args), x, t, text, w, backward=not args.forward)
     return {"out": run(), "seconds": best_time(run, args.repeats), "peak_mb": peak_memory_mb(run)}
 
 
@@ -100,7 +111,10 @@ def _ranks(rank, world, args, group) -> dict:
     ulysses.enable_parallelism(config=ContextParallelConfig(ulysses_degree=world))
     axis, layout = ("n", "b n c") if args.model == "ltx" else ("t", "b c t h w")
     ours = parallelize(_model(args), group, axis, layout=layout, inputs=("hidden_states",))
-    return {"diffusers Ulysses": _measure(ulysses, args), "ours": _measure(ours, args)}
+    results = {"diffusers Ulysses": _measure(ulysses, args), "ours": _measure(ours, args)}
+    gathered = parallelize(_model(args), group, axis, layout=layout, inputs=("hidden_states",), strategy="allgather")
+    results["ours, strategy='allgather'"] = _measure(gathered, args)
+    return results
 
 
 def main(argv=None) -> None:
@@ -109,7 +123,7 @@ def main(argv=None) -> None:
     ref = _measure(_model(args), args)
     ranks = spawn_ranks(_ranks, args.world, args)
     rows, base = [], None
-    for name in ("diffusers Ulysses", "ours"):
+    for name in ("diffusers Ulysses", "ours", "ours, strategy='allgather'"):
         seconds = max(r[name]["seconds"] for r in ranks.values())
         peak = max(r[name]["peak_mb"] for r in ranks.values())
         err = (ranks[0][name]["out"] - ref["out"]).abs().max().item()
@@ -118,7 +132,8 @@ def main(argv=None) -> None:
     rows.insert(0, ["one process", 0.0, ref["seconds"], ref["peak_mb"], ref["seconds"] / base[0], ref["peak_mb"] / base[1]])
     tokens = args.frames * args.size ** 2 // 4
     name = "LTX-Video" if args.model == "ltx" else "Wan"
-    print_table(f"{name} transformer forward+backward, {tokens} video tokens, float32, 1 thread per process",
+    step = "forward (no_grad)" if args.forward else "forward+backward"
+    print_table(f"{name} transformer {step}, {tokens} video tokens, float32, 1 thread per process",
                 ["run", "max abs err", "step (s)", "peak MiB per rank", "time x Ulysses", "memory x Ulysses"], rows)
 
 

@@ -15,9 +15,9 @@ from nonlocal_dist.sequence.strategies import (
 from nonlocal_dist.validate import check_op_inputs
 
 
-def _check_strategy(mode: str, strategy: str | None, heads: int, world: int) -> str:
+def _check_strategy(mode: str, strategy: str | None, heads: int, world: int, key_bytes: int | None = None) -> str:
     allowed = MODE_STRATEGIES[mode]
-    strategy = default_strategy(mode) if strategy is None else strategy
+    strategy = default_strategy(mode, key_bytes) if strategy is None else strategy
     if strategy not in allowed:
         raise ValueError(f"strategy {strategy!r} cannot run mode {mode!r}; choose one of {', '.join(allowed)} (or None)")
     if strategy == "ulysses" and heads % world:
@@ -47,7 +47,8 @@ def parallel_nonlocal(
     (``distributed.checks.agree_across_ranks``): a rank whose inputs are invalid raises its own error and
     all others raise too, naming it; ranks disagreeing on mode, strategy, dtype, shapes or the
     replicated ``concat_weight`` all raise, naming every rank's value. ``strategy=None`` picks the mode's
-    lowest-memory strategy (``strategies.default_strategy``); a ``backend`` the strategy cannot honour
+    lowest-memory strategy (``strategies.default_strategy``; with ``lengths``, the all-gather for a key
+    set of at most ``SMALL_KEYS_BYTES``); a ``backend`` the strategy cannot honour
     is refused there too (``strategies.check_backend``), before any collective of the operation.
 
     ``lengths``: every rank's N and M where a shard spec already proves them and the settings (a
@@ -60,7 +61,11 @@ def parallel_nonlocal(
 
     def validate():
         inputs, added_heads = check_op_inputs(theta, phi, g, mode, scale, concat_weight, backend, allow_empty_positions=True)
-        chosen = _check_strategy(mode, strategy, inputs.theta.shape[1], world)
+        # Every rank's key count is known only from a spec (``lengths``): then a small key set picks
+        # the all-gather by default (the same bytes on every rank).
+        key_bytes = None if lengths is None else (sum(lengths[1]) * inputs.phi.shape[0] * inputs.phi.shape[1] * (
+            inputs.phi.shape[-1] + inputs.g.shape[-1]) * inputs.phi.element_size())
+        chosen = _check_strategy(mode, strategy, inputs.theta.shape[1], world, key_bytes)
         check_backend(chosen, inputs, backend)
         b, h, n, d = inputs.theta.shape
         fields = {"B": b, "H": h, "N": n, "M": inputs.phi.shape[2], "d": d, "dv": inputs.g.shape[-1],

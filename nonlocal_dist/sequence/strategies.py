@@ -96,8 +96,17 @@ MODE_STRATEGIES = {
 _OWN_FORMULA = {"allreduce": "linear", "sorted_stats": "sorted"}
 
 
-def default_strategy(mode: str) -> str:
-    """The strategy for ``strategy=None``: the lowest peak memory per rank, on any number of ranks.
+# Softmax modes: where every rank's keys and values together take at most this many bytes, the
+# default is the all-gather (one collective each way) instead of the ring, whose P - 1 steps are
+# latency-bound there: a 2-rank I3D step on a tiny clip took 1.8x the all-gather's time by the ring
+# (scripts/bench_video.py, README); the memory the ring saves is at most this much.
+SMALL_KEYS_BYTES = 2**20
+
+
+def default_strategy(mode: str, key_bytes: int | None = None) -> str:
+    """The strategy for ``strategy=None``: the lowest peak memory per rank, on any number of ranks;
+    for the softmax modes, the all-gather where the whole keys and values (``key_bytes``, when
+    known) take at most ``SMALL_KEYS_BYTES``.
 
     Softmax modes: ``ring`` (O((N + M)/P · d) per rank, never the whole key set); dot product:
     ``allreduce`` (one (d, dv) matrix); concatenation: ``sorted_stats`` (two numbers per key). Ask
@@ -105,7 +114,10 @@ def default_strategy(mode: str) -> str:
     against the ring's 0.85x, at a higher peak (24 vs 14.7 MiB per rank, N = 16384, d = 64:
     ``scripts/benchmark.py --suite parallel``, README); its peak grows with the whole key set.
     """
-    return MODE_STRATEGIES[mode][0]
+    first = MODE_STRATEGIES[mode][0]
+    if first == "ring" and key_bytes is not None and key_bytes <= SMALL_KEYS_BYTES:
+        return "allgather"
+    return first
 
 
 def check_backend(strategy: str, inputs: OpInputs, backend: str) -> None:

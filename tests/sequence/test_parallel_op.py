@@ -110,6 +110,17 @@ def test_default_strategy_is_the_lowest_memory_one():
     assert [default_strategy(m) for m in MODE_STRATEGIES] == ["ring", "ring", "allreduce", "sorted_stats"]
 
 
+def test_a_small_key_set_defaults_to_the_all_gather():
+    """Where every rank's keys are known (a spec) and small, the softmax modes gather them in one
+    collective instead of P - 1 latency-bound ring steps; the other modes keep theirs."""
+    from nonlocal_dist.sequence.strategies import SMALL_KEYS_BYTES, default_strategy
+
+    small = [default_strategy(m, SMALL_KEYS_BYTES) for m in MODE_STRATEGIES]
+    assert small == ["allgather", "allgather", "allreduce", "sorted_stats"]
+    assert [default_strategy(m, SMALL_KEYS_BYTES + 1) for m in MODE_STRATEGIES] == ["ring", "ring", "allreduce",
+                                                                                    "sorted_stats"]
+
+
 def _default_on_two_ranks(rank, world):
     # The ring's kernel calls (ring.attention_forward) show which strategy strategy=None ran.
     calls = []

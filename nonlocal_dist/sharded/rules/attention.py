@@ -63,10 +63,12 @@ def set_attention_strategy(groups, strategy: str | None) -> None:
             _STRATEGY[id(group)] = strategy
 
 
-def _strategy(op: Op, shard, allowed: tuple[str, ...], form: str) -> str:
+def _strategy(op: Op, shard, allowed: tuple[str, ...], form: str) -> str | None:
+    """The strategy ``parallelize`` named for the shard's group, or None (the form's default); a
+    refusal where the form cannot run the one named."""
     chosen = _STRATEGY.get(id(shard.group))
     if chosen is None:
-        return allowed[0]
+        return None
     if chosen not in allowed:
         raise op.refuse(f"{form} with strategy {chosen!r} (parallelize(strategy=)); it runs {' or '.join(map(repr, allowed))}",
                         fix=f"parallelize with strategy=None (each attention its default) or one of {allowed}")
@@ -174,7 +176,7 @@ def _sdpa(op: Op):
     if a["attn_mask"] is not None or a["enable_gqa"] or broadcast:
         _strategy(op, shard, MASKED_STRATEGIES, "attention with a mask, GQA or broadcast keys over a sharded sequence")
     elif a["is_causal"]:
-        if _strategy(op, shard, CAUSAL_STRATEGIES, "causal attention over a sharded sequence") == "ring":
+        if _strategy(op, shard, CAUSAL_STRATEGIES, "causal attention over a sharded sequence") in (None, "ring"):
             return _causal_ring(op, a, shard, batch)
     if a["attn_mask"] is not None or a["is_causal"] or a["enable_gqa"] or broadcast:
         # A mask, causal attention or grouped heads: the keys and values gathered whole (the all-gather

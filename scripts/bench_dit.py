@@ -29,7 +29,6 @@ compared forward only (``--forward``), without the mask.
 from __future__ import annotations
 
 import argparse
-import copy
 
 import torch
 from bench_utils import best_time, peak_memory_mb, print_table, spawn_ranks

@@ -53,8 +53,11 @@ def zigzag_positions(total: int, world: int) -> list[Tensor]:
     return [torch.cat([torch.arange(*first), torch.arange(*second)]) for first, second in zigzag_chunks(total, world)]
 
 
-def _first_lengths(total: int, world: int) -> list[int]:
-    return [first[1] - first[0] for first, _ in zigzag_chunks(total, world)]
+def zigzag_lengths(total: int, world: int) -> tuple[list[int], list[int]]:
+    """Every rank's length of its first chunk, and of both chunks (its positions)."""
+    chunks = zigzag_chunks(total, world)
+    first = [a[1] - a[0] for a, _ in chunks]
+    return first, [n + b[1] - b[0] for n, (_, b) in zip(first, chunks)]
 
 
 def _shape(x: Tensor, positions: int) -> tuple[int, ...]:
@@ -78,9 +81,7 @@ def causal_ring_forward(q: Tensor, k: Tensor, v: Tensor, scale: float, comm: Rin
                         total: int, kernel: str) -> Schedule:
     """One rank's forward schedule on its zigzag positions; returns out (B, H, N_r, dv) in q's dtype
     and the LSE (B, H, N_r) in the accumulation dtype. ``total``: the sequence's length."""
-    chunks = zigzag_chunks(total, comm.world)
-    first = _first_lengths(total, comm.world)
-    lengths = [a[1] - a[0] + b[1] - b[0] for a, b in chunks]
+    first, lengths = zigzag_lengths(total, comm.world)
     n = q.shape[-2]
     acc = accumulation_dtype(q.dtype)
     out = q.new_zeros(_shape(v, n), dtype=acc)
@@ -114,9 +115,7 @@ def causal_ring_backward(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Ten
                          comm: RingComm | LocalComm, total: int, kernel: str) -> Schedule:
     """One rank's backward schedule; returns (dq, dk, dv) of its zigzag positions, dk/dv summed over
     every rank's queries: each block travels with its keys' gradient so far, home after P steps."""
-    chunks = zigzag_chunks(total, comm.world)
-    first = _first_lengths(total, comm.world)
-    lengths = [a[1] - a[0] + b[1] - b[0] for a, b in chunks]
+    first, lengths = zigzag_lengths(total, comm.world)
     n = q.shape[-2]
     acc = accumulation_dtype(q.dtype)
     dq = torch.zeros(q.shape, dtype=acc, device=q.device)
@@ -222,4 +221,5 @@ def local_causal_ring_attention(q: Tensor, k: Tensor, v: Tensor, scale: float, w
     return _LocalCausalRing.apply(q, k, v, scale, world, _block_kernel(q, k, v, scale, backend))
 
 
-__all__ = ["causal_ring_attention", "local_causal_ring_attention", "zigzag_chunks", "zigzag_positions"]
+__all__ = ["causal_ring_attention", "local_causal_ring_attention", "zigzag_chunks", "zigzag_lengths",
+           "zigzag_positions"]

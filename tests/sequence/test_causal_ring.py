@@ -13,7 +13,7 @@ from nonlocal_dist.kernels import blocked_softmax
 from nonlocal_dist.sequence.causal import (
     _step_parts,
     local_causal_ring_attention,
-    zigzag_chunks,
+    zigzag_lengths,
 )
 from nonlocal_dist.testing import run_ranks
 
@@ -68,9 +68,7 @@ def _work(n: int, world: int, zigzag: bool) -> list[float]:
     if not zigzag:  # contiguous shards: rank r attends to ranks 0..r
         size = n // world
         return [size * size * (r + 0.5) for r in range(world)]
-    chunks = zigzag_chunks(n, world)
-    first = [a[1] - a[0] for a, _ in chunks]
-    held = [a[1] - a[0] + b[1] - b[0] for a, b in chunks]
+    first, held = zigzag_lengths(n, world)
     work = []
     for r in range(world):
         total = 0.0

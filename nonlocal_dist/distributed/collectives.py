@@ -1,9 +1,10 @@
 """Differentiable collectives over the position axis: one autograd node per call.
 
 A call that moves several tensors (phi and g; theta, phi and g) is one autograd node whose forward
-and backward run one collective per tensor, in a fixed order: the order of collectives is then the
-same on every rank (two sibling nodes in one graph have been seen to pair the wrong gradients on
-gloo), and no packed copy of the tensors is ever made (each tensor travels as it is).
+and backward run its collectives in a fixed order: the order of collectives is then the same on
+every rank (two sibling nodes in one graph have been seen to pair the wrong gradients on gloo).
+Large tensors each travel as they are (no packed copy); small ones, where a collective costs its
+latency rather than its bytes, travel packed in one (``PACK_BYTES``).
 """
 from __future__ import annotations
 
@@ -20,17 +21,42 @@ from nonlocal_dist.distributed.comm import (
     reduce_scatter_varlen,
 )
 
+# Parts whose gathered sizes together take at most this many bytes are packed along their last dim
+# into one all-gather (and one reduce-scatter back): the two non-local blocks of the main job's I3D
+# then gather keys and values with 2 collectives instead of 4 each way.
+PACK_BYTES = 2**20
+
+
+def _packable(parts: tuple[Tensor, ...], sizes: list[int]) -> bool:
+    """Whether ``parts`` (B, H, L_r, c_k) travel packed: more than one, alike but for c_k, small in all.
+    Decided from what every rank shares (the global sizes, every dim but the position one)."""
+    if len(parts) < 2:
+        return False
+    first = parts[0]
+    if any(p.dtype != first.dtype or p.device != first.device or p.shape[:-1] != first.shape[:-1] for p in parts):
+        return False
+    per_position = math.prod(first.shape[:-2]) * sum(p.shape[-1] for p in parts) * first.element_size()
+    return per_position * sum(sizes) <= PACK_BYTES
+
 
 class _GatherPositions(torch.autograd.Function):
     @staticmethod
     def forward(ctx, group, sizes, *parts):
         ctx.group, ctx.sizes = group, sizes
-        return tuple(all_gather_varlen(p, sizes, dim=-2, group=group) for p in parts)
+        ctx.widths = [p.shape[-1] for p in parts] if _packable(parts, sizes) else None
+        if ctx.widths is None:
+            return tuple(all_gather_varlen(p, sizes, dim=-2, group=group) for p in parts)
+        whole = all_gather_varlen(torch.cat(parts, dim=-1), sizes, dim=-2, group=group)
+        return tuple(p.contiguous() for p in whole.split(ctx.widths, dim=-1))
 
     @staticmethod
     def backward(ctx, *grads):
-        local = [reduce_scatter_varlen(g, ctx.sizes, dim=-2, group=ctx.group) for g in grads]
-        return (None, None, *local)
+        if ctx.widths is None:
+            local = [reduce_scatter_varlen(g, ctx.sizes, dim=-2, group=ctx.group) for g in grads]
+            return (None, None, *local)
+        packed = torch.cat(grads, dim=-1)
+        local = reduce_scatter_varlen(packed, ctx.sizes, dim=-2, group=ctx.group)
+        return (None, None, *local.split(ctx.widths, dim=-1))
 
 
 def gather_positions(group, sizes: list[int], *parts: Tensor) -> tuple[Tensor, ...]:

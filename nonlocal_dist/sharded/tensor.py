@@ -171,9 +171,19 @@ def _collect_tensors(values, found: list[Tensor]) -> None:
         if isinstance(value, Tensor):
             found.append(value)
         elif isinstance(value, (list, tuple)):
-            _collect_tensors(value, found)
+            for item in value:
+                if type(item) is not int:  # a stride, a padding, a shape: no tensor inside
+                    _collect_tensors(value, found)
+                    break
         elif isinstance(value, dict):
             _collect_tensors(value.values(), found)
+
+
+# Facts about the local tensor that the global shape does not change, read with no rule (a network
+# asks for them at every layer: BatchNorm's input check, the device of a new buffer).
+_LOCAL_FACTS = frozenset([Tensor.dim, Tensor.ndimension, *(getattr(Tensor, name).__get__ for name in (
+    "dtype", "device", "layout", "requires_grad", "is_cuda", "is_leaf", "grad_fn", "is_sparse", "is_quantized",
+    "is_meta"))])
 
 
 class ShardedTensor(Tensor):
@@ -215,6 +225,9 @@ class ShardedTensor(Tensor):
 
     @classmethod
     def __torch_function__(cls, func, types, args=(), kwargs=None):
+        if func in _LOCAL_FACTS:
+            with torch._C.DisableTorchFunctionSubclass():
+                return func(*args)
         if torch.compiler.is_compiling():
             raise RuntimeError(COMPILE_REFUSAL)
         args, kwargs = normalize(func, args, kwargs or {})
@@ -238,8 +251,7 @@ def _first_operand(op: Op) -> Callable[[Op], object] | None:
     """For a rule that takes its activation first: None when it may run; ``replicated_or_refuse`` when
     every sharded argument is replicated but the first is plain; a refusal for any other sharded one."""
     first = op.args[0] if op.args else None
-    others = [t for t in op.sharded() if t is not first and not t.spec.replicated]
-    if not others:
+    if not any(t is not first and isinstance(t, ShardedTensor) and not t.spec.replicated for t in op._tensors()):
         return None if isinstance(first, ShardedTensor) else replicated_or_refuse
     raise op.refuse("a sharded tensor in an argument other than its input (a weight, a statistic, an index, a "
                     "target shape)", fix="keep that argument plain (replicated), or gather it with full_tensor")

@@ -59,6 +59,18 @@ def _aligned(op: Op, x: Tensor, d: int, window: Window, shard: Shard) -> tuple[T
     return x, shard, window_offset(window, sizes)
 
 
+def _alone(x: ShardedTensor) -> bool:
+    """Whether every sharded dim of x is split over a group of one (the rank holds the whole tensor)."""
+    return all(s.world == 1 for _, s in x.spec.dims)
+
+
+def _as_alone(x: ShardedTensor, out: Tensor) -> ShardedTensor:
+    """The layer's own result on a group of one, each sharded dim of x kept at the output's length.
+    (The layer ran on x itself, not on an alias: torch functions are off inside a rule, and a builtin
+    kernel sees only the local tensor; an alias would add a node to the backward graph per op.)"""
+    return ShardedTensor.wrap(out, x.spec.remap(out.dim(), {d: s.with_sizes((out.shape[d],)) for d, s in x.spec.dims}))
+
+
 def windowed(op: Op, x: ShardedTensor, windows: dict[int, Window], fn, value: float, native=None) -> ShardedTensor:
     """``fn`` (the op with zero padding along the windows' dims) over the halo-extended shard; where
     every windowed dim is sharded over a group of one (the rank holds the whole axis), ``native``
@@ -111,6 +123,9 @@ def _conv_rule(n: int, conv):
             raise op.refuse("a sharded weight", fix="keep parameters plain (replicated)")
         spatial = spatial_dims(x, n, op)
         bias = a["bias"]
+        if _alone(x):
+            return _as_alone(x, conv(x, weight, bias, a["stride"], a["padding"], a["dilation"],
+                                     a["groups"]))
         kernel = list(weight.shape[2:])
         stride, dilation = per_dim(a["stride"], n), per_dim(a["dilation"], n)
         pads = _conv_padding(a["padding"], kernel, dilation, n)
@@ -168,6 +183,9 @@ def _max_rule(n: int, pool):
         windows = _pool_windows(op, x, a, n, dilation)
         kernel = per_dim(a["kernel_size"], n)
         stride = per_dim(a["stride"] if a["stride"] not in (None, [], ()) else a["kernel_size"], n)
+        if _alone(x):
+            return _as_alone(x, pool(x, kernel, stride, a["padding"], dilation,
+                                     ceil_mode=a["ceil_mode"]))
         padding = [0 if (x.dim() - n + i) in windows else p for i, p in enumerate(per_dim(a["padding"], n))]
 
         def fn(t):
@@ -188,8 +206,11 @@ def _avg_rule(n: int, pool):
         windows = _pool_windows(op, x, a, n, [1] * n)
         kernel = per_dim(a["kernel_size"], n)
         stride = per_dim(a["stride"] if a["stride"] not in (None, [], ()) else a["kernel_size"], n)
-        padding = [0 if (x.dim() - n + i) in windows else p for i, p in enumerate(per_dim(a["padding"], n))]
         extra = () if n == 1 else (a["divisor_override"],)
+        if _alone(x):
+            return _as_alone(x, pool(x, kernel, stride, a["padding"], a["ceil_mode"],
+                                     a["count_include_pad"], *extra))
+        padding = [0 if (x.dim() - n + i) in windows else p for i, p in enumerate(per_dim(a["padding"], n))]
         if not a["count_include_pad"] and a["divisor_override"] is None and any(
             w.pad_left or w.pad_right for w in windows.values()
         ):

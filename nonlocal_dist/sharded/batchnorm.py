@@ -77,7 +77,8 @@ def _module_batch_norm(x: Tensor, bn: nn.modules.batchnorm._BatchNorm, groups: t
 def batch_norm(x: Tensor, running_mean: Tensor | None, running_var: Tensor | None, weight: Tensor | None,
                bias: Tensor | None, training: bool, momentum: float, eps: float, groups: tuple = ()) -> Tensor:
     """``F.batch_norm`` with its statistics over every rank of ``groups`` (one after another: the
-    dims of a mesh); x (L_r, C) or (B, C, *spatial_r). Running statistics move by ``momentum``
+    dims of a mesh); x (L_r, C) or (B, C, *spatial_r), plain or this rank's ``ShardedTensor`` (inside
+    a rule: torch's own kernel then runs on it with no alias in the graph). Running statistics move by ``momentum``
     towards the group's (unbiased variance), as ``F.batch_norm`` moves them on one device."""
     acc = accumulation_dtype(x.dtype)
     if not training and running_mean is not None:
@@ -86,6 +87,8 @@ def batch_norm(x: Tensor, running_mean: Tensor | None, running_var: Tensor | Non
         return F.batch_norm(x.to(acc), *stats, weight, bias, False, 0.0, eps).to(x.dtype)
     if not groups and all(t is None or t.dtype == x.dtype for t in (weight, running_mean)) and x.dtype == acc:
         return F.batch_norm(x, running_mean, running_var, weight, bias, True, momentum, eps)  # no group: torch's
+    if isinstance(x, ShardedTensor):  # the Function saves x for its backward: the local tensor, not the activation
+        x = x.as_subclass(Tensor)
     return _GroupBatchNorm.apply(x, weight, bias, running_mean if training else None, running_var, momentum, eps,
                                  tuple(groups))
 

@@ -6,7 +6,8 @@ uneven shards, float64, against one process: outputs, input gradients and summed
   the joint sequence, then ``split`` back: the text goes to the first rank, no exchange;
 - a class token before and after the tokens, ``chunk`` along the tokens and a re-join with a whole
   part in the middle (an even reshard, one all-to-all per sharded part);
-- causal first-frame padding written as ``cat`` along t (CogVideoX's VAE), then a temporal conv.
+- causal first-frame padding written as ``cat`` along t (CogVideoX's VAE), or as the first frame
+  ``expand``-ed to k - 1 frames (KVAE), then a temporal conv.
 """
 from __future__ import annotations
 
@@ -65,6 +66,16 @@ class CausalPad(nn.Module):
     def forward(self, x):
         first = x[:, :, :1]
         return self.conv(torch.cat([first, first, x], dim=2))
+
+
+class CausalPadExpand(CausalPad):
+    """KVAE's cached causal conv: the first frame expanded to the kernel's k - 1 frames in front."""
+
+    def forward(self, x):
+        first = x[:, :, :1]
+        shape = list(first.shape)
+        shape[2] = 2
+        return self.conv(torch.cat([first.expand(shape), x], dim=2))
 
 
 class Rotary(nn.Module):
@@ -164,6 +175,7 @@ CASES = {
     "joint_text_video": (JointTextVideo, (2, 7, 8), "b n c", "n"),
     "class_tokens": (ClassTokens, (2, 7, 8), "b n c", "n"),
     "causal_pad": (CausalPad, (1, 2, 7, 3, 2), "b c t h w", "t"),
+    "causal_pad_expand": (CausalPadExpand, (1, 2, 7, 3, 2), "b c t h w", "t"),
 }
 SIZES = {1: [[7]], 2: [[5, 2]], 3: [[1, 6, 0]]}
 REFOLD_SIZES = {1: [[12]], 2: [[7, 5]], 3: [[5, 7, 0]]}  # off the grid of 4

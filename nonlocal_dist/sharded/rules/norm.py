@@ -46,7 +46,7 @@ def _batch_norm(op: Op):
     _no_channel_shard(op, x)
     params = [_plain(a[k]) for k in ("running_mean", "running_var", "weight", "bias")]
     groups = tuple(s.group for _, s in x.spec.dims if s.world > 1)
-    out = batch_norm(x.as_subclass(Tensor), *params, a["training"], a["momentum"] or 0.0, a["eps"], groups)
+    out = batch_norm(x, *params, a["training"], a["momentum"] or 0.0, a["eps"], groups)
     return ShardedTensor.wrap(out, x.spec)
 
 

@@ -388,11 +388,16 @@ def _expand_as(op: Op):
 
 
 def _expand_to(op: Op, x: ShardedTensor, target: list[int]) -> ShardedTensor:
+    """A sharded dim keeps its length, or, of length 1 and so held by one rank (a first frame sliced
+    off a sharded clip), is expanded on that rank alone: the other ranks' pieces stay empty."""
     lead = len(target) - x.dim()
     dims = {d + lead: s for d, s in x.spec.dims}
-    for d, shard in dims.items():
-        if target[d] not in (-1, shard.total):
-            raise op.refuse(f"expanding sharded dim {d - lead} to {target[d]}", d - lead)
+    for d, shard in list(dims.items()):
+        if target[d] in (-1, shard.total):
+            continue
+        if shard.total != 1:
+            raise op.refuse(f"expanding sharded dim {d - lead} of length {shard.total} to {target[d]}", d - lead)
+        dims[d] = shard.with_sizes(target[d] * n for n in shard.sizes)
     local_target = [dims[d].local if d in dims else s for d, s in enumerate(target)]
     return _wrap(op, x.as_subclass(Tensor).expand(local_target), dims)
 

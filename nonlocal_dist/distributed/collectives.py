@@ -21,42 +21,43 @@ from nonlocal_dist.distributed.comm import (
     reduce_scatter_varlen,
 )
 
-# Parts whose gathered sizes together take at most this many bytes are packed along their last dim
-# into one all-gather (and one reduce-scatter back): the two non-local blocks of the main job's I3D
+# Parts of one shape whose gathered sizes together take at most this many bytes are packed into one
+# all-gather (and one reduce-scatter back): the two non-local blocks of the main job's I3D
 # then gather keys and values with 2 collectives instead of 4 each way.
 PACK_BYTES = 2**20
 
 
 def _packable(parts: tuple[Tensor, ...], sizes: list[int]) -> bool:
-    """Whether ``parts`` (B, H, L_r, c_k) travel packed: more than one, alike but for c_k, small in all.
-    Decided from what every rank shares (the global sizes, every dim but the position one)."""
+    """Whether ``parts`` (B, H, L_r, c) travel packed: more than one, of one shape, dtype and device,
+    small in all. Decided from what every rank shares (the global sizes, every dim but the position one)."""
     if len(parts) < 2:
         return False
     first = parts[0]
-    if any(p.dtype != first.dtype or p.device != first.device or p.shape[:-1] != first.shape[:-1] for p in parts):
+    if any(p.dtype != first.dtype or p.device != first.device or p.shape != first.shape for p in parts):
         return False
-    per_position = math.prod(first.shape[:-2]) * sum(p.shape[-1] for p in parts) * first.element_size()
+    per_position = math.prod(first.shape[:-2]) * first.shape[-1] * first.element_size() * len(parts)
     return per_position * sum(sizes) <= PACK_BYTES
 
 
 class _GatherPositions(torch.autograd.Function):
+    """Packed parts are stacked on a new leading dim: each comes out of the gather as one contiguous
+    slice of it, with no copy beyond the collective's own."""
+
     @staticmethod
     def forward(ctx, group, sizes, *parts):
         ctx.group, ctx.sizes = group, sizes
-        ctx.widths = [p.shape[-1] for p in parts] if _packable(parts, sizes) else None
-        if ctx.widths is None:
+        ctx.packed = _packable(parts, sizes)
+        if not ctx.packed:
             return tuple(all_gather_varlen(p, sizes, dim=-2, group=group) for p in parts)
-        whole = all_gather_varlen(torch.cat(parts, dim=-1), sizes, dim=-2, group=group)
-        return tuple(p.contiguous() for p in whole.split(ctx.widths, dim=-1))
+        return all_gather_varlen(torch.stack(parts), sizes, dim=-2, group=group).unbind(0)
 
     @staticmethod
     def backward(ctx, *grads):
-        if ctx.widths is None:
+        if not ctx.packed:
             local = [reduce_scatter_varlen(g, ctx.sizes, dim=-2, group=ctx.group) for g in grads]
             return (None, None, *local)
-        packed = torch.cat(grads, dim=-1)
-        local = reduce_scatter_varlen(packed, ctx.sizes, dim=-2, group=ctx.group)
-        return (None, None, *local.split(ctx.widths, dim=-1))
+        local = reduce_scatter_varlen(torch.stack(grads), ctx.sizes, dim=-2, group=ctx.group)
+        return (None, None, *local.unbind(0))
 
 
 def gather_positions(group, sizes: list[int], *parts: Tensor) -> tuple[Tensor, ...]:
@@ -67,13 +68,23 @@ def gather_positions(group, sizes: list[int], *parts: Tensor) -> tuple[Tensor, .
     return _GatherPositions.apply(group, sizes, *parts)
 
 
+def gather_dims(parts: list[Tensor], dim: int, sizes: list[int], group) -> list[Tensor]:
+    """Each of ``parts`` whole along ``dim`` on every rank: one differentiable all-gather node for them
+    all (packed into one collective where they are small and of one shape, as keys and values are),
+    pieces of length ``sizes[r]`` (any number of dims, empty pieces too); the backward reduce-scatters."""
+    flats, shapes = [], []
+    for local in parts:
+        moved = local.movedim(dim, 0)
+        shapes.append(list(moved.shape[1:]))
+        flats.append(moved.reshape(1, moved.shape[0], math.prod(shapes[-1])))
+    gathered = gather_positions(group, sizes, *flats)
+    return [g.reshape(sum(sizes), *rest).movedim(0, dim) for g, rest in zip(gathered, shapes)]
+
+
 def gather_dim(local: Tensor, dim: int, sizes: list[int], group) -> Tensor:
     """The whole of ``dim`` on every rank: a differentiable all-gather of the pieces of length
     ``sizes[r]`` (any number of dims, empty pieces too); the backward reduce-scatters."""
-    moved = local.movedim(dim, 0)
-    rest = list(moved.shape[1:])
-    flat = moved.reshape(1, moved.shape[0], math.prod(rest))
-    return gather_positions(group, sizes, flat)[0].reshape(sum(sizes), *rest).movedim(0, dim)
+    return gather_dims([local], dim, sizes, group)[0]
 
 
 class _AllReduce(torch.autograd.Function):

@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from nonlocal_dist.distributed import failure
-from nonlocal_dist.distributed.collectives import gather_dim
+from nonlocal_dist.distributed.collectives import gather_dims
 from nonlocal_dist.distributed.shards import starts
 from nonlocal_dist.sequence.api import parallel_nonlocal
 from nonlocal_dist.sequence.causal import causal_ring_attention, zigzag_positions
@@ -181,7 +181,7 @@ def _sdpa(op: Op):
     if a["attn_mask"] is not None or a["is_causal"] or a["enable_gqa"] or broadcast:
         # A mask, causal attention or grouped heads: the keys and values gathered whole (the all-gather
         # strategy), each rank's queries against all of them with the mask's rows for its queries.
-        whole = [gather_dim(t.as_subclass(Tensor), seq, list(shard.sizes), shard.group) for t in (k, v)]
+        whole = gather_dims([t.as_subclass(Tensor) for t in (k, v)], seq, list(shard.sizes), shard.group)
         log_once(user_frame(), f"{op.name} over a sharded sequence with a mask, causal or GQA: keys and values "
                                f"gathered whole ({sum(t.numel() * t.element_size() for t in whole)} bytes per rank per call)")
         return _cross_attention(op, a, *whole, local_batch=True)

@@ -1,0 +1,69 @@
+"""The differentiable position gathers (``distributed/collectives.py``) on gloo ranks, float64, uneven and
+empty pieces: small parts of one shape travel packed in one all-gather (and one reduce-scatter back),
+large ones or parts of different shapes one collective each; values and gradients equal either way."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from nonlocal_dist.testing import run_ranks
+
+SIZES = {2: [3, 1], 3: [2, 0, 3]}
+
+
+def _parts(world: int, widths: tuple[int, ...]) -> list[list[torch.Tensor]]:
+    """Every rank's parts (B, H, L_r, c), the same on every rank (one generator)."""
+    g = torch.Generator().manual_seed(0)
+    return [[torch.randn(1, 2, n, c, dtype=torch.float64, generator=g) for c in widths] for n in SIZES[world]]
+
+
+def _err(a: torch.Tensor, b: torch.Tensor) -> float:
+    assert a.shape == b.shape, (a.shape, b.shape)
+    return (a - b).abs().max().item() if a.numel() else 0.0
+
+
+def _worker(rank, world, widths, pack_bytes):
+    import torch.distributed as dist
+
+    import nonlocal_dist.distributed.collectives as collectives
+    import nonlocal_dist.distributed.comm as comm
+
+    collectives.PACK_BYTES = pack_bytes
+    calls = []
+    run = comm._run
+    comm._run = lambda collective, *a, **k: calls.append(collective.__name__) or run(collective, *a, **k)
+    try:
+        everyone = _parts(world, widths)
+        mine = [p.clone().requires_grad_(True) for p in everyone[rank]]
+        gathered = collectives.gather_positions(dist.group.WORLD, SIZES[world], *mine)
+        forward = list(calls)
+        g = torch.Generator().manual_seed(1 + rank)  # each rank's own loss weights
+        weights = [torch.randn(t.shape, dtype=torch.float64, generator=g) for t in gathered]
+        sum((t * w).sum() for t, w in zip(gathered, weights)).backward()
+        backward = calls[len(forward):]
+    finally:
+        comm._run = run
+    whole = [torch.cat([parts[i] for parts in everyone], dim=-2) for i in range(len(widths))]
+    value_err = max(_err(a, b) for a, b in zip(gathered, whole))
+    # Each rank's gradient: the sum over ranks of their weights' rows for this rank's positions.
+    all_weights = []
+    for r in range(world):
+        g = torch.Generator().manual_seed(1 + r)
+        all_weights.append([torch.randn(t.shape, dtype=torch.float64, generator=g) for t in whole])
+    lo = sum(SIZES[world][:rank])
+    expected = [sum(w[i] for w in all_weights)[..., lo : lo + SIZES[world][rank], :] for i in range(len(widths))]
+    grad_err = max(_err(p.grad, e) for p, e in zip(mine, expected))
+    return forward, backward, value_err, grad_err
+
+
+@pytest.mark.parametrize("world", [2, 3])
+@pytest.mark.parametrize("widths, pack_bytes, collectives_each_way", [
+    ((4, 4), 2**20, 1),  # keys and values alike and small: packed
+    ((4, 4), 0, 2),  # over the size bound: one each
+    ((4, 3), 2**20, 2),  # different shapes: one each
+])
+def test_small_parts_of_one_shape_travel_packed(world, widths, pack_bytes, collectives_each_way):
+    for forward, backward, value_err, grad_err in run_ranks(_worker, world, widths, pack_bytes, timeout=120):
+        assert len(forward) == collectives_each_way, forward
+        assert len(backward) == collectives_each_way, backward
+        assert value_err == 0.0 and grad_err < 1e-12, (value_err, grad_err)

@@ -9,12 +9,13 @@ any decision made from a spec is made alike everywhere: refusals raise on every 
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from functools import cached_property
 
 import torch.distributed as dist
 
-from nonlocal_dist.distributed.shards import starts
+from nonlocal_dist.distributed.shards import even_sizes, starts
 
 
 @dataclass(frozen=True, eq=False)
@@ -32,6 +33,9 @@ class Shard:
     # convolution): the window's anchor moves back by them, as for a layer padding itself. (Not a
     # ``cat`` suffix: that may be the real frames after a cache, as a prefix may be.)
     trail: int = field(default=0, compare=False)
+    # A dim sharded over the span of two mesh dims by a merge of two sharded dims (``Merged``): a fact
+    # about the split (which rank holds which positions), kept while the sizes stay (``with_sizes``).
+    merged: Merged | None = field(default=None, compare=False)
 
     @cached_property
     def starts(self) -> tuple[int, ...]:
@@ -54,7 +58,9 @@ class Shard:
         return self.starts[self.rank]
 
     def with_sizes(self, sizes, lead: int = 0, trail: int = 0) -> Shard:
-        return Shard(self.group, tuple(int(s) for s in sizes), self.rank, lead, trail)
+        sizes = tuple(int(s) for s in sizes)
+        merged = self.merged if sizes == self.sizes else None  # the record depends on the split alone
+        return Shard(self.group, sizes, self.rank, lead, trail, merged)
 
     def held_by_one(self) -> bool:
         """Whether one rank holds every position (a chunk or a token sliced off a sharded sequence)."""
@@ -66,6 +72,39 @@ class Shard:
 
     def __repr__(self) -> str:
         return f"Shard(sizes={list(self.sizes)})"  # the same text on every rank (refusals compare alike)
+
+
+@dataclass(frozen=True, eq=False)
+class Merged:
+    """Where a dim sharded over the span of two mesh dims came from: a reshape merged a block of dims
+    of global ``shape``, the outermost (``shape[outer_at]``) sharded as ``outer`` and dim ``inner_at``
+    as ``inner`` (tokens ``(t h w)`` of a t x h mesh). The span's rank at mesh coordinates (a, b) holds
+    the b-th of ``inner.world`` even parts, in whole outer positions (frames), of what the a-th line
+    of ``outer`` holds (``span_sizes``), so every rank computes on its own positions, and a later
+    split of the dim back into frames stays on their grid; splitting it back into ``shape`` restores
+    the two shards (one all-gather over the inner group)."""
+
+    shape: tuple[int, ...]
+    outer_at: int
+    outer: Shard
+    inner_at: int
+    inner: Shard
+
+    def unit(self) -> int:
+        """Merged positions per outer position (a frame's tokens)."""
+        return math.prod(self.shape[self.outer_at + 1:])
+
+    def line_lengths(self) -> list[int]:
+        """The merged positions each line of the outer group holds."""
+        return [n * self.unit() for n in self.outer.sizes]
+
+    def line_parts(self, line: int) -> tuple[int, ...]:
+        """A line's merged positions split over the inner group, in whole outer positions."""
+        return tuple(n * self.unit() for n in even_sizes(line // self.unit(), self.inner.world))
+
+    def span_sizes(self) -> tuple[int, ...]:
+        """Every span rank's length of the merged dim, outer-major."""
+        return tuple(n for line in self.line_lengths() for n in self.line_parts(line))
 
 
 @dataclass(frozen=True, eq=False)

@@ -209,6 +209,7 @@ def _draws_alike(x: ShardedTensor) -> bool:
     """Whether some rank holds the same positions as another (a dim of the mesh shards nothing):
     those ranks must draw alike, from the agreed generator."""
     used = {id(shard.group) for _, shard in x.spec.dims}
+    used |= {id(s.group) for _, shard in x.spec.dims if shard.merged for s in (shard.merged.outer, shard.merged.inner)}
     return any(id(g) not in used for g in x.spec.groups)
 
 

@@ -14,14 +14,16 @@ from __future__ import annotations
 import math
 
 import torch
+import torch.distributed as dist
 from torch import Tensor
 
 import nonlocal_dist.distributed.failure as failure
-from nonlocal_dist.distributed.collectives import move_shard
-from nonlocal_dist.distributed.shards import split_sizes
+from nonlocal_dist.distributed.collectives import gather_dim, move_shard
+from nonlocal_dist.distributed.mesh import span_coordinates, span_group
+from nonlocal_dist.distributed.shards import split_sizes, starts
 from nonlocal_dist.sharded.fetch import reshard
 from nonlocal_dist.sharded.rules.common import bind, log_once, row_bytes, whole_along
-from nonlocal_dist.sharded.spec import Shard
+from nonlocal_dist.sharded.spec import Merged, Shard
 from nonlocal_dist.sharded.tensor import Op, ShardedTensor, rule, user_frame
 
 
@@ -146,22 +148,39 @@ def reshape_spec(op: Op, src: list[int], dst: list[int], sharded: dict[int, Shar
     return out
 
 
-def _outermost_sharded(op: Op, x: ShardedTensor, src: list[int], dst: list[int]) -> ShardedTensor:
+def _span_in_mesh_order(outer: Shard, inner: Shard) -> dist.ProcessGroup | None:
+    """The process group spanning the two mesh dims of ``outer`` and ``inner`` where its ranks run
+    outer-major (rank a * inner.world + b at mesh coordinates (a, b): pieces of a merged dim are then
+    contiguous in its rank order); None where they do not."""
+    groups = (outer.group, inner.group)
+    order = [(q // inner.world, q % inner.world) for q in range(outer.world * inner.world)]
+    return span_group(groups) if list(span_coordinates(groups)) == order else None
+
+
+def _outermost_sharded(op: Op, x: ShardedTensor, src: list[int], dst: list[int]) -> tuple[ShardedTensor, list]:
     """x with the shard of each merge whose sharded dim is not its outermost factor (``(t h)`` with h
     sharded) moved to that outermost dim, split evenly (one all-to-all, logged once per call site):
     each rank's merged positions are then one contiguous block. Where a merge holds two sharded dims
-    (``(t h w)`` on a t x h mesh), the inner one is gathered whole first (logged): the merged dim is
-    sharded over the outer one's group and the same on the inner one's ranks."""
+    (``(t h w)`` on a t x h mesh), the inner one is gathered whole first (logged); with the outer
+    one outermost, its block merged into one dim and the mesh's span in order, the merge is also
+    returned, ``(outer shard, inner shard, block shape, outer index, inner index)``, for the caller to
+    split the merged dim over the span (``_split_over_span``): every rank then works on its own part.
+    Elsewhere the merged dim stays sharded over the outer group, the same on the inner one's ranks."""
     if 0 in src:
-        return x
-    for a, _ in _blocks(src, dst):
+        return x, []
+    merges = []
+    for a, b in _blocks(src, dst):
         inside = [d for d in a if d in x.spec.sharded]
         if not inside:
             continue
-        if len(inside) > 1:  # two sharded dims merged (t and h of a 2-D mesh): the inner ones gathered whole
-            x = whole_along(op, x, inside[1:])
         d = inside[0]
         outer = [k for k in a if src[k] != 1 and k < d]
+        if len(inside) > 1:  # two sharded dims merged (t and h of a 2-D mesh): the inner ones gathered whole
+            pair = [x.spec.sharded[k] for k in inside]
+            if (len(inside) == 2 and not outer and sum(dst[k] != 1 for k in b) == 1
+                    and not any(s.held_by_one() for s in pair) and _span_in_mesh_order(*pair) is not None):
+                merges.append((*pair, tuple(src[k] for k in a), a.index(inside[0]), a.index(inside[1])))
+            x = whole_along(op, x, inside[1:])
         if not outer or x.spec.sharded[d].held_by_one():
             continue
         k = outer[0]
@@ -176,7 +195,53 @@ def _outermost_sharded(op: Op, x: ShardedTensor, src: list[int], dst: list[int])
         del dims[d]
         dims[k] = shard.with_sizes(sizes)
         x = ShardedTensor.wrap(moved, x.spec.remap(x.dim(), dims))
-    return x
+    return x, merges
+
+
+def _split_over_span(out: Tensor, dims: dict[int, Shard], merges: list) -> Tensor:
+    """``out`` narrowed, for each merge, to this rank's part of its merged dim over the mesh's span
+    (the outer line's frames split evenly among the inner group's ranks), ``dims`` updated: no
+    communication (each rank of the inner group holds its line whole after the gather)."""
+    for outer, inner, shape, outer_at, inner_at in merges:
+        k = next(k for k, s in dims.items() if s.group is outer.group)
+        record = Merged(shape, outer_at, outer, inner_at, inner)
+        parts = record.line_parts(dims[k].sizes[outer.rank])
+        out = out.narrow(k, starts(parts)[inner.rank], parts[inner.rank])
+        span = _span_in_mesh_order(outer, inner)
+        dims[k] = Shard(span, record.span_sizes(), dist.get_rank(span), merged=record)
+    return out
+
+
+def _unmerge(op: Op, x: ShardedTensor, src: list[int], dst: list[int]) -> tuple[ShardedTensor, list]:
+    """For each dim of x sharded over a span by a merge (``Shard.merged``) that this reshape splits back
+    into the merged block's shape: the inner group's parts gathered into the outer line's positions
+    (one all-gather over the inner group), the dim sharded over the outer group again; returned with
+    ``(inner shard, index of the inner dim in dst)`` for the caller to narrow that dim back to this
+    rank's piece (``_narrow_inner``)."""
+    pending = []
+    for a, b in _blocks(src, dst):
+        inside = [d for d in a if d in x.spec.sharded and x.spec.sharded[d].merged is not None]
+        if len(inside) != 1 or [dst[k] for k in b] != list(x.spec.sharded[inside[0]].merged.shape):
+            continue
+        d = inside[0]
+        shard = x.spec.sharded[d]
+        record = shard.merged
+        lines = record.line_lengths()
+        mine = record.line_parts(lines[record.outer.rank])
+        local = gather_dim(x.as_subclass(Tensor), d, list(mine), record.inner.group)
+        dims = x.spec.sharded
+        dims[d] = record.outer.with_sizes(lines)
+        x = ShardedTensor.wrap(local, x.spec.remap(x.dim(), dims))
+        pending.append((record.inner, b[record.inner_at]))
+    return x, pending
+
+
+def _narrow_inner(out: Tensor, dims: dict[int, Shard], pending: list) -> Tensor:
+    """``out`` narrowed along each restored inner dim to this rank's piece, that dim sharded again."""
+    for inner, k in pending:
+        out = out.narrow(k, inner.start, inner.local)
+        dims[k] = inner
+    return out
 
 
 def _reshape_to(op: Op, target) -> ShardedTensor:
@@ -186,8 +251,10 @@ def _reshape_to(op: Op, target) -> ShardedTensor:
     if math.prod(dst) != math.prod(src):
         raise op.refuse(f"shape {tuple(dst)} is invalid for a tensor of global shape {tuple(src)}")
     method = getattr(op.func, "__name__", "reshape")
+    merges, pending = [], []
     if method != "view":
-        x = _outermost_sharded(op, x, src, dst)
+        x, pending = _unmerge(op, x, src, dst)
+        x, merges = _outermost_sharded(op, x, src, dst)
     resharded: dict[int, tuple[int, ...]] = {}
     dims = reshape_spec(op, src, dst, x.spec.sharded, None if method == "view" else resharded)
     local_target = [dims[k].local if k in dims else s for k, s in enumerate(dst)]
@@ -199,6 +266,7 @@ def _reshape_to(op: Op, target) -> ShardedTensor:
                                f"{list(shard.sizes)}: resharded to {list(sizes)}, about {moved} bytes moved per call")
         base = reshard(base, d, shard.sizes, sizes, shard.group, shard.rank)
     out = base.view(local_target) if method == "view" else base.reshape(local_target)
+    out = _narrow_inner(_split_over_span(out, dims, merges), dims, pending)
     return _wrap(op, out, dims)
 
 

@@ -1,0 +1,88 @@
+"""Tokens that merge two sharded dims of a 2 x 2 mesh (issue 25, item 3): ``flatten`` of ``(t h w)``
+with t over one mesh dim and h over the other. The merged dim is split over the mesh's span, each
+rank holding its own frames of its t-line's tokens (no rank computes another's attention), and
+splitting it back into ``(t, h, w)`` restores the two shards. Float64 on 4 gloo ranks, even and
+uneven splits, against one process: outputs, input gradients and summed parameter gradients."""
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from sharded_parity import module_parity
+from torch import nn
+
+from nonlocal_dist.testing import run_ranks
+
+
+class SpacetimeAttention(nn.Module):
+    """x (b, c, t, h, w): attention over the (t h w) tokens, back to a video, a residual, a 3-D conv."""
+
+    def __init__(self, c: int = 4) -> None:
+        super().__init__()
+        self.q, self.k, self.v = nn.Linear(c, c), nn.Linear(c, c), nn.Linear(c, c)
+        self.conv = nn.Conv3d(c, c, 3, padding=1)
+
+    def forward(self, x):
+        b, c, t, h, w = x.shape
+        tokens = x.flatten(2).transpose(1, 2)
+        y = F.scaled_dot_product_attention(self.q(tokens)[:, None], self.k(tokens)[:, None],
+                                           self.v(tokens)[:, None])[:, 0]
+        y = y.transpose(1, 2).unflatten(2, (t, h, w))
+        return self.conv(y + x)
+
+
+class FrameView(nn.Module):
+    """Tokens (b, (t h w), c) read back as frames by ``view`` (MiniMax-H3's decoder head): the merged
+    dim's split stays on whole frames, so the view needs no copy."""
+
+    def __init__(self, c: int = 4) -> None:
+        super().__init__()
+        self.proj = nn.Linear(c, c)
+
+    def forward(self, x):
+        b, c, t, h, w = x.shape
+        tokens = self.proj(x.permute(0, 2, 3, 4, 1).reshape(b, t * h * w, c))
+        return tokens.view(b, t, h * w, c).sum(2)
+
+
+def _mesh(names=("t", "h")):
+    from torch.distributed.device_mesh import init_device_mesh
+
+    return init_device_mesh("cpu", (2, 2), mesh_dim_names=names)
+
+
+def _parity_worker(rank, world, cls, shape, names):
+    return module_parity(cls, shape, _mesh(names), ("t", "h"))
+
+
+@pytest.mark.parametrize("names", [("t", "h"), ("h", "t")], ids=["t-major", "h-major"])
+@pytest.mark.parametrize("shape", [(2, 4, 4, 6, 3), (1, 4, 5, 3, 2), (1, 4, 3, 4, 2)], ids=["even", "uneven", "t3"])
+@pytest.mark.parametrize("cls", [SpacetimeAttention, FrameView], ids=["attention", "frame-view"])
+def test_merging_two_sharded_dims_is_exact(cls, shape, names):
+    """'h-major': t's mesh dim is the inner one, so the span's ranks do not run t-major: the merged
+    dim falls back to t's group, h gathered (exact, the h ranks computing alike)."""
+    assert run_ranks(_parity_worker, 4, cls, shape, names, timeout=240) == [True] * 4
+
+
+def _split_worker(rank, world):
+    import torch.distributed as dist
+
+    from nonlocal_dist.sharded import distribute
+
+    x = torch.randn(2, 3, 5, 4, 2, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    xs = distribute(x, _mesh(), "b c t h w", ("t", "h"))
+    tokens = xs.flatten(2)
+    (dim, shard), = tokens.spec.dims
+    back = tokens.unflatten(2, (5, 4, 2))
+    return (dim, shard.sizes, dist.get_world_size(shard.group), tuple(tokens.to_local().shape),
+            [(d, s.sizes) for d, s in back.spec.dims], bool(torch.equal(back.to_local(), xs.to_local())))
+
+
+def test_merged_tokens_are_split_over_the_span_and_split_back():
+    results = run_ranks(_split_worker, 4, timeout=120)
+    # t = 5 over the t-lines as [3, 2] frames, each line's frames over its 2 h-ranks: [2, 1] and [1, 1],
+    # 4 x 2 = 8 tokens a frame.
+    for rank, (dim, sizes, span, local, back, equal) in enumerate(results):
+        assert (dim, sizes, span) == (2, (16, 8, 8, 8), 4)
+        assert local == (2, 3, sizes[rank])
+        assert back == [(2, (3, 2)), (3, (2, 2))] and equal

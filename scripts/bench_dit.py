@@ -20,6 +20,7 @@ Columns: the output's max abs error against one process, the best wall time of t
 (``bench_utils.peak_memory_mb``), and the ratios to diffusers' Ulysses.
 
     python scripts/bench_dit.py [--model wan|ltx] [--forward] [--world 2] [--frames 8] [--size 16] [--repeats 5]
+    python scripts/bench_dit.py --mesh [--frames 8] [--size 16]   # Wan on a 2 x 2 (t, h) mesh of 4 ranks
 
 diffusers' Ulysses cannot run LTX's forward+backward here: with the pipeline's text mask its forward
 fails (``The size of tensor a (2) must match the size of tensor b (4) at non-singleton dimension 1``),
@@ -43,7 +44,16 @@ def parse_args(argv=None):
     p.add_argument("--size", type=int, default=16, help="latent height and width S (tokens: T S^2 / 4)")
     p.add_argument("--repeats", type=int, default=5, help="timed steps (best taken)")
     p.add_argument("--forward", action="store_true", help="forward only, under no_grad (inference)")
-    return p.parse_args(argv)
+    p.add_argument("--mesh", action="store_true",
+                   help="Wan on 4 ranks as a 2 x 2 (t, h) mesh: ours with the tokens split over the mesh, ours "
+                        "with h gathered for them (the mesh's dims in the other order), ours over t alone, and "
+                        "diffusers' Ulysses of degree 4")
+    args = p.parse_args(argv)
+    if args.mesh:
+        if args.model != "wan":
+            p.error("--mesh runs Wan (its latents are (b, c, t, h, w))")
+        args.world = 4
+    return args
 
 
 def _model(args):
@@ -112,6 +122,8 @@ def _ranks(rank, world, args, group) -> dict:
     hooks.logger.warning_once = hooks.logger.warning  # missing on its logger
     ulysses = _model(args)
     ulysses.enable_parallelism(config=ContextParallelConfig(ulysses_degree=world))
+    if args.mesh:
+        return {"diffusers Ulysses": _measure(ulysses, args), **_mesh_runs(args, group)}
     axis, layout = ("n", "b n c") if args.model == "ltx" else ("t", "b c t h w")
     ours = parallelize(_model(args), group, axis, layout=layout, inputs=("hidden_states",))
     results = {"diffusers Ulysses": _measure(ulysses, args), "ours": _measure(ours, args)}
@@ -121,13 +133,37 @@ def _ranks(rank, world, args, group) -> dict:
     return results
 
 
+MESH_RUNS = ("ours, 2 x 2 mesh (t, h): tokens over the mesh", "ours, 2 x 2 mesh (h, t): h gathered for the tokens",
+             "ours, t over 4 ranks")
+
+
+def _mesh_runs(args, group) -> dict:
+    """Wan on a 2 x 2 mesh. With the mesh's t dim outer, the (t h w) tokens are split over all four
+    ranks; named the other way round, the span's ranks do not run t-major, so the tokens stay over the
+    t group with h gathered, and the two ranks of each h-line compute alike (the behaviour before)."""
+    from torch.distributed.device_mesh import init_device_mesh
+
+    from nonlocal_dist import parallelize
+
+    results = {}
+    for name, mesh in zip(MESH_RUNS, (init_device_mesh("cpu", (2, 2), mesh_dim_names=("t", "h")),
+                                      init_device_mesh("cpu", (2, 2), mesh_dim_names=("h", "t")), None)):
+        if mesh is None:
+            model = parallelize(_model(args), group, "t", layout="b c t h w", inputs=("hidden_states",))
+        else:
+            model = parallelize(_model(args), mesh, ("t", "h"), layout="b c t h w", inputs=("hidden_states",))
+        results[name] = _measure(model, args)
+    return results
+
+
 def main(argv=None) -> None:
     args = parse_args(argv)
     torch.set_num_threads(1)
     ref = _measure(_model(args), args)
     ranks = spawn_ranks(_ranks, args.world, args)
     rows, base = [], None
-    for name in ("diffusers Ulysses", "ours", *(f"ours, strategy={s!r}" for s in STRATEGIES)):
+    names = MESH_RUNS if args.mesh else ("ours", *(f"ours, strategy={s!r}" for s in STRATEGIES))
+    for name in ("diffusers Ulysses", *names):
         seconds = max(r[name]["seconds"] for r in ranks.values())
         peak = max(r[name]["peak_mb"] for r in ranks.values())
         err = (ranks[0][name]["out"] - ref["out"]).abs().max().item()

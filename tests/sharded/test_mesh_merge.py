@@ -86,3 +86,23 @@ def test_merged_tokens_are_split_over_the_span_and_split_back():
         assert (dim, sizes, span) == (2, (16, 8, 8, 8), 4)
         assert local == (2, 3, sizes[rank])
         assert back == [(2, (3, 2)), (3, (2, 2))] and equal
+
+
+def _strategy_worker(rank, world, strategy):
+    from nonlocal_dist.sharded import ShardingRefusal
+    from nonlocal_dist.sharded.rules.attention import set_attention_strategy
+
+    mesh = _mesh()
+    try:
+        return module_parity(SpacetimeAttention, (1, 4, 4, 6, 3), mesh, ("t", "h"), strategy=strategy)
+    except ShardingRefusal as exc:
+        return str(exc)
+    finally:
+        set_attention_strategy([mesh.get_group("t"), mesh.get_group("h")], None)  # persistent ranks
+
+
+def test_the_strategy_named_for_the_mesh_runs_the_merged_tokens():
+    assert run_ranks(_strategy_worker, 4, "ring", timeout=240) == [True] * 4
+    # One head over 4 ranks: Ulysses cannot split it, and says so on every rank.
+    for message in run_ranks(_strategy_worker, 4, "ulysses", timeout=240):
+        assert "strategy 'ulysses' with 1 heads over 4 ranks" in message, message

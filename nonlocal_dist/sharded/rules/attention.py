@@ -64,9 +64,12 @@ def set_attention_strategy(groups, strategy: str | None) -> None:
 
 
 def _strategy(op: Op, shard, allowed: tuple[str, ...], form: str) -> str | None:
-    """The strategy ``parallelize`` named for the shard's group, or None (the form's default); a
-    refusal where the form cannot run the one named."""
+    """The strategy ``parallelize`` named for the shard's group (tokens merged over a mesh's span: the
+    one named for its dims' groups), or None (the form's default); a refusal where the form cannot
+    run the one named."""
     chosen = _STRATEGY.get(id(shard.group))
+    if chosen is None and shard.merged is not None:
+        chosen = _STRATEGY.get(id(shard.merged.outer.group))
     if chosen is None:
         return None
     if chosen not in allowed:

@@ -35,7 +35,7 @@ from nonlocal_dist.layout import axis_dims
 from nonlocal_dist.sequence.strategies import STRATEGIES
 from nonlocal_dist.sharded.rules.attention import set_attention_strategy
 from nonlocal_dist.sharded.spec import Shard, ShardSpec
-from nonlocal_dist.sharded.tensor import ShardedTensor
+from nonlocal_dist.sharded.tensor import ACTIVE_MODELS, ShardedTensor
 
 
 def _axes(axes) -> tuple[str, ...]:
@@ -154,6 +154,7 @@ class _Hooks:
             return None
 
         self.rng_states.append(None)  # the post-hook pops this call's entry, whatever happens below
+        ACTIVE_MODELS.append(module)
         seed = self._agree(module, (args, kwargs))
         device = next((t.device for t in tree_flatten((args, kwargs))[0] if isinstance(t, Tensor)), torch.device("cpu"))
         self.rng_states[-1] = rng.enter_agreed(seed, device)
@@ -219,6 +220,8 @@ class _Hooks:
         return values["seed"][0]
 
     def post(self, module: nn.Module, args: tuple, output):
+        if ACTIVE_MODELS and ACTIVE_MODELS[-1] is module:
+            ACTIVE_MODELS.pop()
         saved = self.rng_states.pop() if self.rng_states else None
         if saved is not None:
             rng.leave_agreed(saved)

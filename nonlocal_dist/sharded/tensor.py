@@ -55,6 +55,9 @@ class ShardingRefusal(ValueError):
 
 
 ANY_OPERAND: set[Callable] = set()
+# The models whose parallelized forward is running (``parallelize``'s hooks push and pop them): their
+# parameters and buffers are the model's state, which a rule never turns into an activation's shard.
+ACTIVE_MODELS: list = []
 
 
 def rule(*funcs: Callable, any_operand: bool = False) -> Callable:

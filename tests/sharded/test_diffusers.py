@@ -262,6 +262,13 @@ def _vae(name):
         model = diffusers.AutoencoderKLLTX2Video(
             latent_channels=8, block_out_channels=(8, 16, 32, 64), decoder_block_out_channels=(8, 16, 32),
             layers_per_block=(1, 1, 1, 1, 1), decoder_layers_per_block=(1, 1, 1, 1), patch_size=1)
+    elif name == "kvae":  # a streaming VAE: its cached causal convolutions write into torch.empty buffers
+        model = diffusers.AutoencoderKLKVAEVideo(ch=32, ch_mult=(1, 1, 1), num_res_blocks=1, z_channels=4,
+                                                 temporal_compress_times=4)
+    elif name == "kandinsky6sr":  # Kandinsky 6's super-resolution VAE, the same buffer pattern
+        model = diffusers.Kandinsky6SRVAE(
+            latent_channels=4, encoder_block_out_channels=(8, 16, 16), decoder_block_out_channels=(8, 16, 16),
+            layers_per_block=1, temporal_compression_ratio=4, temporal_compression_start_level=1)
     elif name in ("wan", "wan22"):
         residual = {"is_residual": True, "in_channels": 12, "out_channels": 12, "patch_size": 2} if name == "wan22" else {}
         model = diffusers.AutoencoderKLWan(base_dim=8, z_dim=4, dim_mult=[1, 2, 2, 2], num_res_blocks=1, **residual)
@@ -285,6 +292,8 @@ _VAE_INPUT = {  # (name, part) -> input shape (b, c, t, h, w)
     ("ltx2", "encoder"): (1, 3, 9, 16, 16), ("ltx2", "decoder"): (1, 8, 2, 2, 2),
     ("wan", "encoder"): (1, 3, 9, 16, 16), ("wan", "decoder"): (1, 4, 3, 4, 4),
     ("wan22", "encoder"): (1, 3, 9, 32, 32), ("wan22", "decoder"): (1, 4, 3, 4, 4),
+    ("kvae", "encoder"): (1, 3, 9, 16, 16), ("kvae", "decoder"): (1, 4, 3, 4, 4),
+    ("kandinsky6sr", "encoder"): (1, 3, 9, 16, 16), ("kandinsky6sr", "decoder"): (1, 4, 3, 4, 4),
 }
 _VAE_SIZES = {  # (length, world) -> shard lengths, uneven and empty
     (2, 2): [1, 1], (2, 3): [1, 1, 0], (3, 2): [2, 1], (3, 3): [1, 2, 0], (4, 2): [3, 1], (8, 2): [5, 3],
@@ -302,7 +311,13 @@ _VAE_GRID_SIZES = {("hunyuan15", "encoder", "t", 3): [5, 4, 0], ("hunyuan15", "e
 # diffusers' RMSNorm (LTX's VAE) computes its variance in float32 whatever the input dtype; with it in
 # float64 (RMSNorm.forward patched, a one-off check on 2026-12-06) its sharded decoder matched to 5e-15.
 # Wan upsamples in float32 (WanUpsample casts its input): its backward sums gradients in float32.
-_FLOAT32_INSIDE = {"ltx", "wan", "wan22"}
+# Kandinsky 6's VAE normalises in float32 (Kandinsky6VAERMSNorm: F.normalize of x.float()).
+_FLOAT32_INSIDE = {"ltx", "wan", "wan22", "kandinsky6sr"}
+
+
+# Run through their own ``encode``/``decode``: Wan's temporal resampling exists only in its frame-cache
+# loop; KVAE's and Kandinsky 6's layers take the cache dict their loops make.
+_OWN_LOOP = {"wan", "wan22", "kvae", "kandinsky6sr"}
 
 
 def _first(out):
@@ -315,7 +330,7 @@ def _vae_worker(rank, world, name, part, axis):
     from nonlocal_dist import parallelize
 
     vae = _vae(name)
-    if name in ("wan", "wan22"):  # through the VAE's own loop
+    if name in _OWN_LOOP:  # through the VAE's own encode/decode
         module = _Encode(vae) if part == "encoder" else _Decode(vae)
     else:
         module = getattr(vae, part)
@@ -351,7 +366,7 @@ def _vae_worker(rank, world, name, part, axis):
 @pytest.mark.parametrize("axis,world", [("t", 2), ("t", 3), ("h", 2), ("t h", 4)])
 @pytest.mark.parametrize("part", ["encoder", "decoder"])
 @pytest.mark.parametrize("name", ["cogvideox", "hunyuan", "ltx", "mochi", "allegro", "magvit", "hunyuan15", "cosmos",
-                                  "wan", "wan22", "ltx2", "minimax"])
+                                  "wan", "wan22", "ltx2", "minimax", "kvae", "kandinsky6sr"])
 def test_video_vae_is_exact_on_sharded_frames(name, part, axis, world):
     """The output, the input gradient and every parameter gradient (relative to their largest value)
     within 1e-10, or within 20x the one-process control's floor where the model computes in float32."""

@@ -7,7 +7,8 @@ uneven shards, float64, against one process: outputs, input gradients and summed
 - a class token before and after the tokens, ``chunk`` along the tokens and a re-join with a whole
   part in the middle (an even reshard, one all-to-all per sharded part);
 - causal first-frame padding written as ``cat`` along t (CogVideoX's VAE), or as the first frame
-  ``expand``-ed to k - 1 frames (KVAE), then a temporal conv.
+  ``expand``-ed to k - 1 frames (KVAE), then a temporal conv; its output written in parts into a
+  plain ``torch.empty`` buffer of the global shape (KVAE, Kandinsky 6), which becomes sharded.
 """
 from __future__ import annotations
 
@@ -76,6 +77,20 @@ class CausalPadExpand(CausalPad):
         shape = list(first.shape)
         shape[2] = 2
         return self.conv(torch.cat([first.expand(shape), x], dim=2))
+
+
+class CachedCausalConv(CausalPad):
+    """KVAE's and Kandinsky 6's cached causal conv: a plain ``torch.empty`` buffer of the global shape,
+    written in two parts (the frames after the padding, then the rest)."""
+
+    def forward(self, x):
+        b, _, t, h, w = x.shape
+        first = x[:, :, :1]
+        padded = torch.cat([first.expand(-1, -1, 2, -1, -1), x], dim=2)
+        out = torch.empty(b, 4, t, h, w, dtype=x.dtype)
+        out[:, :, :1] = self.conv(padded[:, :, :3])
+        out[:, :, 1:] = self.conv(padded[:, :, 1:])
+        return out
 
 
 class Rotary(nn.Module):
@@ -176,6 +191,7 @@ CASES = {
     "class_tokens": (ClassTokens, (2, 7, 8), "b n c", "n"),
     "causal_pad": (CausalPad, (1, 2, 7, 3, 2), "b c t h w", "t"),
     "causal_pad_expand": (CausalPadExpand, (1, 2, 7, 3, 2), "b c t h w", "t"),
+    "cached_causal_conv": (CachedCausalConv, (1, 2, 7, 3, 2), "b c t h w", "t"),
 }
 SIZES = {1: [[7]], 2: [[5, 2]], 3: [[1, 6, 0]]}
 REFOLD_SIZES = {1: [[12]], 2: [[7, 5]], 3: [[5, 7, 0]]}  # off the grid of 4
@@ -310,3 +326,34 @@ def _cross_worker(rank, world):
 def test_cross_attention_to_whole_text_keys_is_exact(world):
     for err in run_ranks(_cross_worker, world, timeout=120):
         assert err < 1e-12, err
+
+
+class WritesItsBuffer(nn.Module):
+    """Sharded values written into the model's own buffer: its state, never made an activation's shard."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.register_buffer("cache", torch.zeros(1, 2, 7, 3, 2, dtype=torch.float64))
+
+    def forward(self, x):
+        self.cache[:, :, :] = x * 2
+        return x
+
+
+def _buffer_worker(rank, world):
+    import torch.distributed as dist
+
+    from nonlocal_dist import parallelize
+    from nonlocal_dist.sharded import ShardingRefusal
+
+    model = parallelize(WritesItsBuffer(), dist.group.WORLD, "t", sizes=SIZES[world])
+    try:
+        model(torch.randn(1, 2, 7, 3, 2, dtype=torch.float64))
+    except ShardingRefusal as exc:
+        return str(exc), tuple(model.cache.shape), type(model.cache).__name__
+    return None
+
+
+def test_a_models_buffer_is_never_made_a_shard():
+    for message, shape, kind in run_ranks(_buffer_worker, 2, timeout=120):
+        assert "parameter or buffer" in message and shape == (1, 2, 7, 3, 2) and kind == "Tensor", message

@@ -34,7 +34,13 @@ from nonlocal_dist.sharded.rules.common import (
     whole_along,
 )
 from nonlocal_dist.sharded.spec import Shard
-from nonlocal_dist.sharded.tensor import Op, ShardedTensor, rule, user_frame
+from nonlocal_dist.sharded.tensor import (
+    ACTIVE_MODELS,
+    Op,
+    ShardedTensor,
+    rule,
+    user_frame,
+)
 
 
 def _has_tensor_index(index, none_too: bool = False) -> bool:
@@ -367,6 +373,39 @@ def _tensor_split(op: Op):
     return _global_slices(x, dim, bounds)
 
 
+def _promoted(op: Op, x: Tensor, index, value) -> ShardedTensor:
+    """A plain buffer of the global shape written with sharded values (``out = torch.empty(...)``, then
+    ``out[:, :, :k] = conv(...)``: the cached causal convolutions of KVAE and Kandinsky 6's VAE) made,
+    in place, this rank's part of a sharded buffer: sharded alike along the dims the value is sharded
+    on, split as the value where it covers the whole dim, else evenly (later writes reshard to it).
+    What the buffer held is kept on each rank's part. Refused for a view, a tensor that needs
+    gradients and a parameter or buffer of a parallelized model (its state stays whole)."""
+    if not isinstance(value, ShardedTensor) or _has_tensor_index(index, none_too=True):
+        raise op.refuse("a sharded index into a plain tensor", fix="index with slices or plain tensors")
+    state = any(x is t for model in ACTIVE_MODELS for t in (*model.parameters(), *model.buffers()))
+    if x.requires_grad or x.grad_fn is not None or x._base is not None or state:
+        raise op.refuse("writing sharded values into a plain tensor that is a view, needs gradients or is a model's "
+                        "parameter or buffer", fix="write into a tensor made from the sharded one (torch.empty_like)")
+    parts = _expand_index(index, x.dim())
+    kept = [d for d, part in enumerate(parts) if not isinstance(part, int)]
+    lead = len(kept) - value.dim()
+    dims, local = {}, [slice(None)] * x.dim()
+    for dv, shard in value.spec.dims:
+        d = kept[dv + lead] if dv + lead >= 0 else None
+        part = parts[d] if d is not None else None
+        if not isinstance(part, slice) or part.step not in (None, 1) or len(range(*part.indices(x.shape[d]))) != shard.total:
+            raise op.refuse("writing sharded values into a plain tensor other than through a step-1 slice of their "
+                            "length", fix="write into a tensor made from the sharded one (torch.empty_like)")
+        whole = part.indices(x.shape[d])[:2] == (0, x.shape[d])
+        dims[d] = shard.with_sizes(shard.sizes if whole else split_sizes(x.shape[d], shard.world))
+        local[d] = slice(dims[d].start, dims[d].start + dims[d].local)
+    log_once(user_frame(), f"{op.name} writes sharded values into a plain tensor of shape {tuple(x.shape)}: it becomes "
+                           f"this rank's part of a tensor sharded along {sorted(dims)}")
+    with torch.no_grad():
+        x.set_(x[tuple(local)].clone())
+    return ShardedTensor.wrap(x, value.spec.remap(x.dim(), dims))
+
+
 @rule(Tensor.__setitem__, any_operand=True)
 def _setitem(op: Op):
     """``x[index] = value`` with slices of the sharded dims (``out[..., 0::2] = ...`` of a rotary
@@ -375,7 +414,9 @@ def _setitem(op: Op):
     (broadcast)."""
     x, index, value = op.args
     if not isinstance(x, ShardedTensor):
-        raise op.refuse("writing sharded values into a plain tensor", fix="write into a tensor made from the sharded one")
+        if isinstance(value, ShardedTensor) and value.spec.replicated:  # the same values on every rank
+            return op.run(x, index, value.as_subclass(Tensor))
+        x = _promoted(op, x, index, value)
     if _has_tensor_index(index, none_too=True):
         raise op.refuse("a tensor, list or None index in an assignment to a sharded activation",
                         fix="assign through slices of the unsharded dims")

@@ -219,6 +219,8 @@ def _unmerge(op: Op, x: ShardedTensor, src: list[int], dst: list[int]) -> tuple[
     ``(inner shard, index of the inner dim in dst)`` for the caller to narrow that dim back to this
     rank's piece (``_narrow_inner``)."""
     pending = []
+    if 0 in src or not any(s.merged for _, s in x.spec.dims):
+        return x, pending
     for a, b in _blocks(src, dst):
         inside = [d for d in a if d in x.spec.sharded and x.spec.sharded[d].merged is not None]
         if len(inside) != 1 or [dst[k] for k in b] != list(x.spec.sharded[inside[0]].merged.shape):
@@ -489,3 +491,46 @@ def _new_factory(op: Op):
     dtype and device, the same on every rank; x's sharding plays no part."""
     rest = [a.as_subclass(Tensor) if isinstance(a, ShardedTensor) else a for a in op.args[1:]]
     return op.run(_self(op).as_subclass(Tensor), *rest, **op.kwargs)
+
+
+@rule(torch.pixel_shuffle, torch.pixel_unshuffle)
+def _pixel_shuffle(op: Op):
+    """``pixel_shuffle`` (*, C r², H, W) -> (*, C, H r, W r) and ``pixel_unshuffle``, its inverse: each r x r
+    block of positions comes from one position and back. Along leading dims (frames folded into the
+    batch) on each rank's rows; along a sharded H or W, shuffle multiplies each rank's length by r,
+    and unshuffle divides it, its rows first resharded onto the r-grid where they are off it (one
+    all-to-all, logged once per call site with its bytes). A sharded channel dim is refused."""
+    x = op.args[0]
+    factor = op.args[1] if len(op.args) > 1 else next(op.kwargs[k] for k in ("upscale_factor", "downscale_factor")
+                                                      if k in op.kwargs)
+    shuffle = getattr(op.func, "__name__", "") == "pixel_shuffle"
+    n = x.dim()
+    dims = x.spec.sharded
+    if n - 3 in dims:
+        raise op.refuse("the channel dim is sharded; the shuffle moves positions into and out of it", n - 3,
+                        "shard a leading or a spatial dim")
+    local = x.as_subclass(Tensor)
+    for d in (n - 2, n - 1):
+        shard = dims.get(d)
+        if shard is None:
+            continue
+        if not shuffle and any(s % factor for s in shard.sizes) and shard.total % factor == 0:
+            sizes = split_sizes(shard.total, shard.world, factor)
+            log_once(user_frame(), f"{op.name} needs sharded dim {d} on its {factor}-grid, split {list(shard.sizes)}: "
+                                   f"resharded to {list(sizes)}, about {row_bytes(local, d) * sum(abs(a - b) for a, b in zip(shard.sizes, sizes)) // 2} "
+                                   "bytes moved per call")
+            local = reshard(local, d, shard.sizes, sizes, shard.group, shard.rank)
+            shard = shard.with_sizes(sizes)
+        if not shuffle and shard.total % factor:
+            raise failure.everywhere(RuntimeError(
+                f"pixel_unshuffle expects the height and width of the input to be divisible by downscale_factor, "
+                f"but dim {d} has length {shard.total} and downscale_factor is {factor}"))
+        dims[d] = shard.with_sizes(s * factor if shuffle else s // factor for s in shard.sizes)
+    if local.numel():
+        out = op.run(local, factor)
+    else:  # torch returns an empty input's shape unchanged: the shape the rank's piece would have
+        shape = list(local.shape)
+        shape[-3] = shape[-3] // factor ** 2 if shuffle else shape[-3] * factor ** 2
+        shape[-2:] = [s * factor if shuffle else s // factor for s in shape[-2:]]
+        out = local.reshape(-1)[:0].reshape(shape)
+    return _wrap(op, out, dims)

@@ -262,6 +262,8 @@ def _vae(name):
         model = diffusers.AutoencoderKLLTX2Video(
             latent_channels=8, block_out_channels=(8, 16, 32, 64), decoder_block_out_channels=(8, 16, 32),
             layers_per_block=(1, 1, 1, 1, 1), decoder_layers_per_block=(1, 1, 1, 1), patch_size=1)
+    elif name == "vidtok":
+        model = diffusers.AutoencoderVidTok(ch=8, ch_mult=[1, 2, 2], z_channels=4, num_res_blocks=1)
     elif name == "kvae":  # a streaming VAE: its cached causal convolutions write into torch.empty buffers
         model = diffusers.AutoencoderKLKVAEVideo(ch=32, ch_mult=(1, 1, 1), num_res_blocks=1, z_channels=4,
                                                  temporal_compress_times=4)
@@ -293,6 +295,7 @@ _VAE_INPUT = {  # (name, part) -> input shape (b, c, t, h, w)
     ("wan", "encoder"): (1, 3, 9, 16, 16), ("wan", "decoder"): (1, 4, 3, 4, 4),
     ("wan22", "encoder"): (1, 3, 9, 32, 32), ("wan22", "decoder"): (1, 4, 3, 4, 4),
     ("kvae", "encoder"): (1, 3, 9, 16, 16), ("kvae", "decoder"): (1, 4, 3, 4, 4),
+    ("vidtok", "encoder"): (1, 3, 9, 16, 16), ("vidtok", "decoder"): (1, 4, 3, 4, 4),
     ("kandinsky6sr", "encoder"): (1, 3, 9, 16, 16), ("kandinsky6sr", "decoder"): (1, 4, 3, 4, 4),
 }
 _VAE_SIZES = {  # (length, world) -> shard lengths, uneven and empty
@@ -311,8 +314,9 @@ _VAE_GRID_SIZES = {("hunyuan15", "encoder", "t", 3): [5, 4, 0], ("hunyuan15", "e
 # diffusers' RMSNorm (LTX's VAE) computes its variance in float32 whatever the input dtype; with it in
 # float64 (RMSNorm.forward patched, a one-off check on 2026-12-06) its sharded decoder matched to 5e-15.
 # Wan upsamples in float32 (WanUpsample casts its input): its backward sums gradients in float32.
-# Kandinsky 6's VAE normalises in float32 (Kandinsky6VAERMSNorm: F.normalize of x.float()).
-_FLOAT32_INSIDE = {"ltx", "wan", "wan22", "kandinsky6sr"}
+# Kandinsky 6's VAE normalises in float32 (Kandinsky6VAERMSNorm: F.normalize of x.float()); VidTok's
+# decoder upsamples in float32 (F.interpolate(x.to(torch.float32), ...)).
+_FLOAT32_INSIDE = {"ltx", "wan", "wan22", "kandinsky6sr", "vidtok"}
 
 
 # Run through their own ``encode``/``decode``: Wan's temporal resampling exists only in its frame-cache
@@ -324,21 +328,25 @@ def _first(out):
     return out[0] if isinstance(out, tuple) else out
 
 
+def _vae_part(name, part):
+    """A fresh instance of the VAE's encoder or decoder, its own loop where it needs one (``_OWN_LOOP``),
+    the same weights each time (``_vae`` seeds): VidTok's weight-normed layers cannot be deep-copied."""
+    vae = _vae(name)
+    if name in _OWN_LOOP:
+        return _Encode(vae) if part == "encoder" else _Decode(vae)
+    return getattr(vae, part)
+
+
 def _vae_worker(rank, world, name, part, axis):
     import torch.distributed as dist
 
     from nonlocal_dist import parallelize
 
-    vae = _vae(name)
-    if name in _OWN_LOOP:  # through the VAE's own encode/decode
-        module = _Encode(vae) if part == "encoder" else _Decode(vae)
-    else:
-        module = getattr(vae, part)
-    plain = copy.deepcopy(module)
+    module, plain = _vae_part(name, part), _vae_part(name, part)
     g = torch.Generator().manual_seed(1)
     shape = _VAE_INPUT[name, part]
     x = torch.randn(shape, dtype=torch.float64, generator=g)
-    ref_shape = _first(copy.deepcopy(plain)(x)).shape  # a copy: some VAEs keep state between calls (Magvit)
+    ref_shape = _first(_vae_part(name, part)(x)).shape  # a fresh one: some VAEs keep state between calls (Magvit)
     w = torch.randn(ref_shape, dtype=torch.float64, generator=g)
     if axis == "t h":  # a 2 x 2 mesh, even splits
         from torch.distributed.device_mesh import init_device_mesh
@@ -353,7 +361,7 @@ def _vae_worker(rank, world, name, part, axis):
     if name in _FLOAT32_INSIDE:
         # The one-process control's own floor: its change when its input is rounded to float32, the
         # rounding its float32 internals apply to their own inputs.
-        control = copy.deepcopy(plain)
+        control = _vae_part(name, part)
         rounded = x.float().double().requires_grad_(True)
         out = _first(control(rounded))
         (out * w).sum().backward()
@@ -366,7 +374,7 @@ def _vae_worker(rank, world, name, part, axis):
 @pytest.mark.parametrize("axis,world", [("t", 2), ("t", 3), ("h", 2), ("t h", 4)])
 @pytest.mark.parametrize("part", ["encoder", "decoder"])
 @pytest.mark.parametrize("name", ["cogvideox", "hunyuan", "ltx", "mochi", "allegro", "magvit", "hunyuan15", "cosmos",
-                                  "wan", "wan22", "ltx2", "minimax", "kvae", "kandinsky6sr"])
+                                  "wan", "wan22", "ltx2", "minimax", "kvae", "kandinsky6sr", "vidtok"])
 def test_video_vae_is_exact_on_sharded_frames(name, part, axis, world):
     """The output, the input gradient and every parameter gradient (relative to their largest value)
     within 1e-10, or within 20x the one-process control's floor where the model computes in float32."""

@@ -32,6 +32,7 @@ from torch import Tensor
 from torch.utils._pytree import tree_map
 
 import nonlocal_dist.distributed.failure as failure
+from nonlocal_dist.distributed.mesh import covered
 from nonlocal_dist.sharded.arguments import bind, normalize
 from nonlocal_dist.sharded.rng import check_agreed
 from nonlocal_dist.sharded.spec import ShardSpec
@@ -199,11 +200,12 @@ class ShardedTensor(Tensor):
         """``local`` as a sharded tensor with ``spec`` (no copy, autograd history kept).
 
         Raises ``ShardingRefusal`` (on every rank: the spec is the same everywhere) for a spec that
-        shards two dims over one process group: each rank would hold only its diagonal block."""
+        shards two dims over one process group, or over a mesh's span and one of its dims' groups:
+        each rank would hold only its diagonal block."""
         if torch.compiler.is_compiling():  # dynamo traced the sharding itself (parallelize's hook, torch 2.8)
             raise RuntimeError(COMPILE_REFUSAL)
-        groups = [shard.group for _, shard in spec.dims]
-        if len({id(g) for g in groups}) < len(groups):
+        groups = [covered(shard.group) for _, shard in spec.dims]
+        if len(groups) > 1 and sum(map(len, groups)) > len(frozenset().union(*groups)):
             dims = [d for d, _ in spec.dims]
             raise ShardingRefusal(
                 f"a result sharded on dims {dims} with two of them over the same process group at {user_frame()}: "

@@ -357,3 +357,34 @@ def _buffer_worker(rank, world):
 def test_a_models_buffer_is_never_made_a_shard():
     for message, shape, kind in run_ranks(_buffer_worker, 2, timeout=120):
         assert "parameter or buffer" in message and shape == (1, 2, 7, 3, 2) and kind == "Tensor", message
+
+
+class StaleView(CausalPad):
+    """A view of a plain buffer taken before sharded values are written into it: the buffer cannot
+    become a shard in place (the view would keep reading the old storage), so the write is refused."""
+
+    def forward(self, x):
+        out = torch.zeros(1, 4, 7, 3, 2, dtype=x.dtype)
+        frames = out.view(1, 4, -1)
+        out[:, :, :] = self.conv(F.pad(x, (0, 0, 0, 0, 2, 0)))
+        return frames.sum(-1)
+
+
+def _stale_view_worker(rank, world):
+    import torch.distributed as dist
+
+    from nonlocal_dist import parallelize
+    from nonlocal_dist.sharded import ShardingRefusal
+
+    torch.manual_seed(0)
+    model = parallelize(StaleView().double(), dist.group.WORLD, "t", sizes=SIZES[world])
+    try:
+        model(torch.randn(1, 2, 7, 3, 2, dtype=torch.float64))
+    except ShardingRefusal as exc:
+        return str(exc)
+    return None
+
+
+def test_a_buffer_with_views_is_never_made_a_shard():
+    for message in run_ranks(_stale_view_worker, 2, timeout=120):
+        assert message is not None and "has views or aliases" in message, message

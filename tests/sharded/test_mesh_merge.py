@@ -45,6 +45,43 @@ class FrameView(nn.Module):
         return tokens.view(b, t, h * w, c).sum(2)
 
 
+class RowMLP(nn.Module):
+    """An MLP over the (b t h w) rows, back to a video, then a residual: the rows merged over the mesh's
+    span meet the video sharded over its dims (the video is gathered for the sum)."""
+
+    def __init__(self, c: int = 4) -> None:
+        super().__init__()
+        self.lin = nn.Linear(c, c)
+
+    def forward(self, x):
+        b, c, t, h, w = x.shape
+        y = self.lin(x.flatten(2).transpose(1, 2).reshape(-1, c)).reshape(b, t * h * w, c)
+        return y.transpose(1, 2).reshape(b, c, t, h, w) + x
+
+
+class OuterFrames(nn.Module):
+    """Merged tokens times a per-frame summary of the video (an outer product over t)."""
+
+    def forward(self, x):
+        tokens = x.flatten(2).transpose(1, 2)  # (b, n, c)
+        frames = x.mean((3, 4)).transpose(1, 2)  # (b, t, c), t sharded
+        return (tokens[:, :, None] * frames[:, None]).sum(2)
+
+
+class TextJoint(SpacetimeAttention):
+    """Text tokens joined before the merged video tokens, attention, split back (the record of the
+    merge is lost in the join: the frames come back over the span, then meet the video)."""
+
+    def forward(self, x):
+        b, c, t, h, w = x.shape
+        tokens = x.flatten(2).transpose(1, 2)
+        joint = torch.cat([torch.ones(b, 3, c, dtype=x.dtype), tokens], dim=1)
+        y = F.scaled_dot_product_attention(self.q(joint)[:, None], self.k(joint)[:, None],
+                                           self.v(joint)[:, None])[:, 0]
+        y = y[:, 3:].transpose(1, 2).reshape(b, c, t, h, w)
+        return self.conv(y + x)
+
+
 def _mesh(names=("t", "h")):
     from torch.distributed.device_mesh import init_device_mesh
 
@@ -57,7 +94,8 @@ def _parity_worker(rank, world, cls, shape, names):
 
 @pytest.mark.parametrize("names", [("t", "h"), ("h", "t")], ids=["t-major", "h-major"])
 @pytest.mark.parametrize("shape", [(2, 4, 4, 6, 3), (1, 4, 5, 3, 2), (1, 4, 3, 4, 2)], ids=["even", "uneven", "t3"])
-@pytest.mark.parametrize("cls", [SpacetimeAttention, FrameView], ids=["attention", "frame-view"])
+@pytest.mark.parametrize("cls", [SpacetimeAttention, FrameView, RowMLP, OuterFrames, TextJoint],
+                         ids=["attention", "frame-view", "row-mlp", "outer-frames", "text-joint"])
 def test_merging_two_sharded_dims_is_exact(cls, shape, names):
     """'h-major': t's mesh dim is the inner one, so the span's ranks do not run t-major: the merged
     dim falls back to t's group, h gathered (exact, the h ranks computing alike)."""
@@ -106,3 +144,26 @@ def test_the_strategy_named_for_the_mesh_runs_the_merged_tokens():
     # One head over 4 ranks: Ulysses cannot split it, and says so on every rank.
     for message in run_ranks(_strategy_worker, 4, "ulysses", timeout=240):
         assert "strategy 'ulysses' with 1 heads over 4 ranks" in message, message
+
+
+class ShuffleConv(nn.Module):
+    """pixel_unshuffle and pixel_shuffle over (h, w) sharded on a mesh, with a conv between them: pieces
+    of one row or column leave layouts torch's shuffle kernels reject unless given standard strides."""
+
+    def __init__(self, c: int = 2) -> None:
+        super().__init__()
+        self.conv = nn.Conv3d(4 * c, 4 * c, 3, padding=1)
+
+    def forward(self, x):
+        y = F.pixel_unshuffle(x.transpose(1, 2), 2).transpose(1, 2)
+        y = self.conv(y)
+        return F.pixel_shuffle(y.transpose(1, 2), 2).transpose(1, 2) + x
+
+
+def _shuffle_worker(rank, world, shape):
+    return module_parity(ShuffleConv, shape, _mesh(("h", "w")), ("h", "w"))
+
+
+@pytest.mark.parametrize("shape", [(1, 2, 1, 2, 4), (1, 2, 2, 6, 4)])
+def test_pixel_shuffle_on_a_mesh_is_exact(shape):
+    assert run_ranks(_shuffle_worker, 4, shape, timeout=240) == [True] * 4

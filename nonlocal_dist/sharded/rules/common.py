@@ -23,6 +23,7 @@ from torch import Tensor
 from torch.utils._pytree import tree_map
 
 from nonlocal_dist.distributed.collectives import all_reduce, gather_dim
+from nonlocal_dist.distributed.mesh import covered
 from nonlocal_dist.sharded.fetch import reshard
 from nonlocal_dist.sharded.spec import Shard
 from nonlocal_dist.sharded.tensor import Op, ShardedTensor, user_frame
@@ -114,15 +115,20 @@ def output_dims(op: Op, ndim: int) -> dict[int, Shard]:
 def one_dim_per_group(op: Op, ndim: int) -> Op:
     """``op`` with every operand that would shard a second output dim over a group already sharding
     another one gathered whole along that dim (an outer sum of two sharded vectors: one side is
-    gathered, the result stays sharded along the first). Decided from the specs: every rank gathers
-    alike."""
-    used: dict[int, int] = {}  # id(group) -> the output dim it shards
+    gathered, the result stays sharded along the first; tokens merged over a mesh's span meeting the
+    video they came from, sharded over its dims: the video gathered), or one output dim over two
+    groups (frames split over the span against frames split over t: the second gathered). Decided
+    from the specs: every rank gathers alike."""
+    used: dict[int, int] = {}  # id(group) -> the output dim it shards (a mesh's span: each of its dims' too)
+    owner: dict[int, int] = {}  # output dim -> id of the group sharding it
     swap: dict[int, Tensor] = {}
     for t in op.sharded():
         keep = {}
         for d, shard in t.spec.dims:
             od = d + ndim - t.dim()
-            if used.setdefault(id(shard.group), od) == od:
+            ids = covered(shard.group)
+            if all(used.get(i, od) == od for i in ids) and owner.setdefault(od, id(shard.group)) == id(shard.group):
+                used.update(dict.fromkeys(ids, od))
                 keep[d] = shard
         if len(keep) < len(t.spec.dims) and id(t) not in swap:
             local = t.as_subclass(Tensor)

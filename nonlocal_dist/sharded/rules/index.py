@@ -373,19 +373,31 @@ def _tensor_split(op: Op):
     return _global_slices(x, dim, bounds)
 
 
+def _shares_storage(x: Tensor) -> bool:
+    """Whether another tensor (a view taken before, an alias such as ``.data``) holds x's storage: it
+    would keep reading the old storage after x became its shard. Where torch does not tell, assumed."""
+    count = getattr(torch._C, "_storage_Use_Count", None)
+    if count is None:
+        return True
+    storage = x.untyped_storage()
+    return count(storage._cdata) > 2  # x's own reference and this function's storage object
+
+
 def _promoted(op: Op, x: Tensor, index, value) -> ShardedTensor:
     """A plain buffer of the global shape written with sharded values (``out = torch.empty(...)``, then
     ``out[:, :, :k] = conv(...)``: the cached causal convolutions of KVAE and Kandinsky 6's VAE) made,
     in place, this rank's part of a sharded buffer: sharded alike along the dims the value is sharded
     on, split as the value where it covers the whole dim, else evenly (later writes reshard to it).
-    What the buffer held is kept on each rank's part. Refused for a view, a tensor that needs
-    gradients and a parameter or buffer of a parallelized model (its state stays whole)."""
+    What the buffer held is kept on each rank's part. Refused for a view, a tensor whose storage
+    another holds (a view taken before, ``.data``), one that needs gradients, and a parameter or
+    buffer of a parallelized model (its state stays whole)."""
     if not isinstance(value, ShardedTensor) or _has_tensor_index(index, none_too=True):
         raise op.refuse("a sharded index into a plain tensor", fix="index with slices or plain tensors")
     state = any(x is t for model in ACTIVE_MODELS for t in (*model.parameters(), *model.buffers()))
-    if x.requires_grad or x.grad_fn is not None or x._base is not None or state:
-        raise op.refuse("writing sharded values into a plain tensor that is a view, needs gradients or is a model's "
-                        "parameter or buffer", fix="write into a tensor made from the sharded one (torch.empty_like)")
+    if x.requires_grad or x.grad_fn is not None or x._base is not None or state or _shares_storage(x):
+        raise op.refuse("writing sharded values into a plain tensor that is a view, has views or aliases (.data), "
+                        "needs gradients or is a model's parameter or buffer",
+                        fix="write into a tensor made from the sharded one (torch.empty_like)")
     parts = _expand_index(index, x.dim())
     kept = [d for d, part in enumerate(parts) if not isinstance(part, int)]
     lead = len(kept) - value.dim()

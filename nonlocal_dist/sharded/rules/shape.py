@@ -526,11 +526,28 @@ def _pixel_shuffle(op: Op):
                 f"pixel_unshuffle expects the height and width of the input to be divisible by downscale_factor, "
                 f"but dim {d} has length {shard.total} and downscale_factor is {factor}"))
         dims[d] = shard.with_sizes(s * factor if shuffle else s // factor for s in shard.sizes)
-    if local.numel():
-        out = op.run(local, factor)
+    if local.numel():  # standard strides both ways: torch's kernels reject some size-1 layouts a piece can have
+        out = _StandardGrad.apply(op.run(_standard(local), factor))
     else:  # torch returns an empty input's shape unchanged: the shape the rank's piece would have
         shape = list(local.shape)
         shape[-3] = shape[-3] // factor ** 2 if shuffle else shape[-3] * factor ** 2
         shape[-2:] = [s * factor if shuffle else s // factor for s in shape[-2:]]
         out = local.reshape(-1)[:0].reshape(shape)
     return _wrap(op, out, dims)
+
+
+def _standard(t: Tensor) -> Tensor:
+    """t with the standard (row-major) strides: a view where it is contiguous, else a copy."""
+    return t.reshape(-1).view(t.shape) if t.is_contiguous() else t.contiguous()
+
+
+class _StandardGrad(torch.autograd.Function):
+    """The identity, whose backward hands the gradient on with the standard strides (``_standard``)."""
+
+    @staticmethod
+    def forward(ctx, x):
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return _standard(grad)

@@ -18,6 +18,8 @@ sharded dim are global slices.
 """
 from __future__ import annotations
 
+import functools
+
 import torch
 from torch import Tensor
 
@@ -373,14 +375,23 @@ def _tensor_split(op: Op):
     return _global_slices(x, dim, bounds)
 
 
+def _storage_count(t: Tensor) -> int | None:
+    """How many holders t's storage has, as torch counts them (None where this build does not tell)."""
+    count = getattr(torch._C, "_storage_Use_Count", None)
+    return None if count is None else count(t.untyped_storage()._cdata)
+
+
+@functools.cache
+def _lone_count() -> int | None:
+    """The count of a tensor that nothing else holds, measured on this build (not assumed)."""
+    return _storage_count(torch.empty(1))
+
+
 def _shares_storage(x: Tensor) -> bool:
     """Whether another tensor (a view taken before, an alias such as ``.data``) holds x's storage: it
     would keep reading the old storage after x became its shard. Where torch does not tell, assumed."""
-    count = getattr(torch._C, "_storage_Use_Count", None)
-    if count is None:
-        return True
-    storage = x.untyped_storage()
-    return count(storage._cdata) > 2  # x's own reference and this function's storage object
+    count, lone = _storage_count(x), _lone_count()
+    return count is None or lone is None or count > lone
 
 
 def _promoted(op: Op, x: Tensor, index, value) -> ShardedTensor:

@@ -27,14 +27,18 @@ def mesh_groups(mesh, axes: Sequence[str]) -> tuple[dist.ProcessGroup, ...]:
 
 
 _SPANS: dict[tuple, tuple[dist.ProcessGroup, tuple[tuple[int, ...], ...]]] = {}  # group, coordinates
-_LINES: dict[int, frozenset[int]] = {}  # id(span group) -> ids of the mesh dims' groups it spans
 
 
 def covered(group) -> frozenset[int]:
     """The ids of the groups whose ranks ``group`` splits a dim over: itself, and for a span of mesh
     dims (``span_group``) each of those dims' groups too. Two shards of one tensor must not share
-    any: a dim split over a span and another over one of its lines would hold only where they meet."""
-    return _LINES.get(id(group), frozenset()) | {id(group)}
+    any: a dim split over a span and another over one of its lines would hold only where they meet.
+    Read from the live spans (identity, not a remembered id: a group made after a span was dropped
+    may reuse its id, differently on each rank)."""
+    for lines, (span, _) in _SPANS.items():
+        if span is group:
+            return frozenset(map(id, lines)) | {id(group)}
+    return frozenset((id(group),))
 
 
 def _span_ranks(groups: tuple) -> list[int]:
@@ -82,5 +86,4 @@ def _span(groups: tuple) -> tuple[dist.ProcessGroup, tuple[tuple[int, ...], ...]
             coordinates[global_rank] = tuple(reversed(index))
         group = dist.new_group(sorted(ranks), use_local_synchronization=True)
         _SPANS[groups] = group, tuple(coordinates[r] for r in sorted(ranks))
-        _LINES[id(group)] = frozenset(id(g) for g in groups)
     return _SPANS[groups]

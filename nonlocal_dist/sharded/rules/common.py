@@ -224,6 +224,11 @@ def gather_unaligned(op: Op, t, dims: dict[int, Shard], ndim: int):
     return whole_along(op, t, [d for d, s in t.spec.dims if d + lead not in dims or dims[d + lead].group is not s.group])
 
 
+def reshard_bytes(t: Tensor, dim: int, sizes, to_sizes) -> int:
+    """About the bytes a reshard of ``t``'s ``dim`` from ``sizes`` to ``to_sizes`` moves over the group."""
+    return row_bytes(t, dim) * sum(abs(a - b) for a, b in zip(sizes, to_sizes)) // 2
+
+
 def row_bytes(t: Tensor, dim: int) -> int:
     """The bytes of one position of ``t`` along ``dim`` (what moving one position costs)."""
     return t.numel() // max(t.shape[dim], 1) * t.element_size()

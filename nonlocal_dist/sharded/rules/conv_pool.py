@@ -22,7 +22,7 @@ from nonlocal_dist.sharded.rules.common import (
     bind,
     log_once,
     per_dim,
-    row_bytes,
+    reshard_bytes,
     spatial_dims,
 )
 from nonlocal_dist.sharded.sliding import (
@@ -50,7 +50,7 @@ def _aligned(op: Op, x: Tensor, d: int, window: Window, shard: Shard) -> tuple[T
     if offset is not None:
         return x, shard, offset
     sizes = aligned_sizes(window, shard.sizes)
-    moved = row_bytes(x, d) * sum(abs(p - q) for p, q in zip(shard.sizes, sizes)) // 2
+    moved = reshard_bytes(x, d, shard.sizes, sizes)
     log_once(user_frame(), f"{op.name} has stride {window.stride} along sharded dim {d}, but the shard lengths "
                            f"{list(shard.sizes)} put its windows off one grid: resharded to {list(sizes)}, about "
                            f"{moved} bytes moved per call")

@@ -22,7 +22,12 @@ from nonlocal_dist.distributed.collectives import gather_dim, move_shard
 from nonlocal_dist.distributed.mesh import span_coordinates, span_group
 from nonlocal_dist.distributed.shards import split_sizes, starts
 from nonlocal_dist.sharded.fetch import reshard
-from nonlocal_dist.sharded.rules.common import bind, log_once, row_bytes, whole_along
+from nonlocal_dist.sharded.rules.common import (
+    bind,
+    log_once,
+    reshard_bytes,
+    whole_along,
+)
 from nonlocal_dist.sharded.spec import Merged, Shard
 from nonlocal_dist.sharded.tensor import Op, ShardedTensor, rule, user_frame
 
@@ -163,7 +168,7 @@ def _outermost_sharded(op: Op, x: ShardedTensor, src: list[int], dst: list[int])
     each rank's merged positions are then one contiguous block. Where a merge holds two sharded dims
     (``(t h w)`` on a t x h mesh), the inner one is gathered whole first (logged); with the outer
     one outermost, its block merged into one dim and the mesh's span in order, the merge is also
-    returned, ``(outer shard, inner shard, block shape, outer index, inner index)``, for the caller to
+    returned, ``(span group, outer shard, inner shard, block shape, outer index, inner index)``, for the caller to
     split the merged dim over the span (``_split_over_span``): every rank then works on its own part.
     Elsewhere the merged dim stays sharded over the outer group, the same on the inner one's ranks."""
     if 0 in src:
@@ -177,9 +182,10 @@ def _outermost_sharded(op: Op, x: ShardedTensor, src: list[int], dst: list[int])
         outer = [k for k in a if src[k] != 1 and k < d]
         if len(inside) > 1:  # two sharded dims merged (t and h of a 2-D mesh): the inner ones gathered whole
             pair = [x.spec.sharded[k] for k in inside]
-            if (len(inside) == 2 and not outer and sum(dst[k] != 1 for k in b) == 1
-                    and not any(s.held_by_one() for s in pair) and _span_in_mesh_order(*pair) is not None):
-                merges.append((*pair, tuple(src[k] for k in a), a.index(inside[0]), a.index(inside[1])))
+            span = (_span_in_mesh_order(*pair) if len(inside) == 2 and not outer and sum(dst[k] != 1 for k in b) == 1
+                    and not any(s.held_by_one() for s in pair) else None)
+            if span is not None:
+                merges.append((span, *pair, tuple(src[k] for k in a), a.index(inside[0]), a.index(inside[1])))
             x = whole_along(op, x, inside[1:])
         if not outer or x.spec.sharded[d].held_by_one():
             continue
@@ -202,12 +208,11 @@ def _split_over_span(out: Tensor, dims: dict[int, Shard], merges: list) -> Tenso
     """``out`` narrowed, for each merge, to this rank's part of its merged dim over the mesh's span
     (the outer line's frames split evenly among the inner group's ranks), ``dims`` updated: no
     communication (each rank of the inner group holds its line whole after the gather)."""
-    for outer, inner, shape, outer_at, inner_at in merges:
+    for span, outer, inner, shape, outer_at, inner_at in merges:
         k = next(k for k, s in dims.items() if s.group is outer.group)
         record = Merged(shape, outer_at, outer, inner_at, inner)
         parts = record.line_parts(dims[k].sizes[outer.rank])
         out = out.narrow(k, starts(parts)[inner.rank], parts[inner.rank])
-        span = _span_in_mesh_order(outer, inner)
         dims[k] = Shard(span, record.span_sizes(), dist.get_rank(span), merged=record)
     return out
 
@@ -263,7 +268,7 @@ def _reshape_to(op: Op, target) -> ShardedTensor:
     base = x.as_subclass(Tensor)
     for d, sizes in resharded.items():  # boundaries moved onto the reshape's grid (a view cannot copy)
         shard = x.spec.sharded[d]
-        moved = row_bytes(base, d) * sum(abs(a - b) for a, b in zip(shard.sizes, sizes)) // 2
+        moved = reshard_bytes(base, d, shard.sizes, sizes)
         log_once(user_frame(), f"{op.name} splits sharded dim {d} into factors off the shard boundaries "
                                f"{list(shard.sizes)}: resharded to {list(sizes)}, about {moved} bytes moved per call")
         base = reshard(base, d, shard.sizes, sizes, shard.group, shard.rank)
@@ -517,7 +522,7 @@ def _pixel_shuffle(op: Op):
         if not shuffle and any(s % factor for s in shard.sizes) and shard.total % factor == 0:
             sizes = split_sizes(shard.total, shard.world, factor)
             log_once(user_frame(), f"{op.name} needs sharded dim {d} on its {factor}-grid, split {list(shard.sizes)}: "
-                                   f"resharded to {list(sizes)}, about {row_bytes(local, d) * sum(abs(a - b) for a, b in zip(shard.sizes, sizes)) // 2} "
+                                   f"resharded to {list(sizes)}, about {reshard_bytes(local, d, shard.sizes, sizes)} "
                                    "bytes moved per call")
             local = reshard(local, d, shard.sizes, sizes, shard.group, shard.rank)
             shard = shard.with_sizes(sizes)

@@ -31,6 +31,7 @@ compared forward only (``--forward``), without the mask.
 from __future__ import annotations
 
 import argparse
+import statistics
 
 import torch
 from bench_utils import best_time, peak_memory_mb, print_table, spawn_ranks
@@ -42,7 +43,9 @@ def parse_args(argv=None):
     p.add_argument("--world", type=int, default=2, help="ranks P")
     p.add_argument("--frames", type=int, default=8, help="latent frames T")
     p.add_argument("--size", type=int, default=16, help="latent height and width S (tokens: T S^2 / 4)")
-    p.add_argument("--repeats", type=int, default=5, help="timed steps (best taken)")
+    p.add_argument("--repeats", type=int, default=5, help="timed steps per round (the best taken)")
+    p.add_argument("--rounds", type=int, default=3,
+                   help="rounds, each timing every run in turn (alternated); the median of the rounds' bests is reported")
     p.add_argument("--forward", action="store_true", help="forward only, under no_grad (inference)")
     p.add_argument("--mesh", action="store_true",
                    help="Wan on 4 ranks as a 2 x 2 (t, h) mesh: ours with the tokens split over the mesh, ours "
@@ -103,13 +106,23 @@ def _step(model, forward, x, t, text, w, backward: bool = True):
     return run
 
 
-def _measure(model, args) -> dict:
+def _measure(models: dict, args) -> dict:
+    """Each model's output, the median over ``args.rounds`` rounds of its best step time (every round
+    times every model in turn, so that a slow spell of the machine falls on all of them), and its
+    allocator peak (the median of one measure per round)."""
     x, t, text, w = _inputs(args)
-    run = _step(model, _forward(args), x, t, text, w, backward=not args.forward)
-    return {"out": run(), "seconds": best_time(run, args.repeats), "peak_mb": peak_memory_mb(run)}
+    runs = {name: _step(model, _forward(args), x, t, text, w, backward=not args.forward) for name, model in models.items()}
+    results = {name: {"out": run(), "seconds": [], "peak_mb": []} for name, run in runs.items()}
+    for _ in range(args.rounds):
+        for name, run in runs.items():
+            results[name]["seconds"].append(best_time(run, args.repeats))
+            results[name]["peak_mb"].append(peak_memory_mb(run))
+    for r in results.values():
+        r["seconds"], r["peak_mb"] = statistics.median(r["seconds"]), statistics.median(r["peak_mb"])
+    return results
 
 
-STRATEGIES = ("allgather", "ring")  # named after the default: each form's time and memory
+STRATEGIES = ("allgather", "ring", "ulysses")  # named after the default: each form's time and memory
 
 
 def _ranks(rank, world, args, group) -> dict:
@@ -123,21 +136,21 @@ def _ranks(rank, world, args, group) -> dict:
     ulysses = _model(args)
     ulysses.enable_parallelism(config=ContextParallelConfig(ulysses_degree=world))
     if args.mesh:
-        return {"diffusers Ulysses": _measure(ulysses, args), **_mesh_runs(args, group)}
+        return _measure({"diffusers Ulysses": ulysses, **_mesh_models(args, group)}, args)
     axis, layout = ("n", "b n c") if args.model == "ltx" else ("t", "b c t h w")
-    ours = parallelize(_model(args), group, axis, layout=layout, inputs=("hidden_states",))
-    results = {"diffusers Ulysses": _measure(ulysses, args), "ours": _measure(ours, args)}
+    models = {"diffusers Ulysses": ulysses,
+              "ours": parallelize(_model(args), group, axis, layout=layout, inputs=("hidden_states",))}
     for strategy in STRATEGIES:
-        named = parallelize(_model(args), group, axis, layout=layout, inputs=("hidden_states",), strategy=strategy)
-        results[f"ours, strategy={strategy!r}"] = _measure(named, args)
-    return results
+        models[f"ours, strategy={strategy!r}"] = parallelize(_model(args), group, axis, layout=layout,
+                                                            inputs=("hidden_states",), strategy=strategy)
+    return _measure(models, args)
 
 
 MESH_RUNS = ("ours, 2 x 2 mesh (t, h): tokens over the mesh", "ours, 2 x 2 mesh (h, t): h gathered for the tokens",
              "ours, t over 4 ranks")
 
 
-def _mesh_runs(args, group) -> dict:
+def _mesh_models(args, group) -> dict:
     """Wan on a 2 x 2 mesh. With the mesh's t dim outer, the (t h w) tokens are split over all four
     ranks; named the other way round, the span's ranks do not run t-major, so the tokens stay over the
     t group with h gathered, and the two ranks of each h-line compute alike (the behaviour before)."""
@@ -145,21 +158,21 @@ def _mesh_runs(args, group) -> dict:
 
     from nonlocal_dist import parallelize
 
-    results = {}
+    models = {}
     for name, mesh in zip(MESH_RUNS, (init_device_mesh("cpu", (2, 2), mesh_dim_names=("t", "h")),
                                       init_device_mesh("cpu", (2, 2), mesh_dim_names=("h", "t")), None)):
         if mesh is None:
             model = parallelize(_model(args), group, "t", layout="b c t h w", inputs=("hidden_states",))
         else:
             model = parallelize(_model(args), mesh, ("t", "h"), layout="b c t h w", inputs=("hidden_states",))
-        results[name] = _measure(model, args)
-    return results
+        models[name] = model
+    return models
 
 
 def main(argv=None) -> None:
     args = parse_args(argv)
     torch.set_num_threads(1)
-    ref = _measure(_model(args), args)
+    ref = _measure({"one process": _model(args)}, args)["one process"]
     ranks = spawn_ranks(_ranks, args.world, args)
     rows, base = [], None
     names = MESH_RUNS if args.mesh else ("ours", *(f"ours, strategy={s!r}" for s in STRATEGIES))

@@ -154,6 +154,7 @@ class _Hooks:
             return None
 
         self.rng_states.append(None)  # the post-hook pops this call's entry, whatever happens below
+        set_attention_strategy(mesh_groups(self.mesh, self.axes), self.strategy)  # this model's, not another's
         ACTIVE_MODELS.append(module)
         seed = self._agree(module, (args, kwargs))
         device = next((t.device for t in tree_flatten((args, kwargs))[0] if isinstance(t, Tensor)), torch.device("cpu"))
@@ -290,8 +291,8 @@ def parallelize(model: nn.Module, mesh, axis: str | Sequence[str] = "t", *, layo
     lengths, one list per axis. ``strategy``: the sequence-parallel strategy of attention over the
     sharded tokens (``F.scaled_dot_product_attention``: ``"ring"``, the zigzag ring where causal;
     ``"allgather"``; ``"ulysses"``, not causal; refused where a form cannot run the one named; it
-    holds for the groups of ``mesh`` until another ``parallelize`` names one; None: each form's
-    default) and of every
+    holds for this model's forwards and their recomputation in backward, another model parallelized
+    on the same groups keeping its own; None: each form's default) and of every
     ``NonLocalBlock`` (``nonlocal_op``'s). ``sync_module_states``: broadcast the first rank's
     parameters and buffers to every rank of the mesh now (as FSDP does); otherwise the first
     forward checks that they are equal on every rank (one digest in the pre-hook's agreement) and

@@ -7,10 +7,12 @@ from __future__ import annotations
 
 import pytest
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from sharded_parity import module_parity
 from torch import nn
 
+from nonlocal_dist.sharded.rules.attention import set_attention_strategy
 from nonlocal_dist.testing import run_ranks
 
 
@@ -128,7 +130,6 @@ def test_merged_tokens_are_split_over_the_span_and_split_back():
 
 def _strategy_worker(rank, world, strategy):
     from nonlocal_dist.sharded import ShardingRefusal
-    from nonlocal_dist.sharded.rules.attention import set_attention_strategy
 
     mesh = _mesh()
     try:
@@ -144,6 +145,33 @@ def test_the_strategy_named_for_the_mesh_runs_the_merged_tokens():
     # One head over 4 ranks: Ulysses cannot split it, and says so on every rank.
     for message in run_ranks(_strategy_worker, 4, "ulysses", timeout=240):
         assert "strategy 'ulysses' with 1 heads over 4 ranks" in message, message
+
+
+def _own_strategy_worker(rank, world):
+    from nonlocal_dist import parallelize
+    from nonlocal_dist.sharded import ShardingRefusal
+
+    group = dist.group.WORLD
+    torch.manual_seed(0)
+    x = torch.randn(1, 4, 4, 3, 3, dtype=torch.float64)
+    one_head = parallelize(SpacetimeAttention().double(), group, "t", strategy="ulysses")  # 1 head: refused
+    default = parallelize(SpacetimeAttention().double(), group, "t")  # parallelized after, on the same group
+    try:
+        ran = default(x).shape == x.shape  # its own (default) strategy, not the one named before
+        try:
+            one_head(x)
+            refused = ""
+        except ShardingRefusal as exc:
+            refused = str(exc)
+        return ran, refused, default(x).shape == x.shape
+    finally:
+        set_attention_strategy([group], None)  # persistent ranks
+
+
+def test_each_model_keeps_its_own_strategy_on_a_shared_group():
+    for ran, refused, again in run_ranks(_own_strategy_worker, 2, timeout=120):
+        assert ran and again
+        assert "strategy 'ulysses' with 1 heads over 2 ranks" in refused, refused
 
 
 class ShuffleConv(nn.Module):

@@ -44,10 +44,12 @@ from nonlocal_dist.sharded.tensor import (
     user_frame,
 )
 
-# id(process group) -> the strategy of attention over tokens sharded on it (``parallelize(strategy=)``);
-# absent: each form's default. Kept per group, not per call: a checkpoint's recomputation runs
-# outside the forward's hooks and must choose alike.
-_STRATEGY: dict[int, str] = {}
+# id(process group) -> (that group, the strategy of attention over tokens sharded on it); absent:
+# each form's default. The group is held, so its id cannot be reused by another while it is here, and
+# is compared by identity. Set by ``parallelize`` and again by its pre-hook at every forward (each
+# model its own); kept per group, not per call, because a checkpoint's recomputation runs outside the
+# forward's hooks and must choose alike.
+_STRATEGY: dict[int, tuple[object, str]] = {}
 # The strategies each form of attention over sharded keys can run; the first is its default.
 CAUSAL_STRATEGIES = ("ring", "allgather")
 MASKED_STRATEGIES = ("allgather",)
@@ -60,16 +62,21 @@ def set_attention_strategy(groups, strategy: str | None) -> None:
         if strategy is None:
             _STRATEGY.pop(id(group), None)
         else:
-            _STRATEGY[id(group)] = strategy
+            _STRATEGY[id(group)] = (group, strategy)
+
+
+def _named(group) -> str | None:
+    entry = _STRATEGY.get(id(group))
+    return entry[1] if entry is not None and entry[0] is group else None
 
 
 def _strategy(op: Op, shard, allowed: tuple[str, ...], form: str) -> str | None:
     """The strategy ``parallelize`` named for the shard's group (tokens merged over a mesh's span: the
     one named for its dims' groups), or None (the form's default); a refusal where the form cannot
     run the one named."""
-    chosen = _STRATEGY.get(id(shard.group))
+    chosen = _named(shard.group)
     if chosen is None and shard.merged is not None:
-        chosen = _STRATEGY.get(id(shard.merged.outer.group))
+        chosen = _named(shard.merged.outer.group)
     if chosen is None:
         return None
     if chosen not in allowed:

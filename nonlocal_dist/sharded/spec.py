@@ -59,6 +59,8 @@ class Shard:
 
     def with_sizes(self, sizes, lead: int = 0, trail: int = 0) -> Shard:
         sizes = tuple(int(s) for s in sizes)
+        if sizes == self.sizes and lead == self.lead and trail == self.trail:
+            return self  # frozen: nothing to change (a layer that keeps the length, at every layer)
         merged = self.merged if sizes == self.sizes else None  # the record depends on the split alone
         return Shard(self.group, sizes, self.rank, lead, trail, merged)
 

@@ -204,8 +204,8 @@ class ShardedTensor(Tensor):
         each rank would hold only its diagonal block."""
         if torch.compiler.is_compiling():  # dynamo traced the sharding itself (parallelize's hook, torch 2.8)
             raise RuntimeError(COMPILE_REFUSAL)
-        groups = [covered(shard.group) for _, shard in spec.dims]
-        if len(groups) > 1 and sum(map(len, groups)) > len(frozenset().union(*groups)):
+        groups = [covered(shard.group) for _, shard in spec.dims] if len(spec.dims) > 1 else ()
+        if groups and sum(map(len, groups)) > len(frozenset().union(*groups)):
             dims = [d for d, _ in spec.dims]
             raise ShardingRefusal(
                 f"a result sharded on dims {dims} with two of them over the same process group at {user_frame()}: "
@@ -256,7 +256,10 @@ def _first_operand(op: Op) -> Callable[[Op], object] | None:
     """For a rule that takes its activation first: None when it may run; ``replicated_or_refuse`` when
     every sharded argument is replicated but the first is plain; a refusal for any other sharded one."""
     first = op.args[0] if op.args else None
-    if not any(t is not first and isinstance(t, ShardedTensor) and not t.spec.replicated for t in op._tensors()):
+    for t in op._tensors():  # a loop, not any(): this runs for nearly every op
+        if t is not first and isinstance(t, ShardedTensor) and t.spec.dims:
+            break
+    else:
         return None if isinstance(first, ShardedTensor) else replicated_or_refuse
     raise op.refuse("a sharded tensor in an argument other than its input (a weight, a statistic, an index, a "
                     "target shape)", fix="keep that argument plain (replicated), or gather it with full_tensor")

@@ -68,6 +68,8 @@ def _as_alone(x: ShardedTensor, out: Tensor) -> ShardedTensor:
     """The layer's own result on a group of one, each sharded dim of x kept at the output's length.
     (The layer ran on x itself, not on an alias: torch functions are off inside a rule, and a builtin
     kernel sees only the local tensor; an alias would add a node to the backward graph per op.)"""
+    if out.dim() == x.dim() and all(out.shape[d] == s.sizes[0] and not (s.lead or s.trail) for d, s in x.spec.dims):
+        return ShardedTensor.wrap(out, x.spec)  # the lengths kept (a stride-1 'same' layer): x's spec as it is
     return ShardedTensor.wrap(out, x.spec.remap(out.dim(), {d: s.with_sizes((out.shape[d],)) for d, s in x.spec.dims}))
 
 

@@ -80,7 +80,7 @@ def _targets():
 
 def broadcast_rule(op: Op):
     """Elementwise ops over operands broadcast by their global shapes."""
-    tensors = op.tensors()
+    tensors = op._tensors()
     if len(tensors) == 1 and op.args and op.args[0] is tensors[0]:  # relu, a cast, x * 2.0: no broadcasting
         x = tensors[0]
         out = op.run(x.as_subclass(Tensor), *op.args[1:], **op.kwargs)
@@ -140,25 +140,26 @@ def _wrap_outputs(out, spec, ndim: int, plain: list[Tensor]):
 
 def _inplace(op: Op):
     """The tensor an in-place op writes to, or None."""
-    name = getattr(op.func, "__name__", "")
-    if (name.endswith("_") and not name.endswith("__")) or name.startswith("__i"):
-        return op.args[0]
-    if op.kwargs.get("inplace") or (name in ("relu", "dropout", "threshold", "hardtanh", "elu", "leaky_relu",
-                                            "relu6", "selu", "celu", "rrelu", "hardswish", "silu", "mish")
-                                    and _positional_inplace(op)):
+    kind = _inplace_kind(op.func)
+    if kind is True or op.kwargs.get("inplace") or (kind is not None and len(op.args) > kind and bool(op.args[kind])):
         return op.args[0]
     return None
 
 
-def _positional_inplace(op: Op) -> bool:
-    """F.relu(x, True)-style inplace flags given positionally."""
-    index = _inplace_index(op.func)
-    return index is not None and len(op.args) > index and bool(op.args[index])
+_FLAGGED = ("relu", "dropout", "threshold", "hardtanh", "elu", "leaky_relu", "relu6", "selu", "celu", "rrelu",
+            "hardswish", "silu", "mish")
 
 
 @functools.cache
-def _inplace_index(func) -> int | None:
-    """Position of ``func``'s ``inplace`` parameter (read once per function: signatures are slow)."""
+def _inplace_kind(func) -> bool | int | None:
+    """True for an op that always writes in place (``add_``, ``__iadd__``); the position of its
+    ``inplace`` flag for a functional that has one (``F.relu(x, True)``); else None. Read once per
+    function (names and signatures are slow to read at every call)."""
+    name = getattr(func, "__name__", "")
+    if (name.endswith("_") and not name.endswith("__")) or name.startswith("__i"):
+        return True
+    if name not in _FLAGGED:
+        return None
     try:
         params = list(inspect.signature(func).parameters)
     except (TypeError, ValueError):

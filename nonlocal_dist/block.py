@@ -150,9 +150,9 @@ class NonLocalBlock(nn.Module):
                 theta, phi, g, self.mode, scale=self.scale, concat_weight=self.concat_weight, backend=self.backend,
                 group=self.sp_group, strategy=self.sp_strategy, lengths=self._lengths,
             )
-        return nonlocal_op(
+        return nonlocal_op(  # a group's strategy needs the group (none on a group of one: see on_shards)
             theta, phi, g, self.mode, scale=self.scale, concat_weight=self.concat_weight, backend=self.backend,
-            group=self.sp_group, strategy=self.sp_strategy,
+            group=self.sp_group, strategy=self.sp_strategy if self.sp_group is not None else None,
         )
 
     def output(self, y: Tensor) -> Tensor:
@@ -248,17 +248,22 @@ class NonLocalBlock(nn.Module):
                 f"{[d for d, _ in dims]} ({[names[d] for d, _ in dims]}): it takes activations sharded along its "
                 f"interacting axes only (at {user_frame()})"
             )
-        saved = (self.sp_group, self.shard_axis, self._lengths)
+        # Plain attributes (never parameters, buffers or modules), set in the instance's dict: nn.Module's
+        # __setattr__ checks each against its registries, at every call of the block.
+        state = self.__dict__
+        saved = {key: getattr(self, key) for key in ("sp_group", "shard_axis", "_lengths")}
         axes = tuple(names[d] for d, _ in dims)
-        self.sp_group = span_group([shard.group for _, shard in dims])
-        self.shard_axis = axes[0] if len(axes) == 1 else axes
+        span = span_group([shard.group for _, shard in dims])
+        alone = all(shard.world == 1 for _, shard in dims)  # this rank holds every position: the block as on one device
+        state["sp_group"] = None if alone else span
+        state["shard_axis"] = axes[0] if len(axes) == 1 else axes
         try:
             with torch._C.DisableTorchFunctionSubclass():
                 local = x.to_local()
-                self._lengths = self._spec_lengths(x, local)
+                state["_lengths"] = None if alone else self._spec_lengths(x, local)
                 yield local
         finally:
-            self.sp_group, self.shard_axis, self._lengths = saved
+            state.update(saved)
 
 
 def _contiguous_grad(grad: Tensor | None) -> Tensor | None:

@@ -17,6 +17,8 @@ BatchNorm's activation memory instead of doubling it:
 """
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
@@ -85,12 +87,23 @@ def batch_norm(x: Tensor, running_mean: Tensor | None, running_var: Tensor | Non
         weight, bias = (None, None) if weight is None else (weight.to(acc), bias.to(acc))
         stats = (running_mean.to(acc), running_var.to(acc))
         return F.batch_norm(x.to(acc), *stats, weight, bias, False, 0.0, eps).to(x.dtype)
-    if not groups and all(t is None or t.dtype == x.dtype for t in (weight, running_mean)) and x.dtype == acc:
-        return F.batch_norm(x, running_mean, running_var, weight, bias, True, momentum, eps)  # no group: torch's
+    if not groups and x.dtype == acc and (weight is None or weight.dtype == acc) and (
+            running_mean is None or running_mean.dtype == acc):
+        return _native_training(x, running_mean, running_var, weight, bias, momentum, eps)  # no group: torch's
     if isinstance(x, ShardedTensor):  # the Function saves x for its backward: the local tensor, not the activation
         x = x.as_subclass(Tensor)
     return _GroupBatchNorm.apply(x, weight, bias, running_mean if training else None, running_var, momentum, eps,
                                  tuple(groups))
+
+
+def _native_training(x: Tensor, running_mean, running_var, weight, bias, momentum: float, eps: float) -> Tensor:
+    """``F.batch_norm(..., training=True, ...)``: its one check, then torch's kernel (not through
+    ``F.batch_norm``'s Python again: this runs for every BatchNorm of a network on a group of one)."""
+    size = x.shape
+    if size[0] * math.prod(size[2:]) == 1:
+        raise ValueError(f"Expected more than 1 value per channel when training, got input size {size}")
+    return torch.batch_norm(x, weight, bias, running_mean, running_var, True, momentum, eps,
+                            torch.backends.cudnn.enabled)
 
 
 class _GroupBatchNorm(torch.autograd.Function):

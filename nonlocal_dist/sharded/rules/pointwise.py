@@ -81,15 +81,16 @@ def _targets():
 def broadcast_rule(op: Op):
     """Elementwise ops over operands broadcast by their global shapes."""
     tensors = op._tensors()
+    # The op runs on the sharded operands themselves, not on aliases (an alias adds a node per op to
+    # the backward graph): torch functions are off inside a rule, so a builtin sees the local tensors.
     if len(tensors) == 1 and op.args and op.args[0] is tensors[0]:  # relu, a cast, x * 2.0: no broadcasting
         x = tensors[0]
-        out = op.run(x.as_subclass(Tensor), *op.args[1:], **op.kwargs)
+        out = op.run(*op.args, **op.kwargs)
         if _inplace(op) is not None:
             return x
         return _wrap_outputs(out, x.spec, x.dim(), [])
     if _sharded_alike(op, tensors):  # a residual sum, a gate: operands split alike, nothing to align
-        out = op.run(*[a.as_subclass(Tensor) if isinstance(a, ShardedTensor) else a for a in op.args],
-                     **{k: a.as_subclass(Tensor) if isinstance(a, ShardedTensor) else a for k, a in op.kwargs.items()})
+        out = op.run(*op.args, **op.kwargs)
         inplace = _inplace(op)
         return inplace if inplace is not None else _wrap_outputs(out, tensors[0].spec, tensors[0].dim(), [])
     ndim = max(t.dim() for t in tensors)

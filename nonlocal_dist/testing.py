@@ -3,7 +3,8 @@ with a timeout (NCCL on request, for a one-rank group on a GPU).
 
 Ranks persist: ``run_ranks`` keeps one pool of ``world`` processes per world size and hands each call
 to it, so a test pays for a process group (milliseconds), not for starting Python and importing
-torch on every rank (seconds). Each call gets a new process group over its own prefix of one store
+torch on every rank (seconds); a pool's ranks are forked from a fork server that imported torch and
+this package once (``rank_context``). Each call gets a new process group over its own prefix of one store
 that the parent process serves (on a port the OS chose, so no port can be taken between choosing it
 and listening on it), the torch seed of a fresh process, and default dtype and grad mode reset. A pool
 is retired (its processes killed, the next call starts a new one) after any failure or hang, after a
@@ -32,6 +33,20 @@ from nonlocal_dist.distributed.teardown import GIL_FREE_TEARDOWN, end_process_gr
 
 # Modules whose global state outlives a process group: a rank that imported one is not reused.
 _STATEFUL_MODULES = ("deepspeed", "wandb")
+
+
+# What every rank imports, imported once by the fork server that the ranks of ``run_ranks``' pools
+# (and the op sweep's) are forked from: about 2 s of CPU per rank when each was spawned fresh.
+_PRELOAD = ["torch", "torch.distributed", "nonlocal_dist", "nonlocal_dist.sharded", "nonlocal_dist.testing"]
+
+
+def rank_context():
+    """The ``multiprocessing`` context persistent ranks start in: forked from a fork server (a fresh,
+    single-threaded process that imported ``_PRELOAD``), so each rank starts with torch and this
+    package imported and nothing else of the caller's state (unlike a plain fork of the caller)."""
+    ctx = mp.get_context("forkserver")
+    ctx.set_forkserver_preload(_PRELOAD)  # takes effect when the server starts (the first rank)
+    return ctx
 
 
 def free_port() -> int:
@@ -126,7 +141,7 @@ class _Pool:
     """``world`` persistent gloo ranks and the store their process groups meet in."""
 
     def __init__(self, world: int) -> None:
-        ctx = mp.get_context("spawn")
+        ctx = rank_context()
         self.world = world
         self.store = dist.TCPStore("127.0.0.1", 0, is_master=True, wait_for_workers=False)
         self.tasks = [ctx.Queue() for _ in range(world)]

@@ -1,6 +1,6 @@
 """A persistent pool of gloo ranks that runs sweep cases one after the other, with a per-case timeout.
 
-All cases of one world size run in one pool: ``world`` spawned processes (each the leader of its
+All cases of one world size run in one pool: ``world`` processes (each the leader of its
 own process group, so a kill takes its children too) that loop over the same case list and report
 every case's ``Outcome`` to the parent. The parent classifies each case once every rank has
 reported it. When a case does not finish within ``timeout`` seconds (a hang) or a rank dies, that
@@ -22,12 +22,11 @@ from datetime import timedelta
 
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 
 from nonlocal_dist.sharded.sweep.cases import Case, op_infos, samples
 from nonlocal_dist.sharded.sweep.check import Outcome, run_case
 from nonlocal_dist.sharded.sweep.report import Verdict, classify, hung
-from nonlocal_dist.testing import free_port
+from nonlocal_dist.testing import free_port, rank_context
 
 STARTUP_TIMEOUT = 180.0  # spawning, importing torch's op database, joining the process group
 
@@ -84,7 +83,7 @@ def _rank_main(rank: int, world: int, port: int, cases: list[Case], out, pg_time
 
 class _Pool:
     def __init__(self, world: int, cases: list[Case], pg_timeout: float) -> None:
-        ctx = mp.get_context("spawn")
+        ctx = rank_context()  # each rank imports torch's op database itself: kept out of the shared server
         self.world, self.queue = world, ctx.Queue()
         port = free_port()
         self.procs = [ctx.Process(target=_rank_main, args=(r, world, port, cases, self.queue, pg_timeout))

@@ -253,9 +253,8 @@ class NonLocalBlock(nn.Module):
         state = self.__dict__
         saved = {key: getattr(self, key) for key in ("sp_group", "shard_axis", "_lengths")}
         axes = tuple(names[d] for d, _ in dims)
-        span = span_group([shard.group for _, shard in dims])
         alone = all(shard.world == 1 for _, shard in dims)  # this rank holds every position: the block as on one device
-        state["sp_group"] = None if alone else span
+        state["sp_group"] = None if alone else span_group([shard.group for _, shard in dims])
         state["shard_axis"] = axes[0] if len(axes) == 1 else axes
         try:
             with torch._C.DisableTorchFunctionSubclass():

@@ -21,8 +21,10 @@ import queue as queue_module
 import signal
 import socket
 import sys
+import threading
 import traceback
 from datetime import timedelta
+from multiprocessing.connection import wait
 
 import torch
 import torch.distributed as dist
@@ -55,10 +57,33 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def _start_rank() -> None:
-    os.setsid()  # the rank leads its own process group: it is ended with everything it started
+def start_rank() -> None:
+    """A rank's first step: lead its own process group (it is ended with everything it started),
+    end that group when the process that started the rank dies (``multiprocessing.parent_process``:
+    forked from the fork server, the rank's OS parent is the server, which outlives its caller while
+    any rank lives), and compute on one thread."""
+    os.setsid()
+    caller = mp.parent_process()
+    if caller is not None:
+        threading.Thread(target=_end_with, args=(caller.sentinel,), daemon=True).start()
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     torch.set_num_threads(1)
+
+
+def _end_with(sentinel) -> None:
+    wait([sentinel])  # ready once the caller is gone, however it ended (a rank hung in a collective too)
+    os.killpg(0, signal.SIGKILL)
+
+
+def package_mismatch(package: str) -> str | None:
+    """Why this rank cannot run the caller's calls: the fork server imported this package from
+    another place than the caller did (it imports with its own path: the working directory first)."""
+    import nonlocal_dist
+
+    if os.path.realpath(nonlocal_dist.__file__) == os.path.realpath(package):
+        return None
+    return (f"this rank imported nonlocal_dist from {nonlocal_dist.__file__}, the process that started it from "
+            f"{package}: run from the checkout that is installed, or set NONLOCAL_FRESH_RANKS=1")
 
 
 def _run_one(rank, world, fn, args, backend, pg_timeout, store=None, port=None) -> tuple[str, bytes | str]:
@@ -76,7 +101,7 @@ def _run_one(rank, world, fn, args, backend, pg_timeout, store=None, port=None) 
 
 def _worker(rank, world, port, fn, args, queue, backend="gloo", pg_timeout=60.0):
     """A fresh rank for one call."""
-    _start_rank()
+    start_rank()
     status, payload = _run_one(rank, world, fn, args, backend, pg_timeout, port=port)
     # The result reaches the parent before any teardown: a teardown that hangs (torch < 2.8, see
     # distributed.teardown) cannot hold it back.
@@ -85,22 +110,19 @@ def _worker(rank, world, port, fn, args, queue, backend="gloo", pg_timeout=60.0)
         os._exit(0)  # torch < 2.8 with gloo: no destructor, in teardown or in finalization
 
 
-def _pool_worker(rank, world, port, tasks, results):
+def _pool_worker(rank, world, port, tasks, results, package):
     """A persistent rank: runs calls from ``tasks`` until told to stop (None) or retired."""
-    _start_rank()
+    start_rank()
     seed = torch.initial_seed()  # what a fresh process starts with
     store = dist.TCPStore("127.0.0.1", port, is_master=False, timeout=timedelta(seconds=300))
-    parent = os.getppid()
+    mismatch = package_mismatch(package)
     while True:
-        try:
-            task = tasks.get(timeout=5)
-        except queue_module.Empty:
-            if os.getppid() != parent:  # the parent died without closing the pool
-                os._exit(0)
-            continue
+        task = tasks.get()
         if task is None:
             return
         call, fn, args, pg_timeout = task
+        if mismatch is not None:
+            _leave(results, (rank, call, "error", mismatch, False))
         torch.manual_seed(seed)
         torch.set_default_dtype(torch.float32)
         torch.set_grad_enabled(True)
@@ -147,7 +169,9 @@ class _Pool:
         self.tasks = [ctx.Queue() for _ in range(world)]
         self.results = ctx.Queue()
         self.calls = itertools.count()
-        self.procs = [ctx.Process(target=_pool_worker, args=(r, world, self.store.port, self.tasks[r], self.results))
+        package = sys.modules["nonlocal_dist"].__file__
+        self.procs = [ctx.Process(target=_pool_worker, args=(r, world, self.store.port, self.tasks[r], self.results,
+                                                             package))
                       for r in range(world)]
         for p in self.procs:
             p.start()

@@ -102,6 +102,8 @@ def _native_training(x: Tensor, running_mean, running_var, weight, bias, momentu
     size = x.shape
     if size[0] * math.prod(size[2:]) == 1:
         raise ValueError(f"Expected more than 1 value per channel when training, got input size {size}")
+    if eps <= 0.0:
+        raise ValueError(f"batch_norm eps must be positive during training, but got {eps}")
     return torch.batch_norm(x, weight, bias, running_mean, running_var, True, momentum, eps,
                             torch.backends.cudnn.enabled)
 

@@ -33,7 +33,6 @@ from nonlocal_dist.distributed.mesh import mesh_groups, span_group
 from nonlocal_dist.distributed.shards import split_sizes
 from nonlocal_dist.layout import axis_dims
 from nonlocal_dist.sequence.strategies import STRATEGIES
-from nonlocal_dist.sharded.rules.attention import set_attention_strategy
 from nonlocal_dist.sharded.spec import Shard, ShardSpec
 from nonlocal_dist.sharded.tensor import ACTIVE_MODELS, ShardedTensor
 
@@ -43,14 +42,16 @@ def _axes(axes) -> tuple[str, ...]:
 
 
 def distribute(x: Tensor, mesh, layout: str, axes: str | Sequence[str], *, align: int | Sequence[int] = 1,
-               sizes: Sequence[Sequence[int]] | None = None) -> ShardedTensor:
+               sizes: Sequence[Sequence[int]] | None = None, strategy: str | None = None) -> ShardedTensor:
     """This rank's shard of the whole tensor ``x`` (the same on every rank), split along ``axes``.
 
     ``x`` (any shape named by ``layout``, e.g. ``"b c t h w"``); each axis in ``axes`` is cut into
     contiguous pieces over its mesh dim (``split_sizes``: even, every rank but the last a multiple
     of ``align``; empty pieces when N < P), or by the given ``sizes`` (one list per axis).
-    Differentiable: the gradient of the shard flows back to ``x``.
+    ``strategy``: of attention over tokens computed from it (``parallelize``'s; None: each form's
+    default). Differentiable: the gradient of the shard flows back to ``x``.
     """
+    _check_strategy(strategy)
     axes = _axes(axes)
     groups = mesh_groups(mesh, axes)
     dims = axis_dims(layout, axes, x.dim())
@@ -66,7 +67,12 @@ def distribute(x: Tensor, mesh, layout: str, axes: str | Sequence[str], *, align
         shard = Shard(group, split, rank)
         local = local.narrow(d, shard.start, shard.local)
         shards[d] = shard
-    return ShardedTensor.wrap(local, ShardSpec(x.dim(), tuple(sorted(shards.items())), groups))
+    return ShardedTensor.wrap(local, ShardSpec(x.dim(), tuple(sorted(shards.items())), groups, strategy))
+
+
+def _check_strategy(strategy: str | None) -> None:
+    if strategy is not None and strategy not in STRATEGIES:
+        raise ValueError(f"strategy must be one of {tuple(STRATEGIES)} or None, got {strategy!r}")
 
 
 def from_local(x: Tensor, mesh, layout: str, axes: str | Sequence[str]) -> ShardedTensor:
@@ -155,7 +161,6 @@ class _Hooks:
             return None
 
         self.rng_states.append(None)  # the post-hook pops this call's entry, whatever happens below
-        set_attention_strategy(mesh_groups(self.mesh, self.axes), self.strategy)  # this model's, not another's
         ACTIVE_MODELS.append(module)
         seed = self._agree(module, (args, kwargs))
         device = next((t.device for t in tree_flatten((args, kwargs))[0] if isinstance(t, Tensor)), torch.device("cpu"))
@@ -164,7 +169,8 @@ class _Hooks:
         def one(t):
             if isinstance(t, ShardedTensor) or not isinstance(t, Tensor) or t.dim() != len(self.layout.split()):
                 return t
-            return distribute(t, self.mesh, self.layout, self.axes, align=self.align, sizes=self.sizes)
+            return distribute(t, self.mesh, self.layout, self.axes, align=self.align, sizes=self.sizes,
+                              strategy=self.strategy)
 
         if self.inputs is None:
             return _map(one, args), _map(one, kwargs)
@@ -186,7 +192,8 @@ class _Hooks:
                     f"shape {tuple(value.shape)}" if isinstance(value, Tensor) else type(value).__name__)
                 raise ValueError(f"parallelize(inputs=...) shards {type(module).__name__}.forward's input {key!r}, "
                                  f"which is {got}: expected a tensor in layout {self.layout!r}")
-            where[at] = distribute(value, self.mesh, self.layout, self.axes, align=self.align, sizes=self.sizes)
+            where[at] = distribute(value, self.mesh, self.layout, self.axes, align=self.align, sizes=self.sizes,
+                                   strategy=self.strategy)
         return tuple(args), kwargs
 
     @torch.compiler.disable  # collectives and digests on the host: never traced
@@ -246,11 +253,14 @@ def _map(fn, tree):
     usual forward arguments and outputs: pytree's walk costs tens of microseconds per call)."""
     if isinstance(tree, Tensor):
         return fn(tree)
-    if type(tree) is tuple and not any(isinstance(v, (list, tuple, dict)) for v in tree):
+    if type(tree) is tuple and all(isinstance(v, _LEAVES) for v in tree):
         return tuple(fn(v) for v in tree)
-    if type(tree) is dict and not any(isinstance(v, (list, tuple, dict)) for v in tree.values()):
+    if type(tree) is dict and all(isinstance(v, _LEAVES) for v in tree.values()):
         return {k: fn(v) for k, v in tree.items()}
-    return tree_map(fn, tree)
+    return tree_map(fn, tree)  # any container pytree knows (a registered dataclass, a model output)
+
+
+_LEAVES = (Tensor, int, float, bool, str, type(None), torch.dtype, torch.device)
 
 
 def _check_inputs(model: nn.Module, inputs) -> tuple[tuple[int | str, int], ...] | None:
@@ -303,9 +313,9 @@ def parallelize(model: nn.Module, mesh, axis: str | Sequence[str] = "t", *, layo
     lengths a multiple of it (``split_sizes``; the network's stride along the axis), or ``sizes``: the
     lengths, one list per axis. ``strategy``: the sequence-parallel strategy of attention over the
     sharded tokens (``F.scaled_dot_product_attention``: ``"ring"``, the zigzag ring where causal;
-    ``"allgather"``; ``"ulysses"``, not causal; refused where a form cannot run the one named; it
-    holds for this model's forwards and their recomputation in backward, another model parallelized
-    on the same groups keeping its own; None: each form's default) and of every
+    ``"allgather"``; ``"ulysses"``, not causal; refused where a form cannot run the one named; carried
+    by the activations of this model, in their spec, and so by their recomputation in backward, another
+    model on the same groups keeping its own; None: each form's default) and of every
     ``NonLocalBlock`` (``nonlocal_op``'s). ``sync_module_states``: broadcast the first rank's
     parameters and buffers to every rank of the mesh now (as FSDP does); otherwise the first
     forward checks that they are equal on every rank (one digest in the pre-hook's agreement) and
@@ -319,10 +329,8 @@ def parallelize(model: nn.Module, mesh, axis: str | Sequence[str] = "t", *, layo
     chosen = _check_inputs(model, inputs)
     groups = mesh_groups(mesh, axes)
     axis_dims(layout, axes, len(layout.split()))
+    _check_strategy(strategy)
     if strategy is not None:
-        if strategy not in STRATEGIES:
-            raise ValueError(f"strategy must be one of {tuple(STRATEGIES)} or None, got {strategy!r}")
-        set_attention_strategy(groups, strategy)
         for block in model.modules():  # NonLocalBlocks (the block sits above this package: no import)
             if hasattr(block, "sp_strategy"):
                 block.sp_strategy = strategy

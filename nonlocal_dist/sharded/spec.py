@@ -112,11 +112,15 @@ class Merged:
 @dataclass(frozen=True, eq=False)
 class ShardSpec:
     """``dims``: tensor dim -> ``Shard`` (sorted by dim); ``groups``: every group of the mesh this value
-    lives on (a replicated value, ``dims`` empty, is the same on all of them)."""
+    lives on (a replicated value, ``dims`` empty, is the same on all of them); ``strategy``: the
+    sequence-parallel strategy of attention over its tokens (``parallelize(strategy=)``; None: each
+    form's default), carried by every value computed from it, so that a model's recomputation in
+    backward chooses as its forward did whatever other model ran between them."""
 
     ndim: int
     dims: tuple[tuple[int, Shard], ...]
     groups: tuple[dist.ProcessGroup, ...]
+    strategy: str | None = None
 
     @property
     def sharded(self) -> dict[int, Shard]:
@@ -140,7 +144,7 @@ class ShardSpec:
 
     def remap(self, ndim: int, dims: dict[int, Shard]) -> ShardSpec:
         """A spec on the same mesh for a tensor of ``ndim`` dims sharded as ``dims``."""
-        return ShardSpec(ndim, tuple(sorted(dims.items())), self.groups)
+        return ShardSpec(ndim, tuple(sorted(dims.items())), self.groups, self.strategy)
 
     def __repr__(self) -> str:
         return f"ShardSpec(ndim={self.ndim}, dims={dict(self.dims)})"

@@ -266,7 +266,7 @@ def _first_operand(op: Op) -> Callable[[Op], object] | None:
 
 
 def replicated_spec(spec: ShardSpec, ndim: int) -> ShardSpec:
-    return ShardSpec(ndim, (), spec.groups)
+    return ShardSpec(ndim, (), spec.groups, spec.strategy)
 
 
 # Property getters whose value depends on the global shape.

@@ -151,7 +151,6 @@ def _strategy_worker(rank, world, strategy):
     from sharded_parity import runtime_log
 
     from nonlocal_dist.sharded import ShardingRefusal, parallelize
-    from nonlocal_dist.sharded.rules.attention import set_attention_strategy
 
     torch.manual_seed(0)
     model = _SelfAttention().double()
@@ -163,8 +162,6 @@ def _strategy_worker(rank, world, strategy):
             y = sharded(x)
     except ShardingRefusal as exc:
         return "refused", str(exc)
-    finally:  # the ranks persist across tests: the group's default strategy again
-        set_attention_strategy([dist.group.WORLD], None)
     return rel_err(y, plain(x)), any("gathered whole" in m for m in log)
 
 

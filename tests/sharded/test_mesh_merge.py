@@ -5,14 +5,15 @@ splitting it back into ``(t, h, w)`` restores the two shards. Float64 on 4 gloo 
 uneven splits, against one process: outputs, input gradients and summed parameter gradients."""
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
-from sharded_parity import module_parity
+from sharded_parity import assert_parity, module_parity, reference
 from torch import nn
 
-from nonlocal_dist.sharded.rules.attention import set_attention_strategy
 from nonlocal_dist.testing import run_ranks
 
 
@@ -136,8 +137,6 @@ def _strategy_worker(rank, world, strategy):
         return module_parity(SpacetimeAttention, (1, 4, 4, 6, 3), mesh, ("t", "h"), strategy=strategy)
     except ShardingRefusal as exc:
         return str(exc)
-    finally:
-        set_attention_strategy([mesh.get_group("t"), mesh.get_group("h")], None)  # persistent ranks
 
 
 def test_the_strategy_named_for_the_mesh_runs_the_merged_tokens():
@@ -156,22 +155,56 @@ def _own_strategy_worker(rank, world):
     x = torch.randn(1, 4, 4, 3, 3, dtype=torch.float64)
     one_head = parallelize(SpacetimeAttention().double(), group, "t", strategy="ulysses")  # 1 head: refused
     default = parallelize(SpacetimeAttention().double(), group, "t")  # parallelized after, on the same group
+    ran = default(x).shape == x.shape  # its own (default) strategy, not the one named before
     try:
-        ran = default(x).shape == x.shape  # its own (default) strategy, not the one named before
-        try:
-            one_head(x)
-            refused = ""
-        except ShardingRefusal as exc:
-            refused = str(exc)
-        return ran, refused, default(x).shape == x.shape
-    finally:
-        set_attention_strategy([group], None)  # persistent ranks
+        one_head(x)
+        refused = ""
+    except ShardingRefusal as exc:
+        refused = str(exc)
+    return ran, refused, default(x).shape == x.shape
 
 
 def test_each_model_keeps_its_own_strategy_on_a_shared_group():
     for ran, refused, again in run_ranks(_own_strategy_worker, 2, timeout=120):
         assert ran and again
         assert "strategy 'ulysses' with 1 heads over 2 ranks" in refused, refused
+
+
+class Checkpointed(nn.Module):
+    """SpacetimeAttention recomputed in backward (non-reentrant checkpoint)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.inner = SpacetimeAttention()
+
+    def forward(self, x):
+        return torch.utils.checkpoint.checkpoint(self.inner, x, use_reentrant=False)
+
+
+def _interleaved_worker(rank, world):
+    from nonlocal_dist import parallelize
+
+    torch.manual_seed(0)
+    model = Checkpointed().double()
+    x = torch.randn(1, 4, 5, 3, 3, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    ref = reference(copy.deepcopy(model), x)
+    student = parallelize(model, dist.group.WORLD, "t")  # the default strategy (the all-gather: few keys)
+    teacher = parallelize(SpacetimeAttention().double(), dist.group.WORLD, "t", strategy="ring")
+    xr = x.clone().requires_grad_(True)
+    out = student(xr)
+    with torch.no_grad():
+        teacher(x)  # another model, another strategy, between the student's forward and its recomputation
+    w = torch.randn(out.shape, generator=torch.Generator().manual_seed(7), dtype=out.dtype)
+    ((out * w).sum() / world).backward()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters()}
+    for g in [*grads.values(), xr.grad]:
+        dist.all_reduce(g)
+    assert_parity(ref, (out.detach(), xr.grad, grads, {}))
+    return True
+
+
+def test_a_recomputation_keeps_its_models_strategy_when_another_model_ran_between():
+    assert run_ranks(_interleaved_worker, 2, timeout=120) == [True, True]
 
 
 class ShuffleConv(nn.Module):

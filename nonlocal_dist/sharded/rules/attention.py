@@ -8,8 +8,8 @@ every rank holds whole (text tokens) runs locally, each rank's queries against a
 mask over the keys or one sliced to the rank's query rows, and GQA. Causal self-attention over a
 sharded sequence runs the load-balanced zigzag ring (``sequence.causal``): q, k and v fetched into
 zigzag order, the output fetched back. ``parallelize(strategy=)`` chooses the strategy of attention
-over the tokens of its groups (``set_attention_strategy``), or the op refuses where that strategy
-cannot run it.
+over its model's tokens (carried in their spec, ``ShardSpec.strategy``), or the op refuses where
+that strategy cannot run it.
 """
 from __future__ import annotations
 
@@ -44,39 +44,15 @@ from nonlocal_dist.sharded.tensor import (
     user_frame,
 )
 
-# id(process group) -> (that group, the strategy of attention over tokens sharded on it); absent:
-# each form's default. The group is held, so its id cannot be reused by another while it is here, and
-# is compared by identity. Set by ``parallelize`` and again by its pre-hook at every forward (each
-# model its own); kept per group, not per call, because a checkpoint's recomputation runs outside the
-# forward's hooks and must choose alike.
-_STRATEGY: dict[int, tuple[object, str]] = {}
 # The strategies each form of attention over sharded keys can run; the first is its default.
 CAUSAL_STRATEGIES = ("ring", "allgather")
 MASKED_STRATEGIES = ("allgather",)
 
 
-def set_attention_strategy(groups, strategy: str | None) -> None:
-    """``strategy`` (``"ring"``, ``"allgather"`` or ``"ulysses"``; None: each form's default again) for
-    ``scaled_dot_product_attention`` over tokens sharded on any of ``groups``."""
-    for group in groups:
-        if strategy is None:
-            _STRATEGY.pop(id(group), None)
-        else:
-            _STRATEGY[id(group)] = (group, strategy)
-
-
-def _named(group) -> str | None:
-    entry = _STRATEGY.get(id(group))
-    return entry[1] if entry is not None and entry[0] is group else None
-
-
-def _strategy(op: Op, shard, allowed: tuple[str, ...], form: str) -> str | None:
-    """The strategy ``parallelize`` named for the shard's group (tokens merged over a mesh's span: the
-    one named for its dims' groups), or None (the form's default); a refusal where the form cannot
-    run the one named."""
-    chosen = _named(shard.group)
-    if chosen is None and shard.merged is not None:
-        chosen = _named(shard.merged.outer.group)
+def _strategy(op: Op, spec, allowed: tuple[str, ...], form: str) -> str | None:
+    """The strategy ``parallelize`` named for the queries' model (``ShardSpec.strategy``), or None
+    (the form's default); a refusal where the form cannot run the one named."""
+    chosen = spec.strategy
     if chosen is None:
         return None
     if chosen not in allowed:
@@ -184,9 +160,9 @@ def _sdpa(op: Op):
     # k or v broadcast over q's batch or heads (multi-query attention without an expand): the all-gather
     broadcast = not (q.shape[:-2] == k.shape[:-2] == v.shape[:-2])  # local shapes here, alike but the sequence
     if a["attn_mask"] is not None or a["enable_gqa"] or broadcast:
-        _strategy(op, shard, MASKED_STRATEGIES, "attention with a mask, GQA or broadcast keys over a sharded sequence")
+        _strategy(op, q.spec, MASKED_STRATEGIES, "attention with a mask, GQA or broadcast keys over a sharded sequence")
     elif a["is_causal"]:
-        if _strategy(op, shard, CAUSAL_STRATEGIES, "causal attention over a sharded sequence") in (None, "ring"):
+        if _strategy(op, q.spec, CAUSAL_STRATEGIES, "causal attention over a sharded sequence") in (None, "ring"):
             return _causal_ring(op, a, shard, batch)
     if a["attn_mask"] is not None or a["is_causal"] or a["enable_gqa"] or broadcast:
         # A mask, causal attention or grouped heads: the keys and values gathered whole (the all-gather
@@ -198,7 +174,7 @@ def _sdpa(op: Op):
     scale = a["scale"] if a["scale"] is not None else 1.0 / math.sqrt(q.shape[-1])
     local = [t.as_subclass(Tensor) for t in tensors]
     lengths = (list(shard.sizes), list(shard.sizes))  # every rank's tokens, from the spec: no agreement
-    strategy = _strategy(op, shard, MODE_STRATEGIES["embedded_gaussian"], "attention over a sharded sequence")
+    strategy = _strategy(op, q.spec, MODE_STRATEGIES["embedded_gaussian"], "attention over a sharded sequence")
     if strategy == "ulysses" and (q.dim() != 4 or q.shape[1] % shard.world):
         raise op.refuse(f"strategy 'ulysses' with {q.shape[1] if q.dim() == 4 else 1} heads over {shard.world} ranks "
                         "(it needs the heads divisible by the group size)", seq,

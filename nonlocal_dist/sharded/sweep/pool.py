@@ -11,7 +11,6 @@ that took different collectives are caught there (a desync), not in the next cas
 """
 from __future__ import annotations
 
-import ctypes
 import os
 import queue as queues
 import signal
@@ -23,10 +22,11 @@ from datetime import timedelta
 import torch
 import torch.distributed as dist
 
+import nonlocal_dist
 from nonlocal_dist.sharded.sweep.cases import Case, op_infos, samples
 from nonlocal_dist.sharded.sweep.check import Outcome, run_case
 from nonlocal_dist.sharded.sweep.report import Verdict, classify, hung
-from nonlocal_dist.testing import free_port, rank_context
+from nonlocal_dist.testing import free_port, package_mismatch, rank_context, start_rank
 
 STARTUP_TIMEOUT = 180.0  # spawning, importing torch's op database, joining the process group
 
@@ -40,20 +40,11 @@ def _mesh(rank: int, world: int) -> tuple:
     return rows[rank // 2], cols[rank % 2]
 
 
-def _die_with_parent() -> None:
-    """Linux: the kernel kills this rank when the parent dies (a rank hung in a collective never
-    looks). Elsewhere the rank checks its parent between cases only."""
-    try:
-        ctypes.CDLL("libc.so.6").prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
-    except OSError:
-        pass
-
-
-def _rank_main(rank: int, world: int, port: int, cases: list[Case], out, pg_timeout: float) -> None:
-    os.setsid()
-    _die_with_parent()
-    os.environ["OMP_NUM_THREADS"] = "1"
-    torch.set_num_threads(1)
+def _rank_main(rank: int, world: int, port: int, cases: list[Case], out, pg_timeout: float, package: str) -> None:
+    start_rank()  # ends with the sweep's process, however that ends
+    mismatch = package_mismatch(package)
+    if mismatch is not None:
+        raise RuntimeError(mismatch)
     warnings.filterwarnings("ignore")
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
                             timeout=timedelta(seconds=pg_timeout))
@@ -64,10 +55,7 @@ def _rank_main(rank: int, world: int, port: int, cases: list[Case], out, pg_time
         needed[case.op] = max(needed.get(case.op, 0), case.sample + 1)
     made: tuple[str, list] = ("", [])
     out.put((rank, -1, None))  # ready
-    parent = os.getppid()
     for index, case in enumerate(cases):
-        if os.getppid() != parent:  # the parent is gone: nobody reads on
-            os._exit(1)
         if made[0] != case.op:
             made = (case.op, samples(infos[case.op], needed[case.op]))
         outcome = run_case(infos[case.op], made[1][case.sample], case, groups)
@@ -86,7 +74,8 @@ class _Pool:
         ctx = rank_context()  # each rank imports torch's op database itself: kept out of the shared server
         self.world, self.queue = world, ctx.Queue()
         port = free_port()
-        self.procs = [ctx.Process(target=_rank_main, args=(r, world, port, cases, self.queue, pg_timeout))
+        self.procs = [ctx.Process(target=_rank_main, args=(r, world, port, cases, self.queue, pg_timeout,
+                                                                  nonlocal_dist.__file__))
                       for r in range(world)]
         for p in self.procs:
             p.start()

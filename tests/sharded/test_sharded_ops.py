@@ -130,11 +130,24 @@ def test_empty_pieces_run_and_statistics_span_every_rank():
         assert all(err < 1e-12 for err in r.values()), r
 
 
+def _positions(x, xs) -> dict:
+    """Ops whose result depends on each element's global position: refused over a sharded dim (each
+    rank would count from its own piece), run on a replicated value."""
+    pooled = xs.mean(2)  # replicated
+    return {"where(condition)": _refused(lambda: torch.where(xs > 0)),
+            "fill_diagonal_": _refused(lambda: xs[0].clone().fill_diagonal_(5.0)),
+            "replicated where(condition)": [torch.equal(a.to_local(), b) for a, b in
+                                            zip(torch.where(pooled > 0), torch.where(x.mean(2) > 0))],
+            "replicated fill_diagonal_": torch.allclose(pooled.clone().fill_diagonal_(5.0).to_local(),
+                                                        x.mean(2).fill_diagonal_(5.0), rtol=0, atol=1e-12)}
+
+
 def _worker(rank, world):
     x = torch.randn(2, 3, 5, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
     xs = distribute(x, dist.group.WORLD, "b c t", "t", sizes=[[3, 2]])
     return {"aliases": _aliases_and_overloads(x, xs), "operands": _operands(x, xs, rank),
-            "two dims": _one_group_two_dims(rank), "vector": _vector_with_an_empty_piece(rank)}
+            "two dims": _one_group_two_dims(rank), "vector": _vector_with_an_empty_piece(rank),
+            "positions": _positions(x, xs)}
 
 
 @pytest.fixture(scope="module")
@@ -155,6 +168,14 @@ def test_a_sharded_weight_or_statistic_is_refused_on_every_rank(results):
         assert ops["group_norm sharded channels"].startswith("refused: F.group_norm along sharded dim 1"), ops
         assert ops["adaptive pool keeping the sharded length"] < 1e-12, ops
         assert ops["view_as sharded target"] == 0.0 and ops["expand_as sharded target"] == 0.0, ops
+
+
+def test_ops_on_global_positions_are_refused_over_a_sharded_dim(results):
+    for r in results:
+        ops = r["positions"]
+        assert ops["where(condition)"].startswith("refused: torch.where"), ops
+        assert ops["fill_diagonal_"].startswith("refused: Tensor.fill_diagonal_ along sharded dim 1"), ops
+        assert ops["replicated where(condition)"] == [True, True] and ops["replicated fill_diagonal_"], ops
 
 
 def test_one_group_never_shards_two_dims(results):

@@ -24,7 +24,13 @@ from nonlocal_dist.sharded.rules.common import (
     one_dim_per_group,
     output_dims,
 )
-from nonlocal_dist.sharded.tensor import FAMILIES, Op, ShardedTensor, rule
+from nonlocal_dist.sharded.tensor import (
+    FAMILIES,
+    Op,
+    ShardedTensor,
+    replicated_or_refuse,
+    rule,
+)
 
 _UNARY = [
     "abs", "neg", "negative", "exp", "exp2", "expm1", "log", "log1p", "log2", "log10", "sqrt", "rsqrt", "sin", "cos",
@@ -52,7 +58,7 @@ _SAME = [
     "detach", "detach_", "requires_grad_", "cpu", "cuda", "zero_", "fill_", "copy_", "zeros_like", "ones_like",
     "empty_like", "full_like", "rand_like", "randn_like", "bernoulli", "bernoulli_", "normal_", "uniform_",
     "pin_memory", "share_memory_", "retain_grad", "abs_", "neg_", "exp_", "relu_", "sigmoid_", "tanh_", "clamp_",
-    "clamp_min_", "clamp_max_", "mul_", "add_", "sub_", "div_", "masked_fill_", "fill_diagonal_", "nan_to_num_",
+    "clamp_min_", "clamp_max_", "mul_", "add_", "sub_", "div_", "masked_fill_", "nan_to_num_",
     "sqrt_", "rsqrt_", "pow_", "lerp_", "addcmul_", "addcdiv_", "floor_", "ceil_", "round_", "sign_", "erf_",
     "square_", "log_", "reciprocal_", "where_", "threshold_",
 ]
@@ -80,6 +86,12 @@ def _targets():
 
 def broadcast_rule(op: Op):
     """Elementwise ops over operands broadcast by their global shapes."""
+    if op.func in (torch.where, Tensor.where) and len(op.args) + len(op.kwargs) == 1:
+        if not any(t.spec.dims for t in op.sharded()):
+            return replicated_or_refuse(op)
+        raise op.refuse("torch.where(condition) gives the indices of the nonzero elements (torch.nonzero), "
+                        "which each rank would count from its own piece", fix="call it where the tensor is whole "
+                        "(full_tensor), or use the three-argument torch.where(condition, x, y)")
     tensors = op._tensors()
     # The op runs on the sharded operands themselves, not on aliases (an alias adds a node per op to
     # the backward graph): torch functions are off inside a rule, so a builtin sees the local tensors.

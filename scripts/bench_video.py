@@ -147,7 +147,9 @@ def _baseline_world(world: int, args) -> tuple[float, float, int]:
                "--widths", *map(str, args.widths), "--stem", str(args.stem), "--classes", str(args.classes),
                "--repeats", str(args.repeats)]
     path = os.pathsep.join([str(tree), str(Path(__file__).resolve().parent)])
-    done = subprocess.run(command, env={**os.environ, "PYTHONPATH": path}, check=True, capture_output=True, text=True)
+    # Fresh (spawned) ranks: a fork server started here would import this checkout's package, not the tree's.
+    env = {**os.environ, "PYTHONPATH": path, "NONLOCAL_FRESH_RANKS": "1"}
+    done = subprocess.run(command, env=env, check=True, capture_output=True, text=True)
     return tuple(json.loads(done.stdout.strip().splitlines()[-1]))
 
 

@@ -32,7 +32,11 @@ from torch import Tensor
 
 from nonlocal_dist.conventions import FLOAT_DTYPES, HALF_DTYPES, MODES, SOFTMAX_MODES
 from nonlocal_dist.kernels import (
-    blocked_attention, concat_sorted, dot_product_linear, reference_nonlocal, sdpa_attention,
+    blocked_attention,
+    concat_sorted,
+    dot_product_linear,
+    reference_nonlocal,
+    sdpa_attention,
 )
 from nonlocal_dist.kernels.softmax import FUSED_MAX_HEAD, fused_head_size, working
 
@@ -372,6 +376,14 @@ def select_block_kernel(inputs: OpInputs, backend: str = "auto", strategy: str =
             "the gathered keys)."
         )
     return chosen.block_kernel(inputs)
+
+
+def block_kernel_if_any(inputs: OpInputs, backend: str = "auto") -> str | None:
+    """``select_block_kernel``'s kernel for ``backend``, or None where that backend has none for
+    ``inputs`` (a strategy that can also run the backend whole, Ulysses, then does)."""
+    if backend != "auto" and _block_kernel_reasons(BACKENDS[backend], inputs):
+        return None
+    return select_block_kernel(inputs, backend)
 
 
 def dispatch(inputs: OpInputs, backend: str = "auto") -> Tensor:

@@ -17,13 +17,15 @@ from torch import Tensor
 from nonlocal_dist.distributed.comm import (
     all_gather_varlen,
     all_reduce_sum,
+    all_to_all_parts,
     all_to_all_varlen,
-    reduce_scatter_varlen,
+    reduce_scatter_parts,
 )
 
 # Parts of one shape whose gathered sizes together take at most this many bytes are packed into one
-# all-gather (and one reduce-scatter back): the two non-local blocks of the main job's I3D
-# then gather keys and values with 2 collectives instead of 4 each way.
+# all-gather: the two non-local blocks of the main job's I3D then gather keys and values with 2
+# collectives instead of 4. The backward sends every part's gradient in one collective on CPU
+# (``comm.reduce_scatter_parts``), one reduce-scatter per part elsewhere.
 PACK_BYTES = 2**20
 
 
@@ -53,11 +55,7 @@ class _GatherPositions(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, *grads):
-        if not ctx.packed:
-            local = [reduce_scatter_varlen(g, ctx.sizes, dim=-2, group=ctx.group) for g in grads]
-            return (None, None, *local)
-        local = reduce_scatter_varlen(torch.stack(grads), ctx.sizes, dim=-2, group=ctx.group)
-        return (None, None, *local.unbind(0))
+        return (None, None, *reduce_scatter_parts(list(grads), ctx.sizes, -2, ctx.group))
 
 
 def gather_positions(group, sizes: list[int], *parts: Tensor) -> tuple[Tensor, ...]:
@@ -103,42 +101,44 @@ def all_reduce(x: Tensor, group) -> Tensor:
     return _AllReduce.apply(x, group)
 
 
-def seq_to_heads(x: Tensor, sizes: list[int], group) -> Tensor:
-    """(B, H, L_r, c) position shards -> (B, H/P, Σ L, c) head shards (all-to-all)."""
+def seq_to_heads(parts: list[Tensor], sizes: list[list[int]], group) -> list[Tensor]:
+    """(B, H, L_r, c_i) position shards -> (B, H/P, Σ L, c_i) head shards, every part in one
+    all-to-all; ``sizes[i]``: part i's positions on each rank."""
     world = dist.get_world_size(group)
-    return all_to_all_varlen(x, 1, [x.shape[1] // world] * world, 2, sizes, group)
+    return all_to_all_parts(parts, 1, [[p.shape[1] // world] * world for p in parts], 2, sizes, group)
 
 
-def heads_to_seq(x: Tensor, sizes: list[int], group) -> Tensor:
-    """(B, H/P, Σ L, c) head shards -> (B, H, L_r, c) position shards (the inverse all-to-all)."""
+def heads_to_seq(parts: list[Tensor], sizes: list[list[int]], group) -> list[Tensor]:
+    """(B, H/P, Σ L, c_i) head shards -> (B, H, L_r, c_i) position shards (the inverse all-to-all)."""
     world = dist.get_world_size(group)
-    return all_to_all_varlen(x, 2, sizes, 1, [x.shape[1]] * world, group)
+    return all_to_all_parts(parts, 2, sizes, 1, [[p.shape[1]] * world for p in parts], group)
 
 
 class _SeqToHeads(torch.autograd.Function):
     @staticmethod
     def forward(ctx, group, sizes, *parts):
         ctx.group, ctx.sizes = group, sizes
-        return tuple(seq_to_heads(p, s, group) for p, s in zip(parts, sizes))
+        return tuple(seq_to_heads(list(parts), sizes, group))
 
     @staticmethod
     def backward(ctx, *grads):
-        return (None, None, *(heads_to_seq(g, s, ctx.group) for g, s in zip(grads, ctx.sizes)))
+        return (None, None, *heads_to_seq(list(grads), ctx.sizes, ctx.group))
 
 
 class _HeadsToSeq(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, group, sizes):
         ctx.group, ctx.sizes = group, sizes
-        return heads_to_seq(x, sizes, group)
+        return heads_to_seq([x], [sizes], group)[0]
 
     @staticmethod
     def backward(ctx, grad):
-        return seq_to_heads(grad, ctx.sizes, ctx.group), None, None
+        return seq_to_heads([grad], [ctx.sizes], ctx.group)[0], None, None
 
 
 def scatter_heads(group, sizes: list[list[int]], *parts: Tensor) -> tuple[Tensor, ...]:
-    """Differentiable ``seq_to_heads`` of several tensors in one node; ``sizes[i]``: positions per rank of part i."""
+    """Differentiable ``seq_to_heads`` of several tensors (one dtype) in one node and one collective
+    each way; ``sizes[i]``: positions per rank of part i."""
     return _SeqToHeads.apply(group, sizes, *parts)
 
 

@@ -15,10 +15,12 @@ from torch import Tensor
 
 from nonlocal_dist.backends import (
     OpInputs,
+    block_kernel_if_any,
     dispatch,
     select_backend,
     select_block_kernel,
 )
+from nonlocal_dist.conventions import SOFTMAX_MODES
 from nonlocal_dist.distributed.collectives import (
     all_reduce,
     gather_heads,
@@ -27,6 +29,7 @@ from nonlocal_dist.distributed.collectives import (
 )
 from nonlocal_dist.kernels.sorted_concat import concat_sorted
 from nonlocal_dist.sequence.ring import ring_attention
+from nonlocal_dist.sequence.ulysses import ulysses_attention
 
 
 def ring(inputs: OpInputs, group, n_sizes: list[int], m_sizes: list[int], backend: str) -> Tensor:
@@ -57,7 +60,13 @@ class _NoQueries(torch.autograd.Function):
 
 
 def ulysses(inputs: OpInputs, group, n_sizes: list[int], m_sizes: list[int], backend: str) -> Tensor:
-    """Any mode, heads divisible by the group size: all-to-all positions -> heads, local op, back."""
+    """Any mode, heads divisible by the group size: all-to-all positions -> heads, local op, back.
+    The softmax modes, where the backend has a per-block kernel, run ``sequence.ulysses`` (one node,
+    two collectives each way, the attention output kept once); the others dispatch on head shards."""
+    if inputs.mode in SOFTMAX_MODES:
+        kernel = block_kernel_if_any(inputs, backend)
+        if kernel is not None:
+            return ulysses_attention(inputs.theta, inputs.phi, inputs.g, inputs.scale, group, n_sizes, m_sizes, kernel)
     world = torch.distributed.get_world_size(group)
     rank = torch.distributed.get_rank(group)
     theta, phi, g = scatter_heads(group, [n_sizes, m_sizes, m_sizes], inputs.theta, inputs.phi, inputs.g)

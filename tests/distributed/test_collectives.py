@@ -1,6 +1,7 @@
 """The differentiable position gathers (``distributed/collectives.py``) on gloo ranks, float64, uneven and
-empty pieces: small parts of one shape travel packed in one all-gather (and one reduce-scatter back),
-large ones or parts of different shapes one collective each; values and gradients equal either way."""
+empty pieces: small parts of one shape travel packed in one all-gather, large ones or parts of
+different shapes one collective each, and every part's gradient goes back in one all-to-all (the
+CPU reduce-scatter, ``comm.reduce_scatter_parts``); values and gradients equal either way."""
 from __future__ import annotations
 
 import pytest
@@ -57,13 +58,44 @@ def _worker(rank, world, widths, pack_bytes):
 
 
 @pytest.mark.parametrize("world", [2, 3])
-@pytest.mark.parametrize("widths, pack_bytes, collectives_each_way", [
+@pytest.mark.parametrize("widths, pack_bytes, gathers", [
     ((4, 4), 2**20, 1),  # keys and values alike and small: packed
     ((4, 4), 0, 2),  # over the size bound: one each
     ((4, 3), 2**20, 2),  # different shapes: one each
 ])
-def test_small_parts_of_one_shape_travel_packed(world, widths, pack_bytes, collectives_each_way):
+def test_small_parts_of_one_shape_travel_packed(world, widths, pack_bytes, gathers):
     for forward, backward, value_err, grad_err in run_ranks(_worker, world, widths, pack_bytes, timeout=120):
-        assert len(forward) == collectives_each_way, forward
-        assert len(backward) == collectives_each_way, backward
+        assert len(forward) == gathers, forward
+        assert backward == ["all_to_all_single"], backward
         assert value_err == 0.0 and grad_err < 1e-12, (value_err, grad_err)
+
+
+def _scatter_worker(rank, world, sizes, dim):
+    import torch.distributed as dist
+
+    from nonlocal_dist.distributed.comm import reduce_scatter_parts
+
+    def full(r: int, shape) -> torch.Tensor:
+        return torch.randn(shape, dtype=torch.float64, generator=torch.Generator().manual_seed(10 * r + len(shape)))
+
+    shapes = [[2, 3, sum(sizes), 4], [sum(sizes), 5]]
+    shapes[0][dim], shapes[0][2] = shapes[0][2], shapes[0][dim]
+    mine = [full(rank, s) for s in shapes]
+    mine[1] = mine[1].t().contiguous().t()  # a part whose slices are not adjacent in memory
+    got = reduce_scatter_parts(mine, sizes, dim, dist.group.WORLD) if dim == 0 else [
+        reduce_scatter_parts(mine[:1], sizes, dim, dist.group.WORLD)[0]]
+    lo, n = sum(sizes[:rank]), sizes[rank]
+    errs = []
+    for t, shape, d in zip(got, shapes, (dim, 0)):
+        expected = sum(full(r, shape) for r in range(world)).narrow(d, lo, n)
+        errs.append(_err(t, expected))
+    return max(errs)
+
+
+@pytest.mark.parametrize("world, sizes", [(2, [3, 1]), (3, [2, 0, 3])])
+@pytest.mark.parametrize("dim", [0, 2])
+def test_reduce_scatter_sums_every_ranks_slice(world, sizes, dim):
+    """Uneven and empty slices, along the outer dim (two parts of different shapes in one
+    collective, one laid out column-major) and an inner one: each rank gets the sum of every rank's
+    slice for its positions."""
+    assert max(run_ranks(_scatter_worker, world, sizes, dim, timeout=120)) < 1e-12

@@ -1,0 +1,52 @@
+"""Ulysses for the softmax modes: positions -> heads, the fused kernel with its log-sum-exp, heads ->
+positions, in one autograd node.
+
+q, k and v travel in one all-to-all (``collectives.seq_to_heads``); each rank runs the per-block
+kernel (``backends.select_block_kernel``, as the ring does) on its H/P heads over all positions,
+and the output goes back in one more. The node saves the head shards of q, k and v, the
+log-sum-exp and its own output (in position layout: the tensor the next layer keeps anyway), not
+the kernel's head-layout output. The backward brings the output and its gradient to heads in one
+all-to-all, runs the kernel's backward, and sends dq, dk and dv home in one: two collectives each
+way, and no second copy of the attention output per rank.
+"""
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from nonlocal_dist.distributed.collectives import heads_to_seq, seq_to_heads
+from nonlocal_dist.kernels import attention_backward, attention_forward
+
+
+class _UlyssesAttention(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q, k, v, scale, group, n_sizes, m_sizes, kernel):
+        qh, kh, vh = seq_to_heads([q, k, v], [n_sizes, m_sizes, m_sizes], group)
+        out, lse = attention_forward(qh, kh, vh, scale, kernel)
+        y = heads_to_seq([out.contiguous()], [n_sizes], group)[0]
+        ctx.save_for_backward(qh, kh, vh, lse, y)
+        ctx.scale, ctx.group, ctx.sizes, ctx.kernel = scale, group, (n_sizes, m_sizes), kernel
+        return y
+
+    @staticmethod
+    def backward(ctx, dy):
+        qh, kh, vh, lse, y = ctx.saved_tensors
+        n_sizes, m_sizes = ctx.sizes
+        dout, out = seq_to_heads([dy.contiguous(), y], [n_sizes, n_sizes], ctx.group)
+        dq, dk, dv = attention_backward(dout, qh, kh, vh, out, lse, ctx.scale, ctx.kernel)
+        del dout, out
+        dq, dk, dv = heads_to_seq([dq.to(qh.dtype), dk.to(kh.dtype), dv.to(vh.dtype)], [n_sizes, m_sizes, m_sizes],
+                                  ctx.group)
+        return dq, dk, dv, None, None, None, None, None
+
+
+def ulysses_attention(q: Tensor, k: Tensor, v: Tensor, scale: float, group, n_sizes: list[int],
+                      m_sizes: list[int], kernel: str) -> Tensor:
+    """``softmax_j(scale q_i·k_j) v_j`` over every rank's keys, heads divisible by the group size.
+
+    Shapes: q (B, H, N_r, d), k (B, H, M_r, d), v (B, H, M_r, dv) -> (B, H, N_r, dv); ``n_sizes[r]``,
+    ``m_sizes[r]``: rank r's query and key positions (uneven and empty shards run). ``kernel``: one
+    of ``kernels.softmax.LSE_KERNELS``.
+    """
+    return _UlyssesAttention.apply(q.contiguous(), k.contiguous(), v.contiguous(), scale, group,
+                                   list(n_sizes), list(m_sizes), kernel)

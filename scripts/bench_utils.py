@@ -52,7 +52,7 @@ def peak_memory_mb(fn: Callable[[], object]) -> float:
         if type(node.extra_fields).__name__ == "_ExtraFields_Allocation":
             events.append((node.start_time_ns, node.extra_fields.ptr, node.extra_fields.alloc_size))
         nodes.extend(node.children)
-    events.sort(key=lambda e: e[0])
+    events.sort(key=lambda e: (e[0], e[2] > 0))  # a free before an allocation of the same instant
     live: dict[int, int] = {}
     total = peak = 0
     for _, ptr, size in events:

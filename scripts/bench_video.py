@@ -47,13 +47,22 @@ def _clip(args) -> torch.Tensor:
 
 
 _COLLECTIVES = ("all_gather", "all_reduce", "all_to_all_single", "batch_isend_irecv", "all_gather_into_tensor",
-                "reduce_scatter_tensor", "broadcast")
+                "reduce_scatter_tensor", "all_gather_single", "reduce_scatter_single", "broadcast")
 
 
 def _count_collectives(run) -> int:
     """Collectives one call of ``run`` issues on this rank (each a synchronisation point of the group)."""
+    import importlib
+
     count = [0]
-    originals = {name: getattr(dist, name) for name in _COLLECTIVES}
+    targets = [(dist, name) for name in _COLLECTIVES if hasattr(dist, name)]
+    for module in ("nonlocal_dist.distributed.comm", "nonlocal_dist.parallel.comm"):  # the baseline's: parallel
+        try:  # the one-tensor gather and reduce-scatter, bound in the package's comm module at import
+            comm = importlib.import_module(module)
+        except ImportError:
+            continue
+        targets += [(comm, name) for name in ("_all_gather", "_reduce_scatter") if hasattr(comm, name)]
+    originals = [(owner, name, getattr(owner, name)) for owner, name in targets]
 
     def counted(fn):
         def call(*a, **k):
@@ -61,13 +70,13 @@ def _count_collectives(run) -> int:
             return fn(*a, **k)
         return call
 
-    for name, fn in originals.items():
-        setattr(dist, name, counted(fn))
+    for owner, name, fn in originals:
+        setattr(owner, name, counted(fn))
     try:
         run()
     finally:
-        for name, fn in originals.items():
-            setattr(dist, name, fn)
+        for owner, name, fn in originals:
+            setattr(owner, name, fn)
     return count[0]  # the step's closing dist.barrier is not among them
 
 

@@ -3,8 +3,10 @@
 A call that moves several tensors (phi and g; theta, phi and g) is one autograd node whose forward
 and backward run its collectives in a fixed order: the order of collectives is then the same on
 every rank (two sibling nodes in one graph have been seen to pair the wrong gradients on gloo).
-Large tensors each travel as they are (no packed copy); small ones, where a collective costs its
-latency rather than its bytes, travel packed in one (``PACK_BYTES``).
+Large gathered tensors each travel as they are (no packed copy); small ones, where a collective
+costs its latency rather than its bytes, travel packed in one (``PACK_BYTES``). The all-to-alls of
+Ulysses (``seq_to_heads``/``heads_to_seq``) take every part in one: their send buffer is a copy
+at any size but the smallest batch-and-heads layouts.
 """
 from __future__ import annotations
 
@@ -24,8 +26,7 @@ from nonlocal_dist.distributed.comm import (
 
 # Parts of one shape whose gathered sizes together take at most this many bytes are packed into one
 # all-gather: the two non-local blocks of the main job's I3D then gather keys and values with 2
-# collectives instead of 4. The backward sends every part's gradient in one collective on CPU
-# (``comm.reduce_scatter_parts``), one reduce-scatter per part elsewhere.
+# collectives instead of 4, and one back (``comm.reduce_scatter_parts``).
 PACK_BYTES = 2**20
 
 
@@ -55,6 +56,8 @@ class _GatherPositions(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, *grads):
+        if not ctx.packed:  # large parts one at a time: one send and one receive buffer at once
+            return (None, None, *(reduce_scatter_parts([g], ctx.sizes, -2, ctx.group)[0] for g in grads))
         return (None, None, *reduce_scatter_parts(list(grads), ctx.sizes, -2, ctx.group))
 
 

@@ -7,7 +7,12 @@ and the output goes back in one more. The node saves the head shards of q, k and
 log-sum-exp and its own output (in position layout: the tensor the next layer keeps anyway), not
 the kernel's head-layout output. The backward brings the output and its gradient to heads in one
 all-to-all, runs the kernel's backward, and sends dq, dk and dv home in one: two collectives each
-way, and no second copy of the attention output per rank.
+way, and no second copy of the attention output per rank. As with torch's softmax, which also
+keeps its output, modifying the output in place before the backward makes the backward raise
+(autograd's version check), never compute a wrong gradient.
+
+The kernel runs on each rank's whole head shard (ΣN queries, ΣM keys), unchunked, as the ring's
+blocks do: on CUDA, B·H/P must stay within the kernels' grid limit (65535).
 """
 from __future__ import annotations
 
@@ -23,7 +28,7 @@ class _UlyssesAttention(torch.autograd.Function):
     def forward(ctx, q, k, v, scale, group, n_sizes, m_sizes, kernel):
         qh, kh, vh = seq_to_heads([q, k, v], [n_sizes, m_sizes, m_sizes], group)
         out, lse = attention_forward(qh, kh, vh, scale, kernel)
-        y = heads_to_seq([out.contiguous()], [n_sizes], group)[0]
+        y = heads_to_seq([out], [n_sizes], group)[0]
         ctx.save_for_backward(qh, kh, vh, lse, y)
         ctx.scale, ctx.group, ctx.sizes, ctx.kernel = scale, group, (n_sizes, m_sizes), kernel
         return y
@@ -32,7 +37,7 @@ class _UlyssesAttention(torch.autograd.Function):
     def backward(ctx, dy):
         qh, kh, vh, lse, y = ctx.saved_tensors
         n_sizes, m_sizes = ctx.sizes
-        dout, out = seq_to_heads([dy.contiguous(), y], [n_sizes, n_sizes], ctx.group)
+        dout, out = seq_to_heads([dy, y], [n_sizes, n_sizes], ctx.group)
         dq, dk, dv = attention_backward(dout, qh, kh, vh, out, lse, ctx.scale, ctx.kernel)
         del dout, out
         dq, dk, dv = heads_to_seq([dq.to(qh.dtype), dk.to(kh.dtype), dv.to(vh.dtype)], [n_sizes, m_sizes, m_sizes],

@@ -41,7 +41,10 @@ def peak_memory_mb(fn: Callable[[], object]) -> float:
     The profiler records no free made on a thread it does not follow: gloo's worker threads drop
     a collective's tensors there when they hold the last reference, at a time that varies from run
     to run. Such a block is taken as freed when the allocator hands its address out again (before,
-    the running total counted it twice: peaks up to 8 % high, varying between identical steps).
+    the running total counted it twice: peaks up to 8 % high, varying between identical steps); one
+    never handed out again stays counted, so the result is an upper bound: of repeated measures of
+    one step, the least is the tightest. (The profiler's ``profile_all_threads`` option records no
+    memory events at all on torch 2.13.)
     """
     gc.collect()
     with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
@@ -63,6 +66,54 @@ def peak_memory_mb(fn: Callable[[], object]) -> float:
             total -= live.pop(ptr, -size)  # a block held before the call: its recorded size
         peak = max(peak, total)
     return peak / 2**20
+
+
+def peak_tensor_mb(fn: Callable[[], object]) -> float:
+    """Peak of the bytes held by the tensors ``fn()`` creates, while it runs (MiB): every op's new
+    output storage is counted from the op (a ``TorchDispatchMode``) until it is freed, on whichever
+    thread frees it. Deterministic for a deterministic ``fn``, unlike the allocator's events
+    (``peak_memory_mb``), but blind to what kernels allocate inside one op (their workspaces).
+    Views and results written into an argument add nothing; a wrapper subclass's inner tensors
+    (a functional collective's result) are counted."""
+    import weakref
+
+    import torch
+    from torch.utils._python_dispatch import TorchDispatchMode, is_traceable_wrapper_subclass
+    from torch.utils._pytree import tree_leaves
+
+    state = {"live": {}, "total": 0, "peak": 0}
+
+    def storages(t):
+        if is_traceable_wrapper_subclass(t):
+            for name in t.__tensor_flatten__()[0]:
+                yield from storages(getattr(t, name))
+        elif isinstance(t, torch.Tensor):
+            yield t.untyped_storage()
+
+    def free(key):
+        state["total"] -= state["live"].pop(key, 0)
+
+    class Count(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            with torch._C.DisableTorchFunctionSubclass():
+                out = func(*args, **(kwargs or {}))
+            if not func.is_view:
+                inputs = {x.data_ptr() for a in tree_leaves((args, kwargs)) for x in storages(a)}
+                for t in out if isinstance(out, (list, tuple)) else (out,):
+                    for storage in storages(t):
+                        key = storage.data_ptr()
+                        if key in state["live"] or key in inputs or storage.nbytes() == 0:
+                            continue
+                        state["live"][key] = storage.nbytes()
+                        state["total"] += storage.nbytes()
+                        weakref.finalize(storage, free, key)
+            state["peak"] = max(state["peak"], state["total"])
+            return out
+
+    gc.collect()
+    with Count():
+        fn()
+    return state["peak"] / 2**20
 
 
 def print_table(title: str, header: list[str], rows: list[list]) -> None:

@@ -100,10 +100,12 @@ def reduce_scatter_parts(parts: list[Tensor], sizes: list[int], dim: int, group)
     """``reduce_scatter_varlen`` of several tensors (each of full length ``sum(sizes)`` along ``dim``)
     in one collective.
 
-    CPU tensors (gloo): one ``all_to_all_single`` sends rank q its slices, unpadded, and the P received
-    slices are summed here in rank order: 0.54-0.69x the time of gloo's own reduce-scatter on 2 ranks,
-    0.14-0.74x on 3, for 24 KiB to 1.5 MiB shards (``scripts/bench_collectives.py``).
-    Memory: the send buffer (``x`` itself where its slices are adjacent, else one copy) and P slices.
+    CPU tensors (gloo): one ``all_to_all_single`` sends rank q its slices, unpadded, and this rank
+    adds the P - 1 slices it receives to its own: 0.54-0.69x the time of gloo's own reduce-scatter
+    on 2 ranks, 0.14-0.74x on 3, for 24 KiB to 1.5 MiB shards (``scripts/bench_collectives.py``).
+    Memory beyond the inputs: the other ranks' slices copied into one send buffer, the P - 1 received
+    slices, and the result (at P = 2 with one part, the received slice itself: two half-length
+    buffers, where gloo's reduce-scatter copies its whole input).
     Other devices (NCCL): one reduce-scatter (of the parts stacked, where they have one shape) over a
     rank-major copy, zero-padded to the longest slice, plus this rank's (padded) shard. Parts of
     different dtypes go one collective each.
@@ -120,22 +122,23 @@ def reduce_scatter_parts(parts: list[Tensor], sizes: list[int], dim: int, group)
     if world == 1:
         return list(parts)
     slices = [[p.narrow(d, s, n) for s, n in zip(starts(sizes), sizes)] for p, d in zip(parts, dims)]
-    if len(parts) == 1 and parts[0].is_contiguous() and _leading(parts[0].shape, dims[0]) == 1:
-        send = parts[0].reshape(-1)
-    else:
-        send = parts[0].new_empty(sum(p.numel() for p in parts))
-        offset = 0
-        for q in range(world):
-            for piece in (s[q] for s in slices):
-                send[offset : offset + piece.numel()].view(piece.shape).copy_(piece)
-                offset += piece.numel()
+    others = [q for q in range(world) if q != rank]  # this rank's own slices stay where they are
+    send = first.new_empty(sum(s[q].numel() for s in slices for q in others))
+    offset = 0
+    for q in others:
+        for piece in (s[q] for s in slices):
+            send[offset : offset + piece.numel()].view(piece.shape).copy_(piece)
+            offset += piece.numel()
     mine = [list(s[rank].shape) for s in slices]
     per_rank = sum(math.prod(m) for m in mine)
-    recv = send.new_empty(world * per_rank)
-    all_to_all_flat(recv, send, [per_rank] * world, [sum(s[q].numel() for s in slices) for q in range(world)], group)
+    recv = send.new_empty((world - 1) * per_rank)
+    all_to_all_flat(recv, send, [0 if q == rank else per_rank for q in range(world)],
+                    [0 if q == rank else sum(s[q].numel() for s in slices) for q in range(world)], group)
     del send
-    received = recv.view(world, per_rank).split([math.prod(m) for m in mine], dim=1)
-    return [r.reshape(world, *m).sum(0) for r, m in zip(received, mine)]
+    if world == 2 and len(parts) == 1:  # the one received slice takes the sum in place
+        return [recv.view(mine[0]).add_(slices[0][rank])]
+    received = recv.view(world - 1, per_rank).split([math.prod(m) for m in mine], dim=1)
+    return [own[rank] + r.reshape(world - 1, *m).sum(0) for own, r, m in zip(slices, received, mine)]
 
 
 def _reduce_scatter_padded(x: Tensor, sizes: list[int], dim: int, group) -> Tensor:

@@ -379,11 +379,12 @@ def select_block_kernel(inputs: OpInputs, backend: str = "auto", strategy: str =
 
 
 def block_kernel_if_any(inputs: OpInputs, backend: str = "auto") -> str | None:
-    """``select_block_kernel``'s kernel for ``backend``, or None where that backend has none for
-    ``inputs`` (a strategy that can also run the backend whole, Ulysses, then does)."""
-    if backend != "auto" and _block_kernel_reasons(BACKENDS[backend], inputs):
-        return None
-    return select_block_kernel(inputs, backend)
+    """The per-block kernel of ``backend`` for ``inputs``, or None where it has none; ``auto`` gives
+    ``sdpa``'s kernel, or None where ``sdpa`` cannot run ``inputs`` (heads wider than 256): a
+    strategy that can also run a backend whole, Ulysses, then keeps the single-device dispatch's
+    own choice."""
+    chosen = BACKENDS["sdpa" if backend == "auto" else backend]
+    return None if _block_kernel_reasons(chosen, inputs) else chosen.block_kernel(inputs)
 
 
 def dispatch(inputs: OpInputs, backend: str = "auto") -> Tensor:

@@ -4,9 +4,8 @@ A call that moves several tensors (phi and g; theta, phi and g) is one autograd 
 and backward run its collectives in a fixed order: the order of collectives is then the same on
 every rank (two sibling nodes in one graph have been seen to pair the wrong gradients on gloo).
 Large gathered tensors each travel as they are (no packed copy); small ones, where a collective
-costs its latency rather than its bytes, travel packed in one (``PACK_BYTES``). The all-to-alls of
-Ulysses (``seq_to_heads``/``heads_to_seq``) take every part in one: their send buffer is a copy
-at any size but the smallest batch-and-heads layouts.
+costs its latency rather than its bytes, travel packed in one (``PACK_BYTES``); so do the
+all-to-alls of Ulysses (``seq_to_heads``/``heads_to_seq``).
 """
 from __future__ import annotations
 
@@ -104,17 +103,34 @@ def all_reduce(x: Tensor, group) -> Tensor:
     return _AllReduce.apply(x, group)
 
 
+def _small(parts: list[Tensor], sizes: list[list[int]]) -> bool:
+    """Whether ``parts`` (.., L, c) travel in one all-to-all: together at most ``PACK_BYTES``, counted
+    from what every rank shares (every dim but the position one, and the global position counts).
+    Larger ones go one by one: a part whose slices are adjacent is then sent as it is, and one whose
+    pieces arrive adjacent is the receive buffer itself (packed, both are copies)."""
+    return sum(math.prod(p.shape[:-2]) * p.shape[-1] * p.element_size() * sum(s) for p, s in zip(parts, sizes)) \
+        <= PACK_BYTES
+
+
+def _each_or_packed(parts: list[Tensor], send_dim: int, send_sizes: list[list[int]], recv_dim: int,
+                    recv_sizes: list[list[int]], positions: list[list[int]], group) -> list[Tensor]:
+    if _small(parts, positions):
+        return all_to_all_parts(parts, send_dim, send_sizes, recv_dim, recv_sizes, group)
+    return [all_to_all_parts([p], send_dim, [s], recv_dim, [r], group)[0]
+            for p, s, r in zip(parts, send_sizes, recv_sizes)]
+
+
 def seq_to_heads(parts: list[Tensor], sizes: list[list[int]], group) -> list[Tensor]:
-    """(B, H, L_r, c_i) position shards -> (B, H/P, Σ L, c_i) head shards, every part in one
-    all-to-all; ``sizes[i]``: part i's positions on each rank."""
+    """(B, H, L_r, c_i) position shards -> (B, H/P, Σ L, c_i) head shards (in one all-to-all where
+    they are small, ``_small``); ``sizes[i]``: part i's positions on each rank."""
     world = dist.get_world_size(group)
-    return all_to_all_parts(parts, 1, [[p.shape[1] // world] * world for p in parts], 2, sizes, group)
+    return _each_or_packed(parts, 1, [[p.shape[1] // world] * world for p in parts], 2, sizes, sizes, group)
 
 
 def heads_to_seq(parts: list[Tensor], sizes: list[list[int]], group) -> list[Tensor]:
     """(B, H/P, Σ L, c_i) head shards -> (B, H, L_r, c_i) position shards (the inverse all-to-all)."""
     world = dist.get_world_size(group)
-    return all_to_all_parts(parts, 2, sizes, 1, [[p.shape[1]] * world for p in parts], group)
+    return _each_or_packed(parts, 2, sizes, 1, [[p.shape[1]] * world for p in parts], sizes, group)
 
 
 class _SeqToHeads(torch.autograd.Function):
@@ -140,8 +156,8 @@ class _HeadsToSeq(torch.autograd.Function):
 
 
 def scatter_heads(group, sizes: list[list[int]], *parts: Tensor) -> tuple[Tensor, ...]:
-    """Differentiable ``seq_to_heads`` of several tensors (one dtype) in one node and one collective
-    each way; ``sizes[i]``: positions per rank of part i."""
+    """Differentiable ``seq_to_heads`` of several tensors in one node (one collective each way where
+    they are small); ``sizes[i]``: positions per rank of part i."""
     return _SeqToHeads.apply(group, sizes, *parts)
 
 

@@ -61,8 +61,9 @@ class _NoQueries(torch.autograd.Function):
 
 def ulysses(inputs: OpInputs, group, n_sizes: list[int], m_sizes: list[int], backend: str) -> Tensor:
     """Any mode, heads divisible by the group size: all-to-all positions -> heads, local op, back.
-    The softmax modes, where the backend has a per-block kernel, run ``sequence.ulysses`` (one node,
-    two collectives each way, the attention output kept once); the others dispatch on head shards."""
+    The softmax modes, where the backend has a per-block kernel (``backends.block_kernel_if_any``),
+    run ``sequence.ulysses`` (one node, two collectives each way, the attention output kept once);
+    the others dispatch on head shards."""
     if inputs.mode in SOFTMAX_MODES:
         kernel = block_kernel_if_any(inputs, backend)
         if kernel is not None:

@@ -1,13 +1,14 @@
 """Ulysses for the softmax modes: positions -> heads, the fused kernel with its log-sum-exp, heads ->
 positions, in one autograd node.
 
-q, k and v travel in one all-to-all (``collectives.seq_to_heads``); each rank runs the per-block
-kernel (``backends.select_block_kernel``, as the ring does) on its H/P heads over all positions,
-and the output goes back in one more. The node saves the head shards of q, k and v, the
-log-sum-exp and its own output (in position layout: the tensor the next layer keeps anyway), not
-the kernel's head-layout output. The backward brings the output and its gradient to heads in one
-all-to-all, runs the kernel's backward, and sends dq, dk and dv home in one: two collectives each
-way, and no second copy of the attention output per rank. As with torch's softmax, which also
+q, k and v travel to head shards (``collectives.seq_to_heads``: in one all-to-all where they are
+small, ``PACK_BYTES``, else one each with no packed copy); each rank runs the per-block kernel
+(``backends.block_kernel_if_any``, as the ring does) on its H/P heads over all positions, and the
+output goes back. The node saves the head shards of q, k and v, the log-sum-exp and its own output
+(in position layout: the tensor the next layer keeps anyway), not the kernel's head-layout output.
+The backward brings the output and its gradient to heads, runs the kernel's backward, and sends
+dq, dk and dv home: two collectives each way where small (4 and 5 otherwise), and no second copy of
+the attention output per rank. As with torch's softmax, which also
 keeps its output, modifying the output in place before the backward makes the backward raise
 (autograd's version check), never compute a wrong gradient.
 

@@ -100,3 +100,46 @@ def test_reduce_scatter_sums_every_ranks_slice(world, sizes, dim):
     laid out column-major) and an inner one: each rank gets the sum of every rank's slice for its
     positions, in its part's dtype (errors below in units of 1e-12 for float64, 1e-5 for float32)."""
     assert max(run_ranks(_scatter_worker, world, sizes, dim, timeout=120)) < 1
+
+
+def _ulysses_worker(rank, world, pack_bytes):
+    import torch.distributed as dist
+
+    import nonlocal_dist.distributed.collectives as collectives
+    import nonlocal_dist.distributed.comm as comm
+    from nonlocal_dist.sequence.ulysses import ulysses_attention
+
+    collectives.PACK_BYTES = pack_bytes
+    calls = []
+    run = comm._run
+    comm._run = lambda collective, *a, **k: calls.append(collective.__name__) or run(collective, *a, **k)
+    sizes = SIZES[world]
+    g = torch.Generator().manual_seed(3)
+    q, k, v, dy = (torch.randn(2, 2 * world, sum(sizes), c, dtype=torch.float64, generator=g) for c in (4, 4, 3, 3))
+    lo, n = sum(sizes[:rank]), sizes[rank]
+    mine = [t.narrow(2, lo, n).clone().requires_grad_(True) for t in (q, k, v)]
+    try:
+        y = ulysses_attention(*mine, 0.7, dist.group.WORLD, sizes, sizes, "blocked")
+        forward = len(calls)
+        y.backward(dy.narrow(2, lo, n))
+        backward = len(calls) - forward
+    finally:
+        comm._run = run
+    whole = [t.clone().requires_grad_(True) for t in (q, k, v)]
+    ref = torch.softmax(0.7 * whole[0] @ whole[1].transpose(-1, -2), -1) @ whole[2]
+    ref.backward(dy)
+    errs = [_err(y, ref.detach().narrow(2, lo, n))]
+    errs += [_err(m.grad, w.grad.narrow(2, lo, n)) for m, w in zip(mine, whole)]
+    return forward, backward, max(errs)
+
+
+@pytest.mark.parametrize("world", [2, 3])
+@pytest.mark.parametrize("pack_bytes, collectives_each_way", [(2**20, (2, 2)), (0, (4, 5))])
+def test_ulysses_node_packs_small_parts(world, pack_bytes, collectives_each_way):
+    """Ulysses' node (``sequence.ulysses``) on uneven and empty shards, heads split over the ranks:
+    output and q, k, v gradients equal the materialised softmax attention's; q, k and v (and the
+    backward's output and gradient, and dq, dk, dv) travel in one all-to-all where small, one each
+    otherwise."""
+    for forward, backward, err in run_ranks(_ulysses_worker, world, pack_bytes, timeout=120):
+        assert (forward, backward) == collectives_each_way
+        assert err < 1e-12, err

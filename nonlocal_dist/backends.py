@@ -41,7 +41,7 @@ from nonlocal_dist.kernels import (
 from nonlocal_dist.kernels.softmax import FUSED_MAX_HEAD, fused_head_size, working
 
 # CUDA launches put the batch on a grid axis limited to 65535 blocks.
-_CUDA_MAX_BATCH = 65535
+CUDA_MAX_BATCH = 65535
 # torch's CUDA memory-efficient kernel has been reported silently wrong past 2**16 positions with a
 # mask (pytorch/pytorch#162588). We pass no mask, but 2**16 queries per call still fill the device,
 # so the chunking costs nothing and keeps every call inside the sizes known to work.
@@ -174,7 +174,7 @@ class SdpaBackend(Backend):
         return reasons
 
     def max_batch(self, inputs: OpInputs) -> int | None:
-        return _CUDA_MAX_BATCH if inputs.device.type == "cuda" else None
+        return CUDA_MAX_BATCH if inputs.device.type == "cuda" else None
 
     def max_queries(self, inputs: OpInputs) -> int | None:
         return _CUDA_MAX_QUERIES if inputs.device.type == "cuda" else None
@@ -258,7 +258,7 @@ class XformersBackend(Backend):
         return []
 
     def max_batch(self, inputs: OpInputs) -> int | None:
-        return _CUDA_MAX_BATCH
+        return CUDA_MAX_BATCH
 
     def max_queries(self, inputs: OpInputs) -> int | None:
         return _CUDA_MAX_QUERIES

@@ -73,8 +73,9 @@ def peak_tensor_mb(fn: Callable[[], object]) -> float:
     output storage is counted from the op (a ``TorchDispatchMode``) until it is freed, on whichever
     thread frees it. Deterministic for a deterministic ``fn``, unlike the allocator's events
     (``peak_memory_mb``), but blind to what kernels allocate inside one op (their workspaces).
-    Views and results written into an argument add nothing; a wrapper subclass's inner tensors
-    (a functional collective's result) are counted."""
+    Views and results written into an argument add nothing (so an ``out=`` buffer an op allocates,
+    or an argument's ``resize_``, goes uncounted); a wrapper subclass's inner tensors (a functional
+    collective's result) are counted."""
     import weakref
 
     import torch

@@ -103,18 +103,19 @@ def all_reduce(x: Tensor, group) -> Tensor:
     return _AllReduce.apply(x, group)
 
 
-def _small(parts: list[Tensor], sizes: list[list[int]]) -> bool:
-    """Whether ``parts`` (.., L, c) travel in one all-to-all: together at most ``PACK_BYTES``, counted
-    from what every rank shares (every dim but the position one, and the global position counts).
+def _small(parts: list[Tensor], sizes: list[list[int]], scale: int = 1) -> bool:
+    """Whether ``parts`` (.., L, c) travel in one all-to-all: their whole tensors together at most
+    ``PACK_BYTES`` (a head shard's bytes times ``scale``, the group size), counted from what every
+    rank shares (every dim but the position one, and the global position counts).
     Larger ones go one by one: a part whose slices are adjacent is then sent as it is, and one whose
     pieces arrive adjacent is the receive buffer itself (packed, both are copies)."""
-    return sum(math.prod(p.shape[:-2]) * p.shape[-1] * p.element_size() * sum(s) for p, s in zip(parts, sizes)) \
-        <= PACK_BYTES
+    return scale * sum(math.prod(p.shape[:-2]) * p.shape[-1] * p.element_size() * sum(s)
+                       for p, s in zip(parts, sizes)) <= PACK_BYTES
 
 
 def _each_or_packed(parts: list[Tensor], send_dim: int, send_sizes: list[list[int]], recv_dim: int,
-                    recv_sizes: list[list[int]], positions: list[list[int]], group) -> list[Tensor]:
-    if _small(parts, positions):
+                    recv_sizes: list[list[int]], positions: list[list[int]], group, scale: int = 1) -> list[Tensor]:
+    if _small(parts, positions, scale):
         return all_to_all_parts(parts, send_dim, send_sizes, recv_dim, recv_sizes, group)
     return [all_to_all_parts([p], send_dim, [s], recv_dim, [r], group)[0]
             for p, s, r in zip(parts, send_sizes, recv_sizes)]
@@ -130,7 +131,8 @@ def seq_to_heads(parts: list[Tensor], sizes: list[list[int]], group) -> list[Ten
 def heads_to_seq(parts: list[Tensor], sizes: list[list[int]], group) -> list[Tensor]:
     """(B, H/P, Σ L, c_i) head shards -> (B, H, L_r, c_i) position shards (the inverse all-to-all)."""
     world = dist.get_world_size(group)
-    return _each_or_packed(parts, 2, sizes, 1, [[p.shape[1]] * world for p in parts], sizes, group)
+    heads = [[p.shape[1]] * world for p in parts]
+    return _each_or_packed(parts, 2, sizes, 1, heads, sizes, group, scale=world)
 
 
 class _SeqToHeads(torch.autograd.Function):

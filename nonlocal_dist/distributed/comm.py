@@ -97,8 +97,8 @@ def reduce_scatter_varlen(x: Tensor, sizes: list[int], dim: int, group) -> Tenso
 
 
 def reduce_scatter_parts(parts: list[Tensor], sizes: list[int], dim: int, group) -> list[Tensor]:
-    """``reduce_scatter_varlen`` of several tensors (each of full length ``sum(sizes)`` along ``dim``)
-    in one collective.
+    """``reduce_scatter_varlen`` of several tensors (each of full length ``sum(sizes)`` along ``dim``),
+    in one collective where they share a dtype (and, off the CPU, a shape), else one each.
 
     CPU tensors (gloo): one ``all_to_all_single`` sends rank q its slices, unpadded, and this rank
     adds the P - 1 slices it receives to its own: 0.54-0.69x the time of gloo's own reduce-scatter
@@ -106,18 +106,17 @@ def reduce_scatter_parts(parts: list[Tensor], sizes: list[int], dim: int, group)
     Memory beyond the inputs: the other ranks' slices copied into one send buffer, the P - 1 received
     slices, and the result (at P = 2 with one part, the received slice itself: two half-length
     buffers, where gloo's reduce-scatter copies its whole input).
-    Other devices (NCCL): one reduce-scatter (of the parts stacked, where they have one shape) over a
-    rank-major copy, zero-padded to the longest slice, plus this rank's (padded) shard. Parts of
-    different dtypes go one collective each.
+    Other devices (NCCL): one reduce-scatter over one rank-major copy of the parts, zero-padded to
+    the longest slice, plus this rank's (padded) shards.
     """
     first = parts[0]
     if any(p.dtype != first.dtype or p.device != first.device for p in parts):  # one buffer per dtype: one each
         return [reduce_scatter_parts([p], sizes, dim, group)[0] for p in parts]
     dims = [dim % p.dim() for p in parts]
     if first.device.type != "cpu":
-        if len(parts) > 1 and all(p.shape == first.shape for p in parts):
-            return list(_reduce_scatter_padded(torch.stack(parts), sizes, dims[0] + 1, group).unbind(0))
-        return [_reduce_scatter_padded(p, sizes, d, group) for p, d in zip(parts, dims)]
+        if all(p.shape == first.shape for p in parts):
+            return _reduce_scatter_padded(parts, sizes, dims[0], group)
+        return [_reduce_scatter_padded([p], sizes, d, group)[0] for p, d in zip(parts, dims)]
     world, rank = len(sizes), dist.get_rank(group)
     if world == 1:
         return list(parts)
@@ -141,16 +140,21 @@ def reduce_scatter_parts(parts: list[Tensor], sizes: list[int], dim: int, group)
     return [own[rank] + r.reshape(world - 1, *m).sum(0) for own, r, m in zip(slices, received, mine)]
 
 
-def _reduce_scatter_padded(x: Tensor, sizes: list[int], dim: int, group) -> Tensor:
+def _reduce_scatter_padded(parts: list[Tensor], sizes: list[int], dim: int, group) -> list[Tensor]:
+    """One reduce-scatter of parts of one shape: each part's slices copied straight into one
+    rank-major buffer (rank q's slices of every part, zero-padded to the longest), plus this rank's
+    (padded) shards."""
     longest = max(sizes)
-    shard_shape = list(x.shape)
+    shard_shape = list(parts[0].shape)
     shard_shape[dim] = longest
-    stacked = x.new_empty((len(sizes), *shard_shape)) if min(sizes) == longest else x.new_zeros((len(sizes), *shard_shape))
-    for slot, chunk in zip(stacked, x.split(sizes, dim=dim)):
-        slot.narrow(dim, 0, chunk.shape[dim]).copy_(chunk)
-    out = x.new_empty(shard_shape)
-    _run(_reduce_scatter, out, stacked.view(len(sizes) * shard_shape[0], *shard_shape[1:]), group=group)
-    return out.narrow(dim, 0, sizes[dist.get_rank(group)])
+    make = parts[0].new_empty if min(sizes) == longest else parts[0].new_zeros
+    stacked = make((len(sizes), len(parts), *shard_shape))
+    for q, (start, size) in enumerate(zip(starts(sizes), sizes)):
+        for i, part in enumerate(parts):
+            stacked[q, i].narrow(dim, 0, size).copy_(part.narrow(dim, start, size))
+    out = parts[0].new_empty((len(parts), *shard_shape))
+    _run(_reduce_scatter, out.view(-1), stacked.view(-1), group=group)
+    return [o.narrow(dim, 0, sizes[dist.get_rank(group)]) for o in out]
 
 
 def all_to_all_varlen(x: Tensor, send_dim: int, send_sizes: list[int], recv_dim: int, recv_sizes: list[int], group) -> Tensor:

@@ -14,6 +14,7 @@ import torch
 from torch import Tensor
 
 from nonlocal_dist.backends import (
+    CUDA_MAX_BATCH,
     OpInputs,
     block_kernel_if_any,
     dispatch,
@@ -62,13 +63,15 @@ class _NoQueries(torch.autograd.Function):
 def ulysses(inputs: OpInputs, group, n_sizes: list[int], m_sizes: list[int], backend: str) -> Tensor:
     """Any mode, heads divisible by the group size: all-to-all positions -> heads, local op, back.
     The softmax modes, where the backend has a per-block kernel (``backends.block_kernel_if_any``),
-    run ``sequence.ulysses`` (one node, two collectives each way, the attention output kept once);
-    the others dispatch on head shards."""
-    if inputs.mode in SOFTMAX_MODES:
+    run ``sequence.ulysses`` (one node; two collectives each way where q, k and v are small, the
+    attention output kept once); the others dispatch on head shards."""
+    world = torch.distributed.get_world_size(group)
+    # The node runs its kernel unchunked: on CUDA within the grid's batch limit (B·H/P), else the dispatch.
+    fits = inputs.device.type != "cuda" or inputs.theta.shape[0] * inputs.theta.shape[1] // world <= CUDA_MAX_BATCH
+    if inputs.mode in SOFTMAX_MODES and fits:
         kernel = block_kernel_if_any(inputs, backend)
         if kernel is not None:
             return ulysses_attention(inputs.theta, inputs.phi, inputs.g, inputs.scale, group, n_sizes, m_sizes, kernel)
-    world = torch.distributed.get_world_size(group)
     rank = torch.distributed.get_rank(group)
     theta, phi, g = scatter_heads(group, [n_sizes, m_sizes, m_sizes], inputs.theta, inputs.phi, inputs.g)
     w = inputs.concat_weight

@@ -7,13 +7,14 @@ small, ``PACK_BYTES``, else one each with no packed copy); each rank runs the pe
 output goes back. The node saves the head shards of q, k and v, the log-sum-exp and its own output
 (in position layout: the tensor the next layer keeps anyway), not the kernel's head-layout output.
 The backward brings the output and its gradient to heads, runs the kernel's backward, and sends
-dq, dk and dv home: two collectives each way where small (4 and 5 otherwise), and no second copy of
-the attention output per rank. As with torch's softmax, which also
+dq, dk and dv home: two collectives each way where q, k and v are small (up to 4 and 5 otherwise),
+and no second copy of the attention output per rank. As with torch's softmax, which also
 keeps its output, modifying the output in place before the backward makes the backward raise
 (autograd's version check), never compute a wrong gradient.
 
 The kernel runs on each rank's whole head shard (ΣN queries, ΣM keys), unchunked, as the ring's
-blocks do: on CUDA, B·H/P must stay within the kernels' grid limit (65535).
+blocks do: on CUDA, B·H/P within the kernels' grid limit (``strategies.ulysses`` sends more to the
+chunking dispatch).
 """
 from __future__ import annotations
 

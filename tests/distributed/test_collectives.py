@@ -70,23 +70,32 @@ def test_small_parts_of_one_shape_travel_packed(world, widths, pack_bytes, gathe
         assert value_err == 0.0 and grad_err < 1e-12, (value_err, grad_err)
 
 
-def _scatter_worker(rank, world, sizes, dim):
+def _scatter_worker(rank, world, sizes, dim, mixed, padded):
     import torch.distributed as dist
 
-    from nonlocal_dist.distributed.comm import reduce_scatter_parts
+    from nonlocal_dist.distributed import comm
+
+    def reduce_scatter_parts(parts, sizes, dim, group):
+        if padded:  # the path for NCCL tensors, on gloo here: parts of one shape in one reduce-scatter
+            return comm._reduce_scatter_padded(parts, sizes, dim % parts[0].dim(), group)
+        return comm.reduce_scatter_parts(parts, sizes, dim, group)
 
     def full(r: int, shape) -> torch.Tensor:
         return torch.randn(shape, dtype=torch.float64, generator=torch.Generator().manual_seed(10 * r + len(shape)))
 
-    shapes = [[2, 3, sum(sizes), 4], [sum(sizes), 5]]
+    shapes = [[2, 3, sum(sizes), 4], [sum(sizes), 5] if not padded else [2, 3, sum(sizes), 4]]
     shapes[0][dim], shapes[0][2] = shapes[0][2], shapes[0][dim]
+    if padded:
+        shapes[1] = list(shapes[0])
     mine = [full(rank, s) for s in shapes]
-    mine[1] = mine[1].float().t().contiguous().t()  # another dtype, its slices not adjacent in memory
-    got = reduce_scatter_parts(mine, sizes, dim, dist.group.WORLD) if dim == 0 else [
-        reduce_scatter_parts(mine[:1], sizes, dim, dist.group.WORLD)[0]]
+    if not padded:  # a part whose slices are not adjacent in memory, of another dtype where mixed
+        mine[1] = (mine[1].float() if mixed else mine[1]).t().contiguous().t()
+    group = dist.group.WORLD
+    got = reduce_scatter_parts(mine, sizes, dim, group) if dim == 0 or padded else [
+        reduce_scatter_parts(mine[:1], sizes, dim, group)[0]]
     lo, n = sum(sizes[:rank]), sizes[rank]
     errs = []
-    for t, mine_t, shape, d in zip(got, mine, shapes, (dim, 0)):
+    for t, mine_t, shape, d in zip(got, mine, shapes, (dim, dim if padded else 0)):
         assert t.dtype == mine_t.dtype, (t.dtype, mine_t.dtype)
         expected = sum(full(r, shape).to(t.dtype) for r in range(world)).narrow(d, lo, n)
         errs.append(_err(t, expected) / (1e-12 if t.dtype == torch.float64 else 1e-5))
@@ -95,11 +104,14 @@ def _scatter_worker(rank, world, sizes, dim):
 
 @pytest.mark.parametrize("world, sizes", [(2, [3, 1]), (3, [2, 0, 3])])
 @pytest.mark.parametrize("dim", [0, 2])
-def test_reduce_scatter_sums_every_ranks_slice(world, sizes, dim):
-    """Uneven and empty slices, along the outer dim (two parts of different shapes and dtypes, one
-    laid out column-major) and an inner one: each rank gets the sum of every rank's slice for its
-    positions, in its part's dtype (errors below in units of 1e-12 for float64, 1e-5 for float32)."""
-    assert max(run_ranks(_scatter_worker, world, sizes, dim, timeout=120)) < 1
+@pytest.mark.parametrize("mixed, padded", [(False, False), (True, False), (False, True)])
+def test_reduce_scatter_sums_every_ranks_slice(world, sizes, dim, mixed, padded):
+    """Uneven and empty slices, along the outer dim (two parts of different shapes in one
+    collective, one laid out column-major; or of different dtypes, one collective each) and an inner
+    one; and the padded reduce-scatter of NCCL tensors (two parts of one shape), run on gloo: each
+    rank gets the sum of every rank's slice for its positions, in its part's dtype (errors below in
+    units of 1e-12 for float64, 1e-5 for float32)."""
+    assert max(run_ranks(_scatter_worker, world, sizes, dim, mixed, padded, timeout=120)) < 1
 
 
 def _ulysses_worker(rank, world, pack_bytes):

@@ -79,7 +79,10 @@ def peak_tensor_mb(fn: Callable[[], object]) -> float:
     import weakref
 
     import torch
-    from torch.utils._python_dispatch import TorchDispatchMode, is_traceable_wrapper_subclass
+    from torch.utils._python_dispatch import (
+        TorchDispatchMode,
+        is_traceable_wrapper_subclass,
+    )
     from torch.utils._pytree import tree_leaves
 
     state = {"live": {}, "total": 0, "peak": 0}

@@ -36,7 +36,13 @@ import argparse
 import statistics
 
 import torch
-from bench_utils import best_time, peak_memory_mb, peak_tensor_mb, print_table, spawn_ranks
+from bench_utils import (
+    best_time,
+    peak_memory_mb,
+    peak_tensor_mb,
+    print_table,
+    spawn_ranks,
+)
 
 
 def parse_args(argv=None):

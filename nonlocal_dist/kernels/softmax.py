@@ -73,8 +73,34 @@ def fused_head_size(q: Tensor, v: Tensor) -> int:
     return -(-e // 8) * 8 if q.is_cuda else e
 
 
-def _pad_last(x: Tensor, size: int) -> Tensor:
-    return x.contiguous() if x.shape[-1] == size else F.pad(x, (0, size - x.shape[-1]))
+# Per-block kernels that read any strides with a unit last stride: a model's positions-first q, k and
+# v ((b n h d) transposed to (b h n d)) go in without a copy. torch's CPU flash kernel also returns its
+# output and gradients in q's layout; the blocked kernel's plain torch ops take any strides.
+STRIDED_KERNELS = ("cpu_flash", "blocked")
+
+
+def kernel_input(x: Tensor, kernel: str) -> Tensor:
+    """``x`` as ``kernel`` reads it: as it is for ``STRIDED_KERNELS`` (given a unit last stride), else contiguous."""
+    return x if kernel in STRIDED_KERNELS and x.stride(-1) == 1 else x.contiguous()
+
+
+def positions_first(x: Tensor) -> bool:
+    """Whether ``x`` (B, H, N, d) is stored positions-first, as ``(B, N, H, d)`` memory: the layout a
+    model's ``(b n (h d)) -> (b n h d) -> (b h n d)`` view leaves (its heads neither one nor empty)."""
+    return x.dim() == 4 and x.shape[1] > 1 and x.shape[2] > 1 and x.transpose(1, 2).is_contiguous()
+
+
+def in_layout_of(out: Tensor, q: Tensor) -> Tensor:
+    """``out`` (B, H, N, dv) stored positions-first where ``q`` is (one copy, only where ``out`` is
+    not already): the model's transpose and flatten of the attention output are then views, and the
+    tensor an attention node saves is the one the next layer saves (one copy per step, not two)."""
+    if positions_first(q) and not positions_first(out):
+        return out.transpose(1, 2).contiguous().transpose(1, 2)
+    return out
+
+
+def _pad_last(x: Tensor, size: int, kernel: str = "") -> Tensor:
+    return kernel_input(x, kernel) if x.shape[-1] == size else F.pad(x, (0, size - x.shape[-1]))
 
 
 def _op(name: str):
@@ -157,7 +183,7 @@ def attention_forward(q: Tensor, k: Tensor, v: Tensor, scale: float, kernel: str
     if kernel == "blocked" or nonfinite_on_cpu(q, k, v):
         return blocked_forward(q, k, v, scale, causal=causal)
     e = fused_head_size(q, v)
-    out, lse = fused_forward(kernel, _pad_last(q, e), _pad_last(k, e), _pad_last(v, e), scale, causal)
+    out, lse = fused_forward(kernel, *(_pad_last(t, e, kernel) for t in (q, k, v)), scale, causal)
     return out[..., : v.shape[-1]], lse
 
 
@@ -173,9 +199,8 @@ def attention_backward(
     if kernel == "blocked" or nonfinite_on_cpu(dout, q, k, v):
         return blocked_backward(dout, q, k, v, out, lse, scale, causal=causal)
     e = fused_head_size(q, v)
-    qp, kp, vp = _pad_last(q, e), _pad_last(k, e), _pad_last(v, e)
-    dq, dk, dv = fused_backward(kernel, _pad_last(dout, e), qp, kp, vp, _pad_last(out, e), lse.contiguous(), scale,
-                                causal)
+    padded = (_pad_last(t, e, kernel) for t in (dout, q, k, v, out))
+    dq, dk, dv = fused_backward(kernel, *padded, lse.contiguous(), scale, causal)
     return dq[..., : q.shape[-1]], dk[..., : k.shape[-1]], dv[..., : v.shape[-1]]
 
 
@@ -299,8 +324,9 @@ def sdpa_attention(q: Tensor, k: Tensor, v: Tensor, scale: float) -> Tensor:
     if q.shape[-1] != dv:
         e = max(q.shape[-1], dv)
         q, k, v = _pad_last(q, e), _pad_last(k, e), _pad_last(v, e)
-    # torch's CPU flash kernel needs unit stride in the last dim (else it materialises the affinity).
-    q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
+    # torch's CPU flash kernel needs a unit stride in the last dim (else it materialises the affinity);
+    # it reads any other strides, and its output and gradients follow q's layout (``in_layout_of``).
+    q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
     out = F.scaled_dot_product_attention(q, k, v, scale=scale)
     if out.requires_grad and not torch.compiler.is_compiling():
         out = _BackwardGraph.apply(q, k, v, out, scale)
@@ -308,7 +334,7 @@ def sdpa_attention(q: Tensor, k: Tensor, v: Tensor, scale: float) -> Tensor:
 
 
 __all__ = [
-    "FUSED_MAX_HEAD", "FUSED_OPS", "LSE_KERNELS", "attention_backward", "attention_forward", "blocked_attention",
-    "fused_backward", "fused_forward", "fused_head_size", "nonfinite_on_cpu", "preferred_chunk", "sdpa_attention",
-    "working",
+    "FUSED_MAX_HEAD", "FUSED_OPS", "LSE_KERNELS", "STRIDED_KERNELS", "attention_backward", "attention_forward",
+    "blocked_attention", "fused_backward", "fused_forward", "fused_head_size", "in_layout_of", "kernel_input",
+    "nonfinite_on_cpu", "positions_first", "preferred_chunk", "sdpa_attention", "working",
 ]

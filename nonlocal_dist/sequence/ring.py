@@ -29,6 +29,7 @@ from nonlocal_dist.conventions import accumulation_dtype
 from nonlocal_dist.distributed.comm import LocalComm, RingComm, local_comms
 from nonlocal_dist.distributed.shards import even_sizes
 from nonlocal_dist.kernels import attention_backward, attention_forward, preferred_chunk
+from nonlocal_dist.kernels.softmax import in_layout_of, kernel_input
 from nonlocal_dist.sequence.merge import merge_partial
 
 Schedule = Generator[None, None, tuple]
@@ -95,7 +96,7 @@ def ring_backward(
     nonempty = [m for m in m_sizes if m]
     count = max(1, min(min(nonempty), _chunk_count(max(nonempty), chunk)))  # key chunks per block, same on every rank
     q_sizes = even_sizes(q.shape[-2], _chunk_count(q.shape[-2], chunk)) if q.shape[-2] else []
-    dq = torch.zeros(q.shape, dtype=acc, device=q.device)
+    dq = torch.zeros_like(q, dtype=acc)  # in q's layout, as the kernels' dq
     queries = list(zip(dout.split(q_sizes, -2), q.split(q_sizes, -2), out.split(q_sizes, -2),
                        lse.split(q_sizes, -1), dq.split(q_sizes, -2)))
     own = even_sizes(m_sizes[comm.rank], count)
@@ -170,6 +171,7 @@ class _RingAttention(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, scale, group, m_sizes, kernel):
         out, lse = run_alone(ring_forward(q, k, v, scale, RingComm(group), m_sizes, kernel))
+        out = in_layout_of(out, q)
         ctx.save_for_backward(q, k, v, out, lse)
         ctx.scale, ctx.group, ctx.m_sizes, ctx.kernel = scale, group, m_sizes, kernel
         return out
@@ -177,8 +179,8 @@ class _RingAttention(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dout):
         q, k, v, out, lse = ctx.saved_tensors
-        schedule = ring_backward(
-            dout.contiguous(), q, k, v, out, lse, ctx.scale, RingComm(ctx.group), ctx.m_sizes, ctx.kernel)
+        dout, out = kernel_input(dout, ctx.kernel), kernel_input(out, ctx.kernel)
+        schedule = ring_backward(dout, q, k, v, out, lse, ctx.scale, RingComm(ctx.group), ctx.m_sizes, ctx.kernel)
         dq, dk, dv = run_alone(schedule)
         return dq, dk, dv, None, None, None, None
 
@@ -189,10 +191,12 @@ def ring_attention(
     """``softmax_j(scale q_i·k_j) v_j`` over the keys of every rank; q (B, H, N_r, d) -> (B, H, N_r, dv).
 
     ``m_sizes[r]`` is the number of key positions held by rank r of ``group``. ``backend``: ``auto``,
-    ``sdpa`` or ``blocked``, the per-block kernels (``backends.select_block_kernel``).
+    ``sdpa`` or ``blocked``, the per-block kernels (``backends.select_block_kernel``). The output is
+    stored positions-first where q is (``kernels.softmax.in_layout_of``); q goes to the kernel without
+    a copy where the kernel reads its strides (k and v travel, so they are made contiguous).
     """
     kernel = _block_kernel(q, k, v, scale, backend)
-    return _RingAttention.apply(q.contiguous(), k.contiguous(), v.contiguous(), scale, group, m_sizes, kernel)
+    return _RingAttention.apply(kernel_input(q, kernel), k.contiguous(), v.contiguous(), scale, group, m_sizes, kernel)
 
 
 def _shards(x: Tensor, world: int) -> list[Tensor]:

@@ -23,6 +23,7 @@ from torch import Tensor
 
 from nonlocal_dist.distributed.collectives import heads_to_seq, seq_to_heads
 from nonlocal_dist.kernels import attention_backward, attention_forward
+from nonlocal_dist.kernels.softmax import in_layout_of
 
 
 class _UlyssesAttention(torch.autograd.Function):
@@ -30,7 +31,7 @@ class _UlyssesAttention(torch.autograd.Function):
     def forward(ctx, q, k, v, scale, group, n_sizes, m_sizes, kernel):
         qh, kh, vh = seq_to_heads([q, k, v], [n_sizes, m_sizes, m_sizes], group)
         out, lse = attention_forward(qh, kh, vh, scale, kernel)
-        y = heads_to_seq([out], [n_sizes], group)[0]
+        y = in_layout_of(heads_to_seq([out], [n_sizes], group)[0], q)
         ctx.save_for_backward(qh, kh, vh, lse, y)
         ctx.scale, ctx.group, ctx.sizes, ctx.kernel = scale, group, (n_sizes, m_sizes), kernel
         return y
@@ -53,7 +54,7 @@ def ulysses_attention(q: Tensor, k: Tensor, v: Tensor, scale: float, group, n_si
 
     Shapes: q (B, H, N_r, d), k (B, H, M_r, d), v (B, H, M_r, dv) -> (B, H, N_r, dv); ``n_sizes[r]``,
     ``m_sizes[r]``: rank r's query and key positions (uneven and empty shards run). ``kernel``: one
-    of ``kernels.softmax.LSE_KERNELS``.
+    of ``kernels.softmax.LSE_KERNELS``. q, k and v go into the all-to-all's buffers as they are (any
+    strides); the output is stored positions-first where q is (``kernels.softmax.in_layout_of``).
     """
-    return _UlyssesAttention.apply(q.contiguous(), k.contiguous(), v.contiguous(), scale, group,
-                                   list(n_sizes), list(m_sizes), kernel)
+    return _UlyssesAttention.apply(q, k, v, scale, group, list(n_sizes), list(m_sizes), kernel)

@@ -43,13 +43,30 @@ def all_to_all_flat(recv: Tensor, send: Tensor, recv_splits: list[int], send_spl
     _run(dist.all_to_all_single, recv, send, recv_splits, send_splits, group=group)
 
 
+def _end_to_end(pieces: list[Tensor]) -> Tensor:
+    """One flat buffer holding ``pieces`` (one dtype and device, any strides) laid end to end, each
+    copied once: a collective's rank-major send buffer."""
+    out = pieces[0].new_empty(sum(p.numel() for p in pieces))
+    offset = 0
+    for piece in pieces:
+        out[offset : offset + piece.numel()].view(piece.shape).copy_(piece)
+        offset += piece.numel()
+    return out
+
+
+def _one_buffer(parts: list[Tensor]) -> bool:
+    """Whether ``parts`` can share one collective's buffers (one dtype and device); else the callers
+    move them one collective each, never casting."""
+    return all(p.dtype == parts[0].dtype and p.device == parts[0].device for p in parts)
+
+
 def all_to_all_positions(chunks: list[Tensor], recv_lengths: list[int], rest: torch.Size, group) -> list[Tensor]:
     """Send ``chunks[q]`` (n_q, *rest) to rank q; receive (recv_lengths[q], *rest) from each rank q.
     One ``all_to_all_single`` of the chunks laid end to end (none in a group of one)."""
     if len(chunks) == 1:  # a group of one: nothing moves
         return [chunks[0].new_empty((0, *rest))]
     per_position = rest.numel()
-    send = torch.cat([c.reshape(-1) for c in chunks])
+    send = _end_to_end(chunks)
     out_splits = [n * per_position for n in recv_lengths]
     recv = send.new_empty(sum(out_splits))
     all_to_all_flat(recv, send, out_splits, [c.numel() for c in chunks], group)
@@ -110,7 +127,7 @@ def reduce_scatter_parts(parts: list[Tensor], sizes: list[int], dim: int, group)
     the longest slice, plus this rank's (padded) shards.
     """
     first = parts[0]
-    if any(p.dtype != first.dtype or p.device != first.device for p in parts):  # one buffer per dtype: one each
+    if not _one_buffer(parts):
         return [reduce_scatter_parts([p], sizes, dim, group)[0] for p in parts]
     dims = [dim % p.dim() for p in parts]
     if first.device.type != "cpu":
@@ -122,12 +139,7 @@ def reduce_scatter_parts(parts: list[Tensor], sizes: list[int], dim: int, group)
         return list(parts)
     slices = [[p.narrow(d, s, n) for s, n in zip(starts(sizes), sizes)] for p, d in zip(parts, dims)]
     others = [q for q in range(world) if q != rank]  # this rank's own slices stay where they are
-    send = first.new_empty(sum(s[q].numel() for s in slices for q in others))
-    offset = 0
-    for q in others:
-        for piece in (s[q] for s in slices):
-            send[offset : offset + piece.numel()].view(piece.shape).copy_(piece)
-            offset += piece.numel()
+    send = _end_to_end([s[q] for q in others for s in slices])
     mine = [list(s[rank].shape) for s in slices]
     per_rank = sum(math.prod(m) for m in mine)
     recv = send.new_empty((world - 1) * per_rank)
@@ -180,7 +192,7 @@ def all_to_all_parts(parts: list[Tensor], send_dim: int, send_sizes: list[list[i
     if world == 1:  # a group of one: nothing moves
         return list(parts)
     first = parts[0]
-    if any(p.dtype != first.dtype or p.device != first.device for p in parts):  # one buffer per dtype: one each
+    if not _one_buffer(parts):
         return [all_to_all_parts([p], send_dim, [s], recv_dim, [r], group)[0]
                 for p, s, r in zip(parts, send_sizes, recv_sizes)]
     rank = dist.get_rank(group)
@@ -189,12 +201,7 @@ def all_to_all_parts(parts: list[Tensor], send_dim: int, send_sizes: list[list[i
     if len(parts) == 1 and first.is_contiguous() and _leading(first.shape, send_dim) == 1:
         send = first.reshape(-1)
     else:
-        send = first.new_empty(sum(p.numel() for p in parts))
-        offset = 0
-        for q in range(world):
-            for piece in (pc[q] for pc in pieces):
-                send[offset : offset + piece.numel()].view(piece.shape).copy_(piece)
-                offset += piece.numel()
+        send = _end_to_end([pc[q] for q in range(world) for pc in pieces])
     # what rank s sends here: part i's piece with this rank's send slice and rank s's receive length
     shapes = []
     for p, sent, received in zip(parts, send_sizes, recv_sizes):

@@ -21,7 +21,7 @@ from collections.abc import Sequence
 import torch
 import torch.distributed as dist
 from torch import Tensor, nn
-from torch.utils._pytree import tree_flatten, tree_map
+from torch.utils._pytree import tree_flatten
 
 import nonlocal_dist.distributed.failure as failure
 import nonlocal_dist.sharded.rng as rng
@@ -34,7 +34,7 @@ from nonlocal_dist.distributed.shards import split_sizes
 from nonlocal_dist.layout import axis_dims
 from nonlocal_dist.sequence.strategies import STRATEGIES
 from nonlocal_dist.sharded.spec import Shard, ShardSpec
-from nonlocal_dist.sharded.tensor import ACTIVE_MODELS, ShardedTensor
+from nonlocal_dist.sharded.tensor import ACTIVE_MODELS, ShardedTensor, map_leaves
 
 
 def _axes(axes) -> tuple[str, ...]:
@@ -173,7 +173,7 @@ class _Hooks:
                               strategy=self.strategy)
 
         if self.inputs is None:
-            return _map(one, args), _map(one, kwargs)
+            return map_leaves(one, args), map_leaves(one, kwargs)
         return self._shard_chosen(module, args, kwargs)
 
     def _shard_chosen(self, module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
@@ -245,22 +245,9 @@ class _Hooks:
                 return t.to_local()
             return full_tensor(t)
 
-        return _map(one, output)
+        return map_leaves(one, output)
 
 
-def _map(fn, tree):
-    """``tree_map(fn, tree)``, with a shortcut for a tensor and for a flat tuple or dict of leaves (the
-    usual forward arguments and outputs: pytree's walk costs tens of microseconds per call)."""
-    if isinstance(tree, Tensor):
-        return fn(tree)
-    if type(tree) is tuple and all(isinstance(v, _LEAVES) for v in tree):
-        return tuple(fn(v) for v in tree)
-    if type(tree) is dict and all(isinstance(v, _LEAVES) for v in tree.values()):
-        return {k: fn(v) for k, v in tree.items()}
-    return tree_map(fn, tree)  # any container pytree knows (a registered dataclass, a model output)
-
-
-_LEAVES = (Tensor, int, float, bool, str, type(None), torch.dtype, torch.device)
 
 
 def _check_inputs(model: nn.Module, inputs) -> tuple[tuple[int | str, int], ...] | None:

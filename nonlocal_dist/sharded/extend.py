@@ -21,9 +21,9 @@ from collections.abc import Callable
 
 import torch
 from torch import Tensor
-from torch.utils._pytree import tree_flatten, tree_map
+from torch.utils._pytree import tree_flatten
 
-from nonlocal_dist.sharded.tensor import Op, ShardedTensor, as_local, rule
+from nonlocal_dist.sharded.tensor import Op, ShardedTensor, as_local, map_leaves, rule
 
 # autograd.Function classes declared by the user -> their rule.
 FUNCTION_RULES: dict[type, Callable[[Op], object]] = {}
@@ -49,8 +49,8 @@ def _positionwise_rule(op: Op):
     if mismatched:
         raise op.refuse("a position-wise op whose operands are sharded differently",
                         fix="compute them from the same sharded input")
-    out = op.run(*tree_map(as_local, op.args), **tree_map(as_local, op.kwargs))
-    return tree_map(lambda t: ShardedTensor.wrap(t, first.spec) if isinstance(t, Tensor) else t, out)
+    out = op.run(*map_leaves(as_local, op.args), **map_leaves(as_local, op.kwargs))
+    return map_leaves(lambda t: ShardedTensor.wrap(t, first.spec) if isinstance(t, Tensor) else t, out)
 
 
 def positionwise(*funcs) -> None:

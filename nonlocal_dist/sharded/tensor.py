@@ -320,7 +320,7 @@ def replicated_or_refuse(op: Op):
             return t
         return ShardedTensor.wrap(t, replicated_spec(spec, t.dim()))
 
-    return tree_map(one, op.run(*op.args, **op.kwargs))
+    return map_leaves(one, op.run(*op.args, **op.kwargs))
 
 
 def _refuse_unknown(op: Op):
@@ -335,6 +335,22 @@ def _refuse_unknown(op: Op):
 
 
 _plain_backward = torch.autograd.backward
+
+
+_LEAVES = (Tensor, int, float, bool, str, type(None), torch.dtype, torch.device)
+
+
+def map_leaves(fn, tree):
+    """``tree_map(fn, tree)``, with a shortcut for a tensor and for a flat tuple or dict of leaves (an
+    op's usual arguments, a forward's usual arguments and outputs: pytree's walk costs tens of
+    microseconds per call, as much as a small op)."""
+    if isinstance(tree, Tensor):
+        return fn(tree)
+    if type(tree) is tuple and all(isinstance(v, _LEAVES) for v in tree):
+        return tuple(fn(v) for v in tree)
+    if type(tree) is dict and all(isinstance(v, _LEAVES) for v in tree.values()):
+        return {k: fn(v) for k, v in tree.items()}
+    return tree_map(fn, tree)  # any container pytree knows (a registered dataclass, a model output)
 
 
 def as_local(t):

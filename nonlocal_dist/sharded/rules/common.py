@@ -20,13 +20,12 @@ from collections.abc import Callable
 
 import torch
 from torch import Tensor
-from torch.utils._pytree import tree_map
 
 from nonlocal_dist.distributed.collectives import all_reduce, gather_dim
 from nonlocal_dist.distributed.mesh import covered
 from nonlocal_dist.sharded.fetch import reshard
 from nonlocal_dist.sharded.spec import Shard
-from nonlocal_dist.sharded.tensor import Op, ShardedTensor, user_frame
+from nonlocal_dist.sharded.tensor import Op, ShardedTensor, map_leaves, user_frame
 
 
 def on_piece(fn: Callable[[Tensor], Tensor], local: Tensor, dims) -> Tensor:
@@ -138,7 +137,7 @@ def one_dim_per_group(op: Op, ndim: int) -> Op:
             swap[id(t)] = ShardedTensor.wrap(local, t.spec.remap(t.dim(), keep))
     if not swap:
         return op
-    args, kwargs = tree_map(lambda a: swap.get(id(a), a), (op.args, op.kwargs))
+    args, kwargs = (map_leaves(lambda a: swap.get(id(a), a), tree) for tree in (op.args, op.kwargs))
     return Op(op.func, args, kwargs)
 
 

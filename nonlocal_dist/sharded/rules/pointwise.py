@@ -15,7 +15,6 @@ import inspect
 import torch
 import torch.nn.functional as F
 from torch import Tensor
-from torch.utils._pytree import tree_map
 
 from nonlocal_dist.sharded.rng import check_agreed, shard_seeded
 from nonlocal_dist.sharded.rules.common import (
@@ -28,6 +27,7 @@ from nonlocal_dist.sharded.tensor import (
     FAMILIES,
     Op,
     ShardedTensor,
+    map_leaves,
     replicated_or_refuse,
     rule,
 )
@@ -117,8 +117,8 @@ def broadcast_rule(op: Op):
     spec = first.spec.remap(ndim, dims)
     if isinstance(inplace, ShardedTensor) and dict(inplace.spec.dims) != {d - ndim + inplace.dim(): s for d, s in dims.items()}:
         raise op.refuse("an in-place op would change which positions its target holds", fix="use the out-of-place op")
-    args = tree_map(lambda t: localise(op, t, dims, ndim), op.args)
-    kwargs = tree_map(lambda t: localise(op, t, dims, ndim), op.kwargs)
+    args = map_leaves(lambda t: localise(op, t, dims, ndim), op.args)
+    kwargs = map_leaves(lambda t: localise(op, t, dims, ndim), op.kwargs)
     out = op.run(*args, **kwargs)
     if inplace is not None:
         return inplace
@@ -148,7 +148,7 @@ def _wrap_outputs(out, spec, ndim: int, plain: list[Tensor]):
             return ShardedTensor.wrap(t, spec)
         return ShardedTensor.wrap(t, spec.remap(t.dim(), {d - ndim + t.dim(): s for d, s in spec.dims}))
 
-    return wrap(out) if isinstance(out, Tensor) else tree_map(wrap, out)
+    return map_leaves(wrap, out)
 
 
 def _inplace(op: Op):

@@ -73,15 +73,20 @@ def fused_head_size(q: Tensor, v: Tensor) -> int:
     return -(-e // 8) * 8 if q.is_cuda else e
 
 
-# Per-block kernels that read any strides with a unit last stride: a model's positions-first q, k and
-# v ((b n h d) transposed to (b h n d)) go in without a copy. torch's CPU flash kernel also returns its
-# output and gradients in q's layout; the blocked kernel's plain torch ops take any strides.
+# Per-block kernels that read any strides with a unit last stride, on CPU: a model's positions-first
+# q, k and v ((b n h d) transposed to (b h n d)) go in without a copy. torch's CPU flash kernel indexes
+# every operand by its own strides (on torch 2.13 its output also follows q's layout, and its dq is
+# positions-first); the blocked kernel's plain torch ops take any strides. On CUDA every kernel gets
+# contiguous inputs, as before (no GPU has run strided ones here).
 STRIDED_KERNELS = ("cpu_flash", "blocked")
 
 
 def kernel_input(x: Tensor, kernel: str) -> Tensor:
-    """``x`` as ``kernel`` reads it: as it is for ``STRIDED_KERNELS`` (given a unit last stride), else contiguous."""
-    return x if kernel in STRIDED_KERNELS and x.stride(-1) == 1 else x.contiguous()
+    """``x`` as ``kernel`` reads it: as it is for ``STRIDED_KERNELS`` on CPU (given a unit last
+    stride), else contiguous."""
+    if kernel in STRIDED_KERNELS and x.device.type == "cpu" and x.stride(-1) == 1:
+        return x
+    return x.contiguous()
 
 
 def positions_first(x: Tensor) -> bool:
@@ -93,14 +98,17 @@ def positions_first(x: Tensor) -> bool:
 def in_layout_of(out: Tensor, q: Tensor) -> Tensor:
     """``out`` (B, H, N, dv) stored positions-first where ``q`` is (one copy, only where ``out`` is
     not already): the model's transpose and flatten of the attention output are then views, and the
-    tensor an attention node saves is the one the next layer saves (one copy per step, not two)."""
+    tensor an attention node saves is the one the next layer saves (one copy per step, not two). The
+    copy is a tensor of its own (``empty_strided``), not a view: an autograd node may return it."""
     if positions_first(q) and not positions_first(out):
-        return out.transpose(1, 2).contiguous().transpose(1, 2)
+        b, h, n, dv = out.shape
+        return torch.empty_strided(out.shape, (n * h * dv, dv, h * dv, 1), dtype=out.dtype,
+                                   device=out.device).copy_(out)
     return out
 
 
 def _pad_last(x: Tensor, size: int, kernel: str = "") -> Tensor:
-    return kernel_input(x, kernel) if x.shape[-1] == size else F.pad(x, (0, size - x.shape[-1]))
+    return kernel_input(x if x.shape[-1] == size else F.pad(x, (0, size - x.shape[-1])), kernel)
 
 
 def _op(name: str):
@@ -324,9 +332,10 @@ def sdpa_attention(q: Tensor, k: Tensor, v: Tensor, scale: float) -> Tensor:
     if q.shape[-1] != dv:
         e = max(q.shape[-1], dv)
         q, k, v = _pad_last(q, e), _pad_last(k, e), _pad_last(v, e)
-    # torch's CPU flash kernel needs a unit stride in the last dim (else it materialises the affinity);
-    # it reads any other strides, and its output and gradients follow q's layout (``in_layout_of``).
-    q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
+    # torch's CPU flash kernel needs a unit stride in the last dim (else it materialises the affinity)
+    # and reads any other strides: positions-first inputs go in without a copy (on torch 2.13 its
+    # output then comes back positions-first too). CUDA gets contiguous inputs, as before.
+    q, k, v = (t if t.stride(-1) == 1 and t.device.type == "cpu" else t.contiguous() for t in (q, k, v))
     out = F.scaled_dot_product_attention(q, k, v, scale=scale)
     if out.requires_grad and not torch.compiler.is_compiling():
         out = _BackwardGraph.apply(q, k, v, out, scale)

@@ -96,7 +96,7 @@ def ring_backward(
     nonempty = [m for m in m_sizes if m]
     count = max(1, min(min(nonempty), _chunk_count(max(nonempty), chunk)))  # key chunks per block, same on every rank
     q_sizes = even_sizes(q.shape[-2], _chunk_count(q.shape[-2], chunk)) if q.shape[-2] else []
-    dq = torch.zeros_like(q, dtype=acc)  # in q's layout, as the kernels' dq
+    dq = torch.zeros_like(q, dtype=acc)  # in q's layout
     queries = list(zip(dout.split(q_sizes, -2), q.split(q_sizes, -2), out.split(q_sizes, -2),
                        lse.split(q_sizes, -1), dq.split(q_sizes, -2)))
     own = even_sizes(m_sizes[comm.rank], count)

@@ -248,8 +248,6 @@ class _Hooks:
         return map_leaves(one, output)
 
 
-
-
 def _check_inputs(model: nn.Module, inputs) -> tuple[tuple[int | str, int], ...] | None:
     """``inputs`` (positions or parameter names of ``model.forward``) as ``(key, position)`` pairs."""
     if inputs is None:

@@ -22,40 +22,52 @@ def _positions_first(*shape: int, generator) -> torch.Tensor:
     return torch.randn(b, n, h, d, dtype=torch.float64, generator=generator).transpose(1, 2)
 
 
-def _worker(rank, world, strategy, backend):
+def _worker(rank, world, strategy, backend, dv):
     import torch.distributed as dist
 
+    import nonlocal_dist.kernels.softmax as softmax
     from nonlocal_dist.sequence.api import parallel_nonlocal
 
     sizes = SIZES[world]
     g = torch.Generator().manual_seed(5)
-    q, k, v, dy = (_positions_first(2, 2 * world, sum(sizes), c, generator=g) for c in (8, 8, 8, 8))
+    q, k, v, dy = (_positions_first(2, 2 * world, sum(sizes), c, generator=g) for c in (8, 8, dv, dv))
     lo, n = sum(sizes[:rank]), sizes[rank]
     # this rank's shards, each stored positions-first on its own, as a model's are
     leaves = [t.narrow(2, lo, n).transpose(1, 2).contiguous().transpose(1, 2).requires_grad_(True) for t in (q, k, v)]
     saved = []
-    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t.untyped_storage().data_ptr()) or t,
-                                                  lambda t: t):
-        y = parallel_nonlocal(*leaves, "embedded_gaussian", scale=0.4, concat_weight=None, backend=backend,
-                              group=dist.group.WORLD, strategy=strategy, lengths=(sizes, sizes))
+    chunk, softmax.CPU_BACKWARD_CHUNK = softmax.CPU_BACKWARD_CHUNK, 2  # the ring's backward in strided query chunks
+    try:
+        with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t.untyped_storage().data_ptr()) or t,
+                                                      lambda t: t):
+            y = parallel_nonlocal(*leaves, "embedded_gaussian", scale=0.4, concat_weight=None, backend=backend,
+                                  group=dist.group.WORLD, strategy=strategy, lengths=(sizes, sizes))
+        y.backward(dy.narrow(2, lo, n))
+    finally:
+        softmax.CPU_BACKWARD_CHUNK = chunk
     layout = n < 2 or (y.transpose(1, 2).is_contiguous() and y.untyped_storage().data_ptr() in saved)
-    y.backward(dy.narrow(2, lo, n))
+    q_kept = n == 0 or leaves[0].untyped_storage().data_ptr() in saved
     ref_leaves = [t.detach().clone().requires_grad_(True) for t in (q, k, v)]
     ref = naive_nonlocal(*ref_leaves, "embedded_gaussian", scale=0.4)
     ref.backward(dy)
     errs = [rel_err(y, ref.detach().narrow(2, lo, n))] if n else []
     errs += [rel_err(m.grad, r.grad.narrow(2, lo, n)) for m, r in zip(leaves, ref_leaves) if n]
-    return layout, max(errs, default=0.0)
+    return layout, q_kept, max(errs, default=0.0)
 
 
 @pytest.mark.parametrize("world", [2, 3])
-@pytest.mark.parametrize("strategy, backend", CASES)
-def test_positions_first_inputs_give_a_positions_first_output_saved_once(world, strategy, backend):
+@pytest.mark.parametrize("strategy, backend, dv", [*((s, b, 8) for s, b in CASES), ("ring", "auto", 12),
+                                                   ("ulysses", "auto", 12)])
+def test_positions_first_inputs_give_a_positions_first_output_saved_once(world, strategy, backend, dv):
     """Every softmax strategy (the ring and Ulysses with the fused and the blocked kernel, the
-    all-gather with torch's public call): exact, and the output positions-first and the one saved."""
-    for layout, err in run_ranks(_worker, world, strategy, backend, timeout=120):
+    all-gather with torch's public call; the ring's backward in query chunks of 2): exact, and the
+    output positions-first and the one saved; q saved as the model gave it, not a copy, where the
+    strategy keeps it in place and no padding is needed (d = dv: the ring, the all-gather). With
+    dv != d (the fused kernels pad to one head size) the output is still laid out positions-first."""
+    for layout, q_kept, err in run_ranks(_worker, world, strategy, backend, dv, timeout=120):
         assert err < 1e-10, err
         assert layout, "the output is not positions-first, or the attention saved a copy of it"
+        if strategy != "ulysses" and dv == 8:
+            assert q_kept, "q was copied before the kernel"
 
 
 def test_in_layout_of_copies_only_when_needed():

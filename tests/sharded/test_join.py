@@ -95,7 +95,7 @@ class CachedCausalConv(CausalPad):
 
 class Rotary(nn.Module):
     """A rotary embedding written as Wan writes it (``out[..., 0::2] = ...`` into ``empty_like``), a
-    ``...`` slice, and ``type_as`` of a tensor of another shape."""
+    ``...`` slice, and ``type_as`` and ``to`` of tensors of other shapes (sharded and whole)."""
 
     def __init__(self, c: int = 8, n: int = 7) -> None:
         super().__init__()
@@ -109,7 +109,7 @@ class Rotary(nn.Module):
         out = torch.empty_like(h)
         out[..., 0::2] = x1 * self.cos - x2 * self.sin
         out[..., 1::2] = x1 * self.sin + x2 * self.cos
-        return out[..., 1:].type_as(h.unsqueeze(2)) * 2
+        return out[..., 1:].type_as(h.unsqueeze(2)).to(self.cos.unsqueeze(0)).to(h[:, :1]) * 2
 
 
 class MaskedSelfAttention(nn.Module):

@@ -27,6 +27,7 @@ from nonlocal_dist.sharded.tensor import (
     FAMILIES,
     Op,
     ShardedTensor,
+    as_local,
     map_leaves,
     replicated_or_refuse,
     rule,
@@ -283,8 +284,22 @@ for _name in ("dropout", "alpha_dropout", "feature_alpha_dropout", "dropout1d", 
 def _type_as(op: Op):
     """``x.type_as(other)`` takes only ``other``'s type: x keeps its positions and spec, whatever
     ``other``'s shape or sharding (Wan casts attention outputs to the queries' type)."""
-    x, other = op.args[0], op.args[1]
-    other = other.as_subclass(Tensor) if isinstance(other, ShardedTensor) else other
-    if not isinstance(x, ShardedTensor):
-        return op.run(x, other)
-    return ShardedTensor.wrap(op.run(x.as_subclass(Tensor), other), x.spec)
+    return _cast_like(op)
+
+
+@rule(Tensor.to, any_operand=True)
+def _to(op: Op):
+    """``x.to(other)`` takes only ``other``'s dtype and device, as ``type_as``; ``x.to(dtype)``,
+    ``x.to(device)`` are position-wise."""
+    if any(isinstance(a, Tensor) for a in (*op.args[1:], *op.kwargs.values())):
+        return _cast_like(op)
+    return broadcast_rule(op)
+
+
+def _cast_like(op: Op):
+    """The op on local tensors; the result keeps the first argument's positions and spec (the other
+    tensor gives only its dtype and device, whatever its shape or sharding)."""
+    x = op.args[0]
+    args, kwargs = (map_leaves(as_local, tree) for tree in (op.args, op.kwargs))
+    out = op.run(*args, **kwargs)
+    return ShardedTensor.wrap(out, x.spec) if isinstance(x, ShardedTensor) else out

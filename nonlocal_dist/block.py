@@ -21,7 +21,7 @@ from nonlocal_dist.layout import (
     normalise_sub_sample,
     parse_layout,
 )
-from nonlocal_dist.sequence import parallel_nonlocal
+from nonlocal_dist.sequence import check_strategy_alone, parallel_nonlocal
 from nonlocal_dist.sharded import batch_norm_rows
 from nonlocal_dist.sharded.tensor import ShardedTensor, ShardingRefusal, user_frame
 from nonlocal_dist.validate import one_of, positive_int
@@ -150,7 +150,10 @@ class NonLocalBlock(nn.Module):
                 theta, phi, g, self.mode, scale=self.scale, concat_weight=self.concat_weight, backend=self.backend,
                 group=self.sp_group, strategy=self.sp_strategy, lengths=self._lengths,
             )
-        return nonlocal_op(  # a group's strategy needs the group (none on a group of one: see on_shards)
+        if self.sp_group is None and self.sp_strategy is not None:  # a group of one (see on_shards): no strategy
+            check_strategy_alone(theta, phi, g, self.mode, scale=self.scale, concat_weight=self.concat_weight,
+                                 backend=self.backend, strategy=self.sp_strategy)  # runs, but refused as on more ranks
+        return nonlocal_op(
             theta, phi, g, self.mode, scale=self.scale, concat_weight=self.concat_weight, backend=self.backend,
             group=self.sp_group, strategy=self.sp_strategy if self.sp_group is not None else None,
         )

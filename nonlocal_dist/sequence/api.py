@@ -28,6 +28,16 @@ def _check_strategy(mode: str, strategy: str | None, heads: int, world: int, key
     return strategy
 
 
+def check_strategy_alone(theta: Tensor, phi: Tensor, g: Tensor, mode: str, *, scale: float | None,
+                         concat_weight: Tensor | None, backend: str, strategy: str) -> None:
+    """The checks a group of two or more ranks makes of ``strategy`` and ``backend`` (the mode can run
+    the strategy, the strategy can honour the backend), for a block that runs alone on a group of
+    one, where no strategy runs: a configuration refused on two ranks is refused on one too. (Ulysses'
+    heads divisible by the group size is the one check that depends on the group's size.)"""
+    inputs, _ = check_op_inputs(theta, phi, g, mode, scale, concat_weight, backend, allow_empty_positions=True)
+    check_backend(_check_strategy(mode, strategy, inputs.theta.shape[1], 1), inputs, backend)
+
+
 def parallel_nonlocal(
     theta: Tensor,
     phi: Tensor,

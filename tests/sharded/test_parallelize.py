@@ -578,3 +578,28 @@ def test_inputs_picks_what_is_sharded_and_the_rest_stays_whole(world, by_positio
 def test_inputs_naming_no_parameter_is_refused_at_parallelize():
     with pytest.raises(ValueError, match="'latents', which is not a parameter of _TextConditioned.forward"):
         parallelize(_TextConditioned(), object(), "n", layout="b n c", inputs=("latents",))
+
+
+def _strategy_backend_worker(rank, world, strategy, backend):
+    torch.manual_seed(0)
+    block = NonLocalBlock(4, layout="b c t h w", backend=backend)
+    model = parallelize(nn.Sequential(block), dist.group.WORLD, "t", strategy=strategy)
+    try:
+        model(torch.randn(1, 4, 4, 2, 2))
+    except ValueError as exc:
+        return str(exc)
+    return None
+
+
+@pytest.mark.parametrize("strategy, backend, refused", [("ring", "reference", True), ("ring", "blocked", False),
+                                                        ("allgather", "reference", False)])
+def test_a_block_on_a_group_of_one_refuses_what_two_ranks_refuse(strategy, backend, refused):
+    """A strategy that cannot honour the block's backend (the ring runs per-block kernels, not the
+    reference formula) is refused on a group of one as on two ranks, with the same message, although
+    a group of one runs no strategy: a configuration tried on one process fails there, not at scale."""
+    alone = run_ranks(_strategy_backend_worker, 1, strategy, backend, timeout=120)
+    pair = run_ranks(_strategy_backend_worker, 2, strategy, backend, timeout=120)
+    for message in alone + pair:
+        assert (message is not None) == refused, message
+        if refused:
+            assert f"strategy {strategy!r}" in message and f"backend={backend!r}" in message, message

@@ -49,6 +49,7 @@ class NonLocalBlock(nn.Module):
     """
 
     _lengths: tuple[list[int], list[int]] | None = None  # every rank's N and M while on a ShardedTensor
+    _alone: bool = False  # while on a ShardedTensor whose groups are all of one (on_shards)
 
     def __init__(
         self,
@@ -150,7 +151,7 @@ class NonLocalBlock(nn.Module):
                 theta, phi, g, self.mode, scale=self.scale, concat_weight=self.concat_weight, backend=self.backend,
                 group=self.sp_group, strategy=self.sp_strategy, lengths=self._lengths,
             )
-        if self.sp_group is None and self.sp_strategy is not None:  # a group of one (see on_shards): no strategy
+        if self._alone and self.sp_strategy is not None:  # a group of one (see on_shards): no strategy
             check_strategy_alone(theta, phi, g, self.mode, scale=self.scale, concat_weight=self.concat_weight,
                                  backend=self.backend, strategy=self.sp_strategy)  # runs, but refused as on more ranks
         return nonlocal_op(
@@ -254,11 +255,12 @@ class NonLocalBlock(nn.Module):
         # Plain attributes (never parameters, buffers or modules), set in the instance's dict: nn.Module's
         # __setattr__ checks each against its registries, at every call of the block.
         state = self.__dict__
-        saved = {key: getattr(self, key) for key in ("sp_group", "shard_axis", "_lengths")}
+        saved = {key: getattr(self, key) for key in ("sp_group", "shard_axis", "_lengths", "_alone")}
         axes = tuple(names[d] for d, _ in dims)
         alone = all(shard.world == 1 for _, shard in dims)  # this rank holds every position: the block as on one device
         state["sp_group"] = None if alone else span_group([shard.group for _, shard in dims])
         state["shard_axis"] = axes[0] if len(axes) == 1 else axes
+        state["_alone"] = alone
         try:
             with torch._C.DisableTorchFunctionSubclass():
                 local = x.to_local()

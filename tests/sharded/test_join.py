@@ -112,6 +112,21 @@ class Rotary(nn.Module):
         return out[..., 1:].type_as(h.unsqueeze(2)).to(self.cos.unsqueeze(0)).to(h[:, :1]) * 2
 
 
+class Casts(nn.Module):
+    """``Tensor.to`` of tensors: to a whole float32 tensor of another shape and back (``copy=True``),
+    and a whole parameter cast to a sharded activation's type (the result stays whole)."""
+
+    def __init__(self, c: int = 8) -> None:
+        super().__init__()
+        self.lin = nn.Linear(c, c)
+        self.gain = nn.Parameter(torch.randn(c))
+
+    def forward(self, x):
+        h = self.lin(x)
+        low = h.to(torch.zeros(3, dtype=torch.float32), non_blocking=False)
+        return low.to(h, copy=True) * self.gain.to(h)
+
+
 class MaskedSelfAttention(nn.Module):
     """Self-attention over the sharded tokens with a key padding mask, causal, and grouped heads: the
     keys and values are gathered whole, each rank's queries use their rows of the mask."""
@@ -187,6 +202,7 @@ CASES = {
     "masked_self_attention": (MaskedSelfAttention, (2, 7, 8), "b n c", "n"),
     "refold": (Refold, (2, 12, 8), "b n c", "n"),
     "rotary": (Rotary, (2, 7, 8), "b n c", "n"),
+    "casts": (Casts, (2, 7, 8), "b n c", "n"),
     "joint_text_video": (JointTextVideo, (2, 7, 8), "b n c", "n"),
     "class_tokens": (ClassTokens, (2, 7, 8), "b n c", "n"),
     "causal_pad": (CausalPad, (1, 2, 7, 3, 2), "b c t h w", "t"),

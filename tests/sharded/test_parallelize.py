@@ -584,6 +584,7 @@ def _strategy_backend_worker(rank, world, strategy, backend):
     torch.manual_seed(0)
     block = NonLocalBlock(4, layout="b c t h w", backend=backend)
     model = parallelize(nn.Sequential(block), dist.group.WORLD, "t", strategy=strategy)
+    block(torch.randn(1, 4, 4, 2, 2))  # a plain tensor: the block runs on one device, no strategy to check
     try:
         model(torch.randn(1, 4, 4, 2, 2))
     except ValueError as exc:
@@ -596,7 +597,8 @@ def _strategy_backend_worker(rank, world, strategy, backend):
 def test_a_block_on_a_group_of_one_refuses_what_two_ranks_refuse(strategy, backend, refused):
     """A strategy that cannot honour the block's backend (the ring runs per-block kernels, not the
     reference formula) is refused on a group of one as on two ranks, with the same message, although
-    a group of one runs no strategy: a configuration tried on one process fails there, not at scale."""
+    a group of one runs no strategy: a configuration tried on one process fails there, not at scale.
+    The same block given a plain tensor runs on one device, its strategy unused and unchecked."""
     alone = run_ranks(_strategy_backend_worker, 1, strategy, backend, timeout=120)
     pair = run_ranks(_strategy_backend_worker, 2, strategy, backend, timeout=120)
     for message in alone + pair:

@@ -299,7 +299,6 @@ def _to(op: Op):
 def _cast_like(op: Op):
     """The op on local tensors; the result keeps the first argument's positions and spec (the other
     tensor gives only its dtype and device, whatever its shape or sharding)."""
-    x = op.args[0]
-    args, kwargs = (map_leaves(as_local, tree) for tree in (op.args, op.kwargs))
-    out = op.run(*args, **kwargs)
+    x = op.args[0]  # as it is (torch functions are off in a rule): no alias node in the backward graph
+    out = op.run(x, *map_leaves(as_local, op.args[1:]), **map_leaves(as_local, op.kwargs))
     return ShardedTensor.wrap(out, x.spec) if isinstance(x, ShardedTensor) else out

@@ -329,13 +329,11 @@ def sdpa_attention(q: Tensor, k: Tensor, v: Tensor, scale: float) -> Tensor:
     if _transformed(q, k, v) or nonfinite_on_cpu(q, k, v):
         return blocked_attention(q, k, v, scale)
     dv = v.shape[-1]
-    if q.shape[-1] != dv:
-        e = max(q.shape[-1], dv)
-        q, k, v = _pad_last(q, e), _pad_last(k, e), _pad_last(v, e)
-    # torch's CPU flash kernel needs a unit stride in the last dim (else it materialises the affinity)
-    # and reads any other strides: positions-first inputs go in without a copy (on torch 2.13 its
-    # output then comes back positions-first too). CUDA gets contiguous inputs, as before.
-    q, k, v = (t if t.stride(-1) == 1 and t.device.type == "cpu" else t.contiguous() for t in (q, k, v))
+    e = max(q.shape[-1], dv)
+    # On CPU torch runs its flash kernel: it needs a unit stride in the last dim (else it materialises
+    # the affinity) and reads any other strides, so positions-first inputs go in without a copy (on
+    # torch 2.13 its output then comes back positions-first too). CUDA gets contiguous inputs.
+    q, k, v = (_pad_last(t, e, "cpu_flash") for t in (q, k, v))
     out = F.scaled_dot_product_attention(q, k, v, scale=scale)
     if out.requires_grad and not torch.compiler.is_compiling():
         out = _BackwardGraph.apply(q, k, v, out, scale)

@@ -28,14 +28,27 @@ def _check_strategy(mode: str, strategy: str | None, heads: int, world: int, key
     return strategy
 
 
+def _validated(theta, phi, g, mode, scale, concat_weight, backend, strategy, world: int,
+               key_lengths: list[int] | None = None):
+    """This rank's inputs checked (``validate.check_op_inputs``), the strategy chosen and checked
+    against the mode, the group size and the backend: (inputs, added_heads, strategy).
+    ``key_lengths``: every rank's key count where a spec proves it; then a small key set picks the
+    all-gather by default (the same bytes on every rank)."""
+    inputs, added_heads = check_op_inputs(theta, phi, g, mode, scale, concat_weight, backend, allow_empty_positions=True)
+    key_bytes = None if key_lengths is None else (sum(key_lengths) * inputs.phi.shape[0] * inputs.phi.shape[1] * (
+        inputs.phi.shape[-1] + inputs.g.shape[-1]) * inputs.phi.element_size())
+    chosen = _check_strategy(mode, strategy, inputs.theta.shape[1], world, key_bytes)
+    check_backend(chosen, inputs, backend)
+    return inputs, added_heads, chosen
+
+
 def check_strategy_alone(theta: Tensor, phi: Tensor, g: Tensor, mode: str, *, scale: float | None,
                          concat_weight: Tensor | None, backend: str, strategy: str) -> None:
     """The checks a group of two or more ranks makes of ``strategy`` and ``backend`` (the mode can run
     the strategy, the strategy can honour the backend), for a block that runs alone on a group of
     one, where no strategy runs: a configuration refused on two ranks is refused on one too. (Ulysses'
     heads divisible by the group size is the one check that depends on the group's size.)"""
-    inputs, _ = check_op_inputs(theta, phi, g, mode, scale, concat_weight, backend, allow_empty_positions=True)
-    check_backend(_check_strategy(mode, strategy, inputs.theta.shape[1], 1), inputs, backend)
+    _validated(theta, phi, g, mode, scale, concat_weight, backend, strategy, 1)
 
 
 def parallel_nonlocal(
@@ -70,13 +83,8 @@ def parallel_nonlocal(
     world = dist.get_world_size(group)
 
     def validate():
-        inputs, added_heads = check_op_inputs(theta, phi, g, mode, scale, concat_weight, backend, allow_empty_positions=True)
-        # Every rank's key count is known only from a spec (``lengths``): then a small key set picks
-        # the all-gather by default (the same bytes on every rank).
-        key_bytes = None if lengths is None else (sum(lengths[1]) * inputs.phi.shape[0] * inputs.phi.shape[1] * (
-            inputs.phi.shape[-1] + inputs.g.shape[-1]) * inputs.phi.element_size())
-        chosen = _check_strategy(mode, strategy, inputs.theta.shape[1], world, key_bytes)
-        check_backend(chosen, inputs, backend)
+        inputs, added_heads, chosen = _validated(theta, phi, g, mode, scale, concat_weight, backend, strategy, world,
+                                                 None if lengths is None else lengths[1])
         b, h, n, d = inputs.theta.shape
         fields = {"B": b, "H": h, "N": n, "M": inputs.phi.shape[2], "d": d, "dv": inputs.g.shape[-1],
                   "ndim": theta.dim(), "dtype": inputs.theta.dtype, "mode": mode, "strategy": chosen,

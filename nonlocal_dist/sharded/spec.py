@@ -41,7 +41,7 @@ class Shard:
     def starts(self) -> tuple[int, ...]:
         return starts(self.sizes)
 
-    @property
+    @cached_property
     def total(self) -> int:
         return sum(self.sizes)
 
@@ -143,8 +143,12 @@ class ShardSpec:
         return tuple(shape)
 
     def remap(self, ndim: int, dims: dict[int, Shard]) -> ShardSpec:
-        """A spec on the same mesh for a tensor of ``ndim`` dims sharded as ``dims``."""
-        return ShardSpec(ndim, tuple(sorted(dims.items())), self.groups, self.strategy)
+        """A spec on the same mesh for a tensor of ``ndim`` dims sharded as ``dims`` (this one where
+        nothing changes: specs are immutable, and an op that keeps them runs at every layer)."""
+        items = tuple(sorted(dims.items()))
+        if ndim == self.ndim and items == self.dims:
+            return self
+        return ShardSpec(ndim, items, self.groups, self.strategy)
 
     def __repr__(self) -> str:
         return f"ShardSpec(ndim={self.ndim}, dims={dict(self.dims)})"

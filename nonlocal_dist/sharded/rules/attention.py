@@ -67,15 +67,14 @@ def _all_replicated(op: Op) -> bool:
 
 @rule(F.linear, any_operand=True)
 def _linear(op: Op):
-    if _all_replicated(op):
-        return replicated_or_refuse(op)
     x = op.args[0]
-    if not isinstance(x, ShardedTensor) or any(isinstance(t, ShardedTensor) for t in op.tensors()[1:]):
+    if not (isinstance(x, ShardedTensor) and x.spec.dims) or any(isinstance(t, ShardedTensor) for t in op._tensors()[1:]):
+        if _all_replicated(op):
+            return replicated_or_refuse(op)
         raise op.refuse("a sharded weight", fix="keep parameters plain (replicated)")
     if x.dim() - 1 in x.spec.sharded:
         raise op.refuse("it contracts the sharded last dim", x.dim() - 1, "move the channels last (permute) first")
-    args = [x.as_subclass(Tensor), *op.args[1:]]
-    out = op.run(*args, **op.kwargs)
+    out = op.run(*op.args, **op.kwargs)  # on x itself: torch functions are off in a rule (no alias node)
     return ShardedTensor.wrap(out, x.spec)
 
 

@@ -25,7 +25,13 @@ from nonlocal_dist.distributed.collectives import all_reduce, gather_dim
 from nonlocal_dist.distributed.mesh import covered
 from nonlocal_dist.sharded.fetch import reshard
 from nonlocal_dist.sharded.spec import Shard
-from nonlocal_dist.sharded.tensor import Op, ShardedTensor, map_leaves, user_frame
+from nonlocal_dist.sharded.tensor import (
+    Op,
+    ShardedTensor,
+    as_local,
+    map_leaves,
+    user_frame,
+)
 
 
 def on_piece(fn: Callable[[Tensor], Tensor], local: Tensor, dims) -> Tensor:
@@ -146,14 +152,14 @@ def localise(op: Op, t, dims: dict[int, Shard], ndim: int):
     if not isinstance(t, Tensor):
         return t
     own = t.spec.sharded if isinstance(t, ShardedTensor) else {}
-    base = t.as_subclass(Tensor) if isinstance(t, ShardedTensor) else t
+    base = t  # torch functions are off in a rule: narrow gives a plain tensor (no alias node)
     for od, shard in dims.items():
         d = od - ndim + t.dim()
         if d < 0:
             continue
         if d in own:
             if not own[d].same(shard):  # decided from the specs: every rank joins the exchange
-                base = reshard(base, d, own[d].sizes, shard.sizes, shard.group, shard.rank)
+                base = reshard(as_local(base), d, own[d].sizes, shard.sizes, shard.group, shard.rank)
             continue
         length = base.shape[d]
         if length == shard.total:  # total 1 too: a join (cat) does not broadcast

@@ -27,7 +27,6 @@ from nonlocal_dist.sharded.tensor import (
     FAMILIES,
     Op,
     ShardedTensor,
-    as_local,
     map_leaves,
     replicated_or_refuse,
     rule,
@@ -96,17 +95,19 @@ def broadcast_rule(op: Op):
     tensors = op._tensors()
     # The op runs on the sharded operands themselves, not on aliases (an alias adds a node per op to
     # the backward graph): torch functions are off inside a rule, so a builtin sees the local tensors.
-    if len(tensors) == 1 and op.args and op.args[0] is tensors[0]:  # relu, a cast, x * 2.0: no broadcasting
+    if (len(tensors) == 1 and op.args and op.args[0] is tensors[0]) or _sharded_alike(op, tensors):
+        # relu, a cast, x * 2.0 (no broadcasting); a residual sum, a gate (operands split alike)
         x = tensors[0]
         out = op.run(*op.args, **op.kwargs)
-        if _inplace(op) is not None:
-            return x
+        if type(out) is Tensor and out.dim() == x.dim():  # the usual result: positions as x's
+            return ShardedTensor.wrap(out, x.spec)
+        if isinstance(out, ShardedTensor):  # an operand given back (in place, a cast to its own type)
+            return out
         return _wrap_outputs(out, x.spec, x.dim(), [])
-    if _sharded_alike(op, tensors):  # a residual sum, a gate: operands split alike, nothing to align
-        out = op.run(*op.args, **op.kwargs)
-        inplace = _inplace(op)
-        return inplace if inplace is not None else _wrap_outputs(out, tensors[0].spec, tensors[0].dim(), [])
     ndim = max(t.dim() for t in tensors)
+    lone = _lone_sharded(op, tensors, ndim)
+    if lone is not None:
+        return lone
     op = one_dim_per_group(op, ndim)
     tensors = op.tensors()
     dims = output_dims(op, ndim)
@@ -126,6 +127,33 @@ def broadcast_rule(op: Op):
     return _wrap_outputs(out, spec, ndim, [t for t in tensors if not isinstance(t, ShardedTensor)])
 
 
+def _lone_sharded(op: Op, tensors: list[Tensor], ndim: int):
+    """The op where one operand is sharded, with the most dims, and the others plain (a rotary
+    embedding's product with its whole-length tables, a bias): they are sliced to its positions
+    (``localise``), and the result takes its spec. None where the case does not apply (the general
+    path decides)."""
+    x = None
+    for t in tensors:
+        if isinstance(t, ShardedTensor):
+            if x is not None:
+                return None
+            x = t
+    if x is None or x.dim() != ndim:
+        return None
+    inplace = _inplace(op)
+    if inplace is not None and inplace is not x:
+        return None
+    dims = x.spec.sharded
+    args = map_leaves(lambda t: localise(op, t, dims, ndim), op.args)
+    kwargs = map_leaves(lambda t: localise(op, t, dims, ndim), op.kwargs)
+    out = op.run(*args, **kwargs)
+    if inplace is not None:
+        return x
+    if type(out) is Tensor and out.dim() == ndim and not any(out is t for t in tensors):
+        return ShardedTensor.wrap(out, x.spec)
+    return _wrap_outputs(out, x.spec, ndim, [t for t in tensors if t is not x])
+
+
 def _sharded_alike(op: Op, tensors: list[Tensor]) -> bool:
     """Whether every tensor operand is a top-level argument, sharded, of one rank and split alike (the
     same dims, groups and sizes): the op then runs on the pieces as they are."""
@@ -135,8 +163,9 @@ def _sharded_alike(op: Op, tensors: list[Tensor]) -> bool:
     if not all(isinstance(t, ShardedTensor) and t.dim() == first.dim() for t in tensors):
         return False
     dims = first.spec.dims
-    return all(len(t.spec.dims) == len(dims) and all(d == e and s.same(r) for (d, s), (e, r) in zip(t.spec.dims, dims))
-               for t in tensors[1:])
+    return all(t.spec.dims == dims or (  # the same shards (the usual case), or shards split alike
+        len(t.spec.dims) == len(dims) and all(d == e and s.same(r) for (d, s), (e, r) in zip(t.spec.dims, dims)))
+        for t in tensors[1:])
 
 
 def _wrap_outputs(out, spec, ndim: int, plain: list[Tensor]):
@@ -299,6 +328,9 @@ def _to(op: Op):
 def _cast_like(op: Op):
     """The op on local tensors; the result keeps the first argument's positions and spec (the other
     tensor gives only its dtype and device, whatever its shape or sharding)."""
-    x = op.args[0]  # as it is (torch functions are off in a rule): no alias node in the backward graph
-    out = op.run(x, *map_leaves(as_local, op.args[1:]), **map_leaves(as_local, op.kwargs))
-    return ShardedTensor.wrap(out, x.spec) if isinstance(x, ShardedTensor) else out
+    x = op.args[0]
+    # every argument as it is (torch functions are off in a rule): no alias node in the backward graph
+    out = op.run(*op.args, **op.kwargs)
+    if out is x or not isinstance(x, ShardedTensor):  # already of that type: torch gives x back
+        return out
+    return ShardedTensor.wrap(out, x.spec)

@@ -11,6 +11,7 @@ repeats each rank's positions in place.
 """
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
@@ -29,7 +30,7 @@ from nonlocal_dist.sharded.rules.common import (
     whole_along,
 )
 from nonlocal_dist.sharded.spec import Merged, Shard
-from nonlocal_dist.sharded.tensor import Op, ShardedTensor, rule, user_frame
+from nonlocal_dist.sharded.tensor import Op, ShardedTensor, as_local, rule, user_frame
 
 
 def _self(op: Op) -> ShardedTensor:
@@ -74,7 +75,14 @@ def _resolve(shape, numel: int) -> list[int]:
     return shape
 
 
-def _blocks(src: list[int], dst: list[int]) -> list[tuple[list[int], list[int]]]:
+def _blocks(src: list[int], dst: list[int]) -> tuple[tuple[tuple[int, ...], tuple[int, ...]], ...]:
+    """``_aligned_blocks`` of the two shapes (worked out once per pair of shapes: a network reshapes
+    alike at every layer and step)."""
+    return _aligned_blocks(tuple(src), tuple(dst))
+
+
+@functools.lru_cache(maxsize=4096)
+def _aligned_blocks(src: tuple[int, ...], dst: tuple[int, ...]) -> tuple[tuple[tuple[int, ...], tuple[int, ...]], ...]:
     """Split two shapes of equal numel (no zeros) into aligned blocks (src dims, dst dims) of equal products.
 
     A length-1 dim facing a longer one joins the block before it where that block is all length 1:
@@ -104,7 +112,7 @@ def _blocks(src: list[int], dst: list[int]) -> list[tuple[list[int], list[int]]]
                 b.append(j)
                 pb, j = pb * dst[j], j + 1
         blocks.append((a, b))
-    return blocks
+    return tuple((tuple(a), tuple(b)) for a, b in blocks)
 
 
 def reshape_spec(op: Op, src: list[int], dst: list[int], sharded: dict[int, Shard],
@@ -251,6 +259,23 @@ def _narrow_inner(out: Tensor, dims: dict[int, Shard], pending: list) -> Tensor:
     return out
 
 
+@functools.lru_cache(maxsize=4096)
+def _kept_dims(src: tuple[int, ...], dst: tuple[int, ...], sharded: tuple[int, ...]) -> tuple[tuple[int, int], ...] | None:
+    """``(src dim, dst dim)`` for each sharded dim where the reshape keeps every one of them a dim of
+    its own, of the same length (a heads ``unflatten`` of the channels, a ``flatten`` of trailing
+    dims: nothing moves, each rank reshapes its piece); None where one takes part in a merge or split."""
+    kept = []
+    for a, b in _blocks(list(src), list(dst)):
+        inside = [d for d in a if d in sharded]
+        if not inside:
+            continue
+        longer = [k for k in b if dst[k] != 1]
+        if len(inside) > 1 or [src[k] for k in a if k != inside[0]] != [1] * (len(a) - 1) or len(longer) != 1:
+            return None
+        kept.append((inside[0], longer[0]))
+    return tuple(kept)
+
+
 def _reshape_to(op: Op, target) -> ShardedTensor:
     x = _self(op)
     src = list(global_shape(x))
@@ -258,6 +283,15 @@ def _reshape_to(op: Op, target) -> ShardedTensor:
     if math.prod(dst) != math.prod(src):
         raise op.refuse(f"shape {tuple(dst)} is invalid for a tensor of global shape {tuple(src)}")
     method = getattr(op.func, "__name__", "reshape")
+    shards = x.spec.dims
+    kept = None if 0 in src or any(s.merged for _, s in shards) else _kept_dims(
+        tuple(src), tuple(dst), tuple(d for d, _ in shards))
+    if kept is not None:  # the common case, decided once per shapes: every rank reshapes its piece
+        dims = dict(shards)
+        dims = {k: dims[d] for d, k in kept}
+        local_target = [dims[k].local if k in dims else s for k, s in enumerate(dst)]
+        out = x.view(local_target) if method == "view" else x.reshape(local_target)
+        return _wrap(op, out, dims)
     merges, pending = [], []
     if method != "view":
         x, pending = _unmerge(op, x, src, dst)
@@ -265,13 +299,13 @@ def _reshape_to(op: Op, target) -> ShardedTensor:
     resharded: dict[int, tuple[int, ...]] = {}
     dims = reshape_spec(op, src, dst, x.spec.sharded, None if method == "view" else resharded)
     local_target = [dims[k].local if k in dims else s for k, s in enumerate(dst)]
-    base = x.as_subclass(Tensor)
+    base = x  # torch functions are off in a rule: view/reshape give a plain tensor (no alias node)
     for d, sizes in resharded.items():  # boundaries moved onto the reshape's grid (a view cannot copy)
         shard = x.spec.sharded[d]
         moved = reshard_bytes(base, d, shard.sizes, sizes)
         log_once(user_frame(), f"{op.name} splits sharded dim {d} into factors off the shard boundaries "
                                f"{list(shard.sizes)}: resharded to {list(sizes)}, about {moved} bytes moved per call")
-        base = reshard(base, d, shard.sizes, sizes, shard.group, shard.rank)
+        base = reshard(as_local(base), d, shard.sizes, sizes, shard.group, shard.rank)
     out = base.view(local_target) if method == "view" else base.reshape(local_target)
     out = _narrow_inner(_split_over_span(out, dims, merges), dims, pending)
     return _wrap(op, out, dims)
@@ -326,8 +360,9 @@ def _unflatten(op: Op):
 def _permuted(op: Op, order: list[int]) -> ShardedTensor:
     x = _self(op)
     order = [d % x.dim() for d in order]
-    dims = {new: x.spec.sharded[old] for new, old in enumerate(order) if old in x.spec.sharded}
-    return _wrap(op, x.as_subclass(Tensor).permute(order), dims)
+    sharded = x.spec.sharded
+    dims = {new: sharded[old] for new, old in enumerate(order) if old in sharded}
+    return _wrap(op, x.permute(order), dims)
 
 
 @rule(Tensor.permute, torch.permute)

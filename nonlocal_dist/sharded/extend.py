@@ -45,7 +45,7 @@ def register_rule(func, fn: Callable[[Op], object]) -> None:
 def _positionwise_rule(op: Op):
     """Run on the local tensors; every tensor output sharded like the first sharded operand."""
     first = op.sharded()[0]
-    mismatched = [t for t in op.sharded() if t.spec != first.spec]
+    mismatched = [t for t in op.sharded() if not first.spec.split_alike(t.spec)]
     if mismatched:
         raise op.refuse("a position-wise op whose operands are sharded differently",
                         fix="compute them from the same sharded input")

@@ -26,8 +26,9 @@ class Shard:
     sizes: tuple[int, ...]
     rank: int = field(compare=False)
     # Positions a pad or a ``cat`` put in front of the first rank's part (a causal pad's k-1 frames):
-    # the next sliding window anchors its outputs by it, so the shard boundaries do not drift. Any
-    # other op's result has none (``with_sizes``).
+    # the next sliding window anchors its outputs by it, so the shard boundaries do not drift. Ops
+    # that keep every position where it is (element-wise ops, a permute) keep it; a result whose
+    # shards are made anew (``with_sizes``: a reshape, a window) has none.
     lead: int = field(default=0, compare=False)
     # Positions ``F.pad`` put after the last rank's part (a right pad before a strided 'valid'
     # convolution): the window's anchor moves back by them, as for a layer padding itself. (Not a
@@ -141,6 +142,13 @@ class ShardSpec:
         for d, shard in self.dims:
             shape[d] = shard.local
         return tuple(shape)
+
+    def split_alike(self, other: ShardSpec) -> bool:
+        """Whether ``other`` describes a tensor of as many dims split alike: the same dims, each over
+        the same group with the same sizes (``Shard.same``)."""
+        if other.ndim != self.ndim or len(other.dims) != len(self.dims):
+            return False
+        return other.dims == self.dims or all(d == e and s.same(r) for (d, s), (e, r) in zip(self.dims, other.dims))
 
     def remap(self, ndim: int, dims: dict[int, Shard]) -> ShardSpec:
         """A spec on the same mesh for a tensor of ``ndim`` dims sharded as ``dims`` (this one where

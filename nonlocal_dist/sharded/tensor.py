@@ -147,7 +147,8 @@ class Op:
         if self._found is None:
             self._found = []
             _collect_tensors(self.args, self._found)
-            _collect_tensors(self.kwargs.values(), self._found)
+            if self.kwargs:
+                _collect_tensors(self.kwargs.values(), self._found)
         return self._found
 
     def tensors(self) -> list[Tensor]:

@@ -106,3 +106,46 @@ def test_custom_functions_refused_until_declared_then_exact():
         assert outcomes["scale error"] < 1e-12, outcomes
         assert "rolls along t" in outcomes["registered"] and "a halo rule" in outcomes["registered"]
     assert len({r["swish"] for r in results}) == 1  # the same refusal on every rank
+
+
+class Gate(torch.autograd.Function):
+    """x * sigmoid(y): position-wise in two operands."""
+
+    @staticmethod
+    def forward(ctx, x, y):
+        ctx.save_for_backward(x, y)
+        return x * torch.sigmoid(y)
+
+    @staticmethod
+    def backward(ctx, grad):
+        x, y = ctx.saved_tensors
+        s = torch.sigmoid(y)
+        return grad * s, grad * x * s * (1 - s)
+
+
+def _two_operand_worker(rank, world):
+    from nonlocal_dist.sharded import distribute, full_tensor
+
+    g = torch.Generator().manual_seed(2)
+    x, y = (torch.randn(1, 2, 7, 3, dtype=torch.float64, generator=g) for _ in range(2))
+    want = Gate.apply(x, y)
+    positionwise(Gate)
+    outcomes = {}
+    # two operands sharded alike by separate calls (distinct spec objects, the same split): exact
+    xs, ys = (distribute(t, dist.group.WORLD, "b c t w", "t") for t in (x, y))
+    outcomes["alike"] = (full_tensor(Gate.apply(xs, ys)) - want).abs().max().item()
+    # split differently: refused on every rank
+    ys = distribute(y, dist.group.WORLD, "b c t w", "t", sizes=[[1] * (world - 1) + [7 - (world - 1)]])
+    try:
+        Gate.apply(xs, ys)
+    except ShardingRefusal as exc:
+        outcomes["differently"] = str(exc)
+    return outcomes
+
+
+def test_a_positionwise_op_runs_operands_split_alike_and_refuses_others():
+    results = run_ranks(_two_operand_worker, 3, timeout=120)
+    for outcomes in results:
+        assert outcomes["alike"] < 1e-15, outcomes
+        assert "sharded differently" in outcomes["differently"], outcomes
+    assert len({r["differently"] for r in results}) == 1

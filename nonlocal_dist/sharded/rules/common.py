@@ -148,7 +148,8 @@ def one_dim_per_group(op: Op, ndim: int) -> Op:
 
 
 def localise(op: Op, t, dims: dict[int, Shard], ndim: int):
-    """Operand ``t`` as this rank needs it: sharded dims kept; global-length dims sliced; length 1 kept."""
+    """Operand ``t`` as this rank needs it: sharded dims kept; global-length dims sliced; length 1 kept.
+    A sharded operand needing nothing is returned itself (a rule runs torch ops on it as it is)."""
     if not isinstance(t, Tensor):
         return t
     own = t.spec.sharded if isinstance(t, ShardedTensor) else {}

@@ -458,5 +458,5 @@ def _setitem(op: Op):
     view_ndim = position
     value = gather_unaligned(op, value, view_dims, view_ndim)  # the value's shards the target's do not line up with
     local_value = localise(op, value, view_dims, view_ndim) if isinstance(value, Tensor) else value
-    x.as_subclass(Tensor)[tuple(parts)] = local_value
+    x[tuple(parts)] = local_value  # on x itself: torch functions are off in a rule
 

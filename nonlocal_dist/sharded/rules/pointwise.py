@@ -162,10 +162,7 @@ def _sharded_alike(op: Op, tensors: list[Tensor]) -> bool:
         return False
     if not all(isinstance(t, ShardedTensor) and t.dim() == first.dim() for t in tensors):
         return False
-    dims = first.spec.dims
-    return all(t.spec.dims == dims or (  # the same shards (the usual case), or shards split alike
-        len(t.spec.dims) == len(dims) and all(d == e and s.same(r) for (d, s), (e, r) in zip(t.spec.dims, dims)))
-        for t in tensors[1:])
+    return all(first.spec.split_alike(t.spec) for t in tensors[1:])
 
 
 def _wrap_outputs(out, spec, ndim: int, plain: list[Tensor]):
@@ -326,11 +323,11 @@ def _to(op: Op):
 
 
 def _cast_like(op: Op):
-    """The op on local tensors; the result keeps the first argument's positions and spec (the other
-    tensor gives only its dtype and device, whatever its shape or sharding)."""
+    """The op on the shards as they are (torch functions are off in a rule: no alias node in the
+    backward graph); the result keeps the first argument's positions and spec (the other tensor gives
+    only its dtype and device, whatever its shape or sharding)."""
     x = op.args[0]
-    # every argument as it is (torch functions are off in a rule): no alias node in the backward graph
     out = op.run(*op.args, **op.kwargs)
-    if out is x or not isinstance(x, ShardedTensor):  # already of that type: torch gives x back
+    if out is x or not isinstance(x, ShardedTensor):  # x already of that type (torch gives it back), or plain
         return out
     return ShardedTensor.wrap(out, x.spec)

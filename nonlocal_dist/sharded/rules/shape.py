@@ -288,7 +288,7 @@ def _reshape_to(op: Op, target) -> ShardedTensor:
         tuple(src), tuple(dst), tuple(d for d, _ in shards))
     if kept is not None:  # the common case, decided once per shapes: every rank reshapes its piece
         dims = dict(shards)
-        dims = {k: dims[d] for d, k in kept}
+        dims = {k: dims[d].with_sizes(dims[d].sizes) for d, k in kept}  # a pad's lead/trail not carried, as below
         local_target = [dims[k].local if k in dims else s for k, s in enumerate(dst)]
         out = x.view(local_target) if method == "view" else x.reshape(local_target)
         return _wrap(op, out, dims)

@@ -158,11 +158,18 @@ def _sharded_alike(op: Op, tensors: list[Tensor]) -> bool:
     """Whether every tensor operand is a top-level argument, sharded, of one rank and split alike (the
     same dims, groups and sizes): the op then runs on the pieces as they are."""
     first = tensors[0]
-    if sum(isinstance(a, Tensor) for a in (*op.args, *op.kwargs.values())) != len(tensors):
+    if not isinstance(first, ShardedTensor):
         return False
-    if not all(isinstance(t, ShardedTensor) and t.dim() == first.dim() for t in tensors):
-        return False
-    return all(first.spec.split_alike(t.spec) for t in tensors[1:])
+    spec, ndim = first.spec, first.dim()
+    for t in tensors[1:]:  # loops, not generators: this runs for every residual sum
+        if not isinstance(t, ShardedTensor) or t.dim() != ndim or not spec.split_alike(t.spec):
+            return False
+    top = 0
+    for a in op.args:
+        top += isinstance(a, Tensor)
+    for a in op.kwargs.values():
+        top += isinstance(a, Tensor)
+    return top == len(tensors)
 
 
 def _wrap_outputs(out, spec, ndim: int, plain: list[Tensor]):

@@ -18,7 +18,7 @@ configs, random weights, float32, text (1, 16, 64), one forward and backward of 
 Columns: the output's max abs error against one process, the best wall time of the step over
 ``--repeats`` (the slowest rank; the median of the rounds), torch's CPU allocator peak during one
 step per rank (``bench_utils.peak_memory_mb``; the least of the rounds), the peak of the bytes
-held by the step's tensors, counted op by op (``bench_utils.peak_tensor_mb``: deterministic, blind to
+held by the step's tensors, counted op by op (``bench_utils.peak_tensor_mb``: steadier than the allocator's, blind to
 kernels' internal workspaces), and the ratios to diffusers' Ulysses.
 
     python scripts/bench_dit.py [--model wan|ltx] [--forward] [--world 2] [--frames 8] [--size 16] [--repeats 5]

@@ -9,8 +9,9 @@ embedding's products with whole-length plain tensors (sliced to the shard by the
 (self-attention, and cross-attention to plain text keys).
 
 Columns: the best time per call of a loop of ``--calls`` calls (the median of ``--rounds`` rounds,
-each timing the plain op and ours in turn), the runtime's overhead per call (ours - plain) and the
-ratio. The model rows time one forward (under no_grad) and one forward+backward.
+each timing the plain op and ours in turn, which goes first alternating), the runtime's overhead
+per call (ours - plain) and the ratio. The model rows time one forward (under no_grad) and one
+forward+backward.
 
     python scripts/bench_overhead.py [--tokens 512] [--calls 200] [--rounds 7] [--repeats 5]
 """
@@ -98,12 +99,17 @@ def _ops(rank, world, args, group) -> list[list]:
             return run
 
         times = {"plain": [], "ours": []}
-        for _ in range(args.rounds):
-            for key, values in (("plain", plain), ("ours", ours)):
+        for turn in range(args.rounds):
+            for key, values in _in_turn(turn, (("plain", plain), ("ours", ours))):
                 times[key].append(best_time(loop(values), args.repeats) / args.calls * 1e6)
         a, b = statistics.median(times["plain"]), statistics.median(times["ours"])
         rows.append([name, a, b, b - a, b / a])
     return rows
+
+
+def _in_turn(turn: int, pairs):
+    """The two runs, plain first in even rounds and ours first in odd ones (neither always warm)."""
+    return pairs if turn % 2 == 0 else pairs[::-1]
 
 
 def _model_rows(rank, world, args, group) -> list[list]:
@@ -120,8 +126,8 @@ def _model_rows(rank, world, args, group) -> list[list]:
         runs = {k: dit._step(m, dit._forward(margs), x, t, text, w, backward=backward)
                 for k, m in (("plain", plain), ("ours", ours))}
         times = {"plain": [], "ours": []}
-        for _ in range(args.rounds):
-            for key, run in runs.items():
+        for turn in range(args.rounds):
+            for key, run in _in_turn(turn, list(runs.items())):
                 times[key].append(best_time(run, args.repeats) * 1e6)
         a, b = statistics.median(times["plain"]), statistics.median(times["ours"])
         rows.append([f"{label}, {margs.frames * margs.size ** 2 // 4} tokens", a, b, b - a, b / a])
@@ -137,10 +143,11 @@ def main(argv=None) -> None:
     args = parse_args(argv)
     torch.set_num_threads(1)
     ops, models = spawn_ranks(_ranks, 1, args)[0]
-    header = ["op (group of one)", "plain (µs)", "ours (µs)", "overhead (µs)", "ours / plain"]
-    print_table(f"Per-op cost of the sharded runtime, N = {args.tokens}, float32, 1 thread", header, ops)
+    columns = ["plain (µs)", "ours (µs)", "overhead (µs)", "ours / plain"]
+    print_table(f"Per-op cost of the sharded runtime, N = {args.tokens}, float32, 1 thread",
+                ["op (group of one)", *columns], ops)
     if models:
-        print_table("A diffusers Wan transformer parallelized on a group of one", header, models)
+        print_table("A diffusers Wan transformer parallelized on a group of one", ["run", *columns], models)
 
 
 if __name__ == "__main__":

@@ -98,18 +98,21 @@ def _ops(rank, world, args, group) -> list[list]:
                     fn(*values)
             return run
 
-        times = {"plain": [], "ours": []}
-        for turn in range(args.rounds):
-            for key, values in _in_turn(turn, (("plain", plain), ("ours", ours))):
-                times[key].append(best_time(loop(values), args.repeats) / args.calls * 1e6)
-        a, b = statistics.median(times["plain"]), statistics.median(times["ours"])
-        rows.append([name, a, b, b - a, b / a])
+        rows.append(_row(name, loop(plain), loop(ours), args, args.calls))
     return rows
 
 
-def _in_turn(turn: int, pairs):
-    """The two runs, plain first in even rounds and ours first in odd ones (neither always warm)."""
-    return pairs if turn % 2 == 0 else pairs[::-1]
+def _row(label: str, plain, ours, args, calls: int = 1) -> list:
+    """``[label, plain µs, ours µs, overhead µs, ratio]``: the median over ``args.rounds`` rounds of
+    the best of ``args.repeats`` runs of each (one run: ``calls`` calls), plain first in even rounds
+    and ours first in odd ones (neither always warm)."""
+    times = {"plain": [], "ours": []}
+    for turn in range(args.rounds):
+        pairs = (("plain", plain), ("ours", ours))
+        for key, run in pairs if turn % 2 == 0 else pairs[::-1]:
+            times[key].append(best_time(run, args.repeats) / calls * 1e6)
+    a, b = statistics.median(times["plain"]), statistics.median(times["ours"])
+    return [label, a, b, b - a, b / a]
 
 
 def _model_rows(rank, world, args, group) -> list[list]:
@@ -123,14 +126,8 @@ def _model_rows(rank, world, args, group) -> list[list]:
     x, t, text, w = dit._inputs(margs)
     rows = []
     for label, backward in (("Wan forward (no_grad)", False), ("Wan forward+backward", True)):
-        runs = {k: dit._step(m, dit._forward(margs), x, t, text, w, backward=backward)
-                for k, m in (("plain", plain), ("ours", ours))}
-        times = {"plain": [], "ours": []}
-        for turn in range(args.rounds):
-            for key, run in _in_turn(turn, list(runs.items())):
-                times[key].append(best_time(run, args.repeats) * 1e6)
-        a, b = statistics.median(times["plain"]), statistics.median(times["ours"])
-        rows.append([f"{label}, {margs.frames * margs.size ** 2 // 4} tokens", a, b, b - a, b / a])
+        runs = [dit._step(m, dit._forward(margs), x, t, text, w, backward=backward) for m in (plain, ours)]
+        rows.append(_row(f"{label}, {margs.frames * margs.size ** 2 // 4} tokens", *runs, args))
     return rows
 
 

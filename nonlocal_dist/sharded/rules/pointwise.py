@@ -99,26 +99,25 @@ def broadcast_rule(op: Op):
         # relu, a cast, x * 2.0 (no broadcasting); a residual sum, a gate (operands split alike)
         x = tensors[0]
         out = op.run(*op.args, **op.kwargs)
-        if type(out) is Tensor and out.dim() == x.dim():  # the usual result: positions as x's
-            return ShardedTensor.wrap(out, x.spec)
         if isinstance(out, ShardedTensor):  # an operand given back (in place, a cast to its own type)
             return out
         return _wrap_outputs(out, x.spec, x.dim(), [])
     ndim = max(t.dim() for t in tensors)
-    lone = _lone_sharded(op, tensors, ndim)
-    if lone is not None:
-        return lone
-    op = one_dim_per_group(op, ndim)
-    tensors = op.tensors()
-    dims = output_dims(op, ndim)
-    first = op.sharded()[0]
-    inplace = _inplace(op)
-    if inplace is not None and not isinstance(inplace, ShardedTensor) and dims:
-        raise op.refuse("an in-place op would write sharded values into a plain tensor",
-                        fix="use the out-of-place op")
-    spec = first.spec.remap(ndim, dims)
-    if isinstance(inplace, ShardedTensor) and dict(inplace.spec.dims) != {d - ndim + inplace.dim(): s for d, s in dims.items()}:
-        raise op.refuse("an in-place op would change which positions its target holds", fix="use the out-of-place op")
+    x, inplace = _lone_sharded(tensors, ndim), _inplace(op)
+    if x is not None and (inplace is None or inplace is x):
+        # one sharded operand, the others plain (a rotary table, a bias): its dims are the result's
+        dims, spec = x.spec.sharded, x.spec
+    else:
+        op = one_dim_per_group(op, ndim)
+        tensors = op.tensors()
+        dims = output_dims(op, ndim)
+        inplace = _inplace(op)
+        if inplace is not None and not isinstance(inplace, ShardedTensor) and dims:
+            raise op.refuse("an in-place op would write sharded values into a plain tensor",
+                            fix="use the out-of-place op")
+        spec = op.sharded()[0].spec.remap(ndim, dims)
+        if isinstance(inplace, ShardedTensor) and dict(inplace.spec.dims) != {d - ndim + inplace.dim(): s for d, s in dims.items()}:
+            raise op.refuse("an in-place op would change which positions its target holds", fix="use the out-of-place op")
     args = map_leaves(lambda t: localise(op, t, dims, ndim), op.args)
     kwargs = map_leaves(lambda t: localise(op, t, dims, ndim), op.kwargs)
     out = op.run(*args, **kwargs)
@@ -127,31 +126,16 @@ def broadcast_rule(op: Op):
     return _wrap_outputs(out, spec, ndim, [t for t in tensors if not isinstance(t, ShardedTensor)])
 
 
-def _lone_sharded(op: Op, tensors: list[Tensor], ndim: int):
-    """The op where one operand is sharded, with the most dims, and the others plain (a rotary
-    embedding's product with its whole-length tables, a bias): they are sliced to its positions
-    (``localise``), and the result takes its spec. None where the case does not apply (the general
-    path decides)."""
+def _lone_sharded(tensors: list[Tensor], ndim: int) -> ShardedTensor | None:
+    """The one sharded operand where it has the most dims (``ndim``) and every other is plain: the
+    result is split as it is, with no planning (``one_dim_per_group``, ``output_dims``); else None."""
     x = None
     for t in tensors:
         if isinstance(t, ShardedTensor):
             if x is not None:
                 return None
             x = t
-    if x is None or x.dim() != ndim:
-        return None
-    inplace = _inplace(op)
-    if inplace is not None and inplace is not x:
-        return None
-    dims = x.spec.sharded
-    args = map_leaves(lambda t: localise(op, t, dims, ndim), op.args)
-    kwargs = map_leaves(lambda t: localise(op, t, dims, ndim), op.kwargs)
-    out = op.run(*args, **kwargs)
-    if inplace is not None:
-        return x
-    if type(out) is Tensor and out.dim() == ndim and not any(out is t for t in tensors):
-        return ShardedTensor.wrap(out, x.spec)
-    return _wrap_outputs(out, x.spec, ndim, [t for t in tensors if t is not x])
+    return x if x is not None and x.dim() == ndim else None
 
 
 def _sharded_alike(op: Op, tensors: list[Tensor]) -> bool:
@@ -175,6 +159,9 @@ def _sharded_alike(op: Op, tensors: list[Tensor]) -> bool:
 def _wrap_outputs(out, spec, ndim: int, plain: list[Tensor]):
     """Every tensor output (but a plain operand returned as it is) sharded by ``spec`` (of ``ndim`` dims),
     its dims right-aligned to the output's."""
+    if type(out) is Tensor and out.dim() == ndim and not any(out is p for p in plain):  # the usual result
+        return ShardedTensor.wrap(out, spec)
+
     def wrap(t):
         if not isinstance(t, Tensor) or any(t is p for p in plain):
             return t

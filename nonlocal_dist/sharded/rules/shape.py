@@ -265,7 +265,7 @@ def _kept_dims(src: tuple[int, ...], dst: tuple[int, ...], sharded: tuple[int, .
     its own, of the same length (a heads ``unflatten`` of the channels, a ``flatten`` of trailing
     dims: nothing moves, each rank reshapes its piece); None where one takes part in a merge or split."""
     kept = []
-    for a, b in _blocks(list(src), list(dst)):
+    for a, b in _aligned_blocks(src, dst):
         inside = [d for d in a if d in sharded]
         if not inside:
             continue
@@ -286,18 +286,15 @@ def _reshape_to(op: Op, target) -> ShardedTensor:
     shards = x.spec.dims
     kept = None if 0 in src or any(s.merged for _, s in shards) else _kept_dims(
         tuple(src), tuple(dst), tuple(d for d, _ in shards))
+    merges, pending, resharded = [], [], {}
     if kept is not None:  # the common case, decided once per shapes: every rank reshapes its piece
-        dims = dict(shards)
-        dims = {k: dims[d].with_sizes(dims[d].sizes) for d, k in kept}  # a pad's lead/trail not carried, as below
-        local_target = [dims[k].local if k in dims else s for k, s in enumerate(dst)]
-        out = x.view(local_target) if method == "view" else x.reshape(local_target)
-        return _wrap(op, out, dims)
-    merges, pending = [], []
-    if method != "view":
-        x, pending = _unmerge(op, x, src, dst)
-        x, merges = _outermost_sharded(op, x, src, dst)
-    resharded: dict[int, tuple[int, ...]] = {}
-    dims = reshape_spec(op, src, dst, x.spec.sharded, None if method == "view" else resharded)
+        own = dict(shards)
+        dims = {k: own[d].with_sizes(own[d].sizes) for d, k in kept}  # a pad's lead/trail not carried, as reshape_spec
+    else:
+        if method != "view":
+            x, pending = _unmerge(op, x, src, dst)
+            x, merges = _outermost_sharded(op, x, src, dst)
+        dims = reshape_spec(op, src, dst, x.spec.sharded, None if method == "view" else resharded)
     local_target = [dims[k].local if k in dims else s for k, s in enumerate(dst)]
     base = x  # torch functions are off in a rule: view/reshape give a plain tensor (no alias node)
     for d, sizes in resharded.items():  # boundaries moved onto the reshape's grid (a view cannot copy)

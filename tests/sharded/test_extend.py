@@ -127,13 +127,23 @@ def _two_operand_worker(rank, world):
     from nonlocal_dist.sharded import distribute, full_tensor
 
     g = torch.Generator().manual_seed(2)
-    x, y = (torch.randn(1, 2, 7, 3, dtype=torch.float64, generator=g) for _ in range(2))
-    want = Gate.apply(x, y)
+    x, y, w = (torch.randn(1, 2, 7, 3, dtype=torch.float64, generator=g) for _ in range(3))
+    xr, yr = x.clone().requires_grad_(True), y.clone().requires_grad_(True)
+    want = Gate.apply(xr, yr)
+    (want * w).sum().backward()
     positionwise(Gate)
     outcomes = {}
-    # two operands sharded alike by separate calls (distinct spec objects, the same split): exact
-    xs, ys = (distribute(t, dist.group.WORLD, "b c t w", "t") for t in (x, y))
-    outcomes["alike"] = (full_tensor(Gate.apply(xs, ys)) - want).abs().max().item()
+    # two operands sharded alike by separate calls (distinct spec objects, the same split): exact,
+    # input gradients too (each rank's part, summed over ranks, under the loss convention)
+    xg, yg = x.clone().requires_grad_(True), y.clone().requires_grad_(True)
+    xs, ys = (distribute(t, dist.group.WORLD, "b c t w", "t") for t in (xg, yg))
+    got = full_tensor(Gate.apply(xs, ys))
+    ((got * w).sum() / world).backward()
+    grads = [t.grad.clone() for t in (xg, yg)]
+    for grad in grads:
+        dist.all_reduce(grad)
+    outcomes["alike"] = max((got - want).abs().max().item(),
+                            *((a - b).abs().max().item() for a, b in zip(grads, (xr.grad, yr.grad))))
     # split differently: refused on every rank
     ys = distribute(y, dist.group.WORLD, "b c t w", "t", sizes=[[1] * (world - 1) + [7 - (world - 1)]])
     try:

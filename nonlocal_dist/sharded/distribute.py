@@ -124,7 +124,9 @@ def _state_digests(model: nn.Module) -> dict[str, int]:
 def _module_settings(model: nn.Module) -> tuple:
     """Each module's training flag and, where it has them, the settings its sharded computation relies
     on (a ``NonLocalBlock``'s mode, scale, backend and strategy: its ``agreed_settings()``)."""
-    return tuple((m.training, m.agreed_settings()) if hasattr(m, "agreed_settings") else m.training
+    # The method looked up on the class: ``hasattr`` on a module without it goes through
+    # ``nn.Module.__getattr__`` and an ``AttributeError`` (most of this walk's time, at every call).
+    return tuple((m.training, m.agreed_settings()) if hasattr(type(m), "agreed_settings") else m.training
                  for m in model.modules())
 
 

@@ -415,15 +415,19 @@ def test_head_dropout_draws_one_mask_on_every_rank():
     assert not torch.equal(first[0], first[1]) and not torch.allclose(first[0], plain)
 
 
-def _eval_on_one_rank_worker(rank, world):
-    """A non-local block put in eval mode on one rank alone is refused on every rank (the block agrees on it)."""
+def _eval_on_one_rank_worker(rank, world, change):
+    """A non-local block put in eval mode, or given another setting, on one rank alone is refused on
+    every rank (the agreement compares each module's training flag and each block's settings)."""
     torch.manual_seed(0)
     model = nn.Sequential(nn.Conv3d(2, 8, (3, 1, 1), padding=(1, 0, 0)), NonLocalBlock(8, layout="b c t h w"))
     sharded = parallelize(model, dist.group.WORLD, "t", output="local")
     x = torch.randn(1, 2, 8, 3, 3, generator=torch.Generator().manual_seed(1))
     sharded(x)
     if rank == 1:
-        sharded[1].eval()
+        if change == "eval":
+            sharded[1].eval()
+        else:
+            sharded[1].scale = 0.5
     try:
         sharded(x)
     except ValueError as exc:
@@ -431,9 +435,10 @@ def _eval_on_one_rank_worker(rank, world):
     return None
 
 
-def test_block_in_eval_mode_on_one_rank_is_refused_on_every_rank():
-    for message in run_ranks(_eval_on_one_rank_worker, 2, timeout=60):
-        assert message is not None and "training" in message, message
+@pytest.mark.parametrize("change", ["eval", "scale"])
+def test_block_in_eval_mode_on_one_rank_is_refused_on_every_rank(change):
+    for message in run_ranks(_eval_on_one_rank_worker, 2, change, timeout=60):
+        assert message is not None and "training modes and block settings" in message, message
 
 
 def _one_rank_worker(rank, world, device):

@@ -10,6 +10,7 @@ import time
 from pathlib import Path
 from typing import Callable
 
+import torch
 import torch.distributed as dist
 from torch.profiler import ProfilerActivity, profile
 
@@ -49,12 +50,20 @@ def peak_memory_mb(fn: Callable[[], object]) -> float:
     gc.collect()
     with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
         fn()
-    events, nodes = [], list(prof.profiler.kineto_results.experimental_event_tree())
+    tree = getattr(getattr(prof.profiler, "kineto_results", None), "experimental_event_tree", None)
+    if tree is None:
+        raise RuntimeError(f"peak_memory_mb reads the profiler's event tree (kineto_results.experimental_event_tree), "
+                           f"which torch {torch.__version__} does not have; use peak_tensor_mb, or torch 2.8-2.14")
+    events, nodes = [], list(tree())
     while nodes:
         node = nodes.pop()
         if type(node.extra_fields).__name__ == "_ExtraFields_Allocation":
             events.append((node.start_time_ns, node.extra_fields.ptr, node.extra_fields.alloc_size))
         nodes.extend(node.children)
+    if not events and any(e.cpu_memory_usage for e in prof.events()):  # the public record saw memory move
+        raise RuntimeError(f"peak_memory_mb found no allocation in the profiler's event tree on torch "
+                           f"{torch.__version__}, which its public events show: the private tree's layout changed "
+                           "(its _ExtraFields_Allocation nodes); use peak_tensor_mb")
     events.sort(key=lambda e: (e[0], e[2] > 0))  # a free before an allocation of the same instant
     live: dict[int, int] = {}
     total = peak = 0

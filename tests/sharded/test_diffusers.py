@@ -442,6 +442,17 @@ def _more(name: str, g):
             num_attention_heads=2, attention_head_dim=16, in_channels=4, out_channels=4, patch_size=2, sample_width=8,
             sample_height=8, num_layers=2, mmdit_layers=1, time_embed_dim=8, text_embed_dim=12)
         call = lambda m, v: m(v, t, encoder_hidden_states=text, return_dict=False)[0]  # noqa: E731
+    elif name == "motif":  # single blocks: text joined to the video, normalised, sliced back out as keys
+        model = diffusers.MotifVideoTransformer3DModel(
+            in_channels=4, out_channels=4, num_attention_heads=2, attention_head_dim=8, num_layers=1,
+            num_single_layers=2, mlp_ratio=2.0, patch_size=2, patch_size_t=1, text_embed_dim=12,
+            rope_axes_dim=(2, 2, 4), num_decoder_layers=1, image_embed_dim=6,
+            enable_text_cross_attention_dual=True, enable_text_cross_attention_single=True)
+        # Its sinusoidal timestep projection is float32 and cast only for half dtypes: float64 here.
+        model.time_text_embed.time_proj.register_forward_hook(lambda module, args, out: out.double())
+        image = torch.randn(2, 2, 6, dtype=torch.float64, generator=g)
+        call = lambda m, v: m(v, t, text, encoder_attention_mask=mask, image_embeds=image,  # noqa: E731
+                              return_dict=False)[0]
     else:  # latte: frames folded into the batch, cross-attention to the text repeated per frame
         x = torch.randn(2, 4, 3, 4, 4, dtype=torch.float64, generator=g)
         model = diffusers.LatteTransformer3DModel(
@@ -471,8 +482,59 @@ def _more_worker(rank, world, name):
 
 
 @pytest.mark.parametrize("world", [2, 3])
-@pytest.mark.parametrize("name", ["mochi", "allegro", "cosmos", "skyreels", "hunyuan15", "easyanimate", "latte"])
+@pytest.mark.parametrize("name", ["mochi", "allegro", "cosmos", "skyreels", "hunyuan15", "easyanimate", "latte", "motif"])
 def test_more_video_transformers_are_exact_on_sharded_frames(name, world):
     for errors in run_ranks(_more_worker, world, name, timeout=300):
         assert errors["output"] < 1e-10 and errors["hidden_states grad"] < 1e-10, errors
         assert errors["parameter grads"] <= max(1e-10, 20 * errors["control floor"]), errors
+
+
+def _ltx2_worker(rank, world):
+    """LTX-2's audio and video streams: its audio tokens (whole on every rank) attend to the sharded
+    video tokens (whole queries, sharded keys: gathered), the video to the audio (sharded queries,
+    whole keys). Both outputs in the loss, the video's first, as one tensor."""
+    import torch.distributed as dist
+
+    from nonlocal_dist import parallelize
+
+    torch.manual_seed(0)
+    model = diffusers.LTX2VideoTransformer3DModel(
+        in_channels=4, out_channels=4, patch_size=1, patch_size_t=1, num_attention_heads=2, attention_head_dim=8,
+        cross_attention_dim=16, audio_in_channels=4, audio_out_channels=4, audio_num_attention_heads=2,
+        audio_attention_head_dim=8, audio_cross_attention_dim=16, num_layers=2, caption_channels=12).double().eval()
+    plain = copy.deepcopy(model)
+    g = torch.Generator().manual_seed(1)
+    x, text, t, mask, _ = _inputs()
+    audio = torch.randn(2, 5, 4, dtype=torch.float64, generator=g)
+    audio_text = torch.randn(2, 5, 12, dtype=torch.float64, generator=g)
+    w = torch.randn(2, FRAMES * HEIGHT * WIDTH + 5, 4, dtype=torch.float64, generator=g)
+
+    def call(m, tokens):
+        video_out, audio_out = m(hidden_states=tokens, audio_hidden_states=audio, encoder_hidden_states=text,
+                                 audio_encoder_hidden_states=audio_text, timestep=t, sigma=t,
+                                 encoder_attention_mask=mask, audio_encoder_attention_mask=mask, num_frames=FRAMES,
+                                 height=HEIGHT, width=WIDTH, audio_num_frames=5, return_dict=False)
+        return torch.cat([video_out, audio_out], 1)
+
+    # LTX-2 computes its norms' statistics in float32: the one-process control's floor (module docstring of
+    # the Wan test) is the change in the gradients when the same loss is summed in two backward passes.
+    control, control_x = copy.deepcopy(plain), x.clone().requires_grad_(True)
+    for part in (slice(0, 6), slice(6, None)):
+        (call(control, control_x)[:, part] * w[:, part]).sum().backward()
+    sharded = parallelize(model, dist.group.WORLD, "n", layout="b n c", inputs=("hidden_states",), sizes=SIZES[world])
+    errors, param_error = _against_one_process(plain, sharded, model, call, x, w, world, relative=True)
+    errors["control floor"] = param_error({n: p.grad for n, p in control.named_parameters() if p.grad is not None})
+    ref_x = x.clone().requires_grad_(True)
+    (call(copy.deepcopy(plain), ref_x) * w).sum().backward()
+    errors["control input floor"] = ((control_x.grad - ref_x.grad).abs().max() / ref_x.grad.abs().max()).item()
+    return errors
+
+
+@pytest.mark.parametrize("world", [2, 3])
+def test_ltx2_audio_and_video_streams_are_exact_on_sharded_video_tokens(world):
+    """The output exact; the gradients within 20x the one-process control's own float32 floor."""
+    for errors in run_ranks(_ltx2_worker, world, timeout=300):
+        assert errors["output"] < 1e-10, errors
+        floor = max(errors["control floor"], errors["control input floor"])
+        assert 0 < floor < 1e-5, errors
+        assert errors["hidden_states grad"] <= 20 * floor and errors["parameter grads"] <= 20 * floor, errors

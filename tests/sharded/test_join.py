@@ -196,7 +196,30 @@ class TextPerFrame(nn.Module):
         return y.reshape(b, t, h, w, c).permute(0, 4, 1, 2, 3)
 
 
+class AudioVideo(nn.Module):
+    """Two streams (LTX-2, Motif-Video): audio tokens every rank holds whole attend to the sharded video
+    tokens (whole queries against sharded keys, with a mask over the keys); the video attends to text
+    joined to it, normalised and sliced back out (keys and values held by the last rank)."""
+
+    def __init__(self, c: int = 8, audio: int = 3, text: int = 2) -> None:
+        super().__init__()
+        self.audio, self.text = nn.Parameter(torch.randn(1, audio, c)), nn.Parameter(torch.randn(1, text, c))
+        self.q, self.kv, self.norm = nn.Linear(c, c), nn.Linear(c, 2 * c), nn.LayerNorm(c)
+
+    def forward(self, x):
+        b, n, _ = x.shape
+        k, v = self.kv(x).chunk(2, dim=-1)
+        keep = torch.arange(n) % 3 != 1
+        heard = F.scaled_dot_product_attention(self.q(self.audio.expand(b, -1, -1))[:, None], k[:, None], v[:, None],
+                                               attn_mask=keep[None])[:, 0]
+        joint = self.norm(torch.cat([x, self.text.expand(b, -1, -1)], dim=1))
+        text = joint[:, -self.text.shape[1]:]
+        seen = F.scaled_dot_product_attention(self.q(joint[:, :n])[:, None], text[:, None], text[:, None])[:, 0]
+        return seen + heard.mean(dim=1, keepdim=True)
+
+
 CASES = {
+    "audio_video": (AudioVideo, (2, 7, 8), "b n c", "n"),
     "register_tokens": (RegisterTokens, (2, 7, 8), "b n c", "n"),
     "text_per_frame": (TextPerFrame, (1, 4, 7, 2, 3), "b c t h w", "t"),
     "masked_self_attention": (MaskedSelfAttention, (2, 7, 8), "b n c", "n"),

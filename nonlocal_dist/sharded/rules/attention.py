@@ -5,7 +5,9 @@ it runs locally. ``F.scaled_dot_product_attention`` with q, k, v sharded along t
 this package's sequence-parallel softmax attention (``nonlocal_op(group=)``: ring / all-gather /
 Ulysses, exact with uneven and empty shards). Cross-attention of sharded queries to keys and values
 every rank holds whole (text tokens) runs locally, each rank's queries against all the keys, with a
-mask over the keys or one sliced to the rank's query rows, and GQA. Causal self-attention over a
+mask over the keys or one sliced to the rank's query rows, and GQA; keys and values sharded otherwise
+than the queries (text sliced back out of a joint sequence), and sharded keys attended by whole
+queries (another modality's tokens), are gathered whole first (logged with their bytes). Causal self-attention over a
 sharded sequence runs the load-balanced zigzag ring (``sequence.causal``): q, k and v fetched into
 zigzag order, the output fetched back. ``parallelize(strategy=)`` chooses the strategy of attention
 over its model's tokens (carried in their spec, ``ShardSpec.strategy``), or the op refuses where
@@ -39,7 +41,9 @@ from nonlocal_dist.sharded.rules.shape import global_shape
 from nonlocal_dist.sharded.tensor import (
     Op,
     ShardedTensor,
+    as_local,
     replicated_or_refuse,
+    replicated_spec,
     rule,
     user_frame,
 )
@@ -144,6 +148,10 @@ def _sdpa(op: Op):
         return _batched_attention(op, a)
     if isinstance(q, ShardedTensor) and not any(isinstance(t, ShardedTensor) and t.spec.sharded for t in (k, v)):
         return _cross_attention(op, a, *(t.as_subclass(Tensor) if isinstance(t, ShardedTensor) else t for t in (k, v)))
+    if not (isinstance(q, ShardedTensor) and q.spec.sharded):
+        return _whole_queries(op, a)
+    if _keys_split_otherwise(q, k, v):
+        return _cross_attention(op, a, *(_whole_keys(op, t) for t in (k, v)))
     tensors = (q, k, v)
     if not all(isinstance(t, ShardedTensor) for t in tensors):
         raise op.refuse("q, k and v must all be sharded along the sequence")
@@ -181,6 +189,53 @@ def _sdpa(op: Op):
     y = parallel_nonlocal(*local, "embedded_gaussian", scale=scale, concat_weight=None, backend="auto",
                           group=shard.group, strategy=strategy, lengths=lengths)
     return ShardedTensor.wrap(y, q.spec.remap(y.dim(), {**batch, seq: shard}))
+
+
+def _sequence_only(t) -> bool:
+    """Whether ``t`` is a plain or replicated tensor, or one sharded along its sequence dim (-2) alone."""
+    return not (isinstance(t, ShardedTensor) and t.spec.sharded) or set(t.spec.sharded) == {t.dim() - 2}
+
+
+def _whole_keys(op: Op, t):
+    """Keys or values ``t`` (..., M, d) whole on every rank: a sharded sequence gathered (``whole_along``,
+    logged with its bytes; its backward sums the ranks' gradients), as a plain tensor."""
+    if isinstance(t, ShardedTensor):
+        return whole_along(op, t, [t.dim() - 2]).as_subclass(Tensor)
+    return t
+
+
+def _keys_split_otherwise(q, k, v) -> bool:
+    """Sharded queries against keys and values sharded along their sequence alone but split otherwise
+    than the queries' (another length, or text sliced back out of a joint sequence with the video and
+    held by one rank, as Motif-Video's single blocks make it): they are gathered whole."""
+    seq = q.dim() - 2
+    if seq not in q.spec.sharded or not (_sequence_only(k) and _sequence_only(v)):
+        return False
+    shard = q.spec.sharded[seq]
+    return not all(isinstance(t, ShardedTensor) and t.spec.sharded and t.spec.sharded[t.dim() - 2].same(shard)
+                   for t in (k, v))
+
+
+def _whole_queries(op: Op, a: dict) -> ShardedTensor:
+    """Queries every rank holds whole against keys and values sharded along their sequence (LTX-2's
+    audio attending to the sharded video): the keys, values and a mask sharded along them gathered
+    whole, and the same attention run on every rank; the output is replicated."""
+    q, k, v, mask = a["query"], a["key"], a["value"], a["attn_mask"]
+    if not (_sequence_only(k) and _sequence_only(v)):
+        raise op.refuse("whole queries against keys or values sharded along other dims than their sequence (-2)",
+                        None, "shard the keys' tokens only, or gather them (full_tensor)")
+    if a["is_causal"]:
+        raise op.refuse("causal attention of whole queries to sharded keys", None,
+                        "shard the queries alike, or pass an explicit mask")
+    if isinstance(mask, ShardedTensor) and mask.spec.sharded:
+        if set(mask.spec.sharded) != {mask.dim() - 1}:
+            raise op.refuse("a mask sharded along other dims than the keys (-1)", None, "pass the mask whole")
+        mask = whole_along(op, mask, [mask.dim() - 1])
+    local = [_whole_keys(op, t) if t is not q else as_local(t) for t in (q, k, v)]
+    extra = {"enable_gqa": True} if a["enable_gqa"] else {}
+    y = op.run(*local, attn_mask=as_local(mask), dropout_p=0.0, scale=a["scale"], **extra)
+    spec = next(t for t in (k, v) if isinstance(t, ShardedTensor)).spec
+    return ShardedTensor.wrap(y, replicated_spec(spec, y.dim()))
 
 
 def _causal_ring(op: Op, a: dict, shard, batch: dict) -> ShardedTensor:

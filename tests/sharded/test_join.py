@@ -218,8 +218,26 @@ class AudioVideo(nn.Module):
         return seen + heard.mean(dim=1, keepdim=True)
 
 
+class LinearAttention(nn.Module):
+    """Sana-Video's ReLU linear attention, channels first (b, heads, c, n): key-value statistics summed
+    over the sharded tokens (``value @ key^T``, ``key.sum``), then applied to each token's query."""
+
+    def __init__(self, c: int = 8, heads: int = 2) -> None:
+        super().__init__()
+        self.heads, self.qkv = heads, nn.Linear(c, 3 * c)
+
+    def forward(self, x):
+        b, n, c = x.shape
+        q, k, v = (t.unflatten(-1, (self.heads, -1)).permute(0, 2, 3, 1) for t in F.relu(self.qkv(x)).chunk(3, -1))
+        z = 1 / (k.sum(dim=-1, keepdim=True).transpose(-2, -1) @ q + 1e-15)
+        scores = torch.matmul(v, k.transpose(-1, -2))
+        y = torch.matmul(scores, q) * z
+        return y.flatten(1, 2).transpose(1, 2)
+
+
 CASES = {
     "audio_video": (AudioVideo, (2, 7, 8), "b n c", "n"),
+    "linear_attention": (LinearAttention, (2, 7, 8), "b n c", "n"),
     "register_tokens": (RegisterTokens, (2, 7, 8), "b n c", "n"),
     "text_per_frame": (TextPerFrame, (1, 4, 7, 2, 3), "b c t h w", "t"),
     "masked_self_attention": (MaskedSelfAttention, (2, 7, 8), "b n c", "n"),

@@ -1,7 +1,9 @@
 """Contractions: ``linear``/``matmul`` over unsharded dims, attention over a sharded sequence.
 
 A per-position ``Linear`` (a head on every position, an MLP on tokens) contracts the channels only:
-it runs locally. ``F.scaled_dot_product_attention`` with q, k, v sharded along the sequence runs
+it runs locally. A ``matmul`` that contracts the sharded positions of both operands (linear
+attention's ``value @ key^T``) sums each rank's product over the group: a replicated result; a
+whole left operand times a right one sharded along its columns keeps them (``scores @ query``). ``F.scaled_dot_product_attention`` with q, k, v sharded along the sequence runs
 this package's sequence-parallel softmax attention (``nonlocal_op(group=)``: ring / all-gather /
 Ulysses, exact with uneven and empty shards). Cross-attention of sharded queries to keys and values
 every rank holds whole (text tokens) runs locally, each rank's queries against all the keys, with a
@@ -35,6 +37,7 @@ from nonlocal_dist.sharded.rules.common import (
     log_once,
     on_piece,
     output_dims,
+    sum_over_groups,
     whole_along,
 )
 from nonlocal_dist.sharded.rules.shape import global_shape
@@ -82,6 +85,21 @@ def _linear(op: Op):
     return ShardedTensor.wrap(out, x.spec)
 
 
+def _contracts_alike(a, b) -> bool:
+    """Whether ``a @ b`` contracts a dim sharded alike in both and no other dim is sharded (a's last, b's
+    second to last: a sum over the sharded positions)."""
+    return (isinstance(a, ShardedTensor) and isinstance(b, ShardedTensor) and a.dim() >= 2 and b.dim() >= 2
+            and set(a.spec.sharded) == {a.dim() - 1} and set(b.spec.sharded) == {b.dim() - 2}
+            and a.spec.sharded[a.dim() - 1].same(b.spec.sharded[b.dim() - 2]))
+
+
+def _columns_sharded(a, b) -> bool:
+    """Whether ``a @ b`` has a whole (plain or replicated) left operand and a right one sharded along its
+    columns (its last dim) alone: every output column is one of b's, so each rank computes its own."""
+    return (not (isinstance(a, ShardedTensor) and a.spec.sharded) and isinstance(b, ShardedTensor)
+            and a.dim() >= 2 and b.dim() >= 2 and set(b.spec.sharded) == {b.dim() - 1})
+
+
 def _batched_matmul(op: Op, a, b) -> ShardedTensor | None:
     """``a @ b`` with every sharded dim of either operand a batch dim (windows or frames folded into
     the batch: windowed attention's ``q @ k.transpose(-2, -1)``): each rank's batch rows, the other
@@ -111,6 +129,15 @@ def _matmul(op: Op):
     bmm = getattr(op.func, "__name__", "") == "bmm"
     if bmm and (a.dim() != 3 or b.dim() != 3):
         raise failure.everywhere(RuntimeError("batch1 and batch2 must be 3D tensors"))
+    if _contracts_alike(a, b):
+        # Linear attention (Sana-Video's ``value @ key.transpose(-1, -2)``): a sum over the sharded
+        # tokens, each rank's pieces multiplied and the products summed over the group (replicated).
+        shard = a.spec.sharded[a.dim() - 1]
+        out = sum_over_groups((torch.bmm if bmm else torch.matmul)(as_local(a), as_local(b)), [shard])
+        return ShardedTensor.wrap(out, replicated_spec(a.spec, out.dim()))
+    if _columns_sharded(a, b):  # linear attention's ``scores @ query``: each rank's own columns
+        out = (torch.bmm if bmm else torch.matmul)(as_local(a), as_local(b))
+        return ShardedTensor.wrap(out, b.spec.remap(out.dim(), {out.dim() - 1: b.spec.sharded[b.dim() - 1]}))
     if isinstance(b, ShardedTensor) and any(d >= b.dim() - 2 for d in b.spec.sharded):
         # Attention written by hand (q @ k^T, then attn @ v): the right operand's sharded key positions
         # gathered whole on every rank (the all-gather strategy, logged), the queries' rows kept.

@@ -78,16 +78,22 @@ def rule(*funcs: Callable, any_operand: bool = False) -> Callable:
     return register
 
 
-def user_frame() -> str:
-    """``file:line (function): code`` of the innermost caller outside torch, einops and this package."""
-    frame = sys._getframe(1)
-    while frame is not None:
+def user_frames(count: int = 1) -> list[str]:
+    """``file:line (function): code`` of the ``count`` innermost callers outside torch, einops and this
+    package, innermost first."""
+    found, frame = [], sys._getframe(1)
+    while frame is not None and len(found) < count:
         path = os.path.abspath(frame.f_code.co_filename)
         if not path.startswith(_INTERNAL) and f"{os.sep}einops{os.sep}" not in path and "<frozen" not in path:
             code = linecache.getline(path, frame.f_lineno).strip()
-            return f"{path}:{frame.f_lineno} ({frame.f_code.co_name}): {code}"
+            found.append(f"{path}:{frame.f_lineno} ({frame.f_code.co_name}): {code}")
         frame = frame.f_back
-    return "<unknown>"
+    return found
+
+
+def user_frame() -> str:
+    """``file:line (function): code`` of the innermost caller outside torch, einops and this package."""
+    return (user_frames(1) or ["<unknown>"])[0]
 
 
 def op_name(func: Callable) -> str:
@@ -140,7 +146,11 @@ class Op:
             f"{tuple(t.spec.global_shape(t.shape))} sharded on dims {[d for d, _ in t.spec.dims]}"
             for t in self.sharded()
         )
-        text = f"{self.name}{where} cannot run on a sharded activation ({shapes}) at {user_frame()}: {why}"
+        # The innermost user line, and the two lines that called it: a library's shared helper (diffusers'
+        # attention dispatch, a rotary function) is named with the model's line that reached it.
+        frames = user_frames(3) or ["<unknown>"]
+        callers = "".join(f" [called from {f}]" for f in frames[1:])
+        text = f"{self.name}{where} cannot run on a sharded activation ({shapes}) at {frames[0]}{callers}: {why}"
         return ShardingRefusal(text + (f". Fix: {fix}" if fix else ""))
 
     def _tensors(self) -> list[Tensor]:

@@ -267,6 +267,29 @@ def test_refusals_name_the_op_and_the_line_on_every_rank():
         assert all("test_parallelize.py" in m for m in messages), messages
 
 
+def _softmax_over_frames(x):  # a library's shared helper: the refusal names the model's line too
+    return x.softmax(dim=2)
+
+
+class _CallsHelper(nn.Module):
+    def forward(self, x):
+        return _softmax_over_frames(x) * 2
+
+
+def _helper_refusal_worker(rank, world):
+    try:
+        parallelize(_CallsHelper(), dist.group.WORLD, "t")(torch.randn(1, 1, 6, 2, 2))
+    except ShardingRefusal as exc:
+        return str(exc)
+    return None
+
+
+def test_a_refusal_inside_a_helper_names_the_lines_that_called_it():
+    for message in run_ranks(_helper_refusal_worker, 2):
+        assert message is not None and "(_softmax_over_frames): return x.softmax(dim=2)" in message, message
+        assert "[called from " in message and "(forward): return _softmax_over_frames(x) * 2" in message, message
+
+
 def _torchvision_model(name: str) -> nn.Module:
     video = torchvision_video()
     if name == "swin3d":  # Swin3D-T's code, small: windows of 2 x 4 x 4 tokens, shifted

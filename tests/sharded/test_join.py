@@ -235,8 +235,23 @@ class LinearAttention(nn.Module):
         return y.flatten(1, 2).transpose(1, 2)
 
 
+class ComplexRotary(nn.Module):
+    """A rotary embedding written with complex products (AnyFlow, SANA-WM): channel pairs viewed as
+    complex numbers, times a whole-length table of unit phases, viewed back as real pairs."""
+
+    def __init__(self, c: int = 8) -> None:
+        super().__init__()
+        self.q = nn.Linear(c, c)
+
+    def forward(self, x):
+        b, n, c = x.shape
+        phases = torch.polar(torch.ones(n, c // 2, dtype=x.dtype), torch.arange(n * c // 2, dtype=x.dtype).view(n, -1) / 7)
+        return torch.view_as_real(torch.view_as_complex(self.q(x).unflatten(-1, (-1, 2))) * phases).flatten(2)
+
+
 CASES = {
     "audio_video": (AudioVideo, (2, 7, 8), "b n c", "n"),
+    "complex_rotary": (ComplexRotary, (2, 7, 8), "b n c", "n"),
     "linear_attention": (LinearAttention, (2, 7, 8), "b n c", "n"),
     "register_tokens": (RegisterTokens, (2, 7, 8), "b n c", "n"),
     "text_per_frame": (TextPerFrame, (1, 4, 7, 2, 3), "b c t h w", "t"),

@@ -415,6 +415,17 @@ def _unsqueeze(op: Op):
     return _wrap(op, x.as_subclass(Tensor).unsqueeze(dim), dims)
 
 
+@rule(torch.view_as_complex, torch.view_as_real)
+def _complex_view(op: Op):
+    """``view_as_complex`` (a last dim of 2 -> complex) and ``view_as_real`` (complex -> a last dim of 2,
+    rotary embeddings written with complex products: AnyFlow, SANA-WM): each position's numbers as
+    they are; the sharded dims stay (the last one, the pair, is never sharded)."""
+    x = _self(op)
+    if op.func is torch.view_as_complex and x.dim() - 1 in x.spec.sharded:
+        raise op.refuse("it pairs the sharded last dim", x.dim() - 1, "shard another dim than the (real, imag) pair")
+    return _wrap(op, op.run(x), x.spec.sharded)
+
+
 @rule(Tensor.squeeze, torch.squeeze)
 def _squeeze(op: Op):
     x = _self(op)

@@ -249,8 +249,26 @@ class ComplexRotary(nn.Module):
         return torch.view_as_real(torch.view_as_complex(self.q(x).unflatten(-1, (-1, 2))) * phases).flatten(2)
 
 
+class PackedRows(nn.Module):
+    """MiniMax-H3's packed sequence: text and video rows copied into one buffer by index (``index_copy``),
+    a second copy of the video added in reversed order (``index_add``), the video rows selected back."""
+
+    def __init__(self, c: int = 8, text: int = 3) -> None:
+        super().__init__()
+        self.text, self.proj, self.mix = nn.Parameter(torch.randn(1, text, c)), nn.Linear(c, c), nn.Linear(c, c)
+
+    def forward(self, x):
+        b, n, c = x.shape
+        t = self.text.shape[1]
+        video = torch.arange(t, t + n)
+        rows = self.text.new_zeros(b, t + n, c).index_copy(1, torch.arange(t), self.text.expand(b, -1, -1))
+        rows = rows.index_copy(1, video, self.proj(x)).index_add(1, video.flip(0), x, alpha=0.5)
+        return self.mix(rows).index_select(1, video)
+
+
 CASES = {
     "audio_video": (AudioVideo, (2, 7, 8), "b n c", "n"),
+    "packed_rows": (PackedRows, (2, 7, 8), "b n c", "n"),
     "complex_rotary": (ComplexRotary, (2, 7, 8), "b n c", "n"),
     "linear_attention": (LinearAttention, (2, 7, 8), "b n c", "n"),
     "register_tokens": (RegisterTokens, (2, 7, 8), "b n c", "n"),

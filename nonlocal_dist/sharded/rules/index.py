@@ -5,7 +5,8 @@ holds (SlowFast's ``x[:, :, ::4]``): exact with no communication, the result sha
 positions live (uneven or empty shards as they fall). An integer index into a sharded dim (a first
 frame, ``x[:, :, 0]``) is the slice ``i:i+1`` gathered whole on every rank (its owner's one
 position, by one all-gather): the result is replicated along the dims that remain of that group.
-Tensor indices into a sharded dim are refused.
+Tensor indices into a sharded dim are refused. ``index_copy``/``index_add`` of a sharded source into
+a whole buffer (rows packed by an index's values) gather the source: a replicated result.
 
 ``cat`` along a sharded dim joins global sequences (text tokens before video tokens, a class token,
 frames repeated as causal padding): with one operand sharded there and the others whole on every
@@ -40,6 +41,9 @@ from nonlocal_dist.sharded.tensor import (
     ACTIVE_MODELS,
     Op,
     ShardedTensor,
+    as_local,
+    replicated_or_refuse,
+    replicated_spec,
     rule,
     user_frame,
 )
@@ -460,3 +464,31 @@ def _setitem(op: Op):
     local_value = localise(op, value, view_dims, view_ndim) if isinstance(value, Tensor) else value
     x[tuple(parts)] = local_value  # on x itself: torch functions are off in a rule
 
+
+
+@rule(Tensor.index_copy, torch.index_copy, Tensor.index_copy_, Tensor.index_add, torch.index_add, Tensor.index_add_,
+      any_operand=True)
+def _index_scatter(op: Op):
+    """``buffer.index_copy(dim, index, source)`` (and ``index_add``) of a sharded source into a whole
+    buffer (MiniMax-H3 packs its text, audio and video rows into one sequence so): where the source's
+    rows land is read from the index's values, so the source is gathered whole (logged with its
+    bytes; its backward sums the ranks' gradients) and every rank packs alike: the result is
+    replicated. A sharded buffer or index is refused."""
+    buffer, index, source = op.args[0], op.args[2] if len(op.args) > 2 else op.kwargs["index"], (
+        op.args[3] if len(op.args) > 3 else op.kwargs["source"])
+    for name, t in (("buffer", buffer), ("index", index)):
+        if isinstance(t, ShardedTensor) and t.spec.sharded:
+            raise op.refuse(f"a sharded {name}", None, f"keep the {name} whole on every rank")
+    if not (isinstance(source, ShardedTensor) and source.spec.sharded):
+        return replicated_or_refuse(op)
+    whole = whole_along(op, source, [d for d, _ in source.spec.dims]).as_subclass(Tensor)
+    args = [as_local(a) for a in op.args]
+    kwargs = {k: as_local(v) for k, v in op.kwargs.items()}
+    if len(args) > 3:
+        args[3] = whole
+    else:
+        kwargs["source"] = whole
+    out = op.run(*args, **kwargs)
+    if out is args[0] or not isinstance(out, Tensor):  # in place into the plain buffer: alike on every rank
+        return buffer
+    return ShardedTensor.wrap(out, replicated_spec(source.spec, out.dim()))

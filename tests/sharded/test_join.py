@@ -266,8 +266,22 @@ class PackedRows(nn.Module):
         return self.mix(rows).index_select(1, video)
 
 
+class ValuesFirstAttention(nn.Module):
+    """Attention written by hand channels-first, values on the left (LTX-2's audio VAE mid-block):
+    ``attn = softmax(q^T k)``, then ``bmm(v, attn^T)``."""
+
+    def __init__(self, c: int = 4) -> None:
+        super().__init__()
+        self.q, self.k, self.v = nn.Conv1d(c, c, 1), nn.Conv1d(c, c, 1), nn.Conv1d(c, c, 1)
+
+    def forward(self, x):  # (b, c, n)
+        attn = torch.bmm(self.q(x).permute(0, 2, 1), self.k(x)) * x.shape[1] ** -0.5
+        return x + torch.bmm(self.v(x), attn.softmax(dim=2).permute(0, 2, 1))
+
+
 CASES = {
     "audio_video": (AudioVideo, (2, 7, 8), "b n c", "n"),
+    "values_first_attention": (ValuesFirstAttention, (2, 4, 7), "b c n", "n"),
     "packed_rows": (PackedRows, (2, 7, 8), "b n c", "n"),
     "complex_rotary": (ComplexRotary, (2, 7, 8), "b n c", "n"),
     "linear_attention": (LinearAttention, (2, 7, 8), "b n c", "n"),

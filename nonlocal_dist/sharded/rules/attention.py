@@ -93,6 +93,13 @@ def _contracts_alike(a, b) -> bool:
             and a.spec.sharded[a.dim() - 1].same(b.spec.sharded[b.dim() - 2]))
 
 
+def _keys_on_the_left(a, b) -> bool:
+    """Whether ``a @ b`` contracts a's sharded last dim (key positions) against b's whole rows while b's
+    columns (queries) are sharded: gathering a's keys leaves b's columns to each rank."""
+    return (isinstance(a, ShardedTensor) and isinstance(b, ShardedTensor) and a.dim() >= 2 and b.dim() >= 2
+            and set(a.spec.sharded) == {a.dim() - 1} and set(b.spec.sharded) == {b.dim() - 1})
+
+
 def _columns_sharded(a, b) -> bool:
     """Whether ``a @ b`` has a whole (plain or replicated) left operand and a right one sharded along its
     columns (its last dim) alone: every output column is one of b's, so each rank computes its own."""
@@ -135,6 +142,10 @@ def _matmul(op: Op):
         shard = a.spec.sharded[a.dim() - 1]
         out = sum_over_groups((torch.bmm if bmm else torch.matmul)(as_local(a), as_local(b)), [shard])
         return ShardedTensor.wrap(out, replicated_spec(a.spec, out.dim()))
+    if _keys_on_the_left(a, b):
+        # Attention written by hand values-first (LTX-2's audio VAE: ``bmm(v, attn^T)``, v (b, c, keys), attn^T
+        # (b, keys, queries)): v's key positions gathered whole (logged), each rank keeps its query columns.
+        a = whole_along(op, a, [a.dim() - 1])
     if _columns_sharded(a, b):  # linear attention's ``scores @ query``: each rank's own columns
         out = (torch.bmm if bmm else torch.matmul)(as_local(a), as_local(b))
         return ShardedTensor.wrap(out, b.spec.remap(out.dim(), {out.dim() - 1: b.spec.sharded[b.dim() - 1]}))

@@ -2,18 +2,20 @@
 
 A per-position ``Linear`` (a head on every position, an MLP on tokens) contracts the channels only:
 it runs locally. A ``matmul`` that contracts the sharded positions of both operands (linear
-attention's ``value @ key^T``) sums each rank's product over the group: a replicated result; a
-whole left operand times a right one sharded along its columns keeps them (``scores @ query``). ``F.scaled_dot_product_attention`` with q, k, v sharded along the sequence runs
-this package's sequence-parallel softmax attention (``nonlocal_op(group=)``: ring / all-gather /
-Ulysses, exact with uneven and empty shards). Cross-attention of sharded queries to keys and values
-every rank holds whole (text tokens) runs locally, each rank's queries against all the keys, with a
-mask over the keys or one sliced to the rank's query rows, and GQA; keys and values sharded otherwise
-than the queries (text sliced back out of a joint sequence), and sharded keys attended by whole
-queries (another modality's tokens), are gathered whole first (logged with their bytes). Causal self-attention over a
-sharded sequence runs the load-balanced zigzag ring (``sequence.causal``): q, k and v fetched into
-zigzag order, the output fetched back. ``parallelize(strategy=)`` chooses the strategy of attention
-over its model's tokens (carried in their spec, ``ShardSpec.strategy``), or the op refuses where
-that strategy cannot run it.
+attention's ``value @ key^T``) sums each rank's product over the group: a replicated result; a whole
+left operand times a right one sharded along its columns keeps them (``scores @ query``).
+
+``F.scaled_dot_product_attention`` with q, k, v sharded along the sequence runs this package's
+sequence-parallel softmax attention (``nonlocal_op(group=)``: ring / all-gather / Ulysses, exact
+with uneven and empty shards). Cross-attention of sharded queries to keys and values every rank
+holds whole (text tokens) runs locally, each rank's queries against all the keys, with a mask over
+the keys or one sliced to the rank's query rows, and GQA; keys and values sharded otherwise than the
+queries (text sliced back out of a joint sequence), and sharded keys attended by whole queries
+(another modality's tokens), are gathered whole first (logged with their bytes). Causal
+self-attention over a sharded sequence runs the load-balanced zigzag ring (``sequence.causal``): q,
+k and v fetched into zigzag order, the output fetched back. ``parallelize(strategy=)`` chooses the
+strategy of attention over its model's tokens (carried in their spec, ``ShardSpec.strategy``), or
+the op refuses where that strategy cannot run it.
 """
 from __future__ import annotations
 

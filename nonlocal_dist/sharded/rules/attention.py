@@ -87,26 +87,28 @@ def _linear(op: Op):
     return ShardedTensor.wrap(out, x.spec)
 
 
+def _sharded_only_along(t, dim: int) -> bool:
+    """Whether ``t`` (2 dims or more) is sharded along ``dim`` (counted from the end, negative) alone."""
+    return isinstance(t, ShardedTensor) and t.dim() >= 2 and set(t.spec.sharded) == {t.dim() + dim}
+
+
 def _contracts_alike(a, b) -> bool:
     """Whether ``a @ b`` contracts a dim sharded alike in both and no other dim is sharded (a's last, b's
     second to last: a sum over the sharded positions)."""
-    return (isinstance(a, ShardedTensor) and isinstance(b, ShardedTensor) and a.dim() >= 2 and b.dim() >= 2
-            and set(a.spec.sharded) == {a.dim() - 1} and set(b.spec.sharded) == {b.dim() - 2}
+    return (_sharded_only_along(a, -1) and _sharded_only_along(b, -2)
             and a.spec.sharded[a.dim() - 1].same(b.spec.sharded[b.dim() - 2]))
 
 
 def _keys_on_the_left(a, b) -> bool:
     """Whether ``a @ b`` contracts a's sharded last dim (key positions) against b's whole rows while b's
     columns (queries) are sharded: gathering a's keys leaves b's columns to each rank."""
-    return (isinstance(a, ShardedTensor) and isinstance(b, ShardedTensor) and a.dim() >= 2 and b.dim() >= 2
-            and set(a.spec.sharded) == {a.dim() - 1} and set(b.spec.sharded) == {b.dim() - 1})
+    return _sharded_only_along(a, -1) and _sharded_only_along(b, -1)
 
 
 def _columns_sharded(a, b) -> bool:
     """Whether ``a @ b`` has a whole (plain or replicated) left operand and a right one sharded along its
     columns (its last dim) alone: every output column is one of b's, so each rank computes its own."""
-    return (not (isinstance(a, ShardedTensor) and a.spec.sharded) and isinstance(b, ShardedTensor)
-            and a.dim() >= 2 and b.dim() >= 2 and set(b.spec.sharded) == {b.dim() - 1})
+    return not (isinstance(a, ShardedTensor) and a.spec.sharded) and a.dim() >= 2 and _sharded_only_along(b, -1)
 
 
 def _batched_matmul(op: Op, a, b) -> ShardedTensor | None:
@@ -233,7 +235,7 @@ def _sdpa(op: Op):
 
 def _sequence_only(t) -> bool:
     """Whether ``t`` is a plain or replicated tensor, or one sharded along its sequence dim (-2) alone."""
-    return not (isinstance(t, ShardedTensor) and t.spec.sharded) or set(t.spec.sharded) == {t.dim() - 2}
+    return not (isinstance(t, ShardedTensor) and t.spec.sharded) or _sharded_only_along(t, -2)
 
 
 def _whole_keys(op: Op, t):

@@ -28,6 +28,7 @@ import nonlocal_dist.distributed.failure as failure
 from nonlocal_dist.distributed.shards import split_sizes, starts
 from nonlocal_dist.sharded.fetch import fetch_positions
 from nonlocal_dist.sharded.rules.common import (
+    bind,
     gather_unaligned,
     localise,
     log_once,
@@ -465,6 +466,9 @@ def _setitem(op: Op):
     x[tuple(parts)] = local_value  # on x itself: torch functions are off in a rule
 
 
+def _index_scatter_ref(input, dim, index, source, *, alpha=1):
+    """Signature of index_copy and index_add (only index_add takes ``alpha``)."""
+
 
 @rule(Tensor.index_copy, torch.index_copy, Tensor.index_copy_, Tensor.index_add, torch.index_add, Tensor.index_add_,
       any_operand=True)
@@ -474,15 +478,15 @@ def _index_scatter(op: Op):
     rows land is read from the index's values, so the source is gathered whole (logged with its
     bytes; its backward sums the ranks' gradients) and every rank packs alike: the result is
     replicated. A sharded buffer or index is refused."""
-    buffer, index, source = op.args[0], op.args[2] if len(op.args) > 2 else op.kwargs["index"], (
-        op.args[3] if len(op.args) > 3 else op.kwargs["source"])
+    a = bind(op, _index_scatter_ref)
+    buffer, index, source = a["input"], a["index"], a["source"]
     for name, t in (("buffer", buffer), ("index", index)):
         if isinstance(t, ShardedTensor) and t.spec.sharded:
             raise op.refuse(f"a sharded {name}", None, f"keep the {name} whole on every rank")
     if not (isinstance(source, ShardedTensor) and source.spec.sharded):
         return replicated_or_refuse(op)
-    whole = whole_along(op, source, [d for d, _ in source.spec.dims]).as_subclass(Tensor)
-    args = [as_local(a) for a in op.args]
+    whole = as_local(whole_along(op, source, [d for d, _ in source.spec.dims]))
+    args = [as_local(t) for t in op.args]
     kwargs = {k: as_local(v) for k, v in op.kwargs.items()}
     if len(args) > 3:
         args[3] = whole

@@ -33,7 +33,7 @@ from nonlocal_dist.distributed.mesh import mesh_groups, span_group
 from nonlocal_dist.distributed.shards import split_sizes
 from nonlocal_dist.layout import axis_dims
 from nonlocal_dist.sequence.strategies import STRATEGIES
-from nonlocal_dist.sharded.spec import Shard, ShardSpec
+from nonlocal_dist.sharded.spec import Shard, ShardSpec, Strided
 from nonlocal_dist.sharded.tensor import ACTIVE_MODELS, ShardedTensor, map_leaves
 
 
@@ -49,7 +49,8 @@ def distribute(x: Tensor, mesh, layout: str, axes: str | Sequence[str], *, align
     contiguous pieces over its mesh dim (``split_sizes``: even, every rank but the last a multiple
     of ``align``; empty pieces when N < P), or by the given ``sizes`` (one list per axis).
     ``strategy``: of attention over tokens computed from it (``parallelize``'s; None: each form's
-    default). Differentiable: the gradient of the shard flows back to ``x``.
+    default). Differentiable: the gradient of the shard flows back to ``x``. The shard is contiguous
+    (copied where the cut is not).
     """
     _check_strategy(strategy)
     axes = _axes(axes)
@@ -67,6 +68,9 @@ def distribute(x: Tensor, mesh, layout: str, axes: str | Sequence[str], *, align
         shard = Shard(group, split, rank)
         local = local.narrow(d, shard.start, shard.local)
         shards[d] = shard
+    # The shard with the strides of a whole tensor of its shape (a copy where the cut is not already
+    # so, as DTensor's): a view the network takes of the global tensor is then a view of each local one.
+    local = local.contiguous()
     return ShardedTensor.wrap(local, ShardSpec(x.dim(), tuple(sorted(shards.items())), groups, strategy))
 
 
@@ -99,7 +103,11 @@ def full_tensor(x: Tensor) -> Tensor:
         return x
     local = x.as_subclass(Tensor)
     for d, shard in x.spec.dims:
-        if shard.world > 1:  # a group of one holds the whole dim already
+        if isinstance(shard, Strided):  # a folded dim: each block gathered, the blocks in order
+            shape = list(local.shape)
+            unfolded = local.reshape(shape[:d] + [shard.fold, shard.base.local] + shape[d + 1:])
+            local = gather_dim(unfolded, d + 1, list(shard.base.sizes), shard.group).flatten(d, d + 1)
+        elif shard.world > 1:  # a group of one holds the whole dim already
             local = gather_dim(local, d, list(shard.sizes), shard.group)
     return local
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 from functools import cached_property
+from typing import ClassVar
 
 import torch.distributed as dist
 
@@ -77,6 +78,90 @@ class Shard:
         return f"Shard(sizes={list(self.sizes)})"  # the same text on every rank (refusals compare alike)
 
 
+class PositionsNeeded(Exception):
+    """A rule asked where a ``Strided`` shard's positions are: the dispatcher regroups that operand into
+    a contiguous shard and runs the op again (``sharded.strided``)."""
+
+
+@dataclass(frozen=True, eq=False)
+class Strided:
+    """A dim that a view merged from ``fold`` outer positions and a dim sharded as ``base`` (``(b t)``
+    with t sharded: frames folded into the batch by ``x.view(b * t, ...)``), as DTensor's
+    ``_StridedShard``: global length ``fold * base.total``; rank r holds, in each of the ``fold``
+    blocks, ``base``'s positions of rank r, block-major. The local rows are then a view of the
+    unmerged shard: the view moves nothing and stays an alias of it.
+
+    A rule that acts on each rank's positions as they are (a per-frame conv or norm, attention with
+    the frames in its batch, element-wise ops on operands folded alike, a sum over the dim) reads only
+    ``group``, ``world``, ``rank``, ``local`` and ``total``, and runs on it unchanged. Asking where the
+    positions are (``sizes``, ``starts``, ``start``, a new split) raises ``PositionsNeeded``: no rule
+    can take the rows for a contiguous piece."""
+
+    base: Shard
+    fold: int
+    lead: ClassVar[int] = 0
+    trail: ClassVar[int] = 0
+    merged: ClassVar[None] = None
+
+    @property
+    def group(self) -> dist.ProcessGroup:
+        return self.base.group
+
+    @property
+    def rank(self) -> int:
+        return self.base.rank
+
+    @property
+    def world(self) -> int:
+        return self.base.world
+
+    @property
+    def local(self) -> int:
+        return self.fold * self.base.local
+
+    @property
+    def total(self) -> int:
+        return self.fold * self.base.total
+
+    @property
+    def sizes(self):
+        raise PositionsNeeded
+
+    @property
+    def starts(self):
+        raise PositionsNeeded
+
+    @property
+    def start(self):
+        raise PositionsNeeded
+
+    def with_sizes(self, sizes, lead: int = 0, trail: int = 0):
+        raise PositionsNeeded
+
+    def local_sizes(self) -> tuple[int, ...]:
+        """Every rank's number of rows (``fold`` times its part of each block)."""
+        return tuple(self.fold * n for n in self.base.sizes)
+
+    def held_by_one(self) -> bool:
+        return False  # one rank holding every block's positions holds the whole dim: a ``Shard`` is made
+
+    def same(self, other) -> bool:
+        return isinstance(other, Strided) and other.fold == self.fold and self.base.same(other.base)
+
+    def __repr__(self) -> str:
+        return f"Strided(fold={self.fold}, sizes={list(self.base.sizes)})"
+
+
+def folded(base: Shard, fold: int) -> Shard | Strided:
+    """The shard of a dim merged from ``fold`` outer positions and one sharded as ``base`` (see
+    ``Strided``): a contiguous ``Shard`` where that is what it is (one block, or one rank holding all)."""
+    if fold == 1:
+        return base
+    if base.held_by_one():
+        return Shard(base.group, tuple(fold * n for n in base.sizes), base.rank)
+    return Strided(base, fold)
+
+
 @dataclass(frozen=True, eq=False)
 class Merged:
     """Where a dim sharded over the span of two mesh dims came from: a reshape merged a block of dims
@@ -130,6 +215,11 @@ class ShardSpec:
     @property
     def replicated(self) -> bool:
         return not self.dims
+
+    @cached_property
+    def strided(self) -> bool:
+        """Whether a dim is sharded ``Strided`` (folded by a view)."""
+        return any(isinstance(s, Strided) for _, s in self.dims)
 
     def global_shape(self, local_shape) -> tuple[int, ...]:
         shape = list(local_shape)

@@ -35,7 +35,7 @@ import nonlocal_dist.distributed.failure as failure
 from nonlocal_dist.distributed.mesh import covered
 from nonlocal_dist.sharded.arguments import bind, normalize
 from nonlocal_dist.sharded.rng import check_agreed
-from nonlocal_dist.sharded.spec import ShardSpec
+from nonlocal_dist.sharded.spec import PositionsNeeded, ShardSpec
 
 RULES: dict[Callable, Callable[[Op], object]] = {}
 # Op families: each maps a function with no rule to the rule of its family, or None (sharded.rules
@@ -258,6 +258,10 @@ class ShardedTensor(Tensor):
                 return handler(op)
             except ShardingRefusal:
                 raise
+            except PositionsNeeded:  # a rule asked where a folded dim's rows are: they are made contiguous
+                from nonlocal_dist.sharded.strided import run_regrouped
+
+                return run_regrouped(op, handler)
             except Exception as exc:
                 failure.post(exc, f"{op.name} at {user_frame()}")
                 raise

@@ -453,6 +453,12 @@ def _more(name: str, g):
         image = torch.randn(2, 2, 6, dtype=torch.float64, generator=g)
         call = lambda m, v: m(v, t, text, encoder_attention_mask=mask, image_embeds=image,  # noqa: E731
                               return_dict=False)[0]
+    elif name == "sana_video":  # frames folded into the batch by a view with b = 2; float32 linear attention
+        model = diffusers.SanaVideoTransformer3DModel(
+            in_channels=4, out_channels=4, num_attention_heads=2, attention_head_dim=8, num_layers=2,
+            num_cross_attention_heads=2, cross_attention_head_dim=8, cross_attention_dim=16, caption_channels=12,
+            mlp_ratio=2.5, sample_size=8, patch_size=(1, 2, 2), rope_max_seq_len=32)
+        call = lambda m, v: m(v, text, t, encoder_attention_mask=mask, return_dict=False)[0]  # noqa: E731
     else:  # latte: frames folded into the batch, cross-attention to the text repeated per frame
         x = torch.randn(2, 4, 3, 4, 4, dtype=torch.float64, generator=g)
         model = diffusers.LatteTransformer3DModel(
@@ -482,11 +488,17 @@ def _more_worker(rank, world, name):
 
 
 @pytest.mark.parametrize("world", [2, 3])
-@pytest.mark.parametrize("name", ["mochi", "allegro", "cosmos", "skyreels", "hunyuan15", "easyanimate", "latte", "motif"])
+@pytest.mark.parametrize("name", ["mochi", "allegro", "cosmos", "skyreels", "hunyuan15", "easyanimate", "latte", "motif",
+                                  "sana_video"])
 def test_more_video_transformers_are_exact_on_sharded_frames(name, world):
     for errors in run_ranks(_more_worker, world, name, timeout=300):
-        assert errors["output"] < 1e-10 and errors["hidden_states grad"] < 1e-10, errors
-        assert errors["parameter grads"] <= max(1e-10, 20 * errors["control floor"]), errors
+        floor = max(1e-10, 20 * errors["control floor"])
+        if name == "sana_video":  # its linear attention runs in float32: every figure within its floor
+            assert 0 < errors["control floor"] < 1e-5, errors
+            assert errors["output"] <= floor and errors["hidden_states grad"] <= floor, errors
+        else:
+            assert errors["output"] < 1e-10 and errors["hidden_states grad"] < 1e-10, errors
+        assert errors["parameter grads"] <= floor, errors
 
 
 def _ltx2_worker(rank, world):

@@ -103,7 +103,7 @@ def broadcast_rule(op: Op):
             return out
         return _wrap_outputs(out, x.spec, x.dim(), [])
     ndim = max(t.dim() for t in tensors)
-    x, inplace = _lone_sharded(tensors, ndim), _inplace(op)
+    x, inplace = _lone_sharded(tensors, ndim), inplace_target(op)
     if x is not None and (inplace is None or inplace is x):
         # one sharded operand, the others plain (a rotary table, a bias): its dims are the result's
         dims, spec = x.spec.sharded, x.spec
@@ -111,7 +111,7 @@ def broadcast_rule(op: Op):
         op = one_dim_per_group(op, ndim)
         tensors = op.tensors()
         dims = output_dims(op, ndim)
-        inplace = _inplace(op)
+        inplace = inplace_target(op)
         if inplace is not None and not isinstance(inplace, ShardedTensor) and dims:
             raise op.refuse("an in-place op would write sharded values into a plain tensor",
                             fix="use the out-of-place op")
@@ -172,7 +172,7 @@ def _wrap_outputs(out, spec, ndim: int, plain: list[Tensor]):
     return map_leaves(wrap, out)
 
 
-def _inplace(op: Op):
+def inplace_target(op: Op):
     """The tensor an in-place op writes to, or None."""
     kind = _inplace_kind(op.func)
     if kind is True or op.kwargs.get("inplace") or (kind is not None and len(op.args) > kind and bool(op.args[kind])):

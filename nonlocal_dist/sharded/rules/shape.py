@@ -4,7 +4,9 @@
 target shapes (einops computes them from the global shape); a sharded dim merged with others stays
 sharded when it is the outermost factor of the merge (each rank's positions remain one contiguous
 block), and a split keeps the outer factor sharded when every rank's length divides by the inner
-ones. Anything else is refused. ``permute``/``transpose``/``movedim``/``squeeze``/``unsqueeze``
+ones. A merge under outer dims (``(b t)``, b > 1) moves the shard outermost in a ``reshape`` (one
+all-to-all); a ``view``, which cannot copy, folds it instead (``spec.Strided``: each rank's rows as
+they are, an alias), and any reshape of a folded dim folds again. Anything else is refused. ``permute``/``transpose``/``movedim``/``squeeze``/``unsqueeze``
 move the spec with the dims; squeezing a sharded dim of length 1, or ``repeat`` tiling a sharded
 dim, gathers that dim whole first (logged once per call site); ``repeat_interleave`` by one count
 repeats each rank's positions in place.
@@ -29,7 +31,7 @@ from nonlocal_dist.sharded.rules.common import (
     reshard_bytes,
     whole_along,
 )
-from nonlocal_dist.sharded.spec import Merged, Shard
+from nonlocal_dist.sharded.spec import Merged, Shard, Strided, folded
 from nonlocal_dist.sharded.tensor import Op, ShardedTensor, as_local, rule, user_frame
 
 
@@ -116,12 +118,14 @@ def _aligned_blocks(src: tuple[int, ...], dst: tuple[int, ...]) -> tuple[tuple[t
 
 
 def reshape_spec(op: Op, src: list[int], dst: list[int], sharded: dict[int, Shard],
-                 resharded: dict[int, tuple[int, ...]] | None = None) -> dict[int, Shard]:
+                 resharded: dict[int, tuple[int, ...]] | None = None, view: bool = False) -> dict[int, Shard]:
     """The dst dims' shards for a reshape of global shape ``src`` (sharded as given) to ``dst``.
 
     Where a split of a sharded dim needs every rank's length to be a multiple of its inner factor
     and it is not: with ``resharded`` (a dict to fill), the dim's new split (as even as possible on
-    that grid) goes there and the caller reshards before reshaping; without it, a refusal."""
+    that grid) goes there and the caller reshards before reshaping; without it, a refusal. With
+    ``view``, a merge of outer dims with a sharded one gives a ``Strided`` shard (each rank's rows
+    stay where they are); without it, the caller has moved the shard outermost first."""
     if 0 in src:
         raise op.refuse("a reshape of an empty tensor")
     out: dict[int, Shard] = {}
@@ -131,6 +135,9 @@ def reshape_spec(op: Op, src: list[int], dst: list[int], sharded: dict[int, Shar
             continue
         d = inside[0]
         outer = math.prod(src[k] for k in a if k < d)
+        fold = 1
+        if view and len(inside) == 1 and outer != 1 and not sharded[d].held_by_one():
+            fold, outer = outer, 1  # a view merging outer dims with it: a strided shard (no copy, an alias)
         if len(inside) > 1 or (outer != 1 and not sharded[d].held_by_one()):  # one rank's whole dim merges as it is
             raise op.refuse(
                 f"it merges sharded dim {d} with the outer dim(s) {[k for k in a if k < d and src[k] != 1]}: each rank's "
@@ -157,7 +164,7 @@ def reshape_spec(op: Op, src: list[int], dst: list[int], sharded: dict[int, Shar
                 f"rank's {[s * inner for s in shard.sizes]} positions", d,
                 f"shard so that every rank's length is a multiple of {below // math.gcd(below, inner)}",
             )
-        out[target] = shard.with_sizes(s // below for s in flat)
+        out[target] = folded(shard.with_sizes(s // below for s in flat), fold)
     return out
 
 
@@ -276,6 +283,27 @@ def _kept_dims(src: tuple[int, ...], dst: tuple[int, ...], sharded: tuple[int, .
     return tuple(kept)
 
 
+def _unfolded(x: ShardedTensor, src: list[int]) -> tuple[ShardedTensor, list[int]]:
+    """x with each ``Strided`` dim split back into its ``(fold, base)`` dims, the second sharded as
+    ``base`` (a view of the local rows, which are block-major), and that global shape: a reshape of
+    a folded dim is then one of plain shards."""
+    local, glob, dims = [], [], {}
+    sharded = x.spec.sharded
+    for d, n in enumerate(x.shape):  # the local shape inside a rule
+        shard = sharded.get(d)
+        if isinstance(shard, Strided):
+            local += [shard.fold, shard.base.local]
+            glob += [shard.fold, shard.base.total]
+            dims[len(local) - 1] = shard.base
+            continue
+        if shard is not None:
+            dims[len(local)] = shard
+        local.append(n)
+        glob.append(src[d])
+    out = x.as_subclass(Tensor).view(local)  # splitting a dim in two is a view whatever the strides
+    return ShardedTensor.wrap(out, x.spec.remap(out.dim(), dims)), glob
+
+
 def _reshape_to(op: Op, target) -> ShardedTensor:
     x = _self(op)
     src = list(global_shape(x))
@@ -283,6 +311,11 @@ def _reshape_to(op: Op, target) -> ShardedTensor:
     if math.prod(dst) != math.prod(src):
         raise op.refuse(f"shape {tuple(dst)} is invalid for a tensor of global shape {tuple(src)}")
     method = getattr(op.func, "__name__", "reshape")
+    # A folded (``Strided``) dim is folded again, never moved: a reshape, as torch's, is then a view
+    # of each rank's rows where their strides allow (and the spec does not depend on strides).
+    view = method == "view" or x.spec.strided
+    if x.spec.strided:
+        x, src = _unfolded(x, src)
     shards = x.spec.dims
     kept = None if 0 in src or any(s.merged for _, s in shards) else _kept_dims(
         tuple(src), tuple(dst), tuple(d for d, _ in shards))
@@ -291,10 +324,10 @@ def _reshape_to(op: Op, target) -> ShardedTensor:
         own = dict(shards)
         dims = {k: own[d].with_sizes(own[d].sizes) for d, k in kept}  # a pad's lead/trail not carried, as reshape_spec
     else:
-        if method != "view":
+        if not view:
             x, pending = _unmerge(op, x, src, dst)
             x, merges = _outermost_sharded(op, x, src, dst)
-        dims = reshape_spec(op, src, dst, x.spec.sharded, None if method == "view" else resharded)
+        dims = reshape_spec(op, src, dst, x.spec.sharded, None if view else resharded, view)
     local_target = [dims[k].local if k in dims else s for k, s in enumerate(dst)]
     base = x  # torch functions are off in a rule: view/reshape give a plain tensor (no alias node)
     for d, sizes in resharded.items():  # boundaries moved onto the reshape's grid (a view cannot copy)

@@ -12,7 +12,9 @@ given piece lengths. Kinds of case (world size in ``KIND_WORLD``):
 - ``mesh``: two dims of one leaf over the two groups of a 2x2 mesh (4 ranks);
 - ``held``: a length-1 dim of one leaf held by the last of 2 ranks (the first holds none of it: a
   first frame sliced off, frames folded into a batch of one), alone and paired with another leaf
-  sharded along a longer dim by the same group.
+  sharded along a longer dim by the same group;
+- ``folded``: a dim of one leaf of length ``fold * n`` folded by a view from ``fold`` blocks whose
+  n positions are split unevenly over 2 ranks (frames folded into the batch: ``spec.Strided``).
 
 Samples are regenerated on every rank from the same seed (a digest of the op's name), so only the
 case travels; ``Case.digest`` checks that the rank's sample is the parent's.
@@ -28,21 +30,24 @@ from dataclasses import dataclass
 import torch
 from torch.utils._pytree import tree_flatten
 
-KINDS = ("uneven", "empty", "pair", "two-dims", "mesh", "held")
-KIND_WORLD = {"uneven": 2, "empty": 3, "pair": 2, "two-dims": 2, "mesh": 4, "held": 2}
+KINDS = ("uneven", "empty", "pair", "two-dims", "mesh", "held", "folded")
+KIND_WORLD = {"uneven": 2, "empty": 3, "pair": 2, "two-dims": 2, "mesh": 4, "held": 2, "folded": 2}
 
 
 @dataclass(frozen=True)
 class Placement:
-    """Leaf ``leaf`` split along ``dim`` over mesh dim ``mesh_dim`` into pieces of ``sizes``."""
+    """Leaf ``leaf`` split along ``dim`` over mesh dim ``mesh_dim`` into pieces of ``sizes``; with
+    ``fold`` > 1, the dim is ``fold`` blocks each split into pieces of ``sizes`` (a folded dim)."""
 
     leaf: int
     dim: int
     mesh_dim: int
     sizes: tuple[int, ...]
+    fold: int = 1
 
     def __str__(self) -> str:
-        return f"leaf{self.leaf}.dim{self.dim}{'@m1' if self.mesh_dim else ''}{list(self.sizes)}"
+        folded = f"{self.fold}x" if self.fold > 1 else ""
+        return f"leaf{self.leaf}.dim{self.dim}{'@m1' if self.mesh_dim else ''}{folded}{list(self.sizes)}"
 
 
 @dataclass(frozen=True)
@@ -199,6 +204,11 @@ def sample_cases(name: str, index: int, sample, kinds) -> list[Case]:
         if other is not None:
             a, b = other
             case("held", Placement(a[0], a[1], 0, (0, 1)), Placement(b[0], b[1], 0, uneven(b[2])))
+    if "folded" in kinds:
+        for leaf, dim, n in slots:
+            fold = next((f for f in range(2, n) if n % f == 0 and n // f >= 2), None)
+            if fold is not None:
+                case("folded", Placement(leaf, dim, 0, uneven(n // fold), fold))
     two = _two_dims(slots)
     if two is not None:
         a, b = two

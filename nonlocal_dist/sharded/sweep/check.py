@@ -120,6 +120,11 @@ def _shard(leaf: Tensor, case: Case, index: int, groups: tuple) -> Tensor:
     mine = [p for p in case.placements if p.leaf == index]
     if not mine:
         return leaf
+    if len(mine) == 1 and mine[0].fold > 1:  # the blocks apart, their dim sharded, then folded by a view
+        p, shape = mine[0], list(leaf.shape)
+        blocks = leaf.view(shape[:p.dim] + [p.fold, shape[p.dim] // p.fold] + shape[p.dim + 1:])
+        layout = " ".join(f"a{d}" for d in range(blocks.dim()))
+        return distribute(blocks, groups[p.mesh_dim], layout, f"a{p.dim + 1}", sizes=[list(p.sizes)]).view(shape)
     layout = " ".join(f"a{d}" for d in range(leaf.dim()))
     mesh = tuple(groups[p.mesh_dim] for p in mine)
     return distribute(leaf, mesh, layout, [f"a{p.dim}" for p in mine], sizes=[list(p.sizes) for p in mine])

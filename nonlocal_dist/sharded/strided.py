@@ -8,7 +8,8 @@ again. An op that asks where the rows are (a slice, a pad or a window along the 
 an operand of its global length) gets ``PositionsNeeded`` from the shard; the dispatcher then
 regroups each folded operand into a contiguous shard of whole blocks (whole samples) per rank, one
 all-to-all logged once per call site with its bytes, and runs the op again on that. An op writing in
-place into a folded operand is refused there: it would write into the regrouped copy.
+place into a folded operand is refused there, and so is one writing into a view of a regrouped copy
+(a slice of the folded frames, ``tensor.REGROUPED``): either would write into the copy.
 """
 from __future__ import annotations
 
@@ -20,9 +21,15 @@ from torch import Tensor
 from nonlocal_dist.distributed.collectives import move_shard
 from nonlocal_dist.distributed.shards import even_sizes
 from nonlocal_dist.sharded.rules.common import log_once, row_bytes
-from nonlocal_dist.sharded.rules.pointwise import inplace_target
 from nonlocal_dist.sharded.spec import PositionsNeeded, Shard, Strided
-from nonlocal_dist.sharded.tensor import Op, ShardedTensor, map_leaves, user_frame
+from nonlocal_dist.sharded.tensor import (
+    REGROUPED,
+    Op,
+    ShardedTensor,
+    inplace_target,
+    map_leaves,
+    user_frame,
+)
 
 
 def regrouped(op: Op, x: ShardedTensor) -> ShardedTensor:
@@ -47,14 +54,15 @@ def regrouped(op: Op, x: ShardedTensor) -> ShardedTensor:
         dims[d] = Shard(base.group, tuple(n * base.total for n in blocks), base.rank)
     out = ShardedTensor.wrap(local, x.spec.remap(x.dim(), dims))
     x._regrouped = (key, weakref.ref(out))
+    REGROUPED.add(out.untyped_storage())
     return out
 
 
 def run_regrouped(op: Op, handler):
     """``handler`` (the op's rule) on ``op`` with every folded operand regrouped (``regrouped``)."""
     folded = [t for t in op._tensors() if isinstance(t, ShardedTensor) and t.spec.strided]
-    written = op.args[0] if op.func is Tensor.__setitem__ and op.args else inplace_target(op)
-    written = op.kwargs.get("out", written)
+    written = inplace_target(op)
+    written = op.kwargs.get("out") if written is None else written
     if not folded or any(t is written for t in folded):
         dims = sorted({d for t in folded for d, s in t.spec.dims if isinstance(s, Strided)})
         raise op.refuse(

@@ -22,9 +22,11 @@ raised by every rank at the same op: none is left waiting. An op whose tensors a
 from __future__ import annotations
 
 import functools
+import inspect
 import linecache
 import os
 import sys
+import weakref
 from collections.abc import Callable
 
 import torch
@@ -255,6 +257,8 @@ class ShardedTensor(Tensor):
                     handler = _fallback(func)
                 elif func not in ANY_OPERAND:
                     handler = _first_operand(op) or handler
+                if REGROUPED:
+                    _refuse_writes_into_copies(op)
                 return handler(op)
             except ShardingRefusal:
                 raise
@@ -350,6 +354,51 @@ def _refuse_unknown(op: Op):
 
 
 _plain_backward = torch.autograd.backward
+
+
+def inplace_target(op: Op):
+    """The tensor an in-place op writes to (``add_``, ``x[i] = v``, ``F.relu(x, inplace=True)``), or None."""
+    kind = _inplace_kind(op.func)
+    if kind is True or op.kwargs.get("inplace") or (kind is not None and len(op.args) > kind and bool(op.args[kind])):
+        return op.args[0] if op.args else None
+    return None
+
+
+_FLAGGED = ("relu", "dropout", "threshold", "hardtanh", "elu", "leaky_relu", "relu6", "selu", "celu", "rrelu",
+            "hardswish", "silu", "mish")
+
+
+@functools.cache
+def _inplace_kind(func) -> bool | int | None:
+    """True for an op that always writes in place (``add_``, ``__iadd__``, ``__setitem__``); the position
+    of its ``inplace`` flag for a functional that has one (``F.relu(x, True)``); else None. Read once
+    per function (names and signatures are slow to read at every call)."""
+    name = getattr(func, "__name__", "")
+    if (name.endswith("_") and not name.endswith("__")) or name.startswith("__i") or name == "__setitem__":
+        return True
+    if name not in _FLAGGED:
+        return None
+    try:
+        params = list(inspect.signature(func).parameters)
+    except (TypeError, ValueError):
+        return None
+    return params.index("inplace") if "inplace" in params else None
+
+
+# The storages of operands regrouped from a folded dim (``sharded.strided``): a view of one (a slice
+# of the folded frames) is a view of a copy, so a write into it would not reach the folded tensor.
+REGROUPED: weakref.WeakSet = weakref.WeakSet()
+
+
+def _refuse_writes_into_copies(op: Op) -> None:
+    target = inplace_target(op)
+    target = op.kwargs.get("out") if target is None else target
+    if isinstance(target, Tensor) and target.untyped_storage() in REGROUPED:
+        raise op.refuse(
+            "it writes in place into a view of frames folded by a view and taken along the folded dim (a slice of "
+            "them): that view is of a regrouped copy (each rank's whole samples), so the write would not reach the "
+            "tensor it was taken from", fix="write into the folded tensor itself (x.view(b * t, ...)[i] = v is "
+            "refused too: index the unfolded (b, t, ...) tensor), or clone the slice first to write into a copy")
 
 
 _LEAVES = (Tensor, int, float, bool, str, type(None), torch.dtype, torch.device)

@@ -8,7 +8,8 @@ against one process: outputs, input gradients and summed parameter gradients.
   a max over them need not): the folded operand is regrouped into whole samples per rank (logged,
   once per call site with its bytes) and the op is exact;
 - an in-place write through the folded view reaches the tensor it was taken from (an alias, as in
-  torch); an in-place op that needs the rows' positions is refused on every rank.
+  torch); one that needs the rows' positions, or writes into a slice of them (a view of a regrouped
+  copy), is refused on every rank.
 """
 from __future__ import annotations
 
@@ -132,12 +133,24 @@ class WritesRowsInPlace(nn.Module):
         return x
 
 
-def _refused_worker(rank, world):
+class WritesIntoASlice(nn.Module):
+    """A slice along the folded frames is a view of a regrouped copy: a write into it would not reach x."""
+
+    def forward(self, x):
+        b, t, h, w, c = x.shape
+        x = x * 1.0
+        later = x.view(b * t, h, w, c)[1:]
+        later.mul_(2.0)
+        return x
+
+
+def _refused_worker(rank, world, name):
     import torch.distributed as dist
 
     from nonlocal_dist import parallelize
 
-    model = parallelize(WritesRowsInPlace(), dist.group.WORLD, "t", layout="b t h w c", sizes=SIZES[world])
+    cls = {"rows": WritesRowsInPlace, "slice": WritesIntoASlice}[name]
+    model = parallelize(cls(), dist.group.WORLD, "t", layout="b t h w c", sizes=SIZES[world])
     try:
         model(torch.randn(2, 7, 3, 2, 4))
     except ShardingRefusal as exc:
@@ -145,6 +158,7 @@ def _refused_worker(rank, world):
     return None
 
 
-def test_an_in_place_write_needing_the_folded_positions_is_refused_on_every_rank():
-    messages = run_ranks(_refused_worker, 2, timeout=120)
+@pytest.mark.parametrize("name", ["rows", "slice"])
+def test_an_in_place_write_that_would_miss_the_folded_tensor_is_refused_on_every_rank(name):
+    messages = run_ranks(_refused_worker, 2, name, timeout=120)
     assert all(m is not None and "folded by a view" in m and "test_folded.py" in m for m in messages), messages

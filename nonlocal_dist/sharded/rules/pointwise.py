@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import inspect
 
 import torch
 import torch.nn.functional as F
@@ -27,6 +26,7 @@ from nonlocal_dist.sharded.tensor import (
     FAMILIES,
     Op,
     ShardedTensor,
+    inplace_target,
     map_leaves,
     replicated_or_refuse,
     rule,
@@ -170,35 +170,6 @@ def _wrap_outputs(out, spec, ndim: int, plain: list[Tensor]):
         return ShardedTensor.wrap(t, spec.remap(t.dim(), {d - ndim + t.dim(): s for d, s in spec.dims}))
 
     return map_leaves(wrap, out)
-
-
-def inplace_target(op: Op):
-    """The tensor an in-place op writes to, or None."""
-    kind = _inplace_kind(op.func)
-    if kind is True or op.kwargs.get("inplace") or (kind is not None and len(op.args) > kind and bool(op.args[kind])):
-        return op.args[0]
-    return None
-
-
-_FLAGGED = ("relu", "dropout", "threshold", "hardtanh", "elu", "leaky_relu", "relu6", "selu", "celu", "rrelu",
-            "hardswish", "silu", "mish")
-
-
-@functools.cache
-def _inplace_kind(func) -> bool | int | None:
-    """True for an op that always writes in place (``add_``, ``__iadd__``); the position of its
-    ``inplace`` flag for a functional that has one (``F.relu(x, True)``); else None. Read once per
-    function (names and signatures are slow to read at every call)."""
-    name = getattr(func, "__name__", "")
-    if (name.endswith("_") and not name.endswith("__")) or name.startswith("__i"):
-        return True
-    if name not in _FLAGGED:
-        return None
-    try:
-        params = list(inspect.signature(func).parameters)
-    except (TypeError, ValueError):
-        return None
-    return params.index("inplace") if "inplace" in params else None
 
 
 for _func in set(_targets()):

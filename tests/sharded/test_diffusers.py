@@ -459,6 +459,25 @@ def _more(name: str, g):
             num_cross_attention_heads=2, cross_attention_head_dim=8, cross_attention_dim=16, caption_channels=12,
             mlp_ratio=2.5, sample_size=8, patch_size=(1, 2, 2), rope_max_seq_len=32)
         call = lambda m, v: m(v, text, t, encoder_attention_mask=mask, return_dict=False)[0]  # noqa: E731
+    elif name == "sana_wm":  # flip along the frames, a shifted backward scan, camera-conditioned key norms
+        x = torch.randn(2, 4, 3, 4, 4, dtype=torch.float64, generator=g)
+        model = diffusers.SanaWMTransformer3DModel(
+            in_channels=4, num_layers=2, hidden_size=32, num_attention_heads=2, patch_size=(1, 1, 1),
+            softmax_every_n=2, linear_head_dim=16, t_kernel_size=3, conv_kernel_size=4, caption_channels=12,
+            chunk_plucker_channels=6, chunk_plucker_post_attn_blocks=2, mlp_ratio=2.0, image_size=4)
+        with torch.no_grad():  # zero at init: the camera (Plucker) path would be inert
+            model.plucker_embedder.proj.weight.normal_(0, 0.3, generator=torch.Generator().manual_seed(3))
+        frame_t = torch.tensor([[[0.0, 500.0, 500.0]], [[0.0, 20.0, 20.0]]], dtype=torch.float64)  # per frame
+        c2w = torch.eye(4, dtype=torch.float64).repeat(2, 3, 1, 1)
+        c2w[:, :, :3, 3] = torch.randn(2, 3, 3, dtype=torch.float64, generator=g) * 0.3
+        angle = torch.randn(2, 3, dtype=torch.float64, generator=g) * 0.2
+        c2w[:, :, 0, 0], c2w[:, :, 0, 2] = angle.cos(), angle.sin()
+        c2w[:, :, 2, 0], c2w[:, :, 2, 2] = -angle.sin(), angle.cos()
+        intrinsics = torch.tensor([4.0, 4.0, 2.0, 2.0], dtype=torch.float64).expand(2, 3, 4)
+        camera = torch.cat([c2w.flatten(2), intrinsics], -1)
+        plucker = torch.randn(2, 6, 3, 4, 4, dtype=torch.float64, generator=g)
+        call = lambda m, v: m(v, frame_t, text[:, None], mask=mask, camera_conditions=camera,  # noqa: E731
+                              chunk_plucker=plucker, return_dict=False)[0]
     else:  # latte: frames folded into the batch, cross-attention to the text repeated per frame
         x = torch.randn(2, 4, 3, 4, 4, dtype=torch.float64, generator=g)
         model = diffusers.LatteTransformer3DModel(
@@ -489,11 +508,11 @@ def _more_worker(rank, world, name):
 
 @pytest.mark.parametrize("world", [2, 3])
 @pytest.mark.parametrize("name", ["mochi", "allegro", "cosmos", "skyreels", "hunyuan15", "easyanimate", "latte", "motif",
-                                  "sana_video"])
+                                  "sana_video", "sana_wm"])
 def test_more_video_transformers_are_exact_on_sharded_frames(name, world):
     for errors in run_ranks(_more_worker, world, name, timeout=300):
         floor = max(1e-10, 20 * errors["control floor"])
-        if name == "sana_video":  # its linear attention runs in float32: every figure within its floor
+        if name in ("sana_video", "sana_wm"):  # linear attention in float32: every figure within its floor
             assert 0 < errors["control floor"] < 1e-5, errors
             assert errors["output"] <= floor and errors["hidden_states grad"] <= floor, errors
         else:

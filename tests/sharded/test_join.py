@@ -279,7 +279,25 @@ class ValuesFirstAttention(nn.Module):
         return x + torch.bmm(self.v(x), attn.softmax(dim=2).permute(0, 2, 1))
 
 
+class BackwardScan(nn.Module):
+    """SANA-WM's backward stream (x: b n c): the tokens flipped, shifted by one (``narrow``, a zero token in
+    front), a causal depthwise conv over them, flipped back; key norms over the channels and over the
+    tokens (``linalg.vector_norm``, p = 2 and inf); a roll along the tokens (positions wrap across ranks)."""
+
+    def __init__(self, c: int = 8) -> None:
+        super().__init__()
+        self.conv = nn.Conv1d(c, c, 3, groups=c)
+
+    def forward(self, x):
+        shifted = torch.cat([torch.zeros_like(x[:, :1]), x.flip(1).narrow(1, 0, x.shape[1] - 1)], dim=1)
+        scanned = self.conv(F.pad(shifted.transpose(1, 2), (2, 0))).transpose(1, 2).flip(1)
+        norms = (torch.linalg.vector_norm(x, dim=2, keepdim=True) + torch.linalg.vector_norm(x, dim=1, keepdim=True)
+                 + torch.linalg.vector_norm(x, float("inf"), dim=1, keepdim=True))
+        return scanned * norms + x.roll(2, 1) + torch.fliplr(x)
+
+
 CASES = {
+    "backward_scan": (BackwardScan, (2, 7, 8), "b n c", "n"),
     "audio_video": (AudioVideo, (2, 7, 8), "b n c", "n"),
     "values_first_attention": (ValuesFirstAttention, (2, 4, 7), "b c n", "n"),
     "packed_rows": (PackedRows, (2, 7, 8), "b n c", "n"),

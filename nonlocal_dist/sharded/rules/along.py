@@ -1,19 +1,30 @@
-"""Ops that act along given dims: softmax, log_softmax, cumulative sums and products, F.normalize, roll.
+"""Ops that act along given dims: softmax, log_softmax, cumulative sums and products, F.normalize,
+``flip``, ``roll``.
 
 Along an unsharded dim each rank's piece is computed as it is (exact, no communication; an empty
 piece runs on one zero position, ``on_piece``). Along a sharded dim, ``F.normalize`` divides by the
-p-norm of the whole dim (|x|^p summed over the ranks, one all-reduce per mesh dim); softmax and the
-cumulative ops there are refused, as is ``roll`` along a sharded dim or with no dims (it flattens).
-A missing dim (softmax's implicit one) is refused too.
+p-norm of the whole dim (|x|^p summed over the ranks, one all-reduce per mesh dim); ``flip`` and
+``roll`` permute the positions: each rank fetches those of its part (one all-to-all, logged);
+softmax and the cumulative ops there are refused, as is ``roll`` with no dims (it flattens). A
+missing dim (softmax's implicit one) is refused too.
 """
 from __future__ import annotations
+
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from nonlocal_dist.sharded.rules.common import bind, on_piece, sum_over_groups
-from nonlocal_dist.sharded.tensor import Op, ShardedTensor, rule
+from nonlocal_dist.sharded.fetch import fetch_positions
+from nonlocal_dist.sharded.rules.common import (
+    bind,
+    log_once,
+    on_piece,
+    row_bytes,
+    sum_over_groups,
+)
+from nonlocal_dist.sharded.tensor import Op, ShardedTensor, rule, user_frame
 
 
 def _softmax_ref(input, dim=None, _stacklevel=3, dtype=None):
@@ -74,18 +85,75 @@ def _normalize(op: Op):
     return ShardedTensor.wrap(local / norm.clamp_min(eps).to(local.dtype).expand_as(local), x.spec)
 
 
+def _read_at(op: Op, x: ShardedTensor, moves: dict[int, Callable[[Tensor], Tensor]]) -> ShardedTensor:
+    """x with each sharded dim d of ``moves`` permuted: output position i reads input position
+    ``moves[d](i)`` (a flip, a roll). Each rank fetches the positions of its own part of the output
+    (one all-to-all per dim, logged once per call site with its bytes); the split stays as it was."""
+    local, dims = x.as_subclass(Tensor), x.spec.sharded
+    for d, move in moves.items():
+        shard = dims[d]
+        needs = [move(torch.arange(a, a + n)) for a, n in zip(shard.starts, shard.sizes)]
+        mine = needs[shard.rank]
+        moved = int(((mine < shard.start) | (mine >= shard.start + shard.local)).sum())
+        log_once(user_frame(), f"{op.name} along sharded dim {d}: each rank fetches the positions of its part, "
+                               f"about {moved * row_bytes(local, d)} bytes to this rank per call")
+        local = fetch_positions(local, d, needs, shard.sizes, shard.group, shard.rank)
+        dims[d] = shard.with_sizes(shard.sizes)  # the same split; a pad's lead/trail no longer in front/behind
+    return ShardedTensor.wrap(local, x.spec.remap(x.dim(), dims))
+
+
+def _flip_ref(input, dims):
+    """Signature of torch.flip."""
+
+
+@rule(torch.flip, Tensor.flip, torch.fliplr, Tensor.fliplr, torch.flipud, Tensor.flipud)
+def _flip(op: Op):
+    """``flip`` (a backward scan over the frames: SANA-WM's bidirectional conv and recurrence): along a
+    sharded dim each rank fetches the mirrored positions of its part; other dims flip on each piece."""
+    x = op.args[0]
+    name = getattr(op.func, "__name__", "flip")
+    if name in ("fliplr", "flipud"):
+        if x.dim() < (2 if name == "fliplr" else 1):
+            return op.run(x.as_subclass(Tensor))  # torch's own error, on every rank
+        dims = [1 if name == "fliplr" else 0]
+    else:
+        given = bind(op, _flip_ref)["dims"]
+        dims = [given] if isinstance(given, int) else list(given)
+    dims = sorted({d % max(x.dim(), 1) for d in dims})
+    total = {d: s.total for d, s in x.spec.dims}
+    out = _read_at(op, x, {d: (lambda i, n=total[d]: n - 1 - i) for d in dims if d in total})
+    rest = [d for d in dims if d not in total]
+    if not rest:
+        return out
+    return ShardedTensor.wrap(out.as_subclass(Tensor).flip(rest), out.spec)
+
+
 @rule(torch.roll, Tensor.roll)
 def _roll(op: Op):
-    """``roll`` along unsharded dims (Swin's shifted windows over h and w): each rank's piece."""
+    """``roll`` along unsharded dims (Swin's shifted windows over h and w): each rank's piece; along a
+    sharded dim each rank fetches the positions that land in its part."""
     x = op.args[0]
     a = op.named
     dims = None if a is None else a.get("dims")
     dims = [dims] if isinstance(dims, int) else list(dims or [])
     if not dims:
         raise op.refuse("roll with no dims (it rolls the flattened tensor)", fix="give dims=")
-    sharded = [d % x.dim() for d in dims if d % x.dim() in x.spec.sharded]
-    if sharded:
-        raise op.refuse("a roll along the sharded dim (positions wrap across ranks)", sharded[0],
-                        "roll along unsharded dims, or pad and slice instead")
-    out = on_piece(lambda t: op.run(t, *op.args[1:], **op.kwargs), x.as_subclass(Tensor), x.spec.sharded)
+    shifts = a["shifts"]
+    shifts = [shifts] if isinstance(shifts, int) else list(shifts)
+    if len(shifts) != len(dims):
+        return op.run(x.as_subclass(Tensor), *op.args[1:], **op.kwargs)  # torch's own error, on every rank
+    total = {d: s.total for d, s in x.spec.dims}
+    along = {}
+    for shift, d in zip(shifts, dims):
+        d %= x.dim()
+        if d in total:
+            along[d] = lambda i, n=total[d], s=shift, before=along.get(d): (
+                (i if before is None else before(i)) - s) % n
+    rest = [(s, d % x.dim()) for s, d in zip(shifts, dims) if d % x.dim() not in total]
+    if along:
+        x = _read_at(op, x, along)
+    if not rest:
+        return x
+    out = on_piece(lambda t: t.roll([s for s, _ in rest], [d for _, d in rest]), x.as_subclass(Tensor),
+                   x.spec.sharded)
     return ShardedTensor.wrap(out, x.spec)

@@ -354,6 +354,35 @@ def _global_slices(x: ShardedTensor, dim: int, bounds: list[tuple[int, int]]) ->
                  for lo, hi in bounds)
 
 
+def _narrow_ref(input, dim, start, length):
+    """Signature of torch.narrow."""
+
+
+@rule(Tensor.narrow, torch.narrow)
+def _narrow(op: Op):
+    """``narrow`` (SANA-WM's shift of a flipped sequence): the global slice ``[start, start + length)``
+    of ``dim``, as ``x[..., start:start + length]`` (torch's bounds checked, on every rank)."""
+    a = bind(op, _narrow_ref)
+    x, start, length = a["input"], a["start"], a["length"]
+    if isinstance(start, Tensor):  # torch takes a 0-dim tensor for start
+        start = int(start)
+    shape = x.spec.global_shape(x.shape)  # x.shape is the local one inside a rule
+    dim = a["dim"]
+    if not -len(shape) <= dim < len(shape):
+        raise failure.everywhere(IndexError(
+            f"Dimension out of range (expected to be in range of [{-len(shape)}, {len(shape) - 1}], but got {dim})"))
+    dim %= len(shape)
+    size = shape[dim]
+    first = start + size if start < 0 else start
+    if not 0 <= first <= size or length < 0 or first + length > size:
+        raise failure.everywhere(RuntimeError(
+            f"narrow(): start ({start}) + length ({length}) exceeds dimension size ({size}), or start is out of "
+            f"range [{-size}, {size}] or length is negative"))
+    start = first
+    index = (slice(None),) * dim + (slice(start, start + length),)
+    return _getitem(Op(Tensor.__getitem__, (x, index), {}))
+
+
 @rule(Tensor.tensor_split, torch.tensor_split)
 def _tensor_split(op: Op):
     """``tensor_split`` (MViT's class token off the tokens): along a sharded dim, global slices."""

@@ -165,6 +165,44 @@ def _var_std(op: Op):
 rule(torch.var, Tensor.var, torch.std, Tensor.std)(_var_std)
 
 
+def _vector_norm_ref(x, ord=2, dim=None, keepdim=False, *, dtype=None):
+    """Signature of torch.linalg.vector_norm."""
+
+
+@rule(torch.linalg.vector_norm)
+def _vector_norm(op: Op):
+    """The p-norm over dims (SANA-WM's key norms): over unsharded dims on each rank's piece; over a
+    sharded dim, |x|^p summed over the ranks (one all-reduce per mesh dim) for p >= 1, or the
+    extreme of |x| for p = +-inf. The root is taken only where the sum is positive, so a zero
+    vector's gradient is torch's (zero), not NaN."""
+    a = bind(op, _vector_norm_ref)
+    x, p, keepdim = a["x"], a["ord"], bool(a["keepdim"])
+    if x.spec.replicated:
+        return _replicated(op)
+    given = a["dim"]
+    dims = sorted({d % max(x.dim(), 1) for d in ([given] if isinstance(given, int) else given or range(x.dim()))})
+    shards = [s for d, s in x.spec.dims if d in dims]
+    if not shards:
+        return _result(op, x, op.run(x.as_subclass(Tensor), p, dims, keepdim, dtype=a["dtype"]), dims, keepdim)
+    p = float(p)
+    if not (p >= 1 or p in (float("inf"), float("-inf"))):
+        raise op.refuse(f"ord={p} over a sharded dim", dims[0] if len(dims) == 1 else None,
+                        "use ord >= 1 or +-inf there, or take the norm along unsharded dims")
+    local = x.as_subclass(Tensor)
+    if p in (float("inf"), float("-inf")):
+        largest = p > 0
+        magnitude = local.abs() if a["dtype"] is None else local.abs().to(a["dtype"])
+        out = extreme_over_groups(local_extreme(magnitude, dims, largest), shards, largest)
+    else:
+        acc = torch.promote_types(a["dtype"] or local.dtype, torch.float32)
+        total = sum_over_groups(torch.linalg.vector_norm(local, p, dims, keepdim=True, dtype=acc).pow(p), shards)
+        positive = total > 0
+        out = (torch.where(positive, total, torch.ones_like(total)).pow(1 / p) * positive).to(a["dtype"] or local.dtype)
+    if not keepdim:
+        out = out.squeeze(dims)
+    return _result(op, x, out, dims, keepdim)
+
+
 def _adaptive(n: int, pool, largest: bool | None):
     """adaptive_{avg,max}_pool{n}d: output size 1 (or the global length, or None) along sharded dims."""
 

@@ -68,7 +68,10 @@ def rule(*funcs: Callable, any_operand: bool = False) -> Callable:
 
     A rule sees a sharded tensor only as its first argument (the activation) unless it declares
     ``any_operand`` (broadcasting ops, joins, contractions, which check their operands themselves):
-    the dispatcher refuses a sharded weight, statistic or index on every rank before the rule runs."""
+    the dispatcher refuses a sharded weight, statistic or index on every rank before the rule runs.
+    A rule whose result depends on where a rank's positions lie reads them from the shard (``sizes``,
+    ``starts``, ``start``), never from the rank order alone: a folded dim (``spec.Strided``) is then
+    regrouped into contiguous pieces before the rule runs again."""
 
     def register(fn):
         for func in funcs:

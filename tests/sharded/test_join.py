@@ -296,7 +296,26 @@ class BackwardScan(nn.Module):
         return scanned * norms + x.roll(2, 1) + torch.fliplr(x)
 
 
+class CausalLinearAttention(nn.Module):
+    """Causal linear attention over the tokens (x: b n c) written with prefix sums: the key-value
+    statistics and the key sums accumulated by ``cumsum`` along the sharded tokens; a decay gate by
+    ``cumprod``, a running log-normaliser by ``logcumsumexp``."""
+
+    def __init__(self, c: int = 8) -> None:
+        super().__init__()
+        self.qkv = nn.Linear(c, 3 * c)
+
+    def forward(self, x):
+        q, k, v = F.elu(self.qkv(x)).add(1).chunk(3, dim=-1)
+        kv = (k[..., :, None] * v[..., None, :]).cumsum(dim=1)  # (b, n, c, c)
+        num = (q[..., :, None] * kv).sum(-2)
+        den = (q * k.cumsum(1)).sum(-1, keepdim=True)
+        decay = torch.sigmoid(x).cumprod(dim=1)
+        return num / den * decay + torch.logcumsumexp(x, dim=1)
+
+
 CASES = {
+    "causal_linear_attention": (CausalLinearAttention, (2, 7, 8), "b n c", "n"),
     "backward_scan": (BackwardScan, (2, 7, 8), "b n c", "n"),
     "audio_video": (AudioVideo, (2, 7, 8), "b n c", "n"),
     "values_first_attention": (ValuesFirstAttention, (2, 4, 7), "b c n", "n"),

@@ -5,8 +5,9 @@ Along an unsharded dim each rank's piece is computed as it is (exact, no communi
 piece runs on one zero position, ``on_piece``). Along a sharded dim, ``F.normalize`` divides by the
 p-norm of the whole dim (|x|^p summed over the ranks, one all-reduce per mesh dim); ``flip`` and
 ``roll`` permute the positions: each rank fetches those of its part (one all-to-all, logged);
-softmax and the cumulative ops there are refused, as is ``roll`` with no dims (it flattens). A
-missing dim (softmax's implicit one) is refused too.
+``cumsum``, ``cumprod`` and ``logcumsumexp`` scan each piece and take in the earlier ranks' totals
+(one all-gather of one position per rank); softmax there is refused, as is ``roll`` with no dims (it
+flattens). A missing dim (softmax's implicit one) is refused too.
 """
 from __future__ import annotations
 
@@ -16,6 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from nonlocal_dist.distributed.collectives import gather_dim
 from nonlocal_dist.sharded.fetch import fetch_positions
 from nonlocal_dist.sharded.rules.common import (
     bind,
@@ -50,11 +52,44 @@ def _along(op: Op):
     x = op.args[0]
     dim = _dim_of(op)
     if dim in x.spec.sharded:
+        if getattr(op.func, "__name__", "") in _SCANS:
+            return _scan(op, x, dim)
         raise op.refuse("it acts along the sharded dim (each output reads every position of it)", dim,
                         "apply it along an unsharded dim, or where the activation is whole")
     rest = [a.as_subclass(Tensor) if isinstance(a, ShardedTensor) else a for a in op.args[1:]]
     out = on_piece(lambda t: op.run(t, *rest, **op.kwargs), x.as_subclass(Tensor), x.spec.sharded)
     return ShardedTensor.wrap(out, x.spec)
+
+
+# Cumulative ops along a sharded dim: (the identity, the reduction of the earlier ranks' totals, how a
+# rank's own scan takes them in).
+_SCANS = {
+    "cumsum": (0.0, lambda t, d: t.sum(d, keepdim=True), torch.add),
+    "cumprod": (1.0, lambda t, d: t.prod(d, keepdim=True), torch.mul),
+    "logcumsumexp": (float("-inf"), lambda t, d: t.logsumexp(d, keepdim=True), torch.logaddexp),
+}
+
+
+def _scan(op: Op, x: ShardedTensor, dim: int) -> ShardedTensor:
+    """A cumulative sum, product or log-sum-exp along the sharded dim (a causal linear attention's or a
+    recurrence's prefix): each rank scans its piece, the ranks' totals are gathered (one all-gather of
+    one position each, differentiable), and each rank takes in the total of the ranks before it."""
+    identity, reduce, combine = _SCANS[op.func.__name__]
+    shard = x.spec.sharded[dim]
+    sizes = shard.sizes  # where the positions lie (a folded dim's rows are regrouped first)
+    rest = [a.as_subclass(Tensor) if isinstance(a, ShardedTensor) else a for a in op.args[1:]]
+    local = op.run(x.as_subclass(Tensor), *rest, **op.kwargs)
+    if shard.world == 1:
+        return ShardedTensor.wrap(local, x.spec)
+    # An empty piece's total is the identity, a sum of nothing plus the constant: in the autograd graph,
+    # so its rank joins the gather's backward as every other does.
+    last = (local.narrow(dim, sizes[shard.rank] - 1, 1) if sizes[shard.rank]
+            else (local.sum(dim, keepdim=True) + identity).to(local.dtype))
+    totals = gather_dim(last, dim, [1] * shard.world, shard.group)
+    # The first rank takes in an empty reduction (the identity): its graph reaches the gather too, so
+    # every rank joins the gather's backward.
+    before = reduce(totals.narrow(dim, 0, shard.rank), dim)
+    return ShardedTensor.wrap(combine(local, before), x.spec)
 
 
 rule(F.softmax, F.log_softmax, torch.softmax, Tensor.softmax, torch.log_softmax, Tensor.log_softmax,

@@ -314,7 +314,22 @@ class CausalLinearAttention(nn.Module):
         return num / den * decay + torch.logcumsumexp(x, dim=1)
 
 
+class AttentionPooling(nn.Module):
+    """Attention pooling over the sharded tokens (x: b n c): softmax of per-token scores along the
+    tokens, the weighted sum (replicated), and log_softmax along them broadcast back."""
+
+    def __init__(self, c: int = 8) -> None:
+        super().__init__()
+        self.score = nn.Linear(c, 2)
+
+    def forward(self, x):
+        weights = torch.softmax(self.score(x), dim=1)  # (b, n, 2)
+        pooled = torch.einsum("bnk,bnc->bkc", weights, x)
+        return x * pooled.mean(1, keepdim=True) + F.log_softmax(x, dim=1)
+
+
 CASES = {
+    "attention_pooling": (AttentionPooling, (2, 7, 8), "b n c", "n"),
     "causal_linear_attention": (CausalLinearAttention, (2, 7, 8), "b n c", "n"),
     "backward_scan": (BackwardScan, (2, 7, 8), "b n c", "n"),
     "audio_video": (AudioVideo, (2, 7, 8), "b n c", "n"),

@@ -6,8 +6,9 @@ piece runs on one zero position, ``on_piece``). Along a sharded dim, ``F.normali
 p-norm of the whole dim (|x|^p summed over the ranks, one all-reduce per mesh dim); ``flip`` and
 ``roll`` permute the positions: each rank fetches those of its part (one all-to-all, logged);
 ``cumsum``, ``cumprod`` and ``logcumsumexp`` scan each piece and take in the earlier ranks' totals
-(one all-gather of one position per rank); softmax there is refused, as is ``roll`` with no dims (it
-flattens). A missing dim (softmax's implicit one) is refused too.
+(one all-gather of one position per rank); softmax and log_softmax take the max and the sum of the
+exponentials over the ranks. ``roll`` with no dims (it flattens) is refused, as is a missing dim
+(softmax's implicit one).
 """
 from __future__ import annotations
 
@@ -26,6 +27,7 @@ from nonlocal_dist.sharded.rules.common import (
     row_bytes,
     sum_over_groups,
 )
+from nonlocal_dist.sharded.rules.reduce import extreme_over_groups, local_extreme
 from nonlocal_dist.sharded.tensor import Op, ShardedTensor, rule, user_frame
 
 
@@ -52,12 +54,29 @@ def _along(op: Op):
     x = op.args[0]
     dim = _dim_of(op)
     if dim in x.spec.sharded:
-        if getattr(op.func, "__name__", "") in _SCANS:
+        name = getattr(op.func, "__name__", "")
+        if name in _SCANS:
             return _scan(op, x, dim)
-        raise op.refuse("it acts along the sharded dim (each output reads every position of it)", dim,
-                        "apply it along an unsharded dim, or where the activation is whole")
+        return _softmax_over_ranks(op, x, dim, name == "log_softmax")
     rest = [a.as_subclass(Tensor) if isinstance(a, ShardedTensor) else a for a in op.args[1:]]
     out = on_piece(lambda t: op.run(t, *rest, **op.kwargs), x.as_subclass(Tensor), x.spec.sharded)
+    return ShardedTensor.wrap(out, x.spec)
+
+
+def _softmax_over_ranks(op: Op, x: ShardedTensor, dim: int, log: bool) -> ShardedTensor:
+    """softmax (or log_softmax) along the sharded dim (attention pooling over the tokens): the max over
+    the ranks (a constant shift, detached: the gradient is exact without it), then the sum of the
+    exponentials over the ranks (one all-reduce, differentiable)."""
+    a = bind(op, _softmax_ref) if op.func in (F.softmax, F.log_softmax) else op.named
+    local = x.as_subclass(Tensor)
+    if a.get("dtype") is not None:
+        local = local.to(a["dtype"])
+    shard = x.spec.sharded[dim]
+    peak = extreme_over_groups(local_extreme(local.detach(), [dim], True), [shard], True)
+    peak = torch.where(torch.isfinite(peak), peak, torch.zeros_like(peak))  # all -inf: torch's nan, not ours
+    shifted = local - peak
+    total = sum_over_groups(shifted.exp().sum(dim, keepdim=True), [shard])
+    out = shifted - total.log() if log else shifted.exp() / total
     return ShardedTensor.wrap(out, x.spec)
 
 

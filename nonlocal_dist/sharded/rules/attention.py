@@ -398,10 +398,11 @@ def _cross_attention(op: Op, a: dict, k: Tensor, v: Tensor, local_batch: bool = 
 
 @rule(torch.einsum, any_operand=True)
 def _einsum(op: Op):
-    """``einsum`` whose sharded letters all stay in the output (MViT's relative positions,
-    ``"bythwc,tkc->bythwk"``): each rank's positions; a whole operand indexed by a sharded letter is
-    sliced to the rank's part (length 1 broadcasts). A contracted sharded letter, or two letters
-    sharded over one group, is refused."""
+    """``einsum`` over sharded letters (MViT's relative positions, ``"bythwc,tkc->bythwk"``): each rank's
+    positions; a whole operand indexed by a sharded letter is sliced to the rank's part (length 1
+    broadcasts). A contracted sharded letter (attention pooling's ``"bnk,bnc->bkc"``) is summed over
+    its group after the local einsum (one all-reduce: the result is replicated over it). Two letters
+    sharded over one group are refused."""
     if _all_replicated(op):
         return replicated_or_refuse(op)
     equation = op.args[0]
@@ -414,8 +415,9 @@ def _einsum(op: Op):
     for t, term in zip(operands, terms):
         for d, shard in (t.spec.dims if isinstance(t, ShardedTensor) else ()):
             letter = term[d]
-            if letter not in output:
-                raise op.refuse(f"it contracts the sharded index {letter!r}", d, "contract over unsharded dims")
+            if term.count(letter) > 1:
+                raise op.refuse(f"a diagonal along the sharded index {letter!r} (it repeats in one operand)", d,
+                                "take the diagonal where the tensor is whole")
             if letter in letters and not letters[letter].same(shard):
                 raise op.refuse(f"index {letter!r} is sharded differently in two operands", d)
             letters[letter] = shard
@@ -437,6 +439,6 @@ def _einsum(op: Op):
                 raise op.refuse(f"an operand of length {base.shape[d]} along index {letter!r}, sharded with length "
                                 f"{shard.total}", d)
         local.append(base)
-    out = torch.einsum(equation, *local)
+    out = sum_over_groups(torch.einsum(equation, *local), [s for k, s in letters.items() if k not in output])
     spec = next(t for t in operands if isinstance(t, ShardedTensor)).spec
-    return ShardedTensor.wrap(out, spec.remap(out.dim(), {output.index(k): s for k, s in letters.items()}))
+    return ShardedTensor.wrap(out, spec.remap(out.dim(), {output.index(k): s for k, s in letters.items() if k in output}))

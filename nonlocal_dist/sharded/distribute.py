@@ -26,6 +26,7 @@ from torch.utils._pytree import tree_flatten
 import nonlocal_dist.distributed.failure as failure
 import nonlocal_dist.sharded.rng as rng
 import nonlocal_dist.sharded.rules  # noqa: F401  (importing registers the rules)
+import nonlocal_dist.sharded.strided  # noqa: F401  (importing registers the regroup of folded dims)
 from nonlocal_dist.distributed.checks import agree_across_ranks, digest, exchange_device
 from nonlocal_dist.distributed.collectives import gather_dim
 from nonlocal_dist.distributed.comm import broadcast_

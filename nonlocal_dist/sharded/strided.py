@@ -23,6 +23,7 @@ from nonlocal_dist.distributed.shards import even_sizes
 from nonlocal_dist.sharded.rules.common import log_once, row_bytes
 from nonlocal_dist.sharded.spec import PositionsNeeded, Shard, Strided
 from nonlocal_dist.sharded.tensor import (
+    REGROUP,
     REGROUPED,
     Op,
     ShardedTensor,
@@ -79,3 +80,6 @@ def run_regrouped(op: Op, handler):
         return handler(again)
     except PositionsNeeded:  # no folded operand is left: a rule made one itself
         raise again.refuse("a rule folded a dim and asked where its rows are in the same op") from None
+
+
+REGROUP.append(run_regrouped)

@@ -123,6 +123,26 @@ COMPILE_REFUSAL = (
 )
 
 
+def compile_refusal() -> str:
+    """The refusal for a ShardedTensor met while dynamo traces, naming the user's line; torch's flex
+    attention compiles itself even in an eager model, so there it says to pick another attention."""
+    flex = any("flex_attention" in frame.f_code.co_filename for frame in _frames())
+    where = f" at {user_frame()}"
+    if flex:
+        return (f"flex_attention cannot run on a ShardedTensor{where}: torch compiles it even in an eager model, "
+                "and its block masks index positions this runtime shards. Fix: run the model with a "
+                "scaled_dot_product_attention backend (diffusers: set_attention_backend('native')), or keep its "
+                "inputs whole")
+    return COMPILE_REFUSAL + where
+
+
+def _frames():
+    frame = sys._getframe(1)
+    while frame is not None:
+        yield frame
+        frame = frame.f_back
+
+
 _UNBOUND = object()
 
 
@@ -219,7 +239,7 @@ class ShardedTensor(Tensor):
         shards two dims over one process group, or over a mesh's span and one of its dims' groups:
         each rank would hold only its diagonal block."""
         if torch.compiler.is_compiling():  # dynamo traced the sharding itself (parallelize's hook, torch 2.8)
-            raise RuntimeError(COMPILE_REFUSAL)
+            raise RuntimeError(compile_refusal())
         groups = [covered(shard.group) for _, shard in spec.dims] if len(spec.dims) > 1 else ()
         if groups and sum(map(len, groups)) > len(frozenset().union(*groups)):
             dims = [d for d, _ in spec.dims]
@@ -250,7 +270,7 @@ class ShardedTensor(Tensor):
             with torch._C.DisableTorchFunctionSubclass():
                 return func(*args)
         if torch.compiler.is_compiling():
-            raise RuntimeError(COMPILE_REFUSAL)
+            raise RuntimeError(compile_refusal())
         args, kwargs = normalize(func, args, kwargs or {})
         with torch._C.DisableTorchFunctionSubclass():
             handler = RULES.get(func)
@@ -266,9 +286,7 @@ class ShardedTensor(Tensor):
             except ShardingRefusal:
                 raise
             except PositionsNeeded:  # a rule asked where a folded dim's rows are: they are made contiguous
-                from nonlocal_dist.sharded.strided import run_regrouped
-
-                return run_regrouped(op, handler)
+                return REGROUP[0](op, handler)
             except Exception as exc:
                 failure.post(exc, f"{op.name} at {user_frame()}")
                 raise
@@ -388,6 +406,9 @@ def _inplace_kind(func) -> bool | int | None:
     return params.index("inplace") if "inplace" in params else None
 
 
+# ``run_regrouped(op, handler)`` of ``sharded.strided`` (it registers itself: the dispatcher does not
+# import the rules' helpers it uses).
+REGROUP: list[Callable[[Op, Callable], object]] = []
 # The storages of operands regrouped from a folded dim (``sharded.strided``): a view of one (a slice
 # of the folded frames) is a view of a copy, so a write into it would not reach the folded tensor.
 REGROUPED: weakref.WeakSet = weakref.WeakSet()

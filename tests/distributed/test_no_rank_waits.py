@@ -50,11 +50,16 @@ def test_one_rank_raising_in_user_code_stops_every_rank():
         assert kind == PeerFailure.__name__ and "rank 1 raised RuntimeError: corrupt frame" in message, message
 
 
+class _SortFrames(nn.Module):
+    def forward(self, x):
+        return x.sort(dim=2).values  # an order over the sharded frames: refused
+
+
 def _refusal_worker(rank, world):
     torch.manual_seed(0)  # the same weights on every rank (parallelize checks them)
-    model = nn.Sequential(nn.Conv3d(1, 2, 3, padding=1), nn.Softmax(dim=2))
+    model = nn.Sequential(nn.Conv3d(1, 2, 3, padding=1), _SortFrames())
     parallelize(model, dist.group.WORLD, "t")
-    with pytest.raises(ShardingRefusal, match=r"F.softmax along sharded dim 2") as info:
+    with pytest.raises(ShardingRefusal, match=r"Tensor.sort along sharded dim 2") as info:
         model(torch.randn(1, 1, 5, 4, 4))
     return str(info.value)
 

@@ -328,7 +328,28 @@ class AttentionPooling(nn.Module):
         return x * pooled.mean(1, keepdim=True) + F.log_softmax(x, dim=1)
 
 
+class FirstFrameContext(nn.Module):
+    """I2VGen-XL's image context (x: b c t h w): the first frame (held by one rank) folded into a batch of
+    two and through a conv and an adaptive pool, repeated per frame, then attended to by every frame's
+    tokens folded into the batch (the keys' rows split otherwise than the queries': resharded)."""
+
+    def __init__(self, c: int = 4) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(c, c, 3, padding=1)
+        self.q = nn.Linear(c, c)
+
+    def forward(self, x):
+        b, c, t, h, w = x.shape
+        first = x[:, :, :1].permute(0, 2, 1, 3, 4).reshape(b * 1, c, h, w)
+        context = F.adaptive_avg_pool2d(self.conv(first), 2).flatten(2).transpose(1, 2)  # (b, 4, c)
+        context = context.repeat_interleave(t, dim=0)  # (b t, 4, c)
+        tokens = x.permute(0, 2, 3, 4, 1).reshape(b * t, h * w, c)
+        y = F.scaled_dot_product_attention(self.q(tokens), context, context)
+        return y.reshape(b, t, h, w, c).permute(0, 4, 1, 2, 3)
+
+
 CASES = {
+    "first_frame_context": (FirstFrameContext, (2, 4, 7, 3, 2), "b c t h w", "t"),
     "attention_pooling": (AttentionPooling, (2, 7, 8), "b n c", "n"),
     "causal_linear_attention": (CausalLinearAttention, (2, 7, 8), "b n c", "n"),
     "backward_scan": (BackwardScan, (2, 7, 8), "b n c", "n"),

@@ -236,6 +236,11 @@ def test_parallelize_changes_nothing_in_the_model():
         assert result == (True,) * 7, result
 
 
+class _SortFrames(nn.Module):
+    def forward(self, x):
+        return x.sort(dim=2).values  # an order over the sharded frames: refused
+
+
 def _refusal_worker(rank, world):
     torch.manual_seed(0)  # the same weights on every rank (parallelize checks them)
     group = dist.group.WORLD
@@ -246,7 +251,7 @@ def _refusal_worker(rank, world):
         (nn.Sequential(nn.AdaptiveAvgPool3d((2, 1, 1))), "output size 2"),
         (nn.Sequential(nn.Conv3d(1, 1, 3, padding=3)), "exceeds the window's extent"),
         (nn.Sequential(NonLocalBlock(1, axes="h w")), "interacting axes"),
-        (nn.Sequential(nn.Conv3d(1, 1, 3, padding=1), nn.Softmax(dim=2)), "F.softmax along sharded dim 2.*acts along the sharded dim"),
+        (nn.Sequential(nn.Conv3d(1, 1, 3, padding=1), _SortFrames()), "Tensor.sort along sharded dim 2.*acts along the sharded dim"),
     ]
     messages = []
     for model, pattern in cases:
@@ -267,13 +272,13 @@ def test_refusals_name_the_op_and_the_line_on_every_rank():
         assert all("test_parallelize.py" in m for m in messages), messages
 
 
-def _softmax_over_frames(x):  # a library's shared helper: the refusal names the model's line too
-    return x.softmax(dim=2)
+def _sort_frames(x):  # a library's shared helper: the refusal names the model's line too
+    return x.sort(dim=2).values
 
 
 class _CallsHelper(nn.Module):
     def forward(self, x):
-        return _softmax_over_frames(x) * 2
+        return _sort_frames(x) * 2
 
 
 def _helper_refusal_worker(rank, world):
@@ -286,8 +291,8 @@ def _helper_refusal_worker(rank, world):
 
 def test_a_refusal_inside_a_helper_names_the_lines_that_called_it():
     for message in run_ranks(_helper_refusal_worker, 2):
-        assert message is not None and "(_softmax_over_frames): return x.softmax(dim=2)" in message, message
-        assert "[called from " in message and "(forward): return _softmax_over_frames(x) * 2" in message, message
+        assert message is not None and "(_sort_frames): return x.sort(dim=2).values" in message, message
+        assert "[called from " in message and "(forward): return _sort_frames(x) * 2" in message, message
 
 
 def _torchvision_model(name: str) -> nn.Module:
@@ -633,3 +638,27 @@ def test_a_block_on_a_group_of_one_refuses_what_two_ranks_refuse(strategy, backe
         assert (message is not None) == refused, message
         if refused:
             assert f"strategy {strategy!r}" in message and f"backend={backend!r}" in message, message
+
+
+class _FlexAttention(nn.Module):
+    def forward(self, x):  # (b, n, c): torch's flex attention compiles itself, even in an eager model
+        from torch.nn.attention.flex_attention import flex_attention
+
+        q = x[:, None]
+        return flex_attention(q, q, q)[:, 0]
+
+
+def _flex_worker(rank, world):
+    model = parallelize(_FlexAttention(), dist.group.WORLD, "n", layout="b n c")
+    try:
+        with torch.no_grad():
+            model(torch.randn(1, 8, 16))
+    except Exception as exc:  # noqa: BLE001 - dynamo wraps the refusal in its own error type
+        return str(exc)
+    return None
+
+
+def test_flex_attention_on_sharded_tokens_names_the_line_and_another_backend():
+    for message in run_ranks(_flex_worker, 2, timeout=120):
+        assert message is not None and "flex_attention cannot run on a ShardedTensor" in message, message
+        assert "test_parallelize.py" in message and "scaled_dot_product_attention" in message, message

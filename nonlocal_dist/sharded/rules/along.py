@@ -28,7 +28,7 @@ from nonlocal_dist.sharded.rules.common import (
     sum_over_groups,
 )
 from nonlocal_dist.sharded.rules.reduce import extreme_over_groups, local_extreme
-from nonlocal_dist.sharded.tensor import Op, ShardedTensor, rule, user_frame
+from nonlocal_dist.sharded.tensor import Op, ShardedTensor, map_leaves, rule, user_frame
 
 
 def _softmax_ref(input, dim=None, _stacklevel=3, dtype=None):
@@ -113,6 +113,30 @@ def _scan(op: Op, x: ShardedTensor, dim: int) -> ShardedTensor:
 
 rule(F.softmax, F.log_softmax, torch.softmax, Tensor.softmax, torch.log_softmax, Tensor.log_softmax,
      torch.cumsum, Tensor.cumsum, torch.cumprod, Tensor.cumprod, torch.logcumsumexp, Tensor.logcumsumexp)(_along)
+
+
+def _rows(op: Op):
+    """``sort``, ``argsort``, ``topk``, ``cummax``/``cummin`` along an unsharded dim (Kandinsky
+    6's block-sparse mask ranks each query's keys): each rank's rows, every output (values and
+    indices) sharded as the input; along the sharded dim refused (an order across ranks)."""
+    x = op.args[0]
+    a = op.named
+    if a is None:
+        raise op.refuse("arguments that no overload of it takes", fix="call it as torch documents it")
+    dim = a.get("dim", -1)
+    if not isinstance(dim, int):
+        raise op.refuse(f"dim {dim!r}: only one int dim is handled", fix="pass one int dim")
+    dim %= max(x.dim(), 1)
+    if dim in x.spec.sharded:
+        raise op.refuse("it acts along the sharded dim (an order over every position of it)", dim,
+                        "apply it along an unsharded dim, or where the activation is whole")
+    rest = [t.as_subclass(Tensor) if isinstance(t, ShardedTensor) else t for t in op.args[1:]]
+    out = on_piece(lambda t: op.run(t, *rest, **op.kwargs), x.as_subclass(Tensor), x.spec.sharded)
+    return map_leaves(lambda t: ShardedTensor.wrap(t, x.spec) if isinstance(t, Tensor) else t, out)
+
+
+rule(torch.sort, Tensor.sort, torch.argsort, Tensor.argsort, torch.topk, Tensor.topk, torch.cummax, Tensor.cummax,
+     torch.cummin, Tensor.cummin)(_rows)
 
 
 @rule(F.normalize)

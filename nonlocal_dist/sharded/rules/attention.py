@@ -312,13 +312,15 @@ def _right_aligned(dims: dict, shift: int) -> dict:
 
 def _batch_sharded(q, k, v) -> bool:
     """Whether q is sharded along batch dims only (frames folded into the batch, as a VAE's per-frame
-    attention has them) and k and v alike, or whole on every rank (Latte's text, repeated per frame):
-    every sequence is whole on its rank."""
+    attention has them) and k and v too, over the same groups and lengths (split otherwise: resharded
+    to q's rows by ``localise``; I2VGen-XL's image context, one frame held by one rank), or whole on
+    every rank (Latte's text, repeated per frame): every sequence is whole on its rank."""
     if not isinstance(q, ShardedTensor) or not q.spec.sharded or max(q.spec.sharded) >= q.dim() - 2:
         return False
     dims = q.spec.sharded
     return all(not (isinstance(t, ShardedTensor) and t.spec.sharded) or (
-        t.dim() == q.dim() and t.spec.sharded.keys() == dims.keys() and all(t.spec.sharded[d].same(dims[d]) for d in dims))
+        t.dim() == q.dim() and t.spec.sharded.keys() == dims.keys() and all(
+            t.spec.sharded[d].group is dims[d].group and t.spec.sharded[d].total == dims[d].total for d in dims))
         for t in (k, v))
 
 

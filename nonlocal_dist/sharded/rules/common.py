@@ -44,8 +44,8 @@ def on_piece(fn: Callable[[Tensor], Tensor], local: Tensor, dims) -> Tensor:
         shape[d] = 1
         local = torch.cat([local, local.new_zeros(shape)], d)
     out = fn(local)
-    for d in empty:
-        out = out.narrow(d + out.dim() - local.dim(), 0, 0)
+    for d in empty:  # every output (sort's values and indices too)
+        out = map_leaves(lambda o, d=d: o.narrow(d + o.dim() - local.dim(), 0, 0) if isinstance(o, Tensor) else o, out)
     return out
 
 

@@ -204,7 +204,8 @@ def _vector_norm(op: Op):
 
 
 def _adaptive(n: int, pool, largest: bool | None):
-    """adaptive_{avg,max}_pool{n}d: output size 1 (or the global length, or None) along sharded dims."""
+    """adaptive_{avg,max}_pool{n}d: output size 1 (or the global length, or None) along sharded spatial
+    dims; a sharded batch or channel dim keeps each rank's rows."""
 
     def run(op: Op):
         a = bind(op, _adaptive_ref)
@@ -218,8 +219,9 @@ def _adaptive(n: int, pool, largest: bool | None):
         local = x.as_subclass(Tensor)
         reduce, keep = [], {}
         for d, shard in x.spec.dims:
-            if d < first:
-                raise op.refuse(f"dim {d} is not one of its {n} spatial dims", d)
+            if d < first:  # a batch or channel dim (frames folded into the batch): each rank's rows as they are
+                keep[d] = shard
+                continue
             size = sizes[d - first]
             if size == 1:
                 reduce.append(d)
@@ -237,6 +239,7 @@ def _adaptive(n: int, pool, largest: bool | None):
             t = extreme_over_groups(local_extreme(local, reduce, True), shards, True)
         def run_pool(piece: Tensor) -> Tensor:  # kept dims at their local length (an empty piece: on_piece)
             return pool(piece, [piece.shape[first + i] if (first + i) in keep else s for i, s in enumerate(sizes)])
+
 
         out = on_piece(run_pool, t, list(keep))
         return ShardedTensor.wrap(out, x.spec.remap(out.dim(), keep))

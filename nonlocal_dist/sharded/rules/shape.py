@@ -129,11 +129,18 @@ def reshape_spec(op: Op, src: list[int], dst: list[int], sharded: dict[int, Shar
     if 0 in src:
         raise op.refuse("a reshape of an empty tensor")
     out: dict[int, Shard] = {}
-    for a, b in _blocks(src, dst):
+    blocks = _blocks(src, dst)
+    for i, (a, b) in enumerate(blocks):
         inside = [d for d in a if d in sharded]
         if not inside:
             continue
         d = inside[0]
+        if (len(sharded) == 1 and src[d] == 1 and sharded[d].held_by_one() and a[0] == d and len(a) > 1 and i
+                and blocks[i - 1] == ((0,), (0,)) and dst[0] != 1):
+            # One frame held by one rank, folded into a batch of several (``(b t) c h w`` of a first frame):
+            # that rank holds the whole tensor, as the batch's rows, not as the channels it precedes.
+            out[0] = sharded[d].with_sizes(n * dst[0] for n in sharded[d].sizes)
+            continue
         outer = math.prod(src[k] for k in a if k < d)
         fold = 1
         if view and len(inside) == 1 and outer != 1 and not sharded[d].held_by_one():

@@ -348,7 +348,28 @@ class FirstFrameContext(nn.Module):
         return y.reshape(b, t, h, w, c).permute(0, 4, 1, 2, 3)
 
 
+class PackedJointSequence(nn.Module):
+    """Cosmos 3's packing (x: b n c): timestep embeddings added to every other token by ``scatter_add``
+    along the sharded tokens (whole index and source), then the tokens written into a plain joint
+    buffer at tensor indices after three text rows (gathered: replicated from there)."""
+
+    def __init__(self, c: int = 8) -> None:
+        super().__init__()
+        self.lin = nn.Linear(c, c)
+        self.embed = nn.Parameter(torch.randn(4, c))
+
+    def forward(self, x):
+        n, c = x.shape[1], x.shape[2]
+        tokens = self.lin(x[0])  # (n, c), sharded along the tokens
+        index = torch.arange(0, n, 2)[:, None].expand(-1, c)  # every other token
+        tokens = tokens.scatter_add(0, index, self.embed[: index.shape[0]])
+        joint = tokens.new_zeros(3 + n, c)
+        joint[torch.arange(3, 3 + n)] = tokens
+        return x * joint.sum(0) + tokens
+
+
 CASES = {
+    "packed_joint_sequence": (PackedJointSequence, (2, 7, 8), "b n c", "n"),
     "first_frame_context": (FirstFrameContext, (2, 4, 7, 3, 2), "b c t h w", "t"),
     "attention_pooling": (AttentionPooling, (2, 7, 8), "b n c", "n"),
     "causal_linear_attention": (CausalLinearAttention, (2, 7, 8), "b n c", "n"),

@@ -473,6 +473,13 @@ def _setitem(op: Op):
     if not isinstance(x, ShardedTensor):
         if isinstance(value, ShardedTensor) and value.spec.replicated:  # the same values on every rank
             return op.run(x, index, value.as_subclass(Tensor))
+        parts = index if isinstance(index, tuple) else (index,)
+        plain_index = not any(isinstance(i, ShardedTensor) and i.spec.dims for i in parts)
+        if isinstance(value, ShardedTensor) and _has_tensor_index(index, none_too=True) and plain_index:
+            # Rows packed by tensor indices (Cosmos 3's joint sequence): the values gathered whole (logged),
+            # the same write on every rank; the buffer stays plain, replicated from there on.
+            whole = whole_along(op, value, [d for d, _ in value.spec.dims])
+            return op.run(x, index, whole.as_subclass(Tensor))
         x = _promoted(op, x, index, value)
     if _has_tensor_index(index, none_too=True):
         raise op.refuse("a tensor, list or None index in an assignment to a sharded activation",
@@ -525,3 +532,42 @@ def _index_scatter(op: Op):
     if out is args[0] or not isinstance(out, Tensor):  # in place into the plain buffer: alike on every rank
         return buffer
     return ShardedTensor.wrap(out, replicated_spec(source.spec, out.dim()))
+
+
+def _scatter_add_ref(input, dim, index, src):
+    """Signature of scatter_add."""
+
+
+@rule(Tensor.scatter_add, torch.scatter_add, Tensor.scatter_add_, any_operand=True)
+def _scatter_add(op: Op):
+    """``x.scatter_add(dim, index, src)`` into a sharded ``x`` with a whole index and source (Cosmos 3 adds
+    timestep embeddings to its noisy frames' packed tokens): along the sharded dim each rank adds the
+    elements whose target lies in its part (the others add zero at its first row); along another dim,
+    index and source of ``x``'s global length on the sharded dims are sliced to the rank's part. A
+    sharded index or source is refused."""
+    a = bind(op, _scatter_add_ref)
+    x, index, src = a["input"], a["index"], a["src"]
+    for name, t in (("index", index), ("source", src)):
+        if isinstance(t, ShardedTensor) and t.spec.sharded:
+            raise op.refuse(f"a sharded {name}", None, f"keep the {name} whole on every rank, or gather it (full_tensor)")
+    if not (isinstance(x, ShardedTensor) and x.spec.sharded):
+        return replicated_or_refuse(op)
+    dim = a["dim"] % x.dim()
+    index, src, local = as_local(index), as_local(src), x.as_subclass(Tensor)
+    for d, shard in x.spec.dims:
+        if d == dim:
+            continue
+        if index.shape[d] != shard.total or src.shape[d] != shard.total:
+            raise op.refuse(f"an index or source of length {index.shape[d]} along sharded dim {d} (global length "
+                            f"{shard.total})", d, "give the index and source the global length there")
+        index, src = index.narrow(d, shard.start, shard.local), src.narrow(d, shard.start, shard.local)
+    shard = x.spec.sharded.get(dim)
+    if shard is not None:  # only the targets in this rank's part; the others add zero at its first row
+        mine = (index >= shard.start) & (index < shard.start + shard.local)
+        index = torch.where(mine, index - shard.start, torch.zeros_like(index))
+        src = torch.where(mine, src, torch.zeros_like(src))
+        if not shard.local:  # nothing lands here: the source stays in the graph (a zero gradient)
+            out = local + (src.sum() * 0).to(local.dtype)
+            return x if op.func is Tensor.scatter_add_ else ShardedTensor.wrap(out, x.spec)
+    out = op.run(local, dim, index, src)
+    return x if op.func is Tensor.scatter_add_ else ShardedTensor.wrap(out, x.spec)

@@ -502,6 +502,14 @@ def _setitem(op: Op):
     x[tuple(parts)] = local_value  # on x itself: torch functions are off in a rule
 
 
+def _sharded_only(op: Op, main, **whole) -> bool:
+    """Whether ``main`` is sharded; the tensors of ``whole`` (by name) must not be: refused if one is."""
+    for name, t in whole.items():
+        if isinstance(t, ShardedTensor) and t.spec.sharded:
+            raise op.refuse(f"a sharded {name}", None, f"keep the {name} whole on every rank, or gather it (full_tensor)")
+    return isinstance(main, ShardedTensor) and bool(main.spec.sharded)
+
+
 def _index_scatter_ref(input, dim, index, source, *, alpha=1):
     """Signature of index_copy and index_add (only index_add takes ``alpha``)."""
 
@@ -516,10 +524,7 @@ def _index_scatter(op: Op):
     replicated. A sharded buffer or index is refused."""
     a = bind(op, _index_scatter_ref)
     buffer, index, source = a["input"], a["index"], a["source"]
-    for name, t in (("buffer", buffer), ("index", index)):
-        if isinstance(t, ShardedTensor) and t.spec.sharded:
-            raise op.refuse(f"a sharded {name}", None, f"keep the {name} whole on every rank")
-    if not (isinstance(source, ShardedTensor) and source.spec.sharded):
+    if not _sharded_only(op, source, buffer=buffer, index=index):
         return replicated_or_refuse(op)
     whole = as_local(whole_along(op, source, [d for d, _ in source.spec.dims]))
     args = [as_local(t) for t in op.args]
@@ -547,10 +552,7 @@ def _scatter_add(op: Op):
     sharded index or source is refused."""
     a = bind(op, _scatter_add_ref)
     x, index, src = a["input"], a["index"], a["src"]
-    for name, t in (("index", index), ("source", src)):
-        if isinstance(t, ShardedTensor) and t.spec.sharded:
-            raise op.refuse(f"a sharded {name}", None, f"keep the {name} whole on every rank, or gather it (full_tensor)")
-    if not (isinstance(x, ShardedTensor) and x.spec.sharded):
+    if not _sharded_only(op, x, index=index, source=src):
         return replicated_or_refuse(op)
     dim = a["dim"] % x.dim()
     index, src, local = as_local(index), as_local(src), x.as_subclass(Tensor)

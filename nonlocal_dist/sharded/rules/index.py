@@ -428,21 +428,23 @@ def _shares_storage(x: Tensor) -> bool:
     return count is None or lone is None or count > lone
 
 
-def _promoted(op: Op, x: Tensor, index, value) -> ShardedTensor:
+def _promoted(op: Op, x: Tensor, index, value) -> ShardedTensor | None:
     """A plain buffer of the global shape written with sharded values (``out = torch.empty(...)``, then
     ``out[:, :, :k] = conv(...)``: the cached causal convolutions of KVAE and Kandinsky 6's VAE) made,
     in place, this rank's part of a sharded buffer: sharded alike along the dims the value is sharded
     on, split as the value where it covers the whole dim, else evenly (later writes reshard to it).
-    What the buffer held is kept on each rank's part. Refused for a view, a tensor whose storage
-    another holds (a view taken before, ``.data``), one that needs gradients, and a parameter or
-    buffer of a parallelized model (its state stays whole)."""
-    if not isinstance(value, ShardedTensor) or _has_tensor_index(index, none_too=True):
+    What the buffer held is kept on each rank's part. None (the caller writes the values whole) for
+    tensor indices, a view, a tensor whose storage another holds (a view taken before, ``.data``),
+    one that needs gradients, a parameter or buffer of a parallelized model (its state stays whole),
+    and a write other than through step-1 slices of the values' length. A sharded index is refused."""
+    parts = index if isinstance(index, tuple) else (index,)
+    if not isinstance(value, ShardedTensor) or any(isinstance(i, ShardedTensor) and i.spec.dims for i in parts):
         raise op.refuse("a sharded index into a plain tensor", fix="index with slices or plain tensors")
+    if _has_tensor_index(index, none_too=True):
+        return None
     state = any(x is t for model in ACTIVE_MODELS for t in (*model.parameters(), *model.buffers()))
     if x.requires_grad or x.grad_fn is not None or x._base is not None or state or _shares_storage(x):
-        raise op.refuse("writing sharded values into a plain tensor that is a view, has views or aliases (.data), "
-                        "needs gradients or is a model's parameter or buffer",
-                        fix="write into a tensor made from the sharded one (torch.empty_like)")
+        return None
     parts = _expand_index(index, x.dim())
     kept = [d for d, part in enumerate(parts) if not isinstance(part, int)]
     lead = len(kept) - value.dim()
@@ -451,8 +453,7 @@ def _promoted(op: Op, x: Tensor, index, value) -> ShardedTensor:
         d = kept[dv + lead] if dv + lead >= 0 else None
         part = parts[d] if d is not None else None
         if not isinstance(part, slice) or part.step not in (None, 1) or len(range(*part.indices(x.shape[d]))) != shard.total:
-            raise op.refuse("writing sharded values into a plain tensor other than through a step-1 slice of their "
-                            "length", fix="write into a tensor made from the sharded one (torch.empty_like)")
+            return None
         whole = part.indices(x.shape[d])[:2] == (0, x.shape[d])
         dims[d] = shard.with_sizes(shard.sizes if whole else split_sizes(x.shape[d], shard.world))
         local[d] = slice(dims[d].start, dims[d].start + dims[d].local)
@@ -473,14 +474,14 @@ def _setitem(op: Op):
     if not isinstance(x, ShardedTensor):
         if isinstance(value, ShardedTensor) and value.spec.replicated:  # the same values on every rank
             return op.run(x, index, value.as_subclass(Tensor))
-        parts = index if isinstance(index, tuple) else (index,)
-        plain_index = not any(isinstance(i, ShardedTensor) and i.spec.dims for i in parts)
-        if isinstance(value, ShardedTensor) and _has_tensor_index(index, none_too=True) and plain_index:
-            # Rows packed by tensor indices (Cosmos 3's joint sequence): the values gathered whole (logged),
-            # the same write on every rank; the buffer stays plain, replicated from there on.
+        promoted = _promoted(op, x, index, value)
+        if promoted is None:
+            # Rows packed by tensor indices (Cosmos 3's joint sequence), a view of a plain buffer (WanAnimate
+            # 2's packed queries), a model's state: the values gathered whole (logged), the same write on
+            # every rank; the buffer stays plain, replicated from there on.
             whole = whole_along(op, value, [d for d, _ in value.spec.dims])
             return op.run(x, index, whole.as_subclass(Tensor))
-        x = _promoted(op, x, index, value)
+        x = promoted
     if _has_tensor_index(index, none_too=True):
         raise op.refuse("a tensor, list or None index in an assignment to a sharded activation",
                         fix="assign through slices of the unsharded dims")

@@ -16,6 +16,7 @@ Mesh: a process group (one mesh dim), a tuple of groups (one per mesh dim), or a
 from __future__ import annotations
 
 import inspect
+import warnings
 from collections.abc import Sequence
 
 import torch
@@ -317,9 +318,17 @@ def parallelize(model: nn.Module, mesh, axis: str | Sequence[str] = "t", *, layo
     forward checks that they are equal on every rank (one digest in the pre-hook's agreement) and
     raises on every rank, naming them, where they are not. Random ops (``sharded.rng``): each
     forward runs on one seed agreed in that same agreement, so replicated values draw alike on
-    every rank and each shard draws its own values.
+    every rank and each shard draws its own values. Only a call of ``model`` itself (its ``forward``)
+    runs sharded: a method that calls its submodules directly (a VAE's ``encode``/``decode``) passes
+    the hooks by, so a warning names them; parallelize the submodule such a method calls
+    (``vae.decoder``).
     """
     axes = _axes(axis)
+    bypass = [name for name in ("encode", "decode") if callable(getattr(type(model), name, None))]
+    if bypass:
+        warnings.warn(f"parallelize hooks {type(model).__name__}.forward only: calls of its {', '.join(bypass)} "
+                      "method(s) run unsharded. Parallelize the submodule they call (e.g. model.decoder) to shard "
+                      "those", stacklevel=2)
     if output not in ("full", "local"):
         raise ValueError(f"output must be 'full' or 'local', got {output!r}")
     chosen = _check_inputs(model, inputs)

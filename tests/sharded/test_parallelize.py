@@ -662,3 +662,31 @@ def test_flex_attention_on_sharded_tokens_names_the_line_and_another_backend():
     for message in run_ranks(_flex_worker, 2, timeout=120):
         assert message is not None and "flex_attention cannot run on a ShardedTensor" in message, message
         assert "test_parallelize.py" in message and "scaled_dot_product_attention" in message, message
+
+
+class _Autoencoder(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.decoder = nn.Conv3d(1, 1, 1)
+
+    def decode(self, z):  # calls its submodule directly: parallelize's hooks on forward are passed by
+        return self.decoder(z)
+
+    def forward(self, z):
+        return self.decode(z)
+
+
+def _decode_warning_worker(rank, world):
+    import warnings
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        parallelize(_Autoencoder(), dist.group.WORLD, "t")
+        parallelize(nn.Conv3d(1, 1, 1), dist.group.WORLD, "t")  # no encode/decode: no warning
+    return [str(w.message) for w in caught if issubclass(w.category, UserWarning)]
+
+
+def test_parallelize_warns_that_a_models_own_decode_runs_unsharded():
+    for messages in run_ranks(_decode_warning_worker, 1, timeout=60):
+        assert len(messages) == 1 and "_Autoencoder.forward only" in messages[0], messages
+        assert "decode" in messages[0] and "model.decoder" in messages[0], messages

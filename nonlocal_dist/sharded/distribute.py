@@ -197,16 +197,25 @@ class _Hooks:
             else:
                 where, at = (args, position) if position < len(args) else (None, None)
             value = where[at] if where is not None else None
-            if isinstance(value, ShardedTensor):
-                continue
-            if not isinstance(value, Tensor) or value.dim() != len(self.layout.split()):
-                got = "not given" if where is None else (
-                    f"shape {tuple(value.shape)}" if isinstance(value, Tensor) else type(value).__name__)
+            if isinstance(value, (list, tuple)) and value and all(isinstance(v, Tensor) for v in value):
+                where[at] = type(value)(self._sharded(module, key, v) for v in value)  # one clip per item (Cosmos 3)
+            elif where is None:
                 raise ValueError(f"parallelize(inputs=...) shards {type(module).__name__}.forward's input {key!r}, "
-                                 f"which is {got}: expected a tensor in layout {self.layout!r}")
-            where[at] = distribute(value, self.mesh, self.layout, self.axes, align=self.align, sizes=self.sizes,
-                                   strategy=self.strategy)
+                                 f"which is not given: expected a tensor in layout {self.layout!r}")
+            else:
+                where[at] = self._sharded(module, key, value)
         return tuple(args), kwargs
+
+    def _sharded(self, module: nn.Module, key, value) -> ShardedTensor:
+        """One chosen input sharded (a ``ShardedTensor`` as it is)."""
+        if isinstance(value, ShardedTensor):
+            return value
+        if not isinstance(value, Tensor) or value.dim() != len(self.layout.split()):
+            got = f"shape {tuple(value.shape)}" if isinstance(value, Tensor) else type(value).__name__
+            raise ValueError(f"parallelize(inputs=...) shards {type(module).__name__}.forward's input {key!r}, "
+                             f"which is {got}: expected a tensor in layout {self.layout!r} (or a list of them)")
+        return distribute(value, self.mesh, self.layout, self.axes, align=self.align, sizes=self.sizes,
+                          strategy=self.strategy)
 
     @torch.compiler.disable  # collectives and digests on the host: never traced
     def _agree(self, module: nn.Module, inputs) -> int:
@@ -298,7 +307,8 @@ def parallelize(model: nn.Module, mesh, axis: str | Sequence[str] = "t", *, layo
     Inputs: whole tensors named by ``layout`` (the same clip on every rank of the mesh; other
     tensor arguments of another rank pass unchanged) or ``ShardedTensor``s (``from_local``).
     ``inputs``: which forward arguments to shard, by position or by parameter name (a diffusers
-    transformer: ``inputs=("hidden_states",)``); every other argument stays whole on every rank
+    transformer: ``inputs=("hidden_states",)``; a list of tensors: each of them, as Cosmos 3's clips);
+    every other argument stays whole on every rank
     (text embeddings, a timestep, a mask). Default: every tensor argument with as many dims as the
     layout.
     Outputs: replicated ones (logits after a global pooling) as plain tensors; sharded ones

@@ -608,6 +608,37 @@ def test_inputs_picks_what_is_sharded_and_the_rest_stays_whole(world, by_positio
         assert err < TOL, err
 
 
+class _Clips(nn.Module):
+    """A list of clips of different lengths (b, n_i, c), as Cosmos 3 takes its vision tokens."""
+
+    def __init__(self, c: int = 6) -> None:
+        super().__init__()
+        self.lin = nn.Linear(c, c)
+        self.seen = None
+
+    def forward(self, clips, scale):
+        from nonlocal_dist.sharded import ShardedTensor
+
+        self.seen = [isinstance(x, ShardedTensor) for x in clips] + [isinstance(scale, ShardedTensor)]
+        return torch.cat([self.lin(x) for x in clips], dim=1) * scale
+
+
+def _list_input_worker(rank, world):
+    torch.manual_seed(0)
+    model = _Clips().double()
+    plain = copy.deepcopy(model)
+    gen = torch.Generator().manual_seed(1)
+    clips = [torch.randn(2, n, 6, dtype=torch.float64, generator=gen) for n in (5, 3)]
+    scale = torch.randn(2, 8, 6, dtype=torch.float64, generator=gen)  # as many dims as the layout: kept whole
+    sharded = parallelize(model, dist.group.WORLD, "n", layout="b n c", inputs=("clips",))
+    return rel_err(sharded(clips, scale), plain(clips, scale)), model.seen
+
+
+def test_inputs_shards_each_tensor_of_a_list_input():
+    for err, seen in run_ranks(_list_input_worker, 2, timeout=120):
+        assert err < TOL and seen == [True, True, False], (err, seen)
+
+
 def test_inputs_naming_no_parameter_is_refused_at_parallelize():
     with pytest.raises(ValueError, match="'latents', which is not a parameter of _TextConditioned.forward"):
         parallelize(_TextConditioned(), object(), "n", layout="b n c", inputs=("latents",))

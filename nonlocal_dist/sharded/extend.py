@@ -23,7 +23,14 @@ import torch
 from torch import Tensor
 from torch.utils._pytree import tree_flatten
 
-from nonlocal_dist.sharded.tensor import Op, ShardedTensor, as_local, map_leaves, rule
+from nonlocal_dist.sharded.tensor import (
+    Op,
+    ShardedTensor,
+    as_local,
+    map_leaves,
+    rule,
+    run_rule,
+)
 
 # autograd.Function classes declared by the user -> their rule.
 FUNCTION_RULES: dict[type, Callable[[Op], object]] = {}
@@ -70,7 +77,7 @@ def local_map(fn: Callable) -> Callable:
         if not sharded:
             return fn(*args, **kwargs)
         with torch._C.DisableTorchFunctionSubclass():
-            return _positionwise_rule(Op(fn, args, kwargs))
+            return run_rule(Op(fn, args, kwargs), _positionwise_rule)
 
     return wrapped
 
@@ -95,7 +102,7 @@ def _apply(cls, *args, **kwargs):
     with torch._C.DisableTorchFunctionSubclass():
         op = Op(apply, args, kwargs)
         if cls in FUNCTION_RULES:
-            return FUNCTION_RULES[cls](op)
+            return run_rule(op, FUNCTION_RULES[cls])
         if all(t.spec.replicated for t in sharded):
             return _plain_apply(cls, *args, **kwargs)
         raise op.refuse(

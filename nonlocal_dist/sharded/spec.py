@@ -146,7 +146,11 @@ class Strided:
         return False  # one rank holding every block's positions holds the whole dim: a ``Shard`` is made
 
     def same(self, other) -> bool:
-        return isinstance(other, Strided) and other.fold == self.fold and self.base.same(other.base)
+        if isinstance(other, Strided):
+            return other.fold == self.fold and self.base.same(other.base)
+        if other.group is self.group and other.total == self.total:
+            raise PositionsNeeded  # against a contiguous split of the same dim: as Shard.same(self) asks
+        return False
 
     def __repr__(self) -> str:
         return f"Strided(fold={self.fold}, sizes={list(self.base.sizes)})"

@@ -9,7 +9,9 @@ an operand of its global length) gets ``PositionsNeeded`` from the shard; the di
 regroups each folded operand into a contiguous shard of whole blocks (whole samples) per rank, one
 all-to-all logged once per call site with its bytes, and runs the op again on that. An op writing in
 place into a folded operand is refused there, and so is one writing into a view of a regrouped copy
-(a slice of the folded frames, ``tensor.REGROUPED``): either would write into the copy.
+(a slice of the folded frames, ``tensor.REGROUPED``): either would write into the copy; and while
+such a slice lives, a write into the folded tensor (or any alias of it) is refused, as the slice
+would not see it (``tensor.SLICED_AS_COPIES``).
 """
 from __future__ import annotations
 
@@ -17,6 +19,7 @@ import weakref
 
 import torch
 from torch import Tensor
+from torch.utils._pytree import tree_flatten
 
 from nonlocal_dist.distributed.collectives import move_shard
 from nonlocal_dist.distributed.shards import even_sizes
@@ -25,6 +28,7 @@ from nonlocal_dist.sharded.spec import PositionsNeeded, Shard, Strided
 from nonlocal_dist.sharded.tensor import (
     REGROUP,
     REGROUPED,
+    SLICED_AS_COPIES,
     Op,
     ShardedTensor,
     inplace_target,
@@ -77,9 +81,15 @@ def run_regrouped(op: Op, handler):
 
     again = Op(op.func, map_leaves(one, op.args), map_leaves(one, op.kwargs))
     try:
-        return handler(again)
+        out = handler(again)
     except PositionsNeeded:  # no folded operand is left: a rule made one itself
         raise again.refuse("a rule folded a dim and asked where its rows are in the same op") from None
+    copies = {id(s): s for s in (t.untyped_storage() for t in swap.values())}
+    views = {id(s): s for s in (t.untyped_storage() for t in tree_flatten(out)[0] if isinstance(t, Tensor))
+             if id(s) in copies}
+    for t in folded if views else ():  # a slice of the copy given back: the folded tensor must not change now
+        SLICED_AS_COPIES.setdefault(t.untyped_storage(), weakref.WeakSet()).update(views.values())
+    return out
 
 
 REGROUP.append(run_regrouped)

@@ -124,23 +124,23 @@ COMPILE_REFUSAL = (
 
 
 def compile_refusal() -> str:
-    """The refusal for a ShardedTensor met while dynamo traces, naming the user's line; torch's flex
-    attention compiles itself even in an eager model, so there it says to pick another attention."""
-    flex = any("flex_attention" in frame.f_code.co_filename for frame in _frames())
-    where = f" at {user_frame()}"
-    if flex:
-        return (f"flex_attention cannot run on a ShardedTensor{where}: torch compiles it even in an eager model, "
-                "and its block masks index positions this runtime shards. Fix: run the model with a "
-                "scaled_dot_product_attention backend (diffusers: set_attention_backend('native')), or keep its "
-                "inputs whole")
-    return COMPILE_REFUSAL + where
+    """The refusal for a ShardedTensor met while dynamo traces, naming the user's line (inside torch's
+    flex attention, which compiles itself even in an eager model: ``flex_refusal``)."""
+    return flex_refusal() or COMPILE_REFUSAL + f" at {user_frame()}"
 
 
-def _frames():
+def flex_refusal() -> str | None:
+    """Inside torch's flex attention (any op of it, traced or not: torch 2.8 asks ``_is_view`` before
+    it compiles), the refusal that names it, the user's line and another attention; else None."""
     frame = sys._getframe(1)
-    while frame is not None:
-        yield frame
+    while frame is not None and "flex_attention" not in frame.f_code.co_filename:
         frame = frame.f_back
+    if frame is None:
+        return None
+    return (f"flex_attention cannot run on a ShardedTensor at {user_frame()}: torch compiles it even in an eager "
+            "model, and its block masks index positions this runtime shards. Fix: run the model with a "
+            "scaled_dot_product_attention backend (diffusers: set_attention_backend('native')), or keep its "
+            "inputs whole")
 
 
 _UNBOUND = object()
@@ -176,7 +176,7 @@ class Op:
         frames = user_frames(3) or ["<unknown>"]
         callers = "".join(f" [called from {f}]" for f in frames[1:])
         text = f"{self.name}{where} cannot run on a sharded activation ({shapes}) at {frames[0]}{callers}: {why}"
-        return ShardingRefusal(text + (f". Fix: {fix}" if fix else ""))
+        return ShardingRefusal(flex_refusal() or text + (f". Fix: {fix}" if fix else ""))
 
     def _tensors(self) -> list[Tensor]:
         if self._found is None:
@@ -290,6 +290,15 @@ class ShardedTensor(Tensor):
             except Exception as exc:
                 failure.post(exc, f"{op.name} at {user_frame()}")
                 raise
+
+
+def run_rule(op: Op, handler: Callable[[Op], object]):
+    """``handler(op)``, the folded operands regrouped where it asks where their rows are (for rules run
+    outside the dispatcher: ``local_map``, a declared ``autograd.Function``)."""
+    try:
+        return handler(op)
+    except PositionsNeeded:
+        return REGROUP[0](op, handler)
 
 
 def _first_operand(op: Op) -> Callable[[Op], object] | None:
@@ -412,17 +421,29 @@ REGROUP: list[Callable[[Op, Callable], object]] = []
 # The storages of operands regrouped from a folded dim (``sharded.strided``): a view of one (a slice
 # of the folded frames) is a view of a copy, so a write into it would not reach the folded tensor.
 REGROUPED: weakref.WeakSet = weakref.WeakSet()
+# The storage of a folded tensor (and so of every alias of it) -> the regrouped copies that views
+# returned to the user were taken of (a slice of the folded frames): while one lives, a write into the
+# folded tensor would not reach it.
+SLICED_AS_COPIES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
 def _refuse_writes_into_copies(op: Op) -> None:
     target = inplace_target(op)
     target = op.kwargs.get("out") if target is None else target
-    if isinstance(target, Tensor) and target.untyped_storage() in REGROUPED:
+    if not isinstance(target, Tensor):
+        return
+    storage = target.untyped_storage()
+    if storage in REGROUPED:
         raise op.refuse(
             "it writes in place into a view of frames folded by a view and taken along the folded dim (a slice of "
             "them): that view is of a regrouped copy (each rank's whole samples), so the write would not reach the "
             "tensor it was taken from", fix="write into the folded tensor itself (x.view(b * t, ...)[i] = v is "
             "refused too: index the unfolded (b, t, ...) tensor), or clone the slice first to write into a copy")
+    if SLICED_AS_COPIES.get(storage):
+        raise op.refuse(
+            "it writes in place into frames folded by a view after a slice of them along the folded dim was taken: "
+            "that slice is a view of a regrouped copy (each rank's whole samples), so it would not see the write",
+            fix="take the slice after the write, clone it, or slice the unfolded (b, t, ...) tensor")
 
 
 _LEAVES = (Tensor, int, float, bool, str, type(None), torch.dtype, torch.device)

@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from sharded_parity import module_parity, runtime_log, sharded_run
 from torch import nn
 
-from nonlocal_dist.sharded import ShardingRefusal
+from nonlocal_dist.sharded import ShardingRefusal, local_map
 from nonlocal_dist.testing import run_ranks
 
 SIZES = {1: [[7]], 2: [[5, 2]], 3: [[1, 6, 0]]}
@@ -78,8 +78,30 @@ class WritesThroughTheView(nn.Module):
         return x
 
 
+class ChannelsOfFoldedFrames(nn.Module):
+    """Slices and writes along the channels of folded frames need no positions: no regroup, and a slice
+    taken before an in-place op on x sees it (a view of x, as in torch); an einsum and a position-wise
+    ``local_map`` meet folded frames beside frames folded by a reshape (contiguous: regrouped)."""
+
+    def forward(self, x):
+        b, t, h, w, c = x.shape
+        x = x * 1.0
+        f = x.view(b * t, h, w, c)
+        first = f[..., :2]
+        x.add_(1.0)
+        f[..., 0] = 0.0
+        moved = x.reshape(b * t, h, w, c)  # the shard moved to b: a contiguous split of the same dim
+        mixed = torch.einsum("nhwc,nhwc->nhw", f, moved)[..., None]
+        return (first * 2 + mixed + add_frames(f, moved)).view(b, t, h, w, 2)[..., :1].expand(b, t, h, w, c)
+
+
+@local_map
+def add_frames(a, b):
+    return (a + b)[..., :2]
+
+
 CASES = {"temp_conv_block": TempConvBlock, "needs_positions": NeedsPositions,
-         "writes_through_the_view": WritesThroughTheView}
+         "writes_through_the_view": WritesThroughTheView, "channels_of_folded_frames": ChannelsOfFoldedFrames}
 
 
 def _worker(rank, world, name):
@@ -133,15 +155,21 @@ class WritesRowsInPlace(nn.Module):
         return x
 
 
-class WritesIntoASlice(nn.Module):
-    """A slice along the folded frames is a view of a regrouped copy: a write into it would not reach x."""
+class WritesAroundASlice(nn.Module):
+    """A slice along the folded frames is a view of a regrouped copy: a write into it would not reach x
+    (``into="slice"``), and a later write into x would not reach it (``into="tensor"``); torch's slice,
+    a view of x, would see both."""
+
+    def __init__(self, into: str) -> None:
+        super().__init__()
+        self.into = into
 
     def forward(self, x):
         b, t, h, w, c = x.shape
         x = x * 1.0
         later = x.view(b * t, h, w, c)[1:]
-        later.mul_(2.0)
-        return x
+        (later if self.into == "slice" else x).mul_(2.0)
+        return x if self.into == "slice" else later
 
 
 def _refused_worker(rank, world, name):
@@ -149,8 +177,8 @@ def _refused_worker(rank, world, name):
 
     from nonlocal_dist import parallelize
 
-    cls = {"rows": WritesRowsInPlace, "slice": WritesIntoASlice}[name]
-    model = parallelize(cls(), dist.group.WORLD, "t", layout="b t h w c", sizes=SIZES[world])
+    module = WritesRowsInPlace() if name == "rows" else WritesAroundASlice("slice" if name == "slice" else "tensor")
+    model = parallelize(module, dist.group.WORLD, "t", layout="b t h w c", sizes=SIZES[world])
     try:
         model(torch.randn(2, 7, 3, 2, 4))
     except ShardingRefusal as exc:
@@ -158,7 +186,7 @@ def _refused_worker(rank, world, name):
     return None
 
 
-@pytest.mark.parametrize("name", ["rows", "slice"])
+@pytest.mark.parametrize("name", ["rows", "slice", "stale"])
 def test_an_in_place_write_that_would_miss_the_folded_tensor_is_refused_on_every_rank(name):
     messages = run_ranks(_refused_worker, 2, name, timeout=120)
     assert all(m is not None and "folded by a view" in m and "test_folded.py" in m for m in messages), messages

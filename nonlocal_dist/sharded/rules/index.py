@@ -68,7 +68,10 @@ def _expand_index(index, ndim: int) -> list:
 
 
 def _slice_shard(shard: Shard, s: slice) -> tuple[slice, Shard]:
-    """This rank's local slice for global slice ``s`` of a sharded dim, and the result's shard."""
+    """This rank's local slice for global slice ``s`` of a sharded dim, and the result's shard. The whole
+    dim (``:``) keeps the shard as it is, reading no positions (a folded dim is not regrouped for it)."""
+    if s.indices(shard.total) == (0, shard.total, 1):
+        return slice(None), shard
     start, stop, step = s.indices(shard.total)
     if step <= 0:
         raise ValueError("step must be positive")

@@ -68,7 +68,9 @@ def run_regrouped(op: Op, handler):
     folded = [t for t in op._tensors() if isinstance(t, ShardedTensor) and t.spec.strided]
     written = inplace_target(op)
     written = op.kwargs.get("out") if written is None else written
-    if not folded or any(t is written for t in folded):
+    if not folded:  # no operand is folded: a rule made a folded value itself and asked where its rows are
+        raise op.refuse("a rule folded a dim and asked where its rows are in the same op")
+    if any(t is written for t in folded):
         dims = sorted({d for t in folded for d, s in t.spec.dims if isinstance(s, Strided)})
         raise op.refuse(
             "it writes in place into a dim folded by a view (frames folded into the batch, each rank holding its "

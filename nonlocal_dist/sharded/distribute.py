@@ -106,9 +106,7 @@ def full_tensor(x: Tensor) -> Tensor:
     local = x.as_subclass(Tensor)
     for d, shard in x.spec.dims:
         if isinstance(shard, Strided):  # a folded dim: each block gathered, the blocks in order
-            shape = list(local.shape)
-            unfolded = local.reshape(shape[:d] + [shard.fold, shard.base.local] + shape[d + 1:])
-            local = gather_dim(unfolded, d + 1, list(shard.base.sizes), shard.group).flatten(d, d + 1)
+            local = gather_dim(shard.unfold(local, d), d + 1, list(shard.base.sizes), shard.group).flatten(d, d + 1)
         elif shard.world > 1:  # a group of one holds the whole dim already
             local = gather_dim(local, d, list(shard.sizes), shard.group)
     return local

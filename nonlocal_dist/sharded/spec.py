@@ -138,6 +138,12 @@ class Strided:
     def with_sizes(self, sizes, lead: int = 0, trail: int = 0):
         raise PositionsNeeded
 
+    def unfold(self, local, d: int):
+        """This rank's rows (``local``, folded along dim ``d``) as ``(..., fold, base.local, ...)``: a view
+        (splitting a dim in two is one whatever the strides)."""
+        shape = list(local.shape)
+        return local.view(shape[:d] + [self.fold, self.base.local] + shape[d + 1:])
+
     def local_sizes(self) -> tuple[int, ...]:
         """Every rank's number of rows (``fold`` times its part of each block)."""
         return tuple(self.fold * n for n in self.base.sizes)

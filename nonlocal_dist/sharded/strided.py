@@ -31,9 +31,9 @@ from nonlocal_dist.sharded.tensor import (
     SLICED_AS_COPIES,
     Op,
     ShardedTensor,
-    inplace_target,
     map_leaves,
     user_frame,
+    written,
 )
 
 
@@ -53,9 +53,7 @@ def regrouped(op: Op, x: ShardedTensor) -> ShardedTensor:
         log_once(user_frame(), f"{op.name} needs the positions of dim {d}, folded by a view from {shard.fold} "
                                f"blocks sharded {list(base.sizes)}: regrouped to whole blocks {list(blocks)} per "
                                f"rank, about {row_bytes(local, d) * local.shape[d]} bytes per rank per call")
-        shape = list(local.shape)
-        unfolded = local.view(shape[:d] + [shard.fold, base.local] + shape[d + 1:])
-        local = move_shard(unfolded, d + 1, list(base.sizes), d, list(blocks), base.group).flatten(d, d + 1)
+        local = move_shard(shard.unfold(local, d), d + 1, list(base.sizes), d, list(blocks), base.group).flatten(d, d + 1)
         dims[d] = Shard(base.group, tuple(n * base.total for n in blocks), base.rank)
     out = ShardedTensor.wrap(local, x.spec.remap(x.dim(), dims))
     x._regrouped = (key, weakref.ref(out))
@@ -66,11 +64,10 @@ def regrouped(op: Op, x: ShardedTensor) -> ShardedTensor:
 def run_regrouped(op: Op, handler):
     """``handler`` (the op's rule) on ``op`` with every folded operand regrouped (``regrouped``)."""
     folded = [t for t in op._tensors() if isinstance(t, ShardedTensor) and t.spec.strided]
-    written = inplace_target(op)
-    written = op.kwargs.get("out") if written is None else written
+    target = written(op)
     if not folded:  # no operand is folded: a rule made a folded value itself and asked where its rows are
         raise op.refuse("a rule folded a dim and asked where its rows are in the same op")
-    if any(t is written for t in folded):
+    if any(t is target for t in folded):
         dims = sorted({d for t in folded for d, s in t.spec.dims if isinstance(s, Strided)})
         raise op.refuse(
             "it writes in place into a dim folded by a view (frames folded into the batch, each rank holding its "

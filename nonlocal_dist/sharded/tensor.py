@@ -427,9 +427,14 @@ REGROUPED: weakref.WeakSet = weakref.WeakSet()
 SLICED_AS_COPIES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
-def _refuse_writes_into_copies(op: Op) -> None:
+def written(op: Op):
+    """The tensor an op writes into: its in-place target (``inplace_target``), else its ``out=``, else None."""
     target = inplace_target(op)
-    target = op.kwargs.get("out") if target is None else target
+    return op.kwargs.get("out") if target is None else target
+
+
+def _refuse_writes_into_copies(op: Op) -> None:
+    target = written(op)
     if not isinstance(target, Tensor):
         return
     storage = target.untyped_storage()

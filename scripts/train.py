@@ -125,7 +125,21 @@ def load_configs(args):
             exp["data"][key] = getattr(args, key)
     ds["train_micro_batch_size_per_gpu"] = exp["train"]["micro_batch"]
     ds["optimizer"]["params"]["lr"] = exp["train"]["lr"]
+    if "warmup_fraction" in exp["train"]:
+        ds["scheduler"] = cosine_schedule(exp["train"]["warmup_fraction"], exp["train"]["steps"], path)
     return exp, ds
+
+
+def cosine_schedule(fraction: float, steps: int, path) -> dict:
+    """DeepSpeed's scheduler section for the experiment's ``train.warmup_fraction``: the learning rate rises
+    linearly from 0 to ``train.lr`` over that fraction of the steps, then falls to 0 along a cosine by the last
+    step (a checkpoint carries the schedule's position, so a resumed run goes on where it stopped)."""
+    if isinstance(fraction, bool) or not isinstance(fraction, (int, float)) or not 0 < fraction < 1:
+        raise ValueError(f"{path}: train.warmup_fraction must be a number between 0 and 1 (0.1: a tenth of the "
+                         f"steps), got {fraction!r}; drop it for a constant learning rate")
+    return {"type": "WarmupCosineLR", "params": {"total_num_steps": steps, "warmup_type": "linear",
+                                                 "warmup_num_steps": max(2, round(fraction * steps)),
+                                                 "cos_min_ratio": 0.0}}
 
 
 def build_model(exp, ds, sp, ablation: bool, checkpoint: str | None = None):
@@ -323,6 +337,7 @@ def train(args, fault: Fault | None, guard: StepGuard) -> None:
         data_total += time.perf_counter() - begin
         if fault is not None and fault.fire("nan", rank, step + 1):
             x = x.clone().fill_(float("nan"))
+        lr = engine.get_lr()[0]  # this step's learning rate (the scheduler moves it on in the step)
         if int(fed) > 0 and check_finite(step + 1, args.skip_nonfinite, input=x):
             loss, logits = train_step(engine, x, y, sp, dtype, scale, step + 1, args.skip_nonfinite, fault,
                                       local=videos is not None)
@@ -333,11 +348,12 @@ def train(args, fault: Fault | None, guard: StepGuard) -> None:
         if loss is None:
             skipped.append(step + 1)
         else:
-            history.append({"step": step + 1, "loss": loss.item()})
+            history.append({"step": step + 1, "loss": loss.item(), "lr": lr})
         if loss is not None and ((step + 1) % t["log_every"] == 0 or step + 1 == t["steps"]):
             elapsed, clock = time.perf_counter() - clock, time.perf_counter()
             acc = (logits.argmax(1).cpu() == y).float().mean().item()
-            logger.log({"train/loss": loss.item(), "train/accuracy": acc, "train/skipped_steps": len(skipped),
+            logger.log({"train/loss": loss.item(), "train/accuracy": acc, "train/lr": lr,
+                        "train/skipped_steps": len(skipped),
                         "data/skipped_clips": videos.skipped if videos is not None else 0,
                         "perf/samples_per_s": t["log_every"] * global_batch / elapsed,
                         "perf/data_seconds_per_step": data_seconds / t["log_every"],

@@ -56,9 +56,13 @@ def test_short_run_logs_to_wandb_offline(tmp_path):
 
 
 def test_preempt_and_resume_matches_uninterrupted_run(tmp_path):
+    """With a warmup + cosine learning-rate schedule, so the resumed run must also take up the schedule."""
     full, split = tmp_path / "full", tmp_path / "split"
     full.mkdir(), split.mkdir()
-    common = ["--steps", "6", "--ckpt-every", "3", "--wandb", "disabled"]
+    exp = json.loads((ROOT / "configs/experiment.json").read_text())
+    exp["train"]["warmup_fraction"] = 1 / 3  # steps 1-2 warm up, 3-6 decay
+    (tmp_path / "exp.json").write_text(json.dumps(exp))
+    common = ["--steps", "6", "--ckpt-every", "3", "--wandb", "disabled", "--experiment", str(tmp_path / "exp.json")]
     _launch(full, *common, "--ckpt-dir", str(full / "ckpt"))
     _launch(split, *common, "--ckpt-dir", str(split / "ckpt"), "--stop-after", "3", launcher="deepspeed")
     assert not _result(split)["finished"]
@@ -67,6 +71,10 @@ def test_preempt_and_resume_matches_uninterrupted_run(tmp_path):
     resumed = _result(split)["history"]
     assert [h["step"] for h in resumed] == [4, 5, 6]
     assert [h["loss"] for h in resumed] == uninterrupted[3:]
+    rates = [h["lr"] for h in _result(full)["history"]]
+    peak = rates.index(max(rates))  # the schedule ran: up, then down
+    assert 0 < peak < 5 and rates[: peak + 1] == sorted(rates[: peak + 1]) and rates[-1] < rates[peak], rates
+    assert [h["lr"] for h in resumed] == rates[3:]
     assert _result(split)["test_accuracy"] == _result(full)["test_accuracy"]
 
 

@@ -137,10 +137,11 @@ def flex_refusal() -> str | None:
         frame = frame.f_back
     if frame is None:
         return None
-    return (f"flex_attention cannot run on a ShardedTensor at {user_frame()}: torch compiles it even in an eager "
-            "model, and its block masks index positions this runtime shards. Fix: run the model with a "
-            "scaled_dot_product_attention backend (diffusers: set_attention_backend('native')), or keep its "
-            "inputs whole")
+    return (f"flex_attention cannot run on a ShardedTensor at {user_frame()}: this is torch's own function, bound "
+            "to a name before nonlocal_dist was imported, and torch compiles it even in an eager model. Fix: "
+            "import nonlocal_dist first or call torch.nn.attention.flex_attention.flex_attention (the runtime's "
+            "wrapper runs it on sharded tokens: sharded.rules.flex), or run the model with a "
+            "scaled_dot_product_attention backend (diffusers: set_attention_backend('native'))")
 
 
 _UNBOUND = object()

@@ -569,3 +569,33 @@ def test_ltx2_audio_and_video_streams_are_exact_on_sharded_video_tokens(world):
         floor = max(errors["control floor"], errors["control input floor"])
         assert 0 < floor < 1e-5, errors
         assert errors["hidden_states grad"] <= 20 * floor and errors["parameter grads"] <= 20 * floor, errors
+
+
+def _ltx2_decoder_worker(rank, world):
+    """LTX-2's diffusion decoder as its pipeline calls it (``decode``, which runs ``self.decoder``): its
+    neighborhood attention is flex_attention with a BlockMask over the whole token grid."""
+    import torch.distributed as dist
+
+    from nonlocal_dist import parallelize
+
+    torch.manual_seed(0)
+    model = diffusers.LTX2VideoDiffusionDecoderModel(
+        out_channels=3, latent_channels=8, patch_size=4, decoder_head_dim=16,
+        decoder_stage_channels=(128, 64, 32, 32, 16), decoder_stage_depths=(1, 1, 1, 1, 1),
+        decoder_stage_kernels=((3, 1, 1), (3, 1, 1), (3, 1, 1), (3, 3, 3)), decoder_stage5_kernel=(3, 3, 3),
+        decoder_t_emb_dim=16).double()
+    plain = copy.deepcopy(model)
+    sizes = {2: [[2, 1]], 3: [[1, 0, 2]]}[world]
+    parallelize(model.decoder, dist.group.WORLD, "t", inputs=("hidden_states",), sizes=sizes)
+    z = torch.randn(2, 8, 3, 1, 1, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        want, got = (m.decode(z, generator=torch.Generator().manual_seed(7), return_dict=False)[0]
+                     for m in (plain, model))
+    return ((got - want).abs().max() / want.abs().max()).item()
+
+
+@pytest.mark.parametrize("world", [2, 3])
+def test_ltx2_diffusion_decoder_with_flex_attention_matches_one_process(world):
+    """Forward only: torch's flex attention has no backward on CPU (for one process as for ours)."""
+    for err in run_ranks(_ltx2_decoder_worker, world, timeout=300):
+        assert err < 1e-14, err

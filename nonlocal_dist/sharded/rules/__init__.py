@@ -5,6 +5,7 @@ from nonlocal_dist.sharded.rules import (
     along,
     attention,
     conv_pool,
+    flex,
     index,
     norm,
     pointwise,
@@ -14,4 +15,4 @@ from nonlocal_dist.sharded.rules import (
     transpose,
 )
 
-__all__ = ["along", "attention", "conv_pool", "index", "norm", "pointwise", "reduce", "resize", "shape", "transpose"]
+__all__ = ["along", "attention", "conv_pool", "flex", "index", "norm", "pointwise", "reduce", "resize", "shape", "transpose"]

@@ -32,6 +32,24 @@ def _distance_bias(score, b, h, q, kv):
     return score - 0.1 * (q - kv).abs() + 0.05 * h
 
 
+def _ordered(dense: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """A (QB, KVB) bool block matrix in BlockMask's ordered form: counts (1, 1, QB), indices (1, 1, QB, KVB)."""
+    order = dense.int().argsort(dim=-1, descending=True, stable=True)
+    return dense.sum(-1).to(torch.int32)[None, None], order.to(torch.int32)[None, None]
+
+
+def _block_sparse(n: int):
+    """Blocks of 4 tokens, no mask_mod (as Kandinsky's NABLA masks): each query block takes the first
+    block whole (a full block), itself, and for odd blocks the one before (partial blocks)."""
+    blocks = -(-n // 4)
+    eye = torch.eye(blocks, dtype=torch.bool)
+    partial = eye | (eye.roll(-1, 1) & (torch.arange(blocks) % 2 == 1)[:, None])
+    partial[:, 0] = False
+    full = torch.zeros_like(partial)
+    full[:, 0] = True
+    return fa.BlockMask.from_kv_blocks(*_ordered(partial), *_ordered(full), BLOCK_SIZE=4, seq_lengths=(n, n))
+
+
 class FlexLayer(nn.Module):
     """A DiT-style attention layer over tokens (b, n, c) whose kernel is flex_attention, called as
     diffusers' flex backend calls it (through the module, q/k/v as keywords)."""
@@ -48,8 +66,11 @@ class FlexLayer(nn.Module):
         q = self.q(x).unflatten(-1, (HEADS, 8)).transpose(1, 2)
         k, v = self.kv(x).unflatten(-1, (2, self.kv_heads, 8)).permute(2, 0, 3, 1, 4).unbind(0)
         mask = None
-        if self.mask_mod is not None:
-            mask = fa.create_block_mask(self.mask_mod, None, None, q.shape[-2], k.shape[-2], device="cpu")
+        if self.mask_mod == "blocks":  # block-sparse, no mask_mod (Kandinsky's NABLA): blocks of 4 tokens
+            mask = _block_sparse(q.shape[-2])
+        elif self.mask_mod is not None:  # blocks of 4 tokens, so rank boundaries fall inside blocks
+            mask = fa.create_block_mask(self.mask_mod, None, None, q.shape[-2], k.shape[-2], device="cpu",
+                                        BLOCK_SIZE=4)
         y = fa.flex_attention(query=q, key=k, value=v, score_mod=self.score_mod, block_mask=mask,
                               enable_gqa=self.gqa, return_lse=self.lse)
         if self.lse:
@@ -63,24 +84,37 @@ CASES = {
     "causal": {"mask_mod": _causal},
     "window+bias": {"mask_mod": _window, "score_mod": _distance_bias},
     "gqa+lse": {"mask_mod": _causal, "gqa": True, "lse": True},
+    "block-sparse": {"mask_mod": "blocks"},
 }
 
 
 def _worker(rank, world, case, sizes):
+    from nonlocal_dist.sharded.rules import flex
+
     torch.manual_seed(0)
     whole = FlexLayer(**CASES[case]).double()
     sharded = parallelize(copy.deepcopy(whole), dist.group.WORLD, "n", layout="b n c", sizes=[sizes])
     x = torch.randn(2, sum(sizes), DIM, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
-        want, got = whole(x), sharded(x)
-    return ((got - want).abs().max() / want.abs().max()).item()
+        want = whole(x)
+        seen, plain = [], flex._plain_flex
+        flex._plain_flex = lambda q, *args, **kwargs: seen.append(q.shape[-2]) or plain(q, *args, **kwargs)
+        try:
+            got = sharded(x)
+        finally:
+            flex._plain_flex = plain
+    return ((got - want).abs().max() / want.abs().max()).item(), seen
 
 
 @pytest.mark.parametrize("case", sorted(CASES))
-@pytest.mark.parametrize("world,sizes", [(2, [7, 5]), (3, [6, 0, 5])])
+@pytest.mark.parametrize("world,sizes", [(2, [7, 5]), (3, [5, 3, 4]), (3, [6, 0, 5])])
 def test_flex_attention_matches_one_process(case, world, sizes):
-    for err in run_ranks(_worker, world, case, sizes, timeout=300):
+    """Each rank attends with its own queries; with an empty rank, or a block mask whose sparsity its
+    mask_mod does not express, every rank runs the whole call."""
+    whole = case == "block-sparse" or 0 in sizes
+    for rank, (err, seen) in enumerate(run_ranks(_worker, world, case, sizes, timeout=300)):
         assert err < 1e-14, err
+        assert seen == [sum(sizes) if whole else sizes[rank]], seen
 
 
 class ShardedBias(nn.Module):

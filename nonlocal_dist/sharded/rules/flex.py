@@ -6,17 +6,22 @@ public function is wrapped here (as ``torch.autograd.backward`` is in ``sharded.
 ``ShardedTensor`` among q, k and v the call goes through the dispatcher to the rule below; any other
 call (plain tensors, a compiled region) goes straight to torch's function.
 
-The rule is exact by construction: q, k and v are gathered whole on every rank (one differentiable
-all-gather per sharded dim, logged once per call site with its bytes; the backward sums the ranks'
-gradients), the user's own call (its ``score_mod``, its ``BlockMask`` built for the whole sequence,
-its scale, GQA and kernel options) runs unchanged on those plain tensors, as one process runs it, and
-each rank keeps its own part of the output along q's sharded dims (the log-sum-exp and max scores too).
-The attention's compute is therefore replicated over the group: the layers around it stay sharded.
+Queries sharded along their sequence alone (every rank holding some): the keys and values are gathered
+whole (one differentiable all-gather per sharded dim, logged once per call site; the backward sums the
+ranks' gradients) and each rank attends with its own queries. The user's ``score_mod`` is called with
+global query positions, and the user's ``BlockMask`` (built for the whole sequence) is rebuilt for this
+rank's rows from its ``mask_mod`` read at global positions, for any split, aligned to its blocks or not.
+Any other case (queries whole, or sharded along batch or heads too, an empty rank, or a block mask whose
+sparsity its mask_mod does not express, which flex run uncompiled ignores and a fused kernel would not):
+q, k and v gathered whole, the user's call run unchanged on every rank, each keeping its own part of the
+output (the attention's compute then replicated over the group). The log-sum-exp and max scores follow
+the output's rows.
 A score_mod, mask_mod or block mask holding a sharded tensor is refused on every rank.
 """
 from __future__ import annotations
 
 import functools
+import inspect
 
 import torch
 import torch.nn.attention.flex_attention as flex_module
@@ -51,6 +56,9 @@ def _flex_ref(query, key, value, score_mod=None, block_mask=None, scale=None, en
     """Signature of flex_attention."""
 
 
+_SIGNATURE = inspect.signature(_flex_ref).parameters
+
+
 def _holds_shards(fn) -> bool:
     """Whether a score_mod or mask_mod closes over a sharded tensor (its values indexed by position)."""
     for cell in getattr(fn, "__closure__", None) or ():
@@ -72,6 +80,51 @@ def _mine(t: Tensor, dims: dict, like: ShardedTensor) -> ShardedTensor:
     return ShardedTensor.wrap(t, spec)
 
 
+def _shifted_score(score_mod, start: int):
+    """``score_mod`` called with global query positions (flex reads a mod's arity from its signature)."""
+    if score_mod is None:
+        return None
+
+    def moved(score, b, h, q, kv):
+        return score_mod(score, b, h, q + start, kv)
+
+    return moved
+
+
+def _shifted_mask(mask_mod, start: int):
+    """``mask_mod`` called with global query positions."""
+
+    def moved(b, h, q, kv):
+        return mask_mod(b, h, q + start, kv)
+
+    return moved
+
+
+def _hand_built(block_mask) -> bool:
+    """Whether ``block_mask`` holds block sparsity its mask_mod does not express (``from_kv_blocks`` with no
+    mask_mod, as Kandinsky's NABLA masks): flex attention run uncompiled reads only the mask_mod, a fused
+    kernel the blocks too, so such a mask is only ever run unchanged, on the whole queries."""
+    return block_mask.mask_mod is flex_module.noop_mask and not bool(block_mask.to_dense().all())
+
+
+def _local_block_mask(block_mask, start: int, rows: int, device):
+    """The whole sequence's ``block_mask`` for this rank's query rows ``start:start + rows`` (any ``start``,
+    aligned to its blocks or not): its mask_mod read at global query positions, its blocks built anew
+    from that for ``rows`` queries, as ``create_block_mask`` built the whole one."""
+    batch, heads = block_mask.kv_num_blocks.shape[:2]
+    return flex_module.create_block_mask(_shifted_mask(block_mask.mask_mod, start), batch, heads, rows,
+                                         block_mask.seq_lengths[1], device=device, BLOCK_SIZE=block_mask.BLOCK_SIZE)
+
+
+def _own_rows(q) -> object:
+    """q's shard along its sequence (-2) when that is its only sharded dim and every rank holds some of
+    it (each rank then attends with its own queries only); else None (the queries gathered whole)."""
+    if not isinstance(q, ShardedTensor) or [d for d, _ in q.spec.dims] != [q.dim() - 2]:
+        return None
+    shard = q.spec.sharded[q.dim() - 2]
+    return shard if min(shard.sizes) > 0 else None  # an empty rank would skip the keys' gradient exchange
+
+
 @rule(_flex, any_operand=True)
 def _flex_attention(op: Op):
     a = bind(op, _flex_ref)
@@ -83,23 +136,40 @@ def _flex_attention(op: Op):
         raise op.refuse("a score_mod, mask_mod or block mask that holds a sharded tensor", None,
                         "gather that tensor whole first (nonlocal_dist.sharded.full_tensor) or build it from "
                         "whole tensors")
-    whole = []
-    for t in (q, k, v):
-        if isinstance(t, ShardedTensor):
-            t = whole_along(op, t, [d for d, _ in t.spec.dims]).as_subclass(Tensor)
-        whole.append(t)
-    log_once(user_frame(), "flex_attention over sharded tensors: q, k and v gathered whole and the attention "
-                           "run on every rank, each keeping its own output rows")
+    rows = _own_rows(q) if block_mask is None or not _hand_built(block_mask) else None
+    whole = [q.as_subclass(Tensor) if rows is not None and t is q
+             else whole_along(op, t, [d for d, _ in t.spec.dims]).as_subclass(Tensor) if isinstance(t, ShardedTensor)
+             else t for t in (q, k, v)]
     # The user's call as given (an argument this torch does not know stays unknown), q, k and v swapped in
     names = ("query", "key", "value")
     args = [whole[i] if i < 3 else arg for i, arg in enumerate(op.args)]
     kwargs = {n: whole[names.index(n)] if n in names else arg for n, arg in op.kwargs.items()}
-    result = _plain_flex(*args, **kwargs)
     like = next(t for t in (q, k, v) if isinstance(t, ShardedTensor))
-    dims = dict(q.spec.dims) if isinstance(q, ShardedTensor) else {}
+    if rows is None:
+        log_once(user_frame(), "flex_attention over sharded tensors: q, k and v gathered whole and the attention "
+                               "run on every rank, each keeping its own output rows")
+        dims = dict(q.spec.dims) if isinstance(q, ShardedTensor) else {}
+        return _each(_plain_flex(*args, **kwargs), lambda t: _mine(t, dims, like))
+    log_once(user_frame(), "flex_attention over a sharded sequence: keys and values gathered whole, each rank "
+                           "attending with its own queries (score_mod and block mask read at global positions)")
+    moved = {"score_mod": _shifted_score(a["score_mod"], rows.start)}
+    if block_mask is not None:
+        moved["block_mask"] = _local_block_mask(block_mask, rows.start, rows.local, whole[0].device)
+    for name, value in moved.items():
+        position = list(_SIGNATURE).index(name)
+        if position < len(args):
+            args[position] = value
+        elif name in kwargs:
+            kwargs[name] = value
+    dims = {q.dim() - 2: rows}
+    return _each(_plain_flex(*args, **kwargs), lambda t: ShardedTensor.wrap(t, q.spec.remap(t.dim(), dims)))
+
+
+def _each(result, fn):
+    """``fn`` on the output of flex attention and on each of its statistics (log-sum-exp, max scores)."""
     if isinstance(result, Tensor):
-        return _mine(result, dims, like)
+        return fn(result)
     out, extra = result
     if not isinstance(extra, tuple):  # (out, lse)
-        return _mine(out, dims, like), _mine(extra, dims, like)
-    return _mine(out, dims, like), type(extra)(*(None if t is None else _mine(t, dims, like) for t in extra))
+        return fn(out), fn(extra)
+    return fn(out), type(extra)(*(None if t is None else fn(t) for t in extra))

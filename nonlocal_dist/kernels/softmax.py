@@ -90,9 +90,13 @@ def kernel_input(x: Tensor, kernel: str) -> Tensor:
 
 
 def positions_first(x: Tensor) -> bool:
-    """Whether ``x`` (B, H, N, d) is stored positions-first, as ``(B, N, H, d)`` memory: the layout a
-    model's ``(b n (h d)) -> (b n h d) -> (b h n d)`` view leaves (its heads neither one nor empty)."""
-    return x.dim() == 4 and x.shape[1] > 1 and x.shape[2] > 1 and x.transpose(1, 2).is_contiguous()
+    """Whether ``x`` (B, H, N, d) is stored positions-first: each position's heads side by side, d after
+    d, the positions further apart. That is the layout a model's ``(b n (h d)) -> (b n h d) -> (b h n d)``
+    view leaves, and also one slice of a fused projection, ``(b n (3 h d))`` split into q, k and v (its
+    positions 3·h·d apart). Its heads and positions neither one nor empty."""
+    if x.dim() != 4 or x.shape[1] < 2 or x.shape[2] < 2 or x.stride(3) != 1:
+        return False
+    return x.stride(1) == x.shape[3] and x.stride(2) >= x.shape[1] * x.shape[3]
 
 
 def in_layout_of(out: Tensor, q: Tensor) -> Tensor:

@@ -22,7 +22,7 @@ def _positions_first(*shape: int, generator) -> torch.Tensor:
     return torch.randn(b, n, h, d, dtype=torch.float64, generator=generator).transpose(1, 2)
 
 
-def _worker(rank, world, strategy, backend, dv):
+def _worker(rank, world, strategy, backend, dv, fused=False):
     import torch.distributed as dist
 
     import nonlocal_dist.kernels.softmax as softmax
@@ -34,6 +34,9 @@ def _worker(rank, world, strategy, backend, dv):
     lo, n = sum(sizes[:rank]), sizes[rank]
     # this rank's shards, each stored positions-first on its own, as a model's are
     leaves = [t.narrow(2, lo, n).transpose(1, 2).contiguous().transpose(1, 2).requires_grad_(True) for t in (q, k, v)]
+    if fused:  # one (b n (3 h d)) projection's output split into q, k and v (positions 3·h·d apart)
+        qkv = torch.stack([t.detach().transpose(1, 2) for t in leaves], 2).requires_grad_(True)
+        leaves = [t.transpose(1, 2) for t in qkv.unbind(2)]
     saved = []
     chunk, softmax.CPU_BACKWARD_CHUNK = softmax.CPU_BACKWARD_CHUNK, 2  # the ring's backward in strided query chunks
     try:
@@ -46,11 +49,12 @@ def _worker(rank, world, strategy, backend, dv):
         softmax.CPU_BACKWARD_CHUNK = chunk
     layout = n < 2 or (y.transpose(1, 2).is_contiguous() and y.untyped_storage().data_ptr() in saved)
     q_kept = n == 0 or leaves[0].untyped_storage().data_ptr() in saved
+    grads = [t.grad for t in leaves] if not fused else [g.transpose(1, 2) for g in qkv.grad.unbind(2)]
     ref_leaves = [t.detach().clone().requires_grad_(True) for t in (q, k, v)]
     ref = naive_nonlocal(*ref_leaves, "embedded_gaussian", scale=0.4)
     ref.backward(dy)
     errs = [rel_err(y, ref.detach().narrow(2, lo, n))] if n else []
-    errs += [rel_err(m.grad, r.grad.narrow(2, lo, n)) for m, r in zip(leaves, ref_leaves) if n]
+    errs += [rel_err(m, r.grad.narrow(2, lo, n)) for m, r in zip(grads, ref_leaves) if n]
     return layout, q_kept, max(errs, default=0.0)
 
 
@@ -70,6 +74,17 @@ def test_positions_first_inputs_give_a_positions_first_output_saved_once(world, 
             assert q_kept, "q was copied before the kernel"
 
 
+@pytest.mark.parametrize("world", [2, 3])
+@pytest.mark.parametrize("strategy, backend", CASES)
+def test_fused_qkv_inputs_give_a_positions_first_output_saved_once(world, strategy, backend):
+    """q, k and v as slices of one fused projection: the output still positions-first and the one saved."""
+    for layout, q_kept, err in run_ranks(_worker, world, strategy, backend, 8, True, timeout=120):
+        assert err < 1e-10, err
+        assert layout, "the output is not positions-first, or the attention saved a copy of it"
+        if strategy != "ulysses":
+            assert q_kept, "q was copied before the kernel"
+
+
 def test_in_layout_of_copies_only_when_needed():
     x = torch.randn(2, 7, 3, 4).transpose(1, 2)  # (B, H, N, d), positions-first
     head_major = x.contiguous()
@@ -77,3 +92,8 @@ def test_in_layout_of_copies_only_when_needed():
     moved = in_layout_of(head_major, x)
     assert positions_first(moved) and torch.equal(moved, head_major)
     assert in_layout_of(x, x) is x and in_layout_of(head_major, head_major) is head_major
+    fused = torch.randn(2, 7, 3, 3, 4).unbind(2)[0].transpose(1, 2)  # q of a fused (b n (3 h d)) projection
+    assert positions_first(fused) and not fused.transpose(1, 2).is_contiguous()
+    moved = in_layout_of(head_major, fused)
+    assert positions_first(moved) and torch.equal(moved, head_major)
+    assert moved.transpose(1, 2).flatten(2).data_ptr() == moved.data_ptr()  # the model's flatten: a view

@@ -299,7 +299,8 @@ class BackwardScan(nn.Module):
 class CausalLinearAttention(nn.Module):
     """Causal linear attention over the tokens (x: b n c) written with prefix sums: the key-value
     statistics and the key sums accumulated by ``cumsum`` along the sharded tokens; a decay gate by
-    ``cumprod``, a running log-normaliser by ``logcumsumexp``."""
+    ``cumprod_`` (in place), a running log-normaliser by ``logcumsumexp``; sorted scores summed in place
+    along the channels (``cumsum_``)."""
 
     def __init__(self, c: int = 8) -> None:
         super().__init__()
@@ -310,8 +311,9 @@ class CausalLinearAttention(nn.Module):
         kv = (k[..., :, None] * v[..., None, :]).cumsum(dim=1)  # (b, n, c, c)
         num = (q[..., :, None] * kv).sum(-2)
         den = (q * k.cumsum(1)).sum(-1, keepdim=True)
-        decay = torch.sigmoid(x).cumprod(dim=1)
-        return num / den * decay + torch.logcumsumexp(x, dim=1)
+        decay = (torch.sigmoid(x) + 0.0).cumprod_(dim=1)  # in place, along the sharded tokens
+        ranked = torch.softmax(x, -1).sort(-1).values.cumsum_(-1)  # in place along channels (Kandinsky's NABLA)
+        return num / den * decay + torch.logcumsumexp(x, dim=1) + ranked
 
 
 class AttentionPooling(nn.Module):

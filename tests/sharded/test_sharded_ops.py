@@ -187,3 +187,21 @@ def test_one_group_never_shards_two_dims(results):
 
 def test_full_tensor_of_a_vector_with_an_empty_piece(results):
     assert all(r["vector"] == 0.0 for r in results)
+
+
+def _vmap_worker(rank, world):
+    x = distribute(torch.arange(12.0).reshape(2, 6, 1), dist.group.WORLD, "b n c", ("n",))
+    refusals = []
+    for transform in (lambda f: torch.vmap(f), lambda f: torch.func.vmap(f, in_dims=1)):
+        try:
+            transform(lambda t: t * 2 + t.sum())(x)  # the sum would be over this rank's piece alone
+        except ShardingRefusal as exc:
+            refusals.append(str(exc))
+    plain = torch.vmap(lambda t: t * 2 + t.sum())(torch.arange(6.0).reshape(2, 3))  # plain inputs: torch's vmap
+    return refusals, plain.tolist()
+
+
+def test_vmap_over_a_sharded_activation_is_refused_on_every_rank():
+    for refusals, plain in run_ranks(_vmap_worker, 2, timeout=120):
+        assert len(refusals) == 2 and all("full_tensor" in r and "test_sharded_ops.py" in r for r in refusals), refusals
+        assert plain == [[3.0, 5.0, 7.0], [18.0, 20.0, 22.0]]

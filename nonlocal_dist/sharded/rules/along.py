@@ -6,7 +6,7 @@ piece runs on one zero position, ``on_piece``). Along a sharded dim, ``F.normali
 p-norm of the whole dim (|x|^p summed over the ranks, one all-reduce per mesh dim); ``flip`` and
 ``roll`` permute the positions: each rank fetches those of its part (one all-to-all, logged);
 ``cumsum``, ``cumprod`` and ``logcumsumexp`` scan each piece and take in the earlier ranks' totals
-(one all-gather of one position per rank); softmax and log_softmax take the max and the sum of the
+(one all-gather of one position per rank; ``cumsum_`` and ``cumprod_`` too, written back in place); softmax and log_softmax take the max and the sum of the
 exponentials over the ranks. ``roll`` with no dims (it flattens) is refused, as is a missing dim
 (softmax's implicit one).
 """
@@ -113,6 +113,23 @@ def _scan(op: Op, x: ShardedTensor, dim: int) -> ShardedTensor:
 
 rule(F.softmax, F.log_softmax, torch.softmax, Tensor.softmax, torch.log_softmax, Tensor.log_softmax,
      torch.cumsum, Tensor.cumsum, torch.cumprod, Tensor.cumprod, torch.logcumsumexp, Tensor.logcumsumexp)(_along)
+
+
+_IN_PLACE = {Tensor.cumsum_: Tensor.cumsum, Tensor.cumprod_: Tensor.cumprod}
+
+
+def _along_in_place(op: Op):
+    """``x.cumsum_(dim)``, ``x.cumprod_(dim)`` (Kandinsky 6's NABLA mask scans its sorted scores in place):
+    the out-of-place rule on a copy of x (so that nothing its backward saves is overwritten), then
+    written into x; along the sharded dim too."""
+    x = op.args[0]
+    copy = ShardedTensor.wrap(x.as_subclass(Tensor).clone(), x.spec)
+    out = _along(Op(_IN_PLACE[op.func], (copy, *op.args[1:]), op.kwargs))
+    x.as_subclass(Tensor).copy_(out.as_subclass(Tensor))
+    return x
+
+
+rule(*_IN_PLACE)(_along_in_place)
 
 
 def _rows(op: Op):

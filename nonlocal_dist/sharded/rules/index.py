@@ -5,7 +5,8 @@ holds (SlowFast's ``x[:, :, ::4]``): exact with no communication, the result sha
 positions live (uneven or empty shards as they fall). An integer index into a sharded dim (a first
 frame, ``x[:, :, 0]``) is the slice ``i:i+1`` gathered whole on every rank (its owner's one
 position, by one all-gather): the result is replicated along the dims that remain of that group.
-Tensor indices into a sharded dim are refused. ``index_copy``/``index_add`` of a sharded source into
+Tensor indices into a sharded dim are refused; ``gather`` reads each index row's own row of the input
+(the input gathered whole along the gathered dim). ``index_copy``/``index_add`` of a sharded source into
 a whole buffer (rows packed by an index's values) gather the source: a replicated result.
 
 ``cat`` along a sharded dim joins global sequences (text tokens before video tokens, a class token,
@@ -541,6 +542,37 @@ def _index_scatter(op: Op):
     if out is args[0] or not isinstance(out, Tensor):  # in place into the plain buffer: alike on every rank
         return buffer
     return ShardedTensor.wrap(out, replicated_spec(source.spec, out.dim()))
+
+
+def _gather_ref(input, dim, index, *, sparse_grad=False):
+    """Signature of torch.gather."""
+
+
+@rule(torch.gather, Tensor.gather, any_operand=True)
+def _gather(op: Op):
+    """``x.gather(dim, index)`` (Kandinsky 6's NABLA mask puts its sorted scores back in key order):
+    ``out[i][j] = x[i][index[i][j]]`` along ``dim``, so each of the index's rows reads the same row of
+    x. The output is sharded as the index. x's shards along ``dim`` (the values are read from any
+    position) and those the index's do not line up with are gathered whole (logged); a whole x is
+    sliced to the index's rows on its other sharded dims."""
+    a = bind(op, _gather_ref)
+    x, index = a["input"], a["index"]
+    dim = a["dim"] % max(x.dim(), 1)
+    rows = index.spec.sharded if isinstance(index, ShardedTensor) else {}
+    if isinstance(x, ShardedTensor) and x.spec.sharded:
+        x = whole_along(op, x, [d for d, s in x.spec.dims if d == dim or d not in rows or not rows[d].same(s)])
+    own = x.spec.sharded if isinstance(x, ShardedTensor) else {}
+    local = as_local(x)
+    for d, shard in rows.items():
+        if d == dim or d in own:
+            continue
+        if local.shape[d] < shard.total:
+            raise op.refuse(f"an input of length {local.shape[d]} along dim {d}, shorter than the index's global "
+                            f"length {shard.total} there", d, "give the input at least the index's length there")
+        local = local.narrow(d, shard.start, shard.local)
+    out = torch.gather(local, dim, as_local(index), sparse_grad=a["sparse_grad"])
+    like = index if rows else next(t for t in (a["input"], index) if isinstance(t, ShardedTensor))
+    return ShardedTensor.wrap(out, like.spec if rows else replicated_spec(like.spec, out.dim()))
 
 
 def _scatter_add_ref(input, dim, index, src):

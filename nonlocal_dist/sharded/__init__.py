@@ -4,6 +4,7 @@
 exact, and ``sweep`` checks every rule against torch's own op samples."""
 from __future__ import annotations
 
+from nonlocal_dist.sharded import transforms  # noqa: F401  (torch.func's transforms refuse sharded inputs)
 from nonlocal_dist.sharded.batchnorm import batch_norm_rows, group_batch_norm
 from nonlocal_dist.sharded.distribute import (
     distribute,

@@ -31,7 +31,7 @@ from collections.abc import Callable
 
 import torch
 from torch import Tensor
-from torch.utils._pytree import tree_flatten, tree_map
+from torch.utils._pytree import tree_map
 
 import nonlocal_dist.distributed.failure as failure
 from nonlocal_dist.distributed.mesh import covered
@@ -494,25 +494,3 @@ def _backward(tensors, grad_tensors=None, *args, **kwargs):
 torch.autograd.backward = _backward
 _WRAPPED[_backward] = _plain_backward
 
-
-# torch.func's transforms (vmap, and jacrev/jacfwd/hessian built on it) wrap their inputs in C++ with
-# no __torch_function__ call: a ShardedTensor went in as its bare local shard and the function computed
-# on one rank's piece (a sum over the batched dim summed the piece alone), silently. The one entry every
-# vmap goes through, however it was imported, is torch's vmap_impl: it is wrapped to refuse sharded
-# inputs, the same on every rank (the check reads only the inputs' types).
-_vmap_api = sys.modules.get("torch._functorch.apis")
-_plain_vmap_impl = getattr(_vmap_api, "vmap_impl", None)
-
-
-def _refusing_vmap_impl(func, in_dims, out_dims, randomness, chunk_size, *args, **kwargs):
-    if any(isinstance(t, ShardedTensor) for t in tree_flatten((args, kwargs))[0]):
-        raise ShardingRefusal(
-            f"torch.vmap (or a torch.func transform built on it) over a sharded activation at {user_frame()}: "
-            "vmap unwraps it into this rank's local shard, so the function would see one rank's piece. Fix: "
-            "gather it whole first (nonlocal_dist.sharded.full_tensor), or write the function with batched "
-            "torch ops")
-    return _plain_vmap_impl(func, in_dims, out_dims, randomness, chunk_size, *args, **kwargs)
-
-
-if _plain_vmap_impl is not None:
-    _vmap_api.vmap_impl = _refusing_vmap_impl

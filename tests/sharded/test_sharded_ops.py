@@ -192,16 +192,20 @@ def test_full_tensor_of_a_vector_with_an_empty_piece(results):
 def _vmap_worker(rank, world):
     x = distribute(torch.arange(12.0).reshape(2, 6, 1), dist.group.WORLD, "b n c", ("n",))
     refusals = []
-    for transform in (lambda f: torch.vmap(f), lambda f: torch.func.vmap(f, in_dims=1)):
+    transforms = (lambda f: torch.vmap(f), lambda f: torch.func.vmap(f, in_dims=1), torch.func.grad,
+                  lambda f: lambda t: torch.func.vjp(f, t)[0], lambda f: torch.func.jacrev(f))
+    for transform in transforms:
         try:
-            transform(lambda t: t * 2 + t.sum())(x)  # the sum would be over this rank's piece alone
+            transform(lambda t: (t * 2 + t.sum()).sum())(x)  # the sums would be over this rank's piece alone
         except ShardingRefusal as exc:
             refusals.append(str(exc))
     plain = torch.vmap(lambda t: t * 2 + t.sum())(torch.arange(6.0).reshape(2, 3))  # plain inputs: torch's vmap
     return refusals, plain.tolist()
 
 
-def test_vmap_over_a_sharded_activation_is_refused_on_every_rank():
+def test_torch_func_transforms_over_a_sharded_activation_are_refused_on_every_rank():
+    """vmap, grad, vjp and jacrev unwrapped a ShardedTensor into its local shard in C++ (no
+    __torch_function__ call), silently; now each is refused."""
     for refusals, plain in run_ranks(_vmap_worker, 2, timeout=120):
-        assert len(refusals) == 2 and all("full_tensor" in r and "test_sharded_ops.py" in r for r in refusals), refusals
+        assert len(refusals) == 5 and all("full_tensor" in r and "test_sharded_ops.py" in r for r in refusals), refusals
         assert plain == [[3.0, 5.0, 7.0], [18.0, 20.0, 22.0]]

@@ -599,3 +599,32 @@ def test_ltx2_diffusion_decoder_with_flex_attention_matches_one_process(world):
     """Forward only: torch's flex attention has no backward on CPU (for one process as for ours)."""
     for err in run_ranks(_ltx2_decoder_worker, world, timeout=300):
         assert err < 1e-14, err
+
+
+def _kandinsky6_sr_worker(rank, world):
+    """Kandinsky 6's SR transformer: its NABLA attention ranks each query block's key blocks from the
+    sharded queries' scores (sort, an in-place cumsum, gather), builds a BlockMask from them with
+    ``from_kv_blocks`` (the tables gathered whole) and runs flex_attention on it."""
+    import torch.distributed as dist
+
+    from nonlocal_dist import parallelize
+
+    torch.manual_seed(0)
+    model = diffusers.Kandinsky6SRTransformer3DModel(
+        in_visual_dim=4, out_visual_dim=4, time_dim=16, patch_size=(1, 1, 1), model_dim=32, ff_dim=32,
+        num_visual_blocks=2, axes_dims=(4, 6, 6), nabla_window=(3, 3, 3)).double()
+    plain = copy.deepcopy(model)
+    sizes = {2: [[2, 1]], 3: [[1, 2, 0]]}[world]
+    parallelize(model, dist.group.WORLD, "t", layout="b t h w c", inputs=("hidden_states",), sizes=sizes)
+    x = torch.randn(2, 3, 8, 8, 9, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    t = torch.tensor(700.0, dtype=torch.float64).expand(2)
+    with torch.no_grad():
+        want, got = (m(hidden_states=x, timestep=t, return_dict=False)[0] for m in (plain, model))
+    return ((got - want).abs().max() / want.abs().max()).item()
+
+
+@pytest.mark.parametrize("world", [2, 3])
+def test_kandinsky6_sr_transformer_with_a_nabla_block_mask_matches_one_process(world):
+    """Forward only: torch's flex attention has no backward on CPU (for one process as for ours)."""
+    for err in run_ranks(_kandinsky6_sr_worker, world, timeout=300):
+        assert err < 1e-14, err

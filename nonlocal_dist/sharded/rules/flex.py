@@ -16,7 +16,8 @@ sparsity its mask_mod does not express, which flex run uncompiled ignores and a 
 q, k and v gathered whole, the user's call run unchanged on every rank, each keeping its own part of the
 output (the attention's compute then replicated over the group). The log-sum-exp and max scores follow
 the output's rows.
-A score_mod, mask_mod or block mask holding a sharded tensor is refused on every rank.
+A score_mod or mask_mod holding a sharded tensor is refused on every rank; ``BlockMask.from_kv_blocks``
+given sharded block tables (wrapped too) gathers them whole first.
 """
 from __future__ import annotations
 
@@ -26,6 +27,7 @@ import inspect
 import torch
 import torch.nn.attention.flex_attention as flex_module
 from torch import Tensor
+from torch.utils._pytree import tree_flatten, tree_map
 
 from nonlocal_dist.sharded.rules.common import bind, log_once, whole_along
 from nonlocal_dist.sharded.tensor import (
@@ -49,6 +51,25 @@ def _flex(query, key, value, *args, **kwargs):
 
 flex_module.flex_attention = _flex
 _WRAPPED[_flex] = _plain_flex
+
+_plain_from_kv_blocks = inspect.getattr_static(flex_module.BlockMask, "from_kv_blocks").__func__
+
+
+def _from_kv_blocks(cls, *args, **kwargs):
+    """``BlockMask.from_kv_blocks`` with block tables computed from sharded activations (Kandinsky 6's NABLA
+    mask ranks each query block's key blocks from the sharded queries' scores): the tables gathered whole
+    (logged; they are small, one entry per pair of blocks), so the mask is the whole sequence's, as one
+    process builds it. torch builds its transposed tables with ``vmap``, which cannot take shards."""
+    values = tree_flatten((args, kwargs))[0]
+    if not torch.compiler.is_compiling() and any(isinstance(t, ShardedTensor) for t in values):
+        op = Op(_from_kv_blocks, args, kwargs)
+        log_once(user_frame(), "BlockMask.from_kv_blocks on sharded block tables: gathered whole on every rank")
+        args, kwargs = tree_map(lambda t: whole_along(op, t, [d for d, _ in t.spec.dims]).as_subclass(Tensor)
+                                if isinstance(t, ShardedTensor) else t, (args, kwargs))
+    return _plain_from_kv_blocks(cls, *args, **kwargs)
+
+
+flex_module.BlockMask.from_kv_blocks = classmethod(functools.wraps(_plain_from_kv_blocks)(_from_kv_blocks))
 
 
 def _flex_ref(query, key, value, score_mod=None, block_mask=None, scale=None, enable_gqa=False, return_lse=False,

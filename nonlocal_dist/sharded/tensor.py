@@ -51,6 +51,10 @@ _INTERNAL = tuple(
 )  # torch, this package, and the standard library (a context manager's frame is not the user's line)
 
 
+# The innermost torch.func transform level running (None outside every transform); private, so absent -> None.
+_functorch_level = getattr(torch._C._functorch, "maybe_current_level", lambda: None)
+
+
 class ShardingRefusal(ValueError):
     """An op this runtime cannot run exactly on a sharded activation; raised on every rank alike."""
 
@@ -272,6 +276,12 @@ class ShardedTensor(Tensor):
                 return func(*args)
         if torch.compiler.is_compiling():
             raise RuntimeError(compile_refusal())
+        if _functorch_level() is not None:  # a sharded value captured by a vmapped or grad-transformed function
+            raise ShardingRefusal(
+                f"{getattr(func, '__name__', func)} on a sharded activation inside a torch.func transform (vmap, "
+                f"grad, ...) at {user_frame()}: the transform unwraps what it returns into plain tensors, so the "
+                "result would be one rank's piece. Fix: gather it whole first (nonlocal_dist.sharded.full_tensor), "
+                "or apply the transform outside the sharded model")
         args, kwargs = normalize(func, args, kwargs or {})
         with torch._C.DisableTorchFunctionSubclass():
             handler = RULES.get(func)

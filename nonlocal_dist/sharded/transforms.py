@@ -51,3 +51,5 @@ _guard("torch._functorch.apis", "vmap_impl", "vmap (or a transform built on it)"
        lambda func, in_dims, out_dims, randomness, chunk_size, *args, **kwargs: (args, kwargs))
 _guard("torch._functorch.eager_transforms", "_wrap_all_tensors", "grad, grad_and_value or vjp",
        lambda tree, level: tree)
+_guard("torch._functorch.eager_transforms", "_wrap_all_tensors_to_functional", "functionalize",
+       lambda tree, level, **kwargs: tree)

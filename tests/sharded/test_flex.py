@@ -151,3 +151,31 @@ def test_plain_calls_run_torchs_own_function():
     assert fa.flex_attention is flex._flex and flex._plain_flex.__module__ == "torch.nn.attention.flex_attention"
     q = torch.randn(1, 2, 8, 16)
     torch.testing.assert_close(fa.flex_attention(q, q, q), flex._plain_flex(q, q, q), rtol=0, atol=0)
+
+
+def _edge_worker(rank, world):
+    """q sharded along its head dim with values of another head size; a block mask made for other lengths."""
+    from nonlocal_dist.sharded import distribute, full_tensor
+
+    g = torch.Generator().manual_seed(2)
+    q, k = (torch.randn(1, 2, 6, 8, dtype=torch.float64, generator=g) for _ in range(2))
+    errors = {}
+    for dv in (12, 4):
+        v = torch.randn(1, 2, 6, dv, dtype=torch.float64, generator=g)
+        qs = distribute(q, dist.group.WORLD, "b h n d", ("d",), sizes=[[5, 3]])
+        with torch.no_grad():
+            errors[dv] = (full_tensor(fa.flex_attention(qs, k, v)) - fa.flex_attention(q, k, v)).abs().max().item()
+    qs = distribute(q, dist.group.WORLD, "b h n d", ("n",), sizes=[[2, 4]])
+    mask = fa.create_block_mask(_causal, None, None, 8, 6, device="cpu", BLOCK_SIZE=4)  # made for 8 queries
+    try:
+        with torch.no_grad():
+            fa.flex_attention(qs, k, k, block_mask=mask)
+    except ValueError as exc:  # torch's own refusal, as one process raises it
+        errors["mask"] = str(exc)
+    return errors
+
+
+def test_head_dim_shards_and_masks_of_other_lengths_behave_as_one_process():
+    for errors in run_ranks(_edge_worker, 2, timeout=120):
+        assert errors[12] < 1e-14 and errors[4] < 1e-14, errors
+        assert "block_mask was created for" in errors.get("mask", ""), errors

@@ -193,7 +193,9 @@ def _vmap_worker(rank, world):
     x = distribute(torch.arange(12.0).reshape(2, 6, 1), dist.group.WORLD, "b n c", ("n",))
     refusals = []
     transforms = (lambda f: torch.vmap(f), lambda f: torch.func.vmap(f, in_dims=1), torch.func.grad,
-                  lambda f: lambda t: torch.func.vjp(f, t)[0], lambda f: torch.func.jacrev(f))
+                  lambda f: lambda t: torch.func.vjp(f, t)[0], lambda f: torch.func.jacrev(f),
+                  torch.func.functionalize,
+                  lambda f: lambda t: torch.vmap(lambda y: y * t)(torch.ones(2, 2, 6, 1)))  # a shard captured
     for transform in transforms:
         try:
             transform(lambda t: (t * 2 + t.sum()).sum())(x)  # the sums would be over this rank's piece alone
@@ -204,8 +206,23 @@ def _vmap_worker(rank, world):
 
 
 def test_torch_func_transforms_over_a_sharded_activation_are_refused_on_every_rank():
-    """vmap, grad, vjp and jacrev unwrapped a ShardedTensor into its local shard in C++ (no
-    __torch_function__ call), silently; now each is refused."""
+    """vmap, grad, vjp, jacrev and functionalize unwrapped a ShardedTensor into its local shard in C++ (no
+    __torch_function__ call), silently, and a vmapped function that captured one returned one rank's
+    piece; now each is refused."""
     for refusals, plain in run_ranks(_vmap_worker, 2, timeout=120):
-        assert len(refusals) == 5 and all("full_tensor" in r and "test_sharded_ops.py" in r for r in refusals), refusals
+        assert len(refusals) == 7 and all("full_tensor" in r and "test_sharded_ops.py" in r for r in refusals), refusals
         assert plain == [[3.0, 5.0, 7.0], [18.0, 20.0, 22.0]]
+
+
+def _inplace_dtype_worker(rank, world):
+    x = distribute(torch.rand(2, 6, 3), dist.group.WORLD, "b n c", ("n",))
+    try:
+        x.cumsum_(1, dtype=torch.float64)  # torch refuses an in-place result of another dtype
+    except RuntimeError as exc:
+        return str(exc)
+    return None
+
+
+def test_an_in_place_scan_into_another_dtype_raises_as_torch_does():
+    for message in run_ranks(_inplace_dtype_worker, 2, timeout=120):
+        assert message is not None and "Bad in-place call" in message, message

@@ -123,6 +123,10 @@ def _along_in_place(op: Op):
     the out-of-place rule on a copy of x (so that nothing its backward saves is overwritten), then
     written into x; along the sharded dim too."""
     x = op.args[0]
+    dtype = (op.named or {}).get("dtype")
+    if dtype is not None and dtype != x.dtype:  # torch's own refusal, as one process raises it
+        raise RuntimeError(f"Bad in-place call: input tensor dtype {x.dtype} and output tensor dtype {dtype} "
+                           "should match")
     copy = ShardedTensor.wrap(x.as_subclass(Tensor).clone(), x.spec)
     out = _along(Op(_IN_PLACE[op.func], (copy, *op.args[1:]), op.kwargs))
     x.as_subclass(Tensor).copy_(out.as_subclass(Tensor))

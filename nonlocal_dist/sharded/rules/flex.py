@@ -92,9 +92,10 @@ def _holds_shards(fn) -> bool:
 
 
 def _mine(t: Tensor, dims: dict, like: ShardedTensor) -> ShardedTensor:
-    """This rank's part of ``t``, a whole result whose leading dims are q's: each of q's sharded ``dims``
-    among them narrowed to this rank's positions; replicated where q is not sharded."""
-    kept = {d: s for d, s in dims.items() if d < t.dim()}
+    """This rank's part of ``t``, a whole result whose batch, heads and query dims are q's (the output's
+    last dim is v's, and the statistics have none): each of q's sharded ``dims`` among those narrowed to
+    this rank's positions; replicated where q is not sharded there."""
+    kept = {d: s for d, s in dims.items() if d < 3}
     for d, shard in kept.items():
         t = t.narrow(d, shard.start, shard.local)
     spec = like.spec.remap(t.dim(), kept) if kept else replicated_spec(like.spec, t.dim())
@@ -146,6 +147,11 @@ def _own_rows(q) -> object:
     return shard if min(shard.sizes) > 0 else None  # an empty rank would skip the keys' gradient exchange
 
 
+def _length(t) -> int:
+    """The keys' global length (their dim -2)."""
+    return t.spec.global_shape(t.shape)[-2] if isinstance(t, ShardedTensor) else t.shape[-2]
+
+
 @rule(_flex, any_operand=True)
 def _flex_attention(op: Op):
     a = bind(op, _flex_ref)
@@ -157,7 +163,10 @@ def _flex_attention(op: Op):
         raise op.refuse("a score_mod, mask_mod or block mask that holds a sharded tensor", None,
                         "gather that tensor whole first (nonlocal_dist.sharded.full_tensor) or build it from "
                         "whole tensors")
-    rows = _own_rows(q) if block_mask is None or not _hand_built(block_mask) else None
+    rows = _own_rows(q)
+    if rows is not None and block_mask is not None and (
+            _hand_built(block_mask) or tuple(block_mask.seq_lengths) != (rows.total, _length(k))):
+        rows = None  # the whole call: torch itself refuses a mask made for other lengths, as in one process
     whole = [q.as_subclass(Tensor) if rows is not None and t is q
              else whole_along(op, t, [d for d, _ in t.spec.dims]).as_subclass(Tensor) if isinstance(t, ShardedTensor)
              else t for t in (q, k, v)]

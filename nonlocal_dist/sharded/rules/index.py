@@ -555,6 +555,8 @@ def _gather(op: Op):
     x. The output is sharded as the index. x's shards along ``dim`` (the values are read from any
     position) and those the index's do not line up with are gathered whole (logged); a whole x is
     sliced to the index's rows on its other sharded dims."""
+    if "out" in op.kwargs:
+        raise op.refuse("gather with out=", None, "assign the result instead")
     a = bind(op, _gather_ref)
     x, index = a["input"], a["index"]
     dim = a["dim"] % max(x.dim(), 1)

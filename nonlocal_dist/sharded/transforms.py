@@ -1,13 +1,16 @@
 """torch.func's transforms refuse sharded activations.
 
-``vmap`` (and ``jacrev``/``jacfwd``/``hessian`` on it) and the grad-level transforms (``grad``,
-``grad_and_value``, ``vjp``) wrap their inputs in C++ with no ``__torch_function__`` call: a
-``ShardedTensor`` went in as its bare local shard, and the function computed on one rank's piece (a sum
-over the sharded dim summed the piece alone), silently. Each transform's one entry for its inputs is
-wrapped here to refuse them instead, the same on every rank (the check reads only the inputs' types):
-``torch._functorch.apis.vmap_impl`` and ``torch._functorch.eager_transforms._wrap_all_tensors``, both
+``vmap`` (and ``jacrev``/``jacfwd``/``hessian`` on it), the grad-level transforms (``grad``,
+``grad_and_value``, ``vjp``) and ``functionalize`` wrap their inputs in C++ with no
+``__torch_function__`` call: a ``ShardedTensor`` went in as its bare local shard, and the function
+computed on one rank's piece (a sum over the sharded dim summed the piece alone), silently. Each
+transform's one entry for its inputs is wrapped here to refuse them instead, the same on every rank
+(the check reads only the inputs' types): ``torch._functorch.apis.vmap_impl``,
+``torch._functorch.eager_transforms._wrap_all_tensors`` and ``_wrap_all_tensors_to_functional``, all
 private, looked up at call time by every public form of them however it was imported; a torch that
-lacks one is left as it is. ``jvp`` already meets the rules (``_make_dual`` is refused).
+lacks one is left as it is. ``jvp`` already meets the rules (``_make_dual`` is refused). A shard
+captured by a transformed function (not an input) is refused by the dispatcher
+(``tensor._functorch_level``).
 """
 from __future__ import annotations
 

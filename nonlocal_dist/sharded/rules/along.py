@@ -7,8 +7,8 @@ p-norm of the whole dim (|x|^p summed over the ranks, one all-reduce per mesh di
 ``roll`` permute the positions: each rank fetches those of its part (one all-to-all, logged);
 ``cumsum``, ``cumprod`` and ``logcumsumexp`` scan each piece and take in the earlier ranks' totals
 (one all-gather of one position per rank; ``cumsum_`` and ``cumprod_`` too, written back in place);
-softmax and log_softmax take the max and the sum of the exponentials over the ranks. ``roll`` with no dims (it flattens) is refused, as is a missing dim
-(softmax's implicit one).
+softmax and log_softmax take the max and the sum of the exponentials over the ranks. ``roll`` with
+no dims (it flattens) is refused, as is a missing dim (softmax's implicit one).
 """
 from __future__ import annotations
 

@@ -445,7 +445,8 @@ def test_head_dropout_draws_one_mask_on_every_rank():
 
 def _eval_on_one_rank_worker(rank, world, change):
     """A non-local block put in eval mode, or given another setting, on one rank alone is refused on
-    every rank (the agreement compares each module's training flag and each block's settings)."""
+    every rank (the agreement compares each module's training flag and each block's settings), and so
+    is a module added after the first call (the agreement's cached list of modules is walked again)."""
     torch.manual_seed(0)
     model = nn.Sequential(nn.Conv3d(2, 8, (3, 1, 1), padding=(1, 0, 0)), NonLocalBlock(8, layout="b c t h w"))
     sharded = parallelize(model, dist.group.WORLD, "t", output="local")
@@ -454,8 +455,13 @@ def _eval_on_one_rank_worker(rank, world, change):
     if rank == 1:
         if change == "eval":
             sharded[1].eval()
-        else:
+        elif change == "scale":
             sharded[1].scale = 0.5
+    if change == "added":
+        sharded.append(nn.Dropout(0.0))
+        sharded(x)  # agreed: the new module trains on every rank
+        if rank == 1:
+            sharded[2].eval()
     try:
         sharded(x)
     except ValueError as exc:
@@ -463,7 +469,7 @@ def _eval_on_one_rank_worker(rank, world, change):
     return None
 
 
-@pytest.mark.parametrize("change", ["eval", "scale"])
+@pytest.mark.parametrize("change", ["eval", "scale", "added"])
 def test_block_in_eval_mode_on_one_rank_is_refused_on_every_rank(change):
     for message in run_ranks(_eval_on_one_rank_worker, 2, change, timeout=60):
         assert message is not None and "training modes and block settings" in message, message

@@ -4,6 +4,7 @@ from __future__ import annotations
 from nonlocal_dist.sharded.rules import (
     along,
     attention,
+    autograd,
     conv_pool,
     flex,
     index,
@@ -15,4 +16,4 @@ from nonlocal_dist.sharded.rules import (
     transpose,
 )
 
-__all__ = ["along", "attention", "conv_pool", "flex", "index", "norm", "pointwise", "reduce", "resize", "shape", "transpose"]
+__all__ = ["along", "attention", "autograd", "conv_pool", "flex", "index", "norm", "pointwise", "reduce", "resize", "shape", "transpose"]

@@ -566,7 +566,7 @@ _METADATA = ["is_floating_point", "is_complex", "is_signed", "element_size", "ge
 
 
 @rule(*[getattr(Tensor, n) for n in _METADATA if hasattr(Tensor, n)], torch.is_floating_point, torch.is_complex,
-      torch.autograd.backward, torch.autograd.grad,
+      torch.autograd.backward,
       torch.is_tensor, any_operand=True)
 def _metadata(op: Op):
     """Facts about the local tensor that do not depend on the global shape (dtype class, device, layout)."""

@@ -31,7 +31,7 @@ from collections.abc import Callable
 
 import torch
 from torch import Tensor
-from torch.utils._pytree import tree_map
+from torch.utils._pytree import tree_flatten, tree_map
 
 import nonlocal_dist.distributed.failure as failure
 from nonlocal_dist.distributed.mesh import covered
@@ -476,6 +476,12 @@ def map_leaves(fn, tree):
     if type(tree) is dict and all(isinstance(v, _LEAVES) for v in tree.values()):
         return {k: fn(v) for k, v in tree.items()}
     return tree_map(fn, tree)  # any container pytree knows (a registered dataclass, a model output)
+
+
+def holds_sharded(values) -> bool:
+    """Whether a ``ShardedTensor`` is among ``values`` (any pytree: the arguments of a call that torch
+    takes apart in C++ or compiles, where no ``__torch_function__`` would see it)."""
+    return any(isinstance(t, ShardedTensor) for t in tree_flatten(values)[0])
 
 
 def as_local(t):

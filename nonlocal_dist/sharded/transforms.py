@@ -17,13 +17,11 @@ from __future__ import annotations
 import functools
 import importlib
 
-from torch.utils._pytree import tree_flatten
-
-from nonlocal_dist.sharded.tensor import ShardedTensor, ShardingRefusal, user_frame
+from nonlocal_dist.sharded.tensor import ShardingRefusal, holds_sharded, user_frame
 
 
 def _refuse_sharded(name: str, values) -> None:
-    if any(isinstance(t, ShardedTensor) for t in tree_flatten(values)[0]):
+    if holds_sharded(values):
         raise ShardingRefusal(
             f"torch.func's {name} over a sharded activation at {user_frame()}: it unwraps it into this rank's local "
             "shard, so the function would see one rank's piece. Fix: gather it whole first "

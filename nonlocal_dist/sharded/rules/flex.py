@@ -27,13 +27,14 @@ import inspect
 import torch
 import torch.nn.attention.flex_attention as flex_module
 from torch import Tensor
-from torch.utils._pytree import tree_flatten, tree_map
+from torch.utils._pytree import tree_map
 
 from nonlocal_dist.sharded.rules.common import bind, log_once, whole_along
 from nonlocal_dist.sharded.tensor import (
     _WRAPPED,
     Op,
     ShardedTensor,
+    holds_sharded,
     replicated_spec,
     rule,
     user_frame,
@@ -44,7 +45,7 @@ _plain_flex = flex_module.flex_attention
 
 @functools.wraps(_plain_flex)
 def _flex(query, key, value, *args, **kwargs):
-    if not torch.compiler.is_compiling() and any(isinstance(t, ShardedTensor) for t in (query, key, value)):
+    if not torch.compiler.is_compiling() and holds_sharded((query, key, value)):
         return torch.overrides.handle_torch_function(_flex, (query, key, value), query, key, value, *args, **kwargs)
     return _plain_flex(query, key, value, *args, **kwargs)
 
@@ -60,8 +61,7 @@ def _from_kv_blocks(cls, *args, **kwargs):
     mask ranks each query block's key blocks from the sharded queries' scores): the tables gathered whole
     (logged; they are small, one entry per pair of blocks), so the mask is the whole sequence's, as one
     process builds it. torch builds its transposed tables with ``vmap``, which cannot take shards."""
-    values = tree_flatten((args, kwargs))[0]
-    if not torch.compiler.is_compiling() and any(isinstance(t, ShardedTensor) for t in values):
+    if not torch.compiler.is_compiling() and holds_sharded((args, kwargs)):
         op = Op(_from_kv_blocks, args, kwargs)
         log_once(user_frame(), "BlockMask.from_kv_blocks on sharded block tables: gathered whole on every rank")
         args, kwargs = tree_map(lambda t: whole_along(op, t, [d for d, _ in t.spec.dims]).as_subclass(Tensor)

@@ -19,7 +19,10 @@ Columns: the output's max abs error against one process, the best wall time of t
 ``--repeats`` (the slowest rank; the median of the rounds), torch's CPU allocator peak during one
 step per rank (``bench_utils.peak_memory_mb``; the least of the rounds), the peak of the bytes
 held by the step's tensors, counted op by op (``bench_utils.peak_tensor_mb``: steadier than the allocator's, blind to
-kernels' internal workspaces), and the ratios to diffusers' Ulysses.
+kernels' internal workspaces), the bytes the step's autograd graph saves for its backward
+(``bench_utils.saved_tensor_mb``: exact and the same in every run, the activation memory each
+parallel form keeps; the peaks add transients and collective buffers whose release times vary),
+and the ratios to diffusers' Ulysses.
 
     python scripts/bench_dit.py [--model wan|ltx] [--forward] [--world 2] [--frames 8] [--size 16] [--repeats 5]
     python scripts/bench_dit.py --mesh [--frames 8] [--size 16]   # Wan on a 2 x 2 (t, h) mesh of 4 ranks
@@ -41,6 +44,7 @@ from bench_utils import (
     peak_memory_mb,
     peak_tensor_mb,
     print_table,
+    saved_tensor_mb,
     spawn_ranks,
 )
 
@@ -121,8 +125,8 @@ def _measure(models: dict, args) -> dict:
     not follow counts until its address is reused, so each measure is an upper bound)."""
     x, t, text, w = _inputs(args)
     runs = {name: _step(model, _forward(args), x, t, text, w, backward=not args.forward) for name, model in models.items()}
-    results = {name: {"out": run(), "seconds": [], "peak_mb": [], "tensor_mb": peak_tensor_mb(run)}
-               for name, run in runs.items()}
+    results = {name: {"out": run(), "seconds": [], "peak_mb": [], "tensor_mb": peak_tensor_mb(run),
+                      "saved_mb": saved_tensor_mb(run)} for name, run in runs.items()}
     for _ in range(args.rounds):
         for name, run in runs.items():
             results[name]["seconds"].append(best_time(run, args.repeats))
@@ -190,18 +194,20 @@ def main(argv=None) -> None:
         seconds = max(r[name]["seconds"] for r in ranks.values())
         peak = max(r[name]["peak_mb"] for r in ranks.values())
         tensors = max(r[name]["tensor_mb"] for r in ranks.values())
+        saved = max(r[name]["saved_mb"] for r in ranks.values())
         err = (ranks[0][name]["out"] - ref["out"]).abs().max().item()
-        base = base or (seconds, peak, tensors)
-        rows.append([f"{name}, P = {args.world}", err, seconds, peak, tensors, seconds / base[0], peak / base[1],
-                     tensors / base[2]])
-    rows.insert(0, ["one process", 0.0, ref["seconds"], ref["peak_mb"], ref["tensor_mb"], ref["seconds"] / base[0],
-                    ref["peak_mb"] / base[1], ref["tensor_mb"] / base[2]])
+        base = base or (seconds, peak, tensors, saved)
+        rows.append([f"{name}, P = {args.world}", err, seconds, peak, tensors, saved, seconds / base[0], peak / base[1],
+                     tensors / base[2], saved / base[3] if base[3] else 0.0])
+    rows.insert(0, ["one process", 0.0, ref["seconds"], ref["peak_mb"], ref["tensor_mb"], ref["saved_mb"],
+                    ref["seconds"] / base[0], ref["peak_mb"] / base[1], ref["tensor_mb"] / base[2],
+                    ref["saved_mb"] / base[3] if base[3] else 0.0])
     tokens = args.frames * args.size ** 2 // 4
     name = "LTX-Video" if args.model == "ltx" else "Wan"
     step = "forward (no_grad)" if args.forward else "forward+backward"
     print_table(f"{name} transformer {step}, {tokens} video tokens, float32, 1 thread per process",
-                ["run", "max abs err", "step (s)", "peak MiB per rank", "tensor peak MiB", "time x Ulysses",
-                 "memory x Ulysses", "tensor peak x Ulysses"], rows)
+                ["run", "max abs err", "step (s)", "peak MiB per rank", "tensor peak MiB", "saved for backward MiB",
+                 "time x Ulysses", "memory x Ulysses", "tensor peak x Ulysses", "saved x Ulysses"], rows)
 
 
 if __name__ == "__main__":

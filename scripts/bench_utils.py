@@ -77,6 +77,17 @@ def peak_memory_mb(fn: Callable[[], object]) -> float:
     return peak / 2**20
 
 
+def _storages(t):
+    """The storages behind a tensor (a wrapper subclass's inner tensors: a functional collective's result)."""
+    from torch.utils._python_dispatch import is_traceable_wrapper_subclass
+
+    if is_traceable_wrapper_subclass(t):
+        for name in t.__tensor_flatten__()[0]:
+            yield from _storages(getattr(t, name))
+    elif isinstance(t, torch.Tensor):
+        yield t.untyped_storage()
+
+
 def peak_tensor_mb(fn: Callable[[], object]) -> float:
     """Peak of the bytes held by the tensors ``fn()`` creates, while it runs (MiB): every op's new
     output storage is counted from the op (a ``TorchDispatchMode``) until it is freed, on whichever
@@ -89,21 +100,10 @@ def peak_tensor_mb(fn: Callable[[], object]) -> float:
     collective's result) are counted."""
     import weakref
 
-    import torch
-    from torch.utils._python_dispatch import (
-        TorchDispatchMode,
-        is_traceable_wrapper_subclass,
-    )
+    from torch.utils._python_dispatch import TorchDispatchMode
     from torch.utils._pytree import tree_leaves
 
     state = {"live": {}, "total": 0, "peak": 0}
-
-    def storages(t):
-        if is_traceable_wrapper_subclass(t):
-            for name in t.__tensor_flatten__()[0]:
-                yield from storages(getattr(t, name))
-        elif isinstance(t, torch.Tensor):
-            yield t.untyped_storage()
 
     def free(key):
         state["total"] -= state["live"].pop(key, 0)
@@ -113,9 +113,9 @@ def peak_tensor_mb(fn: Callable[[], object]) -> float:
             with torch._C.DisableTorchFunctionSubclass():
                 out = func(*args, **(kwargs or {}))
             if not func.is_view:
-                inputs = {x.data_ptr() for a in tree_leaves((args, kwargs)) for x in storages(a)}
+                inputs = {x.data_ptr() for a in tree_leaves((args, kwargs)) for x in _storages(a)}
                 for t in out if isinstance(out, (list, tuple)) else (out,):
-                    for storage in storages(t):
+                    for storage in _storages(t):
                         key = storage.data_ptr()
                         if key in state["live"] or key in inputs or storage.nbytes() == 0:
                             continue
@@ -129,6 +129,40 @@ def peak_tensor_mb(fn: Callable[[], object]) -> float:
     with Count():
         fn()
     return state["peak"] / 2**20
+
+
+def saved_tensor_mb(fn: Callable[[], object]) -> float:
+    """Bytes of the tensors that ``fn()``'s autograd graph saves for its backward and that ``fn``'s own
+    ops created (MiB): every distinct storage an autograd node saves (``saved_tensors_hooks``, custom
+    ``autograd.Function``s included) among those the call's ops made (a ``TorchDispatchMode``), each
+    counted once. Parameters and inputs made before the call are not counted. It depends on neither
+    threads nor timing: the activation memory a step carries from its forward into its backward,
+    the part of the peak that a model's parallel form decides (the peaks above add the transients
+    and the collectives' buffers, and move between runs)."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+    from torch.utils._pytree import tree_leaves
+
+    created: set[int] = set()
+    saved: dict[int, int] = {}
+
+    class Created(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            with torch._C.DisableTorchFunctionSubclass():
+                out = func(*args, **(kwargs or {}))
+            if not func.is_view:
+                created.update(x.data_ptr() for t in tree_leaves(out) for x in _storages(t))
+            return out
+
+    def pack(t):
+        for storage in _storages(t):
+            if storage.data_ptr() in created:
+                saved[storage.data_ptr()] = storage.nbytes()
+        return t
+
+    gc.collect()
+    with Created(), torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        fn()
+    return sum(saved.values()) / 2**20
 
 
 def print_table(title: str, header: list[str], rows: list[list]) -> None:

@@ -41,15 +41,54 @@ def peak_memory_mb(fn: Callable[[], object]) -> float:
 
     The profiler records no free made on a thread it does not follow: gloo's worker threads drop
     a collective's tensors there when they hold the last reference, at a time that varies from run
-    to run. Such a block is taken as freed when the allocator hands its address out again (before,
-    the running total counted it twice: peaks up to 8 % high, varying between identical steps); one
-    never handed out again stays counted, so the result is an upper bound: of repeated measures of
-    one step, the least is the tightest. (The profiler's ``profile_all_threads`` option records no
-    memory events at all on torch 2.13.)
+    to run. So every storage the call's ops return is watched (a ``TorchDispatchMode``) and its real
+    free time, on whichever thread, is taken from a finalizer (the profiler's clock is the wall
+    clock): the block is freed then. A block the profiler saw allocated but no op returned (a
+    kernel's workspace, a collective's internal buffer) and never saw freed is taken as freed when
+    the allocator hands its address out again, and one never handed out again stays counted, so the
+    result is still an upper bound (tighter than with the address rule alone: a 2-rank DiT step's
+    packed all-to-all buffers counted as held until their addresses came back, 1-2 MiB of a 7 MiB
+    peak at times). Of repeated measures of one step the least is the tightest. (The profiler's
+    ``profile_all_threads`` option records no memory events at all on torch 2.13.)
     """
+    import weakref
+
+    from torch.utils._python_dispatch import TorchDispatchMode
+    from torch.utils._pytree import tree_leaves
+
+    watched: list[list] = []  # [data_ptr, ns when an op returned it, ns when it was freed or None]
+
+    def stamp(box: list) -> None:
+        box[2] = time.time_ns()
+
+    class Watch(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            with torch._C.DisableTorchFunctionSubclass():
+                out = func(*args, **(kwargs or {}))
+            if not func.is_view:
+                now = time.time_ns()
+                for t in tree_leaves(out):
+                    for storage in _storages(t):
+                        if storage.nbytes():
+                            box = [storage.data_ptr(), now, None]
+                            watched.append(box)
+                            weakref.finalize(storage, stamp, box)
+            return out
+
+    def mark() -> tuple[int, int]:  # a wall-clock time and a block of a size no op makes, allocated just after it
+        now = time.time_ns()
+        marks.append(torch.empty(_MARK_BYTES, dtype=torch.uint8))
+        return now, marks[-1].data_ptr()
+
+    marks: list[torch.Tensor] = []
     gc.collect()
     with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-        fn()
+        before = mark()
+        with Watch():
+            fn()
+        gc.collect()  # storages the call left in reference cycles
+        after = mark()
+    marks.clear()
     tree = getattr(getattr(prof.profiler, "kineto_results", None), "experimental_event_tree", None)
     if tree is None:
         raise RuntimeError(f"peak_memory_mb reads the profiler's event tree (kineto_results.experimental_event_tree), "
@@ -64,17 +103,43 @@ def peak_memory_mb(fn: Callable[[], object]) -> float:
         raise RuntimeError(f"peak_memory_mb found no allocation in the profiler's event tree on torch "
                            f"{torch.__version__}, which its public events show: the private tree's layout changed "
                            "(its _ExtraFields_Allocation nodes); use peak_tensor_mb")
-    events.sort(key=lambda e: (e[0], e[2] > 0))  # a free before an allocation of the same instant
-    live: dict[int, int] = {}
-    total = peak = 0
-    for _, ptr, size in events:
+    # The profiler's clock against the wall clock: the two marks' allocations against the times before them.
+    offsets = [next(when for when, ptr, size in events if ptr == at and size == _MARK_BYTES) - now
+               for now, at in (before, after)]
+    offset = min(offsets)
+    # Each watched storage's free, as an event on the allocation it came from (the last one at its address
+    # before the op returned it): kind 0 a free, 1 an allocation, 2 a finalizer's free of allocation ``index``.
+    allocations: dict[int, list[tuple[int, int]]] = {}
+    for index, (when, ptr, size) in enumerate(events):
         if size > 0:
-            total += size - live.pop(ptr, 0)  # an address handed out again was freed unseen
-            live[ptr] = size
-        else:
-            total -= live.pop(ptr, -size)  # a block held before the call: its recorded size
+            allocations.setdefault(ptr, []).append((when, index))
+    timeline = [(when, 1 if size > 0 else 0, ptr, size, index) for index, (when, ptr, size) in enumerate(events)]
+    for ptr, returned, freed in watched:
+        made = [index for when, index in allocations.get(ptr, ()) if when <= returned + offset]
+        if freed is not None and made:
+            timeline.append((freed + offset, 2, ptr, 0, made[-1]))
+    timeline.sort(key=lambda e: (e[0], e[1] == 1))  # a free before an allocation of the same instant
+    live: dict[int, tuple[int, int]] = {}  # ptr -> (size, index of its allocation)
+    gone: set[int] = set()  # addresses freed by a finalizer, not handed out since: their recorded free is one
+    total = peak = 0
+    for _, kind, ptr, size, index in timeline:
+        if kind == 1:
+            gone.discard(ptr)
+            total += size - live.pop(ptr, (0, None))[0]  # an address handed out again was freed unseen
+            live[ptr] = (size, index)
+        elif kind == 0:
+            if ptr in gone:
+                gone.discard(ptr)
+                continue
+            total -= live.pop(ptr, (-size, None))[0]  # a block held before the call: its recorded size
+        elif live.get(ptr, (0, None))[1] == index:  # freed on another thread, the block still counted
+            total -= live.pop(ptr)[0]
+            gone.add(ptr)
         peak = max(peak, total)
     return peak / 2**20
+
+
+_MARK_BYTES = 999_983  # peak_memory_mb's clock marks: a size (a prime) no op of a benchmark allocates
 
 
 def _storages(t):
@@ -132,37 +197,51 @@ def peak_tensor_mb(fn: Callable[[], object]) -> float:
 
 
 def saved_tensor_mb(fn: Callable[[], object]) -> float:
-    """Bytes of the tensors that ``fn()``'s autograd graph saves for its backward and that ``fn``'s own
-    ops created (MiB): every distinct storage an autograd node saves (``saved_tensors_hooks``, custom
-    ``autograd.Function``s included) among those the call's ops made (a ``TorchDispatchMode``), each
-    counted once. Parameters and inputs made before the call are not counted. It depends on neither
-    threads nor timing: the activation memory a step carries from its forward into its backward,
-    the part of the peak that a model's parallel form decides (the peaks above add the transients
+    """Bytes of the tensors that ``fn()``'s forward saves for its backward and that ``fn``'s own ops
+    created, alive when its backward starts (MiB): every distinct storage an autograd node saved
+    (``saved_tensors_hooks``, custom ``autograd.Function``s included) among those the call's ops made
+    (a ``TorchDispatchMode``), counted at the first unpack. Parameters and inputs made before the
+    call are not counted, nor what a branch of the graph that was dropped had saved. It depends on
+    neither threads nor timing: the activation memory a step carries from its forward into its
+    backward, the part of the peak that a model's parallel form decides (the peaks add transients
     and the collectives' buffers, and move between runs)."""
+    import weakref
+
     from torch.utils._python_dispatch import TorchDispatchMode
     from torch.utils._pytree import tree_leaves
 
-    created: set[int] = set()
-    saved: dict[int, int] = {}
+    created: dict[int, weakref.ref] = {}  # address -> the storage an op made there (an address is reused)
+    saved: dict[int, tuple[weakref.ref, int]] = {}  # id of a saved storage -> (it, its bytes)
+    carried: list[float] = []
 
     class Created(TorchDispatchMode):
         def __torch_dispatch__(self, func, types, args=(), kwargs=None):
             with torch._C.DisableTorchFunctionSubclass():
                 out = func(*args, **(kwargs or {}))
             if not func.is_view:
-                created.update(x.data_ptr() for t in tree_leaves(out) for x in _storages(t))
+                inputs = {x.data_ptr() for a in tree_leaves((args, kwargs)) for x in _storages(a)}
+                for t in tree_leaves(out):
+                    for storage in _storages(t):
+                        if storage.data_ptr() not in inputs:  # not an argument written in place
+                            created[storage.data_ptr()] = weakref.ref(storage)
             return out
 
     def pack(t):
         for storage in _storages(t):
-            if storage.data_ptr() in created:
-                saved[storage.data_ptr()] = storage.nbytes()
+            made = created.get(storage.data_ptr())
+            if made is not None and made() is storage:
+                saved[id(storage)] = (weakref.ref(storage), storage.nbytes())
+        return t
+
+    def unpack(t):
+        if not carried:  # the backward's first use: what the forward left saved
+            carried.append(sum(size for ref, size in saved.values() if ref() is not None) / 2**20)
         return t
 
     gc.collect()
-    with Created(), torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+    with Created(), torch.autograd.graph.saved_tensors_hooks(pack, unpack):
         fn()
-    return sum(saved.values()) / 2**20
+    return carried[0] if carried else 0.0
 
 
 def print_table(title: str, header: list[str], rows: list[list]) -> None:

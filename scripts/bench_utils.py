@@ -7,12 +7,18 @@ import os
 import subprocess
 import sys
 import time
+import weakref
 from pathlib import Path
 from typing import Callable
 
 import torch
 import torch.distributed as dist
 from torch.profiler import ProfilerActivity, profile
+from torch.utils._python_dispatch import (
+    TorchDispatchMode,
+    is_traceable_wrapper_subclass,
+)
+from torch.utils._pytree import tree_leaves
 
 from nonlocal_dist.testing import free_port, run_ranks
 
@@ -51,29 +57,16 @@ def peak_memory_mb(fn: Callable[[], object]) -> float:
     peak at times). Of repeated measures of one step the least is the tightest. (The profiler's
     ``profile_all_threads`` option records no memory events at all on torch 2.13.)
     """
-    import weakref
-
-    from torch.utils._python_dispatch import TorchDispatchMode
-    from torch.utils._pytree import tree_leaves
-
     watched: list[list] = []  # [data_ptr, ns when an op returned it, ns when it was freed or None]
 
     def stamp(box: list) -> None:
         box[2] = time.time_ns()
 
-    class Watch(TorchDispatchMode):
-        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            with torch._C.DisableTorchFunctionSubclass():
-                out = func(*args, **(kwargs or {}))
-            if not func.is_view:
-                now = time.time_ns()
-                for t in tree_leaves(out):
-                    for storage in _storages(t):
-                        if storage.nbytes():
-                            box = [storage.data_ptr(), now, None]
-                            watched.append(box)
-                            weakref.finalize(storage, stamp, box)
-            return out
+    def watch(storage) -> None:
+        if storage.nbytes():
+            box = [storage.data_ptr(), time.time_ns(), None]
+            watched.append(box)
+            weakref.finalize(storage, stamp, box)
 
     def mark() -> tuple[int, int]:  # a wall-clock time and a block of a size no op makes, allocated just after it
         now = time.time_ns()
@@ -84,7 +77,7 @@ def peak_memory_mb(fn: Callable[[], object]) -> float:
     gc.collect()
     with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
         before = mark()
-        with Watch():
+        with _NewStorages(watch):
             fn()
         gc.collect()  # storages the call left in reference cycles
         after = mark()
@@ -144,13 +137,31 @@ _MARK_BYTES = 999_983  # peak_memory_mb's clock marks: a size (a prime) no op of
 
 def _storages(t):
     """The storages behind a tensor (a wrapper subclass's inner tensors: a functional collective's result)."""
-    from torch.utils._python_dispatch import is_traceable_wrapper_subclass
-
     if is_traceable_wrapper_subclass(t):
         for name in t.__tensor_flatten__()[0]:
             yield from _storages(getattr(t, name))
     elif isinstance(t, torch.Tensor):
         yield t.untyped_storage()
+
+
+class _NewStorages(TorchDispatchMode):
+    """Calls ``found(storage)`` for every storage an op returns that none of its arguments held: a
+    view, or an argument written in place, adds none."""
+
+    def __init__(self, found: Callable) -> None:
+        super().__init__()
+        self.found = found
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        with torch._C.DisableTorchFunctionSubclass():
+            out = func(*args, **(kwargs or {}))
+        if not func.is_view:
+            inputs = {x.data_ptr() for a in tree_leaves((args, kwargs)) for x in _storages(a)}
+            for t in tree_leaves(out):
+                for storage in _storages(t):
+                    if storage.data_ptr() not in inputs:
+                        self.found(storage)
+        return out
 
 
 def peak_tensor_mb(fn: Callable[[], object]) -> float:
@@ -163,35 +174,22 @@ def peak_tensor_mb(fn: Callable[[], object]) -> float:
     Views and results written into an argument add nothing (so an ``out=`` buffer an op allocates,
     or an argument's ``resize_``, goes uncounted); a wrapper subclass's inner tensors (a functional
     collective's result) are counted."""
-    import weakref
-
-    from torch.utils._python_dispatch import TorchDispatchMode
-    from torch.utils._pytree import tree_leaves
-
     state = {"live": {}, "total": 0, "peak": 0}
 
     def free(key):
         state["total"] -= state["live"].pop(key, 0)
 
-    class Count(TorchDispatchMode):
-        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            with torch._C.DisableTorchFunctionSubclass():
-                out = func(*args, **(kwargs or {}))
-            if not func.is_view:
-                inputs = {x.data_ptr() for a in tree_leaves((args, kwargs)) for x in _storages(a)}
-                for t in out if isinstance(out, (list, tuple)) else (out,):
-                    for storage in _storages(t):
-                        key = storage.data_ptr()
-                        if key in state["live"] or key in inputs or storage.nbytes() == 0:
-                            continue
-                        state["live"][key] = storage.nbytes()
-                        state["total"] += storage.nbytes()
-                        weakref.finalize(storage, free, key)
-            state["peak"] = max(state["peak"], state["total"])
-            return out
+    def count(storage) -> None:
+        key = storage.data_ptr()
+        if key in state["live"] or storage.nbytes() == 0:
+            return
+        state["live"][key] = storage.nbytes()
+        state["total"] += storage.nbytes()
+        state["peak"] = max(state["peak"], state["total"])
+        weakref.finalize(storage, free, key)
 
     gc.collect()
-    with Count():
+    with _NewStorages(count):
         fn()
     return state["peak"] / 2**20
 
@@ -205,31 +203,17 @@ def saved_tensor_mb(fn: Callable[[], object]) -> float:
     neither threads nor timing: the activation memory a step carries from its forward into its
     backward, the part of the peak that a model's parallel form decides (the peaks add transients
     and the collectives' buffers, and move between runs)."""
-    import weakref
-
-    from torch.utils._python_dispatch import TorchDispatchMode
-    from torch.utils._pytree import tree_leaves
-
     created: dict[int, weakref.ref] = {}  # address -> the storage an op made there (an address is reused)
     saved: dict[int, tuple[weakref.ref, int]] = {}  # id of a saved storage -> (it, its bytes)
     carried: list[float] = []
 
-    class Created(TorchDispatchMode):
-        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            with torch._C.DisableTorchFunctionSubclass():
-                out = func(*args, **(kwargs or {}))
-            if not func.is_view:
-                inputs = {x.data_ptr() for a in tree_leaves((args, kwargs)) for x in _storages(a)}
-                for t in tree_leaves(out):
-                    for storage in _storages(t):
-                        if storage.data_ptr() not in inputs:  # not an argument written in place
-                            created[storage.data_ptr()] = weakref.ref(storage)
-            return out
+    def made(storage) -> None:
+        created[storage.data_ptr()] = weakref.ref(storage)
 
     def pack(t):
         for storage in _storages(t):
-            made = created.get(storage.data_ptr())
-            if made is not None and made() is storage:
+            ref = created.get(storage.data_ptr())
+            if ref is not None and ref() is storage:
                 saved[id(storage)] = (weakref.ref(storage), storage.nbytes())
         return t
 
@@ -239,7 +223,7 @@ def saved_tensor_mb(fn: Callable[[], object]) -> float:
         return t
 
     gc.collect()
-    with Created(), torch.autograd.graph.saved_tensors_hooks(pack, unpack):
+    with _NewStorages(made), torch.autograd.graph.saved_tensors_hooks(pack, unpack):
         fn()
     return carried[0] if carried else 0.0
 

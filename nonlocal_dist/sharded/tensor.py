@@ -480,7 +480,10 @@ def map_leaves(fn, tree):
 
 def holds_sharded(values) -> bool:
     """Whether a ``ShardedTensor`` is among ``values`` (any pytree: the arguments of a call that torch
-    takes apart in C++ or compiles, where no ``__torch_function__`` would see it)."""
+    takes apart in C++ or compiles, where no ``__torch_function__`` would see it). A flat tuple of
+    leaves (flex_attention's q, k and v, at every call of a model) skips pytree's walk."""
+    if type(values) is tuple and all(isinstance(v, _LEAVES) for v in values):
+        return any(isinstance(v, ShardedTensor) for v in values)
     return any(isinstance(t, ShardedTensor) for t in tree_flatten(values)[0])
 
 

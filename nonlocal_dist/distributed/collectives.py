@@ -41,23 +41,52 @@ def _packable(parts: tuple[Tensor, ...], sizes: list[int]) -> bool:
     return per_position * sum(sizes) <= PACK_BYTES
 
 
-class _GatherPositions(torch.autograd.Function):
-    """Packed parts are stacked on a new leading dim: each comes out of the gather as one contiguous
-    slice of it, with no copy beyond the collective's own."""
+def gather_parts(parts: tuple[Tensor, ...], sizes: list[int], group) -> tuple[Tensor, ...]:
+    """``parts`` (B, H, L_r, c_k) whole along positions on every rank (not differentiable). Packed
+    parts are stacked on a new leading dim: each comes out of the gather as one contiguous slice of
+    it, with no copy beyond the collective's own."""
+    if not _packable(parts, sizes):
+        return tuple(all_gather_varlen(p, sizes, dim=-2, group=group) for p in parts)
+    return all_gather_varlen(torch.stack(parts), sizes, dim=-2, group=group).unbind(0)
 
+
+def scatter_sum_parts(grads: tuple[Tensor, ...], sizes: list[int], group) -> tuple[Tensor, ...]:
+    """The adjoint of ``gather_parts``: each of ``grads`` (B, H, Σ L, c_k) summed over the ranks, this
+    rank's positions kept (not differentiable); packed as ``gather_parts`` packed the parts."""
+    if not _packable(grads, sizes):  # the parts' decision: the same dims but the positions, the same dtype
+        return tuple(reduce_scatter_parts([g], sizes, -2, group)[0] for g in grads)  # one at a time: one buffer each
+    return tuple(reduce_scatter_parts(list(grads), sizes, -2, group))
+
+
+class _GatherPositions(torch.autograd.Function):
     @staticmethod
     def forward(ctx, group, sizes, *parts):
         ctx.group, ctx.sizes = group, sizes
-        ctx.packed = _packable(parts, sizes)
-        if not ctx.packed:
-            return tuple(all_gather_varlen(p, sizes, dim=-2, group=group) for p in parts)
-        return all_gather_varlen(torch.stack(parts), sizes, dim=-2, group=group).unbind(0)
+        return gather_parts(parts, sizes, group)
 
     @staticmethod
     def backward(ctx, *grads):
-        if not ctx.packed:  # large parts one at a time: one send and one receive buffer at once
-            return (None, None, *(reduce_scatter_parts([g], ctx.sizes, -2, ctx.group)[0] for g in grads))
-        return (None, None, *reduce_scatter_parts(list(grads), ctx.sizes, -2, ctx.group))
+        return (None, None, *scatter_sum(ctx.group, ctx.sizes, *grads))
+
+
+class _ScatterSum(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, group, sizes, *grads):
+        ctx.group, ctx.sizes = group, sizes
+        return scatter_sum_parts(grads, sizes, group)
+
+    @staticmethod
+    def backward(ctx, *grads):
+        return (None, None, *gather_positions(ctx.group, ctx.sizes, *grads))
+
+
+def scatter_sum(group, sizes: list[int], *grads: Tensor) -> tuple[Tensor, ...]:
+    """``scatter_sum_parts``, differentiable where a graph is being recorded (the backward of a gather
+    under ``create_graph=True``: its own backward gathers again, so second derivatives keep the terms
+    through the other ranks' positions); the plain collective otherwise."""
+    if torch.is_grad_enabled() and any(g.requires_grad for g in grads):
+        return _ScatterSum.apply(group, sizes, *grads)
+    return scatter_sum_parts(grads, sizes, group)
 
 
 def gather_positions(group, sizes: list[int], *parts: Tensor) -> tuple[Tensor, ...]:

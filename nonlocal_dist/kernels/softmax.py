@@ -223,9 +223,10 @@ def _transformed(*tensors: Tensor) -> bool:
     return any(torch._C._functorch.is_functorch_wrapped_tensor(t) for t in tensors)
 
 
-def _differentiable_backward(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, scale: float):
-    # A graph of the backward itself: every term recomputed from q, k, v by plain torch ops, so
-    # second derivatives include the paths through the output and the LSE.
+def differentiable_backward(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, scale: float) -> tuple[Tensor, Tensor, Tensor]:
+    """(dq, dk, dv) of ``softmax(scale q k^T) v`` as plain torch ops on q, k and v (a graph of the
+    backward: every term recomputed from them, so second derivatives include the paths through the
+    output and the LSE)."""
     out, lse = blocked_forward(q, k, v, scale)
     return blocked_backward(dout, q, k, v, out, lse, scale)
 
@@ -250,7 +251,7 @@ class _BlockedAttention(torch.autograd.Function):
     def backward(ctx, dout: Tensor, _dlse: Tensor | None):
         q, k, v, out, lse = ctx.saved_tensors
         if torch.is_grad_enabled() or _transformed(dout, q, k, v):
-            dq, dk, dv = _differentiable_backward(dout, q, k, v, ctx.scale)
+            dq, dk, dv = differentiable_backward(dout, q, k, v, ctx.scale)
         else:
             dq, dk, dv = blocked_backward(dout.contiguous(), q, k, v, out, lse, ctx.scale)
         return dq, dk, dv, None
@@ -318,7 +319,7 @@ class _BackwardGraph(torch.autograd.Function):
     def backward(ctx, dout: Tensor):
         if torch.is_grad_enabled():
             q, k, v = ctx.saved_tensors
-            return (*_differentiable_backward(dout, q, k, v, ctx.scale), None, None)
+            return (*differentiable_backward(dout, q, k, v, ctx.scale), None, None)
         return None, None, None, dout, None
 
 
@@ -346,6 +347,7 @@ def sdpa_attention(q: Tensor, k: Tensor, v: Tensor, scale: float) -> Tensor:
 
 __all__ = [
     "FUSED_MAX_HEAD", "FUSED_OPS", "LSE_KERNELS", "STRIDED_KERNELS", "attention_backward", "attention_forward",
+    "differentiable_backward",
     "blocked_attention", "fused_backward", "fused_forward", "fused_head_size", "in_layout_of", "kernel_input",
     "nonfinite_on_cpu", "positions_first", "preferred_chunk", "sdpa_attention", "working",
 ]

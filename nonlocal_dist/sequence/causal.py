@@ -31,6 +31,7 @@ from nonlocal_dist.conventions import accumulation_dtype
 from nonlocal_dist.distributed.comm import LocalComm, RingComm, local_comms
 from nonlocal_dist.distributed.shards import even_sizes, starts
 from nonlocal_dist.kernels import attention_backward, attention_forward
+from nonlocal_dist.sequence.graph import refuse_graph_of_backward
 from nonlocal_dist.sequence.merge import merge_partial
 from nonlocal_dist.sequence.ring import (
     Schedule,
@@ -159,6 +160,7 @@ class _CausalRing(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, dout):
+        refuse_graph_of_backward("causal ring")
         q, k, v, out, lse = ctx.saved_tensors
         dq, dk, dv = run_alone(causal_ring_backward(
             dout.contiguous(), q, k, v, out, lse, ctx.scale, RingComm(ctx.group), ctx.total, ctx.kernel))
@@ -189,6 +191,7 @@ class _LocalCausalRing(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, dout):
+        refuse_graph_of_backward("causal ring")
         w = ctx.world
         qs, ks, vs, outs, lses = (ctx.saved_tensors[i * w:(i + 1) * w] for i in range(5))
         total = dout.shape[-2]

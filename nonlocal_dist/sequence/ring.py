@@ -30,6 +30,7 @@ from nonlocal_dist.distributed.comm import LocalComm, RingComm, local_comms
 from nonlocal_dist.distributed.shards import even_sizes
 from nonlocal_dist.kernels import attention_backward, attention_forward, preferred_chunk
 from nonlocal_dist.kernels.softmax import in_layout_of, kernel_input
+from nonlocal_dist.sequence.graph import refuse_graph_of_backward
 from nonlocal_dist.sequence.merge import merge_partial
 
 Schedule = Generator[None, None, tuple]
@@ -178,6 +179,7 @@ class _RingAttention(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, dout):
+        refuse_graph_of_backward("ring")
         q, k, v, out, lse = ctx.saved_tensors
         dout, out = kernel_input(dout, ctx.kernel), kernel_input(out, ctx.kernel)
         schedule = ring_backward(dout, q, k, v, out, lse, ctx.scale, RingComm(ctx.group), ctx.m_sizes, ctx.kernel)
@@ -217,6 +219,7 @@ class _LocalRingAttention(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, dout):
+        refuse_graph_of_backward("ring")
         qs, ks, vs, outs, lses = (ctx.saved_tensors[i * ctx.world : (i + 1) * ctx.world] for i in range(5))
         douts = _shards(dout, ctx.world)
         comms = local_comms(ctx.world)

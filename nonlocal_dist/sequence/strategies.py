@@ -29,6 +29,7 @@ from nonlocal_dist.distributed.collectives import (
     scatter_heads,
 )
 from nonlocal_dist.kernels.sorted_concat import concat_sorted
+from nonlocal_dist.sequence.allgather import allgather_attention
 from nonlocal_dist.sequence.ring import ring_attention
 from nonlocal_dist.sequence.ulysses import ulysses_attention
 
@@ -39,7 +40,15 @@ def ring(inputs: OpInputs, group, n_sizes: list[int], m_sizes: list[int], backen
 
 
 def allgather(inputs: OpInputs, group, n_sizes: list[int], m_sizes: list[int], backend: str) -> Tensor:
-    """Any mode: all-gather phi and g (one node, one collective each), compute locally; backward reduce-scatters."""
+    """Any mode: all-gather phi and g, compute locally; backward reduce-scatters. The softmax modes,
+    where the backend has a per-block kernel, run ``sequence.allgather`` (one node that keeps only
+    this rank's keys and gathers them again in the backward); the others dispatch on the gathered
+    keys (one node, one collective each)."""
+    fits = inputs.device.type != "cuda" or inputs.theta.shape[0] * inputs.theta.shape[1] <= CUDA_MAX_BATCH
+    if inputs.mode in SOFTMAX_MODES and fits:
+        kernel = block_kernel_if_any(inputs, backend)
+        if kernel is not None:
+            return allgather_attention(inputs.theta, inputs.phi, inputs.g, inputs.scale, group, m_sizes, kernel)
     phi, g = gather_positions(group, m_sizes, inputs.phi, inputs.g)
     if inputs.theta.shape[-2] == 0:  # no queries here, but the backward's reduce-scatter still needs this rank
         return _NoQueries.apply(inputs.theta, phi, g, inputs.concat_weight)

@@ -24,6 +24,7 @@ from torch import Tensor
 from nonlocal_dist.distributed.collectives import heads_to_seq, seq_to_heads
 from nonlocal_dist.kernels import attention_backward, attention_forward
 from nonlocal_dist.kernels.softmax import in_layout_of
+from nonlocal_dist.sequence.graph import refuse_graph_of_backward
 
 
 class _UlyssesAttention(torch.autograd.Function):
@@ -38,6 +39,7 @@ class _UlyssesAttention(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, dy):
+        refuse_graph_of_backward("Ulysses attention")
         qh, kh, vh, lse, y = ctx.saved_tensors
         n_sizes, m_sizes = ctx.sizes
         dout, out = seq_to_heads([dy, y], [n_sizes, n_sizes], ctx.group)

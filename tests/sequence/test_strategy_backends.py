@@ -14,22 +14,20 @@ from oracle import naive_nonlocal
 
 from nonlocal_dist import nonlocal_op
 from nonlocal_dist.backends import BACKENDS
-from nonlocal_dist.sequence import ring, ulysses
+from nonlocal_dist.sequence import allgather, ring, ulysses
 from nonlocal_dist.testing import run_ranks
 
 WORLD = 2
 STRATEGY_MODES = {"ring": "embedded_gaussian", "allgather": None, "ulysses": None,
                   "allreduce": "dot_product", "sorted_stats": "concatenation"}
 BACKEND_NAMES = ["auto", *BACKENDS]
-# What each strategy runs (CPU, float64, d = 8, dv = 5): the per-block kernel the ring (and Ulysses,
-# for the backends that have one) calls, or the backend the single-device dispatch runs; None:
-# refused, with a phrase of the reason.
+# What each strategy runs (CPU, float64, d = 8, dv = 5): the per-block kernel the ring (and the
+# all-gather and Ulysses, for the backends that have one) calls, or the backend the single-device
+# dispatch runs; None: refused, with a phrase of the reason.
 HONOURED = {
-    **{(s, b): k for s in ("ring", "ulysses") for b, k in (("auto", "cpu_flash"), ("sdpa", "cpu_flash"),
-                                                          ("blocked", "blocked"))},
-    **{("allgather", b): b for b in ("sdpa", "blocked", "reference", "linear", "sorted")},
-    **{("ulysses", b): b for b in ("reference", "linear", "sorted")},
-    ("allgather", "auto"): "sdpa",
+    **{(s, b): k for s in ("ring", "allgather", "ulysses") for b, k in (
+        ("auto", "cpu_flash"), ("sdpa", "cpu_flash"), ("blocked", "blocked"))},
+    **{(s, b): b for s in ("allgather", "ulysses") for b in ("reference", "linear", "sorted")},
     ("allreduce", "auto"): "own", ("allreduce", "linear"): "own",
     ("sorted_stats", "auto"): "own", ("sorted_stats", "sorted"): "own",
 }
@@ -61,8 +59,8 @@ def _shard(t: torch.Tensor, rank: int) -> torch.Tensor:
 
 
 def _record_kernels(seen: list) -> None:
-    """Note the kernel of every ring or Ulysses block and the backend of every dispatch on this rank."""
-    for module in (ring, ulysses):
+    """Note the kernel of every ring, all-gather or Ulysses block and the backend of every dispatch on this rank."""
+    for module in (ring, allgather, ulysses):
         forward = module.attention_forward
         module.attention_forward = lambda q, k, v, scale, kernel, _forward=forward: (
             seen.append(kernel) or _forward(q, k, v, scale, kernel))

@@ -1,0 +1,72 @@
+"""The all-gather for the softmax modes: every rank's keys and values gathered, the fused kernel with
+its log-sum-exp on this rank's queries, in one autograd node that keeps only this rank's own keys.
+
+The forward gathers k and v (one packed all-gather where they are small,
+``collectives.gather_parts``) and runs the per-block kernel (``backends.block_kernel_if_any``, as
+the ring and Ulysses do) on this rank's queries against all of them. The node saves q, this rank's
+k and v, the output and the log-sum-exp: not the gathered keys and values, which the backward
+gathers again (one more all-gather, as Megatron's sequence parallelism re-gathers its activations
+instead of keeping them), so the step keeps the keys once over the group, not once per rank. The
+backward runs the kernel's backward against the whole keys and sums dk and dv over the ranks, each
+keeping its own positions (one reduce-scatter, ``collectives.scatter_sum_parts``).
+
+A graph of the backward (``create_graph=True``) is made as the all-gather of the other modes makes
+it: the keys gathered by the differentiable gather (``collectives.gather_positions``) and the
+gradients recomputed by plain torch ops (``kernels.softmax.differentiable_backward``), summed over
+the ranks by a reduce-scatter whose own backward gathers (``collectives.scatter_sum``).
+"""
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from nonlocal_dist.distributed.collectives import (
+    gather_parts,
+    gather_positions,
+    scatter_sum,
+)
+from nonlocal_dist.kernels import attention_backward, attention_forward
+from nonlocal_dist.kernels.softmax import differentiable_backward
+
+
+class _GatheredAttention(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q, k, v, scale, group, m_sizes, kernel):
+        kw, vw = gather_parts((k, v), m_sizes, group)
+        if q.numel() == 0:  # no queries here (or no batch rows): the backward's reduce-scatter still needs this rank
+            out, lse = q.new_empty((*q.shape[:-1], v.shape[-1])), q.new_empty(q.shape[:-1], dtype=torch.float32)
+        else:
+            out, lse = attention_forward(q, kw, vw, scale, kernel)
+        ctx.save_for_backward(q, k, v, out, lse)
+        ctx.scale, ctx.group, ctx.m_sizes, ctx.kernel = scale, group, m_sizes, kernel
+        return out
+
+    @staticmethod
+    def backward(ctx, dout):
+        q, k, v, out, lse = ctx.saved_tensors
+        graph = torch.is_grad_enabled()  # a graph of the backward asked for
+        kw, vw = gather_positions(ctx.group, ctx.m_sizes, k, v) if graph else gather_parts((k, v), ctx.m_sizes, ctx.group)
+        if q.numel() == 0 and graph:  # zeros tied to what the other ranks' gradients depend on: the
+            # graph's collectives (the gather and this node, again) then run on every rank, in one order
+            tie = sum(t.sum() for t in (dout, q, kw, vw)) * 0
+            dq, dk, dv = (t * 0 + tie for t in (q, kw, vw))
+        elif q.numel() == 0:
+            dq, dk, dv = (torch.zeros_like(t) for t in (q, kw, vw))
+        elif graph:
+            dq, dk, dv = differentiable_backward(dout, q, kw, vw, ctx.scale)
+        else:
+            dq, dk, dv = attention_backward(dout, q, kw, vw, out, lse, ctx.scale, ctx.kernel)
+        del kw, vw
+        dk, dv = scatter_sum(ctx.group, ctx.m_sizes, dk.to(k.dtype), dv.to(v.dtype))
+        return dq.to(q.dtype), dk, dv, None, None, None, None
+
+
+def allgather_attention(q: Tensor, k: Tensor, v: Tensor, scale: float, group, m_sizes: list[int],
+                        kernel: str) -> Tensor:
+    """``softmax_j(scale q_i·k_j) v_j`` over every rank's keys, by gathering them.
+
+    Shapes: q (B, H, N_r, d), k (B, H, M_r, d), v (B, H, M_r, dv) -> (B, H, N_r, dv); ``m_sizes[r]``:
+    rank r's key positions (uneven and empty shards run, and a rank without queries). ``kernel``: one
+    of ``kernels.softmax.LSE_KERNELS``.
+    """
+    return _GatheredAttention.apply(q, k, v, scale, group, list(m_sizes), kernel)

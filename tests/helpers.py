@@ -69,3 +69,32 @@ def torchvision_video():
     finally:
         torch.library.register_fake = register_fake
     return video
+
+
+def assert_same_pattern(got: torch.Tensor, want: torch.Tensor, what: str) -> None:
+    """NaN, +inf and -inf where ``want`` (the formula) has them, the finite entries within 1e-5."""
+    got, want = got.double(), want.double()
+    assert torch.equal(torch.isnan(got), torch.isnan(want)), f"{what}: NaN at {torch.isnan(got).sum()} entries, formula {torch.isnan(want).sum()}"
+    assert torch.equal(got == float("inf"), want == float("inf")), f"{what}: +inf pattern differs"
+    assert torch.equal(got == -float("inf"), want == -float("inf")), f"{what}: -inf pattern differs"
+    finite = torch.isfinite(want)
+    assert_rel(got[finite], want[finite], 1e-5, what)
+
+
+def nonfinite_case(kind: str, m: int):
+    """theta (2, 20, 8), phi and g (2, m, 8) with one non-finite pattern: ``kind`` of "nan query row",
+    "nan key", "inf value", "-inf logit" (anything else: all finite)."""
+    gen = torch.Generator().manual_seed(m)
+    theta, phi, g = (torch.randn(2, 20 if i == 0 else m, 8, generator=gen) for i in range(3))
+    if kind == "nan query row":
+        theta[0, 3, 1] = float("nan")
+    elif kind == "nan key":
+        phi[1, m // 2, 0] = float("nan")
+    elif kind == "inf value":
+        g[0, m - 1, 2] = float("inf")
+    elif kind == "-inf logit":
+        phi[0, 0, :] = 0.0
+        theta[0, 5, :] = 0.0
+        phi[0, 1, 0] = -float("inf")
+        theta[0, 5, 0] = 1.0  # query 5 meets key 1 at -inf: weight exactly 0
+    return theta, phi, g

@@ -180,19 +180,27 @@ def _try_once(kernel: str, device: torch.device, dtype: torch.dtype) -> bool:
     return True
 
 
+def finite_kernel(kernel: str, q: Tensor, k: Tensor, v: Tensor) -> str:
+    """``kernel``, or ``blocked`` where q, k and v are not all finite on CPU (``nonfinite_on_cpu``):
+    what ``attention_forward`` runs. A node that keeps q, k and v for its backward decides once and
+    passes ``checked=True`` to both calls, so its backward reads only the incoming gradient."""
+    return "blocked" if kernel == "blocked" or nonfinite_on_cpu(q, k, v) else kernel
+
+
 def attention_forward(q: Tensor, k: Tensor, v: Tensor, scale: float, kernel: str,
-                      causal: bool = False) -> tuple[Tensor, Tensor]:
+                      causal: bool = False, checked: bool = False) -> tuple[Tensor, Tensor]:
     """``out = softmax(scale q k^T) v`` and ``lse = log Σ_j exp(scale q·k_j)`` through ``kernel``.
 
     Shapes: q (B, H, N, d), k (B, H, M, d), v (B, H, M, dv) -> out (B, H, N, dv) in v's dtype,
     lse (B, H, N) (float32 for half inputs). ``kernel``: one of ``LSE_KERNELS``, as chosen by
     ``backends.select_block_kernel``; non-finite CPU inputs run ``blocked`` (``nonfinite_on_cpu``).
-    ``causal`` (N = M, the same positions): query i sees keys 0..i only.
+    ``causal`` (N = M, the same positions): query i sees keys 0..i only. ``checked``: ``kernel`` is
+    ``finite_kernel``'s for these q, k and v (they are not read again).
     """
     if causal and q.shape[-2] != k.shape[-2]:
         raise ValueError(f"a causal block needs as many queries as keys (the same positions); given N = "
                          f"{q.shape[-2]}, M = {k.shape[-2]}")
-    if kernel == "blocked" or nonfinite_on_cpu(q, k, v):
+    if kernel == "blocked" or (not checked and nonfinite_on_cpu(q, k, v)):
         return blocked_forward(q, k, v, scale, causal=causal)
     e = fused_head_size(q, v)
     out, lse = fused_forward(kernel, *(_pad_last(t, e, kernel) for t in (q, k, v)), scale, causal)
@@ -201,14 +209,15 @@ def attention_forward(q: Tensor, k: Tensor, v: Tensor, scale: float, kernel: str
 
 def attention_backward(
     dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, scale: float, kernel: str,
-    causal: bool = False,
+    causal: bool = False, checked: bool = False,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """Gradients (dq, dk, dv) of ``softmax(scale q k^T) v`` for this key block through ``kernel``.
 
     ``out`` and ``lse`` (B, H, N, dv) / (B, H, N) may be those of the full key set: then dq is this
-    block's contribution to the full dq and dk, dv are exact for this block. ``causal``: as ``attention_forward``.
+    block's contribution to the full dq and dk, dv are exact for this block. ``causal``, ``checked``:
+    as ``attention_forward`` (checked: only ``dout`` is read for non-finite values).
     """
-    if kernel == "blocked" or nonfinite_on_cpu(dout, q, k, v):
+    if kernel == "blocked" or nonfinite_on_cpu(dout, *(() if checked else (q, k, v))):
         return blocked_backward(dout, q, k, v, out, lse, scale, causal=causal)
     e = fused_head_size(q, v)
     padded = (_pad_last(t, e, kernel) for t in (dout, q, k, v, out))
@@ -347,7 +356,7 @@ def sdpa_attention(q: Tensor, k: Tensor, v: Tensor, scale: float) -> Tensor:
 
 __all__ = [
     "FUSED_MAX_HEAD", "FUSED_OPS", "LSE_KERNELS", "STRIDED_KERNELS", "attention_backward", "attention_forward",
-    "differentiable_backward",
+    "differentiable_backward", "finite_kernel",
     "blocked_attention", "fused_backward", "fused_forward", "fused_head_size", "in_layout_of", "kernel_input",
     "nonfinite_on_cpu", "positions_first", "preferred_chunk", "sdpa_attention", "working",
 ]

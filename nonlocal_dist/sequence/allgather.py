@@ -26,7 +26,7 @@ from nonlocal_dist.distributed.collectives import (
     scatter_sum,
 )
 from nonlocal_dist.kernels import attention_backward, attention_forward
-from nonlocal_dist.kernels.softmax import differentiable_backward
+from nonlocal_dist.kernels.softmax import differentiable_backward, finite_kernel
 
 
 class _GatheredAttention(torch.autograd.Function):
@@ -36,7 +36,8 @@ class _GatheredAttention(torch.autograd.Function):
         if q.numel() == 0:  # no queries here (or no batch rows): the backward's reduce-scatter still needs this rank
             out, lse = q.new_empty((*q.shape[:-1], v.shape[-1])), q.new_empty(q.shape[:-1], dtype=torch.float32)
         else:
-            out, lse = attention_forward(q, kw, vw, scale, kernel)
+            kernel = finite_kernel(kernel, q, kw, vw)  # the backward reads only its gradient
+            out, lse = attention_forward(q, kw, vw, scale, kernel, checked=True)
         ctx.save_for_backward(q, k, v, out, lse)
         ctx.scale, ctx.group, ctx.m_sizes, ctx.kernel = scale, group, m_sizes, kernel
         return out
@@ -55,7 +56,7 @@ class _GatheredAttention(torch.autograd.Function):
         elif graph:
             dq, dk, dv = differentiable_backward(dout, q, kw, vw, ctx.scale)
         else:
-            dq, dk, dv = attention_backward(dout, q, kw, vw, out, lse, ctx.scale, ctx.kernel)
+            dq, dk, dv = attention_backward(dout, q, kw, vw, out, lse, ctx.scale, ctx.kernel, checked=True)
         del kw, vw
         dk, dv = scatter_sum(ctx.group, ctx.m_sizes, dk.to(k.dtype), dv.to(v.dtype))
         return dq.to(q.dtype), dk, dv, None, None, None, None

@@ -23,7 +23,7 @@ from torch import Tensor
 
 from nonlocal_dist.distributed.collectives import heads_to_seq, seq_to_heads
 from nonlocal_dist.kernels import attention_backward, attention_forward
-from nonlocal_dist.kernels.softmax import in_layout_of
+from nonlocal_dist.kernels.softmax import finite_kernel, in_layout_of
 from nonlocal_dist.sequence.graph import refuse_graph_of_backward
 
 
@@ -31,7 +31,8 @@ class _UlyssesAttention(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, scale, group, n_sizes, m_sizes, kernel):
         qh, kh, vh = seq_to_heads([q, k, v], [n_sizes, m_sizes, m_sizes], group)
-        out, lse = attention_forward(qh, kh, vh, scale, kernel)
+        kernel = finite_kernel(kernel, qh, kh, vh)  # the backward reads only its gradient
+        out, lse = attention_forward(qh, kh, vh, scale, kernel, checked=True)
         y = in_layout_of(heads_to_seq([out], [n_sizes], group)[0], q)
         ctx.save_for_backward(qh, kh, vh, lse, y)
         ctx.scale, ctx.group, ctx.sizes, ctx.kernel = scale, group, (n_sizes, m_sizes), kernel
@@ -43,7 +44,7 @@ class _UlyssesAttention(torch.autograd.Function):
         qh, kh, vh, lse, y = ctx.saved_tensors
         n_sizes, m_sizes = ctx.sizes
         dout, out = seq_to_heads([dy, y], [n_sizes, n_sizes], ctx.group)
-        dq, dk, dv = attention_backward(dout, qh, kh, vh, out, lse, ctx.scale, ctx.kernel)
+        dq, dk, dv = attention_backward(dout, qh, kh, vh, out, lse, ctx.scale, ctx.kernel, checked=True)
         del dout, out
         dq, dk, dv = heads_to_seq([dq.to(qh.dtype), dk.to(kh.dtype), dv.to(vh.dtype)], [n_sizes, m_sizes, m_sizes],
                                   ctx.group)

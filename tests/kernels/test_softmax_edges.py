@@ -5,37 +5,11 @@ from __future__ import annotations
 import pytest
 import torch
 
-from helpers import assert_rel
+from helpers import assert_rel, assert_same_pattern, nonfinite_case
 from nonlocal_dist import nonlocal_op
 from oracle import naive_nonlocal
 
 SOFTMAX_BACKENDS = ["auto", "sdpa", "blocked", "reference"]
-
-
-def _assert_same_pattern(got: torch.Tensor, want: torch.Tensor, what: str) -> None:
-    got, want = got.double(), want.double()
-    assert torch.equal(torch.isnan(got), torch.isnan(want)), f"{what}: NaN at {torch.isnan(got).sum()} entries, formula {torch.isnan(want).sum()}"
-    assert torch.equal(got == float("inf"), want == float("inf")), f"{what}: +inf pattern differs"
-    assert torch.equal(got == -float("inf"), want == -float("inf")), f"{what}: -inf pattern differs"
-    finite = torch.isfinite(want)
-    assert_rel(got[finite], want[finite], 1e-5, what)
-
-
-def _case(kind: str, m: int):
-    gen = torch.Generator().manual_seed(m)
-    theta, phi, g = (torch.randn(2, 20 if i == 0 else m, 8, generator=gen) for i in range(3))
-    if kind == "nan query row":
-        theta[0, 3, 1] = float("nan")
-    elif kind == "nan key":
-        phi[1, m // 2, 0] = float("nan")
-    elif kind == "inf value":
-        g[0, m - 1, 2] = float("inf")
-    elif kind == "-inf logit":
-        phi[0, 0, :] = 0.0
-        theta[0, 5, :] = 0.0
-        phi[0, 1, 0] = -float("inf")
-        theta[0, 5, 0] = 1.0  # query 5 meets key 1 at -inf: weight exactly 0
-    return theta, phi, g
 
 
 @pytest.mark.parametrize("backend", SOFTMAX_BACKENDS)
@@ -43,16 +17,16 @@ def _case(kind: str, m: int):
 @pytest.mark.parametrize("kind", ["nan query row", "nan key", "inf value", "-inf logit"])
 def test_non_finite_inputs_give_the_formulas_pattern(backend, m, kind):
     """Issue 11 row 5: the CPU flash kernel gave zeros for a NaN query row with fewer than 16 keys."""
-    theta, phi, g = _case(kind, m)
+    theta, phi, g = nonfinite_case(kind, m)
     y = nonlocal_op(theta, phi, g, "embedded_gaussian", scale=0.5, backend=backend)
     want = naive_nonlocal(theta.double(), phi.double(), g.double(), "embedded_gaussian", 0.5)
-    _assert_same_pattern(y, want, f"{kind}, M = {m}, {backend}")
+    assert_same_pattern(y, want, f"{kind}, M = {m}, {backend}")
 
 
 def test_nan_in_dot_product_follows_the_formula():
-    theta, phi, g = _case("nan query row", 9)
+    theta, phi, g = nonfinite_case("nan query row", 9)
     y = nonlocal_op(theta, phi, g, "dot_product")
-    _assert_same_pattern(y, naive_nonlocal(theta.double(), phi.double(), g.double(), "dot_product"), "dot product")
+    assert_same_pattern(y, naive_nonlocal(theta.double(), phi.double(), g.double(), "dot_product"), "dot product")
 
 
 def _small(dtype=torch.float64, seed=0):

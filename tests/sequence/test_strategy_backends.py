@@ -62,8 +62,8 @@ def _record_kernels(seen: list) -> None:
     """Note the kernel of every ring, all-gather or Ulysses block and the backend of every dispatch on this rank."""
     for module in (ring, allgather, ulysses):
         forward = module.attention_forward
-        module.attention_forward = lambda q, k, v, scale, kernel, _forward=forward: (
-            seen.append(kernel) or _forward(q, k, v, scale, kernel))
+        module.attention_forward = lambda q, k, v, scale, kernel, _forward=forward, **options: (
+            seen.append(kernel) or _forward(q, k, v, scale, kernel, **options))
     for backend in BACKENDS.values():
         compute = backend.compute
         backend.compute = lambda inputs, _name=backend.name, _compute=compute: seen.append(_name) or _compute(inputs)

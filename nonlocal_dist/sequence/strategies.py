@@ -57,16 +57,22 @@ def allgather(inputs: OpInputs, group, n_sizes: list[int], m_sizes: list[int], b
 
 class _NoQueries(torch.autograd.Function):
     """y (B, H, 0, dv) of a rank without queries, tied to the gathered keys so that its backward runs
-    (zero gradients) and the collectives behind them match on every rank."""
+    (zero gradients) and the collectives behind them match on every rank. Where a graph of the
+    backward is recorded (``create_graph=True``), the zeros are tied to theta, the gathered keys and
+    the gradient, so that the second pass runs the same collectives here as on the other ranks."""
 
     @staticmethod
     def forward(ctx, theta, phi, g, concat_weight):
-        ctx.shapes = [(t.shape, t.dtype, t.device) if t is not None else None for t in (theta, phi, g, concat_weight)]
+        ctx.save_for_backward(theta, phi, g, concat_weight)
         return g.new_empty((*theta.shape[:-1], g.shape[-1]))
 
     @staticmethod
     def backward(ctx, grad):
-        return tuple(None if s is None else torch.zeros(s[0], dtype=s[1], device=s[2]) for s in ctx.shapes)
+        saved = ctx.saved_tensors
+        if torch.is_grad_enabled():
+            tie = sum(t.sum() for t in (grad, *saved) if t is not None) * 0
+            return tuple(None if t is None else t * 0 + tie for t in saved)
+        return tuple(None if t is None else torch.zeros_like(t) for t in saved)
 
 
 def ulysses(inputs: OpInputs, group, n_sizes: list[int], m_sizes: list[int], backend: str) -> Tensor:

@@ -75,3 +75,29 @@ def test_ring_and_ulysses_refuse_a_graph_of_the_backward_on_every_rank(strategy)
     in no_grad mode', 'element 0 of tensors does not require grad') named nothing to do."""
     for message in run_ranks(_graph_through, 2, strategy, timeout=120):
         assert "cannot make a graph of its backward" in message and "strategy='allgather'" in message, message
+
+
+def _second_order_dispatched(rank, world, mode):
+    """The all-gather of the modes that dispatch on the gathered keys (dot product, concatenation):
+    a graph of the backward through the gather and its reduce-scatter, a rank without queries."""
+    n_sizes, m_sizes = SIZES[world]
+    q, k, v = _data()
+    w = torch.randn(8, dtype=torch.float64, generator=torch.Generator().manual_seed(4)) if mode == "concatenation" else None
+    mine = [t.split(s, dim=2)[rank].clone().requires_grad_() for t, s in ((q, n_sizes), (k, m_sizes), (v, m_sizes))]
+    y = nonlocal_op(*mine, mode, concat_weight=w, group=dist.group.WORLD, strategy="allgather")
+    first = torch.autograd.grad(y.square().sum(), mine[:2], create_graph=True)
+    second = torch.autograd.grad(sum(g.square().sum() for g in first), mine)
+    whole = [t.clone().requires_grad_() for t in (q, k, v)]
+    y_ref = nonlocal_op(*whole, mode, concat_weight=w)
+    first_ref = torch.autograd.grad(y_ref.square().sum(), whole[:2], create_graph=True)
+    second_ref = torch.autograd.grad(sum(g.square().sum() for g in first_ref), whole)
+    return {name: rel_err(got, want.split(sizes, dim=2)[rank]) if sizes[rank] else 0.0
+            for name, got, want, sizes in zip(("d2q", "d2k", "d2v"), second, second_ref, (n_sizes, m_sizes, m_sizes))}
+
+
+@pytest.mark.parametrize("mode", ["dot_product", "concatenation"])
+def test_allgather_of_the_dispatched_modes_gives_exact_second_derivatives(mode):
+    """A rank without queries raised alone ('element 0 of tensors does not require grad') while the
+    others waited: its zeros were outside the graph, so it skipped the second pass's collectives."""
+    for rank, errors in enumerate(run_ranks(_second_order_dispatched, 3, mode, timeout=120)):
+        assert max(errors.values()) <= 1e-12, f"rank {rank}: {errors}"

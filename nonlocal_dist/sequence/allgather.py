@@ -8,7 +8,7 @@ k and v, the output and the log-sum-exp: not the gathered keys and values, which
 gathers again (one more all-gather, as Megatron's sequence parallelism re-gathers its activations
 instead of keeping them), so the step keeps the keys once over the group, not once per rank. The
 backward runs the kernel's backward against the whole keys and sums dk and dv over the ranks, each
-keeping its own positions (one reduce-scatter, ``collectives.scatter_sum_parts``).
+keeping its own positions (one reduce-scatter, ``collectives.scatter_sum``).
 
 A graph of the backward (``create_graph=True``) is made as the all-gather of the other modes makes
 it: the keys gathered by the differentiable gather (``collectives.gather_positions``) and the
@@ -27,6 +27,7 @@ from nonlocal_dist.distributed.collectives import (
 )
 from nonlocal_dist.kernels import attention_backward, attention_forward
 from nonlocal_dist.kernels.softmax import differentiable_backward, finite_kernel
+from nonlocal_dist.sequence.graph import zeros_in_graph
 
 
 class _GatheredAttention(torch.autograd.Function):
@@ -49,8 +50,7 @@ class _GatheredAttention(torch.autograd.Function):
         kw, vw = gather_positions(ctx.group, ctx.m_sizes, k, v) if graph else gather_parts((k, v), ctx.m_sizes, ctx.group)
         if q.numel() == 0 and graph:  # zeros tied to what the other ranks' gradients depend on: the
             # graph's collectives (the gather and this node, again) then run on every rank, in one order
-            tie = sum(t.sum() for t in (dout, q, kw, vw)) * 0
-            dq, dk, dv = (t * 0 + tie for t in (q, kw, vw))
+            dq, dk, dv = zeros_in_graph((q, kw, vw), (dout,))
         elif q.numel() == 0:
             dq, dk, dv = (torch.zeros_like(t) for t in (q, kw, vw))
         elif graph:

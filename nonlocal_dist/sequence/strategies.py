@@ -30,6 +30,7 @@ from nonlocal_dist.distributed.collectives import (
 )
 from nonlocal_dist.kernels.sorted_concat import concat_sorted
 from nonlocal_dist.sequence.allgather import allgather_attention
+from nonlocal_dist.sequence.graph import zeros_in_graph
 from nonlocal_dist.sequence.ring import ring_attention
 from nonlocal_dist.sequence.ulysses import ulysses_attention
 
@@ -39,16 +40,23 @@ def ring(inputs: OpInputs, group, n_sizes: list[int], m_sizes: list[int], backen
     return ring_attention(inputs.theta, inputs.phi, inputs.g, inputs.scale, group, m_sizes, backend)
 
 
+def _node_kernel(inputs: OpInputs, backend: str, head_shards: int) -> str | None:
+    """The per-block kernel that the all-gather's and Ulysses' one node runs on ``inputs`` (softmax
+    modes; ``backends.block_kernel_if_any``), or None (the single-device dispatch runs instead). The
+    node runs its kernel unchunked: on CUDA within the grid's batch limit, B·H over ``head_shards``."""
+    batch = inputs.theta.shape[0] * inputs.theta.shape[1] // head_shards
+    fits = inputs.device.type != "cuda" or batch <= CUDA_MAX_BATCH
+    return block_kernel_if_any(inputs, backend) if inputs.mode in SOFTMAX_MODES and fits else None
+
+
 def allgather(inputs: OpInputs, group, n_sizes: list[int], m_sizes: list[int], backend: str) -> Tensor:
     """Any mode: all-gather phi and g, compute locally; backward reduce-scatters. The softmax modes,
     where the backend has a per-block kernel, run ``sequence.allgather`` (one node that keeps only
     this rank's keys and gathers them again in the backward); the others dispatch on the gathered
     keys (one node, one collective each)."""
-    fits = inputs.device.type != "cuda" or inputs.theta.shape[0] * inputs.theta.shape[1] <= CUDA_MAX_BATCH
-    if inputs.mode in SOFTMAX_MODES and fits:
-        kernel = block_kernel_if_any(inputs, backend)
-        if kernel is not None:
-            return allgather_attention(inputs.theta, inputs.phi, inputs.g, inputs.scale, group, m_sizes, kernel)
+    kernel = _node_kernel(inputs, backend, 1)
+    if kernel is not None:
+        return allgather_attention(inputs.theta, inputs.phi, inputs.g, inputs.scale, group, m_sizes, kernel)
     phi, g = gather_positions(group, m_sizes, inputs.phi, inputs.g)
     if inputs.theta.shape[-2] == 0:  # no queries here, but the backward's reduce-scatter still needs this rank
         return _NoQueries.apply(inputs.theta, phi, g, inputs.concat_weight)
@@ -70,8 +78,7 @@ class _NoQueries(torch.autograd.Function):
     def backward(ctx, grad):
         saved = ctx.saved_tensors
         if torch.is_grad_enabled():
-            tie = sum(t.sum() for t in (grad, *saved) if t is not None) * 0
-            return tuple(None if t is None else t * 0 + tie for t in saved)
+            return zeros_in_graph(saved, (grad,))
         return tuple(None if t is None else torch.zeros_like(t) for t in saved)
 
 
@@ -81,12 +88,9 @@ def ulysses(inputs: OpInputs, group, n_sizes: list[int], m_sizes: list[int], bac
     run ``sequence.ulysses`` (one node; two collectives each way where q, k and v are small, the
     attention output kept once); the others dispatch on head shards."""
     world = torch.distributed.get_world_size(group)
-    # The node runs its kernel unchunked: on CUDA within the grid's batch limit (B·H/P), else the dispatch.
-    fits = inputs.device.type != "cuda" or inputs.theta.shape[0] * inputs.theta.shape[1] // world <= CUDA_MAX_BATCH
-    if inputs.mode in SOFTMAX_MODES and fits:
-        kernel = block_kernel_if_any(inputs, backend)
-        if kernel is not None:
-            return ulysses_attention(inputs.theta, inputs.phi, inputs.g, inputs.scale, group, n_sizes, m_sizes, kernel)
+    kernel = _node_kernel(inputs, backend, world)
+    if kernel is not None:
+        return ulysses_attention(inputs.theta, inputs.phi, inputs.g, inputs.scale, group, n_sizes, m_sizes, kernel)
     rank = torch.distributed.get_rank(group)
     theta, phi, g = scatter_heads(group, [n_sizes, m_sizes, m_sizes], inputs.theta, inputs.phi, inputs.g)
     w = inputs.concat_weight

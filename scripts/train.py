@@ -188,20 +188,9 @@ class VideoData:
         self.sp, self.workers, self.skipped = sp, workers, 0
 
     def loader(self, dataset, batch_sampler):
-        from torch.utils.data import DataLoader
+        from nonlocal_dist.video import clip_loader
 
-        from nonlocal_dist.video import collate_clips
-
-        # Workers start from a fork server, not by forking this process: its gloo, DeepSpeed and loader threads
-        # may hold a lock at the fork, and a forked child then waits on it forever (seen: an evaluation worker).
-        context = None
-        if self.workers:
-            import multiprocessing
-
-            context = multiprocessing.get_context("forkserver")
-            context.set_forkserver_preload(["torch", "nonlocal_dist.video"])
-        return DataLoader(dataset, batch_sampler=batch_sampler, collate_fn=collate_clips, num_workers=self.workers,
-                          multiprocessing_context=context)
+        return clip_loader(dataset, batch_sampler, self.workers)
 
     def usable(self, batch) -> tuple[torch.Tensor, torch.Tensor]:
         """This rank's shards and labels of the clips every rank of the SP group decoded (others counted, said)."""

@@ -8,6 +8,7 @@ from nonlocal_dist.video.dataset import (
     TrainBatchSampler,
     VideoClipDataset,
     agree_usable,
+    clip_loader,
     collate_clips,
     read_annotations,
 )
@@ -35,6 +36,7 @@ __all__ = [
     "VideoIndex",
     "VideoReadError",
     "agree_usable",
+    "clip_loader",
     "clip_rng",
     "collate_clips",
     "num_frames",

@@ -21,13 +21,14 @@ steps, as ``TrainBatchSampler`` gives, or ``persistent_workers=True``).
 from __future__ import annotations
 
 import csv
+import multiprocessing
 import os
 from pathlib import Path
 
 import numpy as np
 import torch
 from torch import Tensor
-from torch.utils.data import Dataset, Sampler
+from torch.utils.data import DataLoader, Dataset, Sampler
 
 from nonlocal_dist.distributed.checks import agree_across_ranks, exchange_device
 from nonlocal_dist.distributed.comm import all_reduce_max
@@ -191,6 +192,25 @@ def collate_clips(samples: list[dict]) -> dict:
     batch = {key: torch.tensor([s[key] for s in samples], dtype=torch.int64) for key in ("label", "index", "epoch")}
     return {"clip": clips, **batch, "ok": torch.tensor([s["ok"] for s in samples]),
             "error": [s["error"] for s in samples]}
+
+
+def clip_loader(dataset: Dataset, batch_sampler: Sampler, workers: int = 0, timeout: float = 0, **kwargs) -> DataLoader:
+    """A DataLoader over ``dataset`` that batches with ``collate_clips``; ``workers`` > 0 start from a
+    fork server, never by forking the caller.
+
+    A forked worker inherits the caller's locks but not the threads that hold them: after gloo,
+    DeepSpeed, a TCPStore or earlier loaders have run threads, a forked worker can wait forever on a
+    lock taken at the fork (seen: an evaluation loader in training, and this package's test suite).
+    A fork server is a fresh single-threaded process that imported torch and this module once, so
+    each worker starts clean and fast. ``timeout``: seconds a batch may take before the loader
+    raises (0: no limit); other keyword arguments go to ``DataLoader``.
+    """
+    context = None
+    if workers:
+        context = multiprocessing.get_context("forkserver")
+        context.set_forkserver_preload(["torch", "nonlocal_dist.video"])  # when the server starts
+    return DataLoader(dataset, batch_sampler=batch_sampler, collate_fn=collate_clips, num_workers=workers,
+                      multiprocessing_context=context, timeout=timeout, **kwargs)
 
 
 def agree_usable(batch: dict, group=None) -> tuple[dict, list[tuple[int, str]]]:

@@ -8,7 +8,6 @@ from pathlib import Path
 
 import pytest
 import torch
-from torch.utils.data import DataLoader
 
 from nonlocal_dist.testing import run_ranks
 from nonlocal_dist.video import (
@@ -17,6 +16,7 @@ from nonlocal_dist.video import (
     TrainBatchSampler,
     VideoClipDataset,
     agree_usable,
+    clip_loader,
     collate_clips,
     read_annotations,
 )
@@ -130,7 +130,7 @@ def test_bad_dataset_arguments(ann_file):
 def test_dataloader_workers_give_the_plain_loop_batches(ann_file):
     data = _dataset(ann_file, shard=(1, 2))
     sampler = TrainBatchSampler(len(data), 3, dp_rank=1, dp_size=2, steps=4, start_step=1, seed=5)
-    loader = DataLoader(data, batch_sampler=sampler, collate_fn=collate_clips, num_workers=2)
+    loader = clip_loader(data, sampler, workers=2, timeout=120)  # a hung worker fails in 2 minutes
     plain = [collate_clips([data[key] for key in keys]) for keys in sampler]
     for got, ref in zip(loader, plain, strict=True):
         assert torch.equal(got["clip"], ref["clip"]) and torch.equal(got["index"], ref["index"])
@@ -152,7 +152,7 @@ def _group_run(rank, world, ann_file, bad_root):
     whole = VideoClipDataset(ann_file, ann_file.parent, clip_len=7, frame_interval=2, transform=TRANSFORM)
     sampler = TrainBatchSampler(len(data), 3, dp_rank, world // sp_size, steps=4, seed=1)
     seen, skipped = [], []
-    for batch in DataLoader(data, batch_sampler=sampler, collate_fn=collate_clips, num_workers=0):
+    for batch in clip_loader(data, sampler):
         usable, skips = agree_usable(batch, group)
         skipped += [i for i, _ in skips]
         full = gather_tensor(usable["clip"], "b c t h w", "t", group)

@@ -16,11 +16,13 @@ import torch.distributed as dist
 from torch import Tensor
 
 from nonlocal_dist.distributed.comm import (
+    Started,
     all_gather_varlen,
     all_reduce_sum,
     all_to_all_parts,
     all_to_all_varlen,
     reduce_scatter_parts,
+    start_all_gather_varlen,
 )
 
 # Parts of one shape whose gathered sizes together take at most this many bytes are packed into one
@@ -48,6 +50,16 @@ def gather_parts(parts: tuple[Tensor, ...], sizes: list[int], group) -> tuple[Te
     if not _packable(parts, sizes):
         return tuple(all_gather_varlen(p, sizes, dim=-2, group=group) for p in parts)
     return all_gather_varlen(torch.stack(parts), sizes, dim=-2, group=group).unbind(0)
+
+
+def start_gather_parts(parts: tuple[Tensor, ...], sizes: list[int], group) -> Started:
+    """``gather_parts`` started (``comm.Started``: its ``wait()`` gives the whole parts), so the caller
+    computes while they travel; packed alike, one collective per part otherwise."""
+    if not _packable(parts, sizes):
+        started = [start_all_gather_varlen(p, sizes, dim=-2, group=group) for p in parts]
+        return Started(None, lambda: tuple(s.wait() for s in started))
+    whole = start_all_gather_varlen(torch.stack(parts), sizes, dim=-2, group=group)
+    return Started(None, lambda: whole.wait().unbind(0))
 
 
 def scatter_sum_parts(grads: tuple[Tensor, ...], sizes: list[int], group) -> tuple[Tensor, ...]:

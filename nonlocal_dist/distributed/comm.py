@@ -23,9 +23,14 @@ _all_gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_t
 _reduce_scatter = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
 
 
+def _start(collective, *args, **kwargs):
+    """Start ``collective`` asynchronously; its work handle (every c10d collective here starts so)."""
+    return collective(*args, async_op=True, **kwargs)
+
+
 def _run(collective, *args, **kwargs) -> None:
-    """Start ``collective`` asynchronously and wait for it (raising if a peer fails meanwhile)."""
-    failure.wait(collective(*args, async_op=True, **kwargs))
+    """Start ``collective`` and wait for it (raising if a peer fails meanwhile)."""
+    failure.wait(_start(collective, *args, **kwargs))
 
 
 def all_gather_into(out: list[Tensor], x: Tensor, group) -> None:
@@ -86,26 +91,51 @@ def _leading(shape: torch.Size | list[int], dim: int) -> int:
     return math.prod(shape[:dim])
 
 
+class Started:
+    """A collective started and not yet waited for: ``wait()`` waits (raising if a peer fails meanwhile,
+    ``failure.wait``) and returns its result. Every rank must start the same collectives in the same
+    order, as for any collective; between the start and the wait, this rank computes. ``work`` None:
+    ``finish`` waits for the collectives it holds (several started as one)."""
+
+    __slots__ = ("_work", "_finish")
+
+    def __init__(self, work, finish) -> None:
+        self._work, self._finish = work, finish
+
+    def wait(self):
+        if self._work is not None:
+            failure.wait(self._work)
+        return self._finish()
+
+
 def all_gather_varlen(x: Tensor, sizes: list[int], dim: int, group) -> Tensor:
     """Concatenate every rank's ``x`` along ``dim``; rank r's shard has ``sizes[r]`` entries there.
 
     Memory: even shards are received straight into their slices of the result (the collective's own
     buffer aside); uneven ones into one buffer of shards padded to the longest, then copied out.
     """
+    return start_all_gather_varlen(x, sizes, dim, group).wait()
+
+
+def start_all_gather_varlen(x: Tensor, sizes: list[int], dim: int, group) -> Started:
+    """``all_gather_varlen`` started: its ``wait()`` gives the concatenated tensor."""
     dim = dim % x.dim()
     if min(sizes) == max(sizes):
         shape = list(x.shape)
         shape[dim] = sum(sizes)
         out = x.new_empty(shape)
-        all_gather_into(list(out.split(sizes, dim=dim)), x.contiguous(), group)
-        return out
+        return Started(_start(dist.all_gather, list(out.split(sizes, dim=dim)), x.contiguous(), group=group), lambda: out)
     padded = _pad_to(x, max(sizes), dim)
     shard_shape = padded.shape
     parts = padded.new_empty((len(sizes) * shard_shape[0], *shard_shape[1:]))  # rank-major, as the collective fills it
-    _run(_all_gather, parts, padded, group=group)
+    work = _start(_all_gather, parts, padded, group=group)
     del padded
-    parts = parts.view(len(sizes), *shard_shape)
-    return torch.cat([p.narrow(dim, 0, s) for p, s in zip(parts, sizes)], dim=dim)
+
+    def finish() -> Tensor:
+        pieces = parts.view(len(sizes), *shard_shape)
+        return torch.cat([p.narrow(dim, 0, s) for p, s in zip(pieces, sizes)], dim=dim)
+
+    return Started(work, finish)
 
 
 def reduce_scatter_varlen(x: Tensor, sizes: list[int], dim: int, group) -> Tensor:

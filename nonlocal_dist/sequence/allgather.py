@@ -14,8 +14,16 @@ A graph of the backward (``create_graph=True``) is made as the all-gather of the
 it: the keys gathered by the differentiable gather (``collectives.gather_positions``) and the
 gradients recomputed by plain torch ops (``kernels.softmax.differentiable_backward``), summed over
 the ranks by a reduce-scatter whose own backward gathers (``collectives.scatter_sum``).
+
+The backward's gather need not wait in line (``RegatherAhead``): within one forward that opens a
+chain (``parallelize``'s model call does), each node's backward, once done with its own whole keys,
+starts the gather of the node that ran before it, which then travels while the backward of
+everything between the two attentions runs. The chain is made in the forward, in the order the
+nodes ran, so every rank starts the same gathers at the same point of its backward.
 """
 from __future__ import annotations
+
+import functools
 
 import torch
 from torch import Tensor
@@ -24,15 +32,70 @@ from nonlocal_dist.distributed.collectives import (
     gather_parts,
     gather_positions,
     scatter_sum,
+    start_gather_parts,
 )
 from nonlocal_dist.kernels import attention_backward, attention_forward
 from nonlocal_dist.kernels.softmax import differentiable_backward, finite_kernel
 from nonlocal_dist.sequence.graph import zeros_in_graph
 
 
+class RegatherAhead:
+    """The all-gather nodes one forward records, in the order they ran (``open``/``close`` around the
+    forward, nested by a stack): ``close`` links each to the one before it. A node's backward then
+    starts its predecessor's gather once it is done with its own whole keys (``_start_regather``), so
+    of one forward's gathers in the backward only the first is waited for in line. Nodes that run
+    outside an open chain gather in their own backward, as they are."""
+
+    _open: list[RegatherAhead] = []
+
+    def __init__(self) -> None:
+        self.nodes: list = []
+
+    @classmethod
+    def open(cls) -> RegatherAhead:
+        chain = cls()
+        cls._open.append(chain)
+        return chain
+
+    def close(self) -> None:
+        """End the forward: link its nodes, each to the one that ran before it."""
+        if self in self._open:
+            self._open.remove(self)
+        for before, node in zip(self.nodes, self.nodes[1:]):
+            node.before = before
+        self.nodes = []
+
+    @classmethod
+    def record(cls, ctx) -> None:
+        """Add a node that autograd records to the innermost open chain, unless saved-tensor hooks run
+        (checkpointing, offloading): reading its saved keys early would unpack them early (recompute
+        a checkpointed block during the next one's backward), so such a node gathers in line."""
+        if cls._open and _saved_tensor_hooks() is None:
+            cls._open[-1].nodes.append(ctx)
+
+
+# The innermost saved-tensor hooks (None when none run; private: a torch without it counts as hooks running).
+_saved_tensor_hooks = getattr(torch._C._autograd, "_top_saved_tensors_default_hooks", lambda *_: True)
+_saved_tensor_hooks = functools.partial(_saved_tensor_hooks, False)
+
+
+def _start_regather(ctx) -> None:
+    """Start the gather of ``ctx``'s own keys and values for its backward (``ctx.ahead``), unless a
+    graph of the backward is recorded (its gather is then the differentiable one) or its saved
+    tensors are gone (its backward ran already). Every rank decides alike: the same graph, the same
+    point of the backward."""
+    if ctx is None or ctx.ahead is not None or torch.is_grad_enabled():
+        return
+    try:
+        k, v = ctx.saved_tensors[1:3]
+    except RuntimeError:  # freed by its own backward (another backward call reached it first)
+        return
+    ctx.ahead = start_gather_parts((k, v), ctx.m_sizes, ctx.group)
+
+
 class _GatheredAttention(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, q, k, v, scale, group, m_sizes, kernel):
+    def forward(ctx, q, k, v, scale, group, m_sizes, kernel, recorded):
         kw, vw = gather_parts((k, v), m_sizes, group)
         if q.numel() == 0:  # no queries here (or no batch rows): the backward's reduce-scatter still needs this rank
             out, lse = q.new_empty((*q.shape[:-1], v.shape[-1])), q.new_empty(q.shape[:-1], dtype=torch.float32)
@@ -41,13 +104,21 @@ class _GatheredAttention(torch.autograd.Function):
             out, lse = attention_forward(q, kw, vw, scale, kernel, checked=True)
         ctx.save_for_backward(q, k, v, out, lse)
         ctx.scale, ctx.group, ctx.m_sizes, ctx.kernel = scale, group, m_sizes, kernel
+        ctx.before = ctx.ahead = None
+        if recorded:
+            RegatherAhead.record(ctx)
         return out
 
     @staticmethod
     def backward(ctx, dout):
         q, k, v, out, lse = ctx.saved_tensors
         graph = torch.is_grad_enabled()  # a graph of the backward asked for
-        kw, vw = gather_positions(ctx.group, ctx.m_sizes, k, v) if graph else gather_parts((k, v), ctx.m_sizes, ctx.group)
+        if graph:
+            kw, vw = gather_positions(ctx.group, ctx.m_sizes, k, v)
+        elif ctx.ahead is not None:
+            (kw, vw), ctx.ahead = ctx.ahead.wait(), None
+        else:
+            kw, vw = gather_parts((k, v), ctx.m_sizes, ctx.group)
         if q.numel() == 0 and graph:  # zeros tied to what the other ranks' gradients depend on: the
             # graph's collectives (the gather and this node, again) then run on every rank, in one order
             dq, dk, dv = zeros_in_graph((q, kw, vw), (dout,))
@@ -59,7 +130,10 @@ class _GatheredAttention(torch.autograd.Function):
             dq, dk, dv = attention_backward(dout, q, kw, vw, out, lse, ctx.scale, ctx.kernel, checked=True)
         del kw, vw
         dk, dv = scatter_sum(ctx.group, ctx.m_sizes, dk.to(k.dtype), dv.to(v.dtype))
-        return dq.to(q.dtype), dk, dv, None, None, None, None
+        # Started once this node's whole keys are freed: it travels while the backward of everything between
+        # the two attentions runs, and the two nodes' whole keys are never held together.
+        _start_regather(ctx.before)
+        return dq.to(q.dtype), dk, dv, None, None, None, None, None
 
 
 def allgather_attention(q: Tensor, k: Tensor, v: Tensor, scale: float, group, m_sizes: list[int],
@@ -70,4 +144,5 @@ def allgather_attention(q: Tensor, k: Tensor, v: Tensor, scale: float, group, m_
     rank r's key positions (uneven and empty shards run, and a rank without queries). ``kernel``: one
     of ``kernels.softmax.LSE_KERNELS``.
     """
-    return _GatheredAttention.apply(q, k, v, scale, group, list(m_sizes), kernel)
+    recorded = torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)
+    return _GatheredAttention.apply(q, k, v, scale, group, list(m_sizes), kernel, recorded)

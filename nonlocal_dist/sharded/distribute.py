@@ -35,6 +35,7 @@ from nonlocal_dist.distributed.comm import broadcast_
 from nonlocal_dist.distributed.mesh import mesh_groups, span_group
 from nonlocal_dist.distributed.shards import split_sizes
 from nonlocal_dist.layout import axis_dims
+from nonlocal_dist.sequence.allgather import RegatherAhead
 from nonlocal_dist.sequence.strategies import STRATEGIES
 from nonlocal_dist.sharded.spec import Shard, ShardSpec, Strided
 from nonlocal_dist.sharded.tensor import ACTIVE_MODELS, ShardedTensor, map_leaves
@@ -179,6 +180,7 @@ class _Hooks:
         self.align, self.sizes, self.inputs, self.strategy = align, sizes, inputs, strategy
         self.state_checked = False
         self.rng_states: list[tuple] = []  # the user's generator states, given back by the post-hook
+        self.chains: list[RegatherAhead] = []  # the all-gather nodes of each call running (sequence.allgather)
 
     def __deepcopy__(self, memo) -> _Hooks:  # a copy of the model (EMA) runs on the same mesh
         return self
@@ -191,6 +193,7 @@ class _Hooks:
             return None
 
         self.rng_states.append(None)  # the post-hook pops this call's entry, whatever happens below
+        self.chains.append(RegatherAhead.open())
         ACTIVE_MODELS.append(module)
         seed = self._agree(module, (args, kwargs))
         device = next((t.device for t in tree_flatten((args, kwargs))[0] if isinstance(t, Tensor)), torch.device("cpu"))
@@ -273,6 +276,8 @@ class _Hooks:
         saved = self.rng_states.pop() if self.rng_states else None
         if saved is not None:
             rng.leave_agreed(saved)
+        if self.chains:
+            self.chains.pop().close()
         if output is None:  # the forward raised: tell the other ranks (always_call hook)
             failure.post_current(f"in the forward of {type(module).__name__}")
             return None

@@ -31,8 +31,8 @@ def _worker(rank, world, widths, pack_bytes):
 
     collectives.PACK_BYTES = pack_bytes
     calls = []
-    run = comm._run
-    comm._run = lambda collective, *a, **k: calls.append(collective.__name__) or run(collective, *a, **k)
+    start = comm._start
+    comm._start = lambda collective, *a, **k: calls.append(collective.__name__) or start(collective, *a, **k)
     try:
         everyone = _parts(world, widths)
         mine = [p.clone().requires_grad_(True) for p in everyone[rank]]
@@ -43,7 +43,7 @@ def _worker(rank, world, widths, pack_bytes):
         sum((t * w).sum() for t, w in zip(gathered, weights)).backward()
         backward = calls[len(forward):]
     finally:
-        comm._run = run
+        comm._start = start
     whole = [torch.cat([parts[i] for parts in everyone], dim=-2) for i in range(len(widths))]
     value_err = max(_err(a, b) for a, b in zip(gathered, whole))
     # Each rank's gradient: the sum over ranks of their weights' rows for this rank's positions.
@@ -123,8 +123,8 @@ def _ulysses_worker(rank, world, pack_bytes):
 
     collectives.PACK_BYTES = pack_bytes
     calls = []
-    run = comm._run
-    comm._run = lambda collective, *a, **k: calls.append(collective.__name__) or run(collective, *a, **k)
+    start = comm._start
+    comm._start = lambda collective, *a, **k: calls.append(collective.__name__) or start(collective, *a, **k)
     sizes = SIZES[world]
     g = torch.Generator().manual_seed(3)
     q, k, v, dy = (torch.randn(2, 2 * world, sum(sizes), c, dtype=torch.float64, generator=g) for c in (4, 4, 3, 3))
@@ -136,7 +136,7 @@ def _ulysses_worker(rank, world, pack_bytes):
         y.backward(dy.narrow(2, lo, n))
         backward = len(calls) - forward
     finally:
-        comm._run = run
+        comm._start = start
     whole = [t.clone().requires_grad_(True) for t in (q, k, v)]
     ref = torch.softmax(0.7 * whole[0] @ whole[1].transpose(-1, -2), -1) @ whole[2]
     ref.backward(dy)

@@ -3,10 +3,15 @@ keys and values for the backward (the gathered ones are gathered again there), a
 backward gives exact second derivatives, uneven and empty shards included, against one process."""
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 import torch.distributed as dist
+import torch.nn.functional as F
 from helpers import rel_err
+from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from nonlocal_dist import nonlocal_op
 from nonlocal_dist.testing import run_ranks
@@ -101,3 +106,89 @@ def test_allgather_of_the_dispatched_modes_gives_exact_second_derivatives(mode):
     others waited: its zeros were outside the graph, so it skipped the second pass's collectives."""
     for rank, errors in enumerate(run_ranks(_second_order_dispatched, 3, mode, timeout=120)):
         assert max(errors.values()) <= 1e-12, f"rank {rank}: {errors}"
+
+
+class _Attention(nn.Module):
+    """Self-attention over tokens (B, N, C) as a transformer block writes it, with a residual;
+    ``checkpointed``: recomputed in the backward (torch.utils.checkpoint, non-reentrant)."""
+
+    def __init__(self, channels: int = 8, heads: int = 2, checkpointed: bool = False) -> None:
+        super().__init__()
+        self.qkv, self.out, self.heads = nn.Linear(channels, 3 * channels), nn.Linear(channels, channels), heads
+        self.checkpointed = checkpointed
+
+    def forward(self, x):
+        if self.checkpointed:
+            return checkpoint(self.block, x, use_reentrant=False)
+        return self.block(x)
+
+    def block(self, x):
+        q, k, v = (t.unflatten(-1, (self.heads, -1)).transpose(1, 2) for t in self.qkv(x).chunk(3, dim=-1))
+        return x + self.out(F.scaled_dot_product_attention(q, k, v).transpose(1, 2).flatten(2))
+
+
+def _counted(fn, calls: list, name: str):
+    def counting(*args, **kwargs):
+        calls.append(name)
+        return fn(*args, **kwargs)
+    return counting
+
+
+def _regathered_ahead(rank, world, checkpointed):
+    """Three attention layers parallelized over uneven token shards: which gathers the backward started
+    ahead and which it waited for in line, and every gradient against one process (float64)."""
+    import nonlocal_dist.sequence.allgather as allgather
+    from nonlocal_dist import parallelize
+
+    torch.manual_seed(0)
+    whole = nn.Sequential(*(_Attention(checkpointed=checkpointed) for _ in range(3))).double()
+    x = torch.randn(2, 7, 8, dtype=torch.float64, generator=torch.Generator().manual_seed(5))
+    w = torch.randn(2, 7, 8, dtype=torch.float64, generator=torch.Generator().manual_seed(6))
+    model = parallelize(copy.deepcopy(whole), dist.group.WORLD, "n", layout="b n c", strategy="allgather",
+                        sizes=[SIZES[world][0]])
+    calls: list = []
+    plain = (allgather.gather_parts, allgather.start_gather_parts)
+    allgather.gather_parts = _counted(plain[0], calls, "in line")
+    allgather.start_gather_parts = _counted(plain[1], calls, "ahead")
+    try:
+        xs = x.clone().requires_grad_()
+        out = model(xs)
+        forward = list(calls)
+        loss = (out * w).sum() / world  # every rank's loss on the whole output counts once per rank
+        loss.backward(retain_graph=True)
+        first = list(calls[len(forward):])
+        grads = [xs.grad.clone()] + [p.grad.clone() for p in model.parameters()]
+        loss.backward()  # the graph kept: the same gathers again, the gradients twice
+        second = list(calls[len(forward) + len(first):])
+        twice = [xs.grad] + [p.grad for p in model.parameters()]
+    finally:
+        allgather.gather_parts, allgather.start_gather_parts = plain
+    xr = x.clone().requires_grad_()
+    (whole(xr) * w).sum().backward()
+    want = [xr.grad] + [p.grad for p in whole.parameters()]
+    # each rank's gradient is its part: their sum is one process's (parallelize's loss convention)
+    summed = [g.clone() for g in grads]
+    for g in summed:
+        dist.all_reduce(g)
+    return {"forward": forward, "first": first, "second": second,
+            "errors": [rel_err(a, b) for a, b in zip(summed, want)],
+            "twice": [rel_err(b, 2 * a) for a, b in zip(grads, twice)]}
+
+
+@pytest.mark.parametrize("world", [2, 3])
+def test_backward_starts_each_gather_ahead_and_stays_exact(world):
+    """Within a parallelized model's call, each attention's backward starts the gather of the one before
+    it: the backward waits in line only for the last attention's, again on a second backward of the
+    kept graph, uneven and empty shards included."""
+    for rank, r in enumerate(run_ranks(_regathered_ahead, world, False, timeout=120)):
+        assert r["forward"] == ["in line"] * 3, f"rank {rank}: {r['forward']}"
+        assert r["first"] == r["second"] == ["in line", "ahead", "ahead"], f"rank {rank}: {r}"
+        assert max(r["errors"]) <= 1e-12 and max(r["twice"]) <= 1e-15, f"rank {rank}: {r}"
+
+
+def test_checkpointed_attention_gathers_in_line():
+    """Under checkpointing, reading a node's saved keys early would recompute its block during the next
+    block's backward: such nodes are not chained (each recomputed forward gathers, then its backward)."""
+    for rank, r in enumerate(run_ranks(_regathered_ahead, 2, True, timeout=120)):
+        assert r["first"] == ["in line"] * 6 and r["second"] == ["in line"] * 6, f"rank {rank}: {r}"
+        assert max(r["errors"]) <= 1e-12 and max(r["twice"]) <= 1e-15, f"rank {rank}: {r}"

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 from collections import deque
+from collections.abc import Callable
 
 import torch
 import torch.distributed as dist
@@ -99,7 +100,7 @@ class Started:
 
     __slots__ = ("_work", "_finish")
 
-    def __init__(self, work, finish) -> None:
+    def __init__(self, work: dist.Work | None, finish: Callable[[], object]) -> None:
         self._work, self._finish = work, finish
 
     def wait(self):

@@ -23,7 +23,7 @@ nodes ran, so every rank starts the same gathers at the same point of its backwa
 """
 from __future__ import annotations
 
-import functools
+import weakref
 
 import torch
 from torch import Tensor
@@ -44,15 +44,22 @@ class RegatherAhead:
     forward, nested by a stack): ``close`` links each to the one before it. A node's backward then
     starts its predecessor's gather once it is done with its own whole keys (``_start_regather``), so
     of one forward's gathers in the backward only the first is waited for in line. Nodes that run
-    outside an open chain gather in their own backward, as they are."""
+    outside an open chain gather in their own backward, as they are.
+
+    Two nodes are not linked across a node that gathers in line (one under saved-tensor hooks) or a
+    nested model's nodes: their backward would run while the started gather travels, and two nodes'
+    whole keys would be held together. The chain holds its nodes weakly until ``close`` (a forward
+    interrupted before its post-hook leaves no graph alive)."""
 
     _open: list[RegatherAhead] = []
 
     def __init__(self) -> None:
-        self.nodes: list = []
+        self.nodes: list[weakref.ref | None] = []  # None: a break in the chain
 
     @classmethod
     def open(cls) -> RegatherAhead:
+        if cls._open:
+            cls._open[-1].nodes.append(None)  # the nested chain's nodes run between the outer one's
         chain = cls()
         cls._open.append(chain)
         return chain
@@ -62,33 +69,45 @@ class RegatherAhead:
         if self in self._open:
             self._open.remove(self)
         for before, node in zip(self.nodes, self.nodes[1:]):
-            node.before = before
+            ctx = node() if node is not None and before is not None else None
+            if ctx is not None:
+                ctx.before = before()
         self.nodes = []
 
     @classmethod
     def record(cls, ctx) -> None:
-        """Add a node that autograd records to the innermost open chain, unless saved-tensor hooks run
-        (checkpointing, offloading): reading its saved keys early would unpack them early (recompute
-        a checkpointed block during the next one's backward), so such a node gathers in line."""
-        if cls._open and _saved_tensor_hooks() is None:
-            cls._open[-1].nodes.append(ctx)
+        """Add a node that autograd records to the innermost open chain; one under saved-tensor hooks
+        (checkpointing, offloading) breaks it: reading its saved keys early would unpack them early
+        (recompute a checkpointed block during the next one's backward), so it gathers in line."""
+        if cls._open:
+            cls._open[-1].nodes.append(weakref.ref(ctx) if _saved_tensor_hooks() is None else None)
 
 
-# The innermost saved-tensor hooks (None when none run; private: a torch without it counts as hooks running).
-_saved_tensor_hooks = getattr(torch._C._autograd, "_top_saved_tensors_default_hooks", lambda *_: True)
-_saved_tensor_hooks = functools.partial(_saved_tensor_hooks, False)
+def _saved_tensor_hooks():
+    """The innermost saved-tensor hooks, or None where none run (private: a torch without the query
+    counts as hooks running)."""
+    top = getattr(torch._C._autograd, "_top_saved_tensors_default_hooks", None)
+    return top(False) if top is not None else True
+
+
+# The engine's own record of the backward running (private, torch 2.1+; without them nothing starts ahead):
+# whether it will execute a node, and its id.
+_will_execute = getattr(torch._C, "_will_engine_execute_node", None)
+_graph_task = getattr(torch._C, "_current_graph_task_id", None)
 
 
 def _start_regather(ctx) -> None:
-    """Start the gather of ``ctx``'s own keys and values for its backward (``ctx.ahead``), unless a
-    graph of the backward is recorded (its gather is then the differentiable one) or its saved
-    tensors are gone (its backward ran already). Every rank decides alike: the same graph, the same
-    point of the backward."""
-    if ctx is None or ctx.ahead is not None or torch.is_grad_enabled():
+    """Start the gather of ``ctx``'s own keys and values for its backward (``ctx.ahead``) where this
+    backward will run it and has not yet: not for a node that a partial backward (``autograd.grad``
+    with ``inputs=``) or an unused branch leaves out, nor under a graph of the backward (its gather is
+    then the differentiable one). Every rank decides alike: the same graph, the same point of it."""
+    if ctx is None or ctx.ahead is not None or torch.is_grad_enabled() or _will_execute is None:
+        return
+    if ctx.ran == _graph_task() or not _will_execute(ctx):
         return
     try:
         k, v = ctx.saved_tensors[1:3]
-    except RuntimeError:  # freed by its own backward (another backward call reached it first)
+    except RuntimeError:  # changed in place since the forward: its own backward raises, on every rank
         return
     ctx.ahead = start_gather_parts((k, v), ctx.m_sizes, ctx.group)
 
@@ -104,7 +123,7 @@ class _GatheredAttention(torch.autograd.Function):
             out, lse = attention_forward(q, kw, vw, scale, kernel, checked=True)
         ctx.save_for_backward(q, k, v, out, lse)
         ctx.scale, ctx.group, ctx.m_sizes, ctx.kernel = scale, group, m_sizes, kernel
-        ctx.before = ctx.ahead = None
+        ctx.before = ctx.ahead = ctx.ran = None
         if recorded:
             RegatherAhead.record(ctx)
         return out
@@ -112,6 +131,7 @@ class _GatheredAttention(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dout):
         q, k, v, out, lse = ctx.saved_tensors
+        ctx.ran = _graph_task() if _graph_task is not None else None
         graph = torch.is_grad_enabled()  # a graph of the backward asked for
         if graph:
             kw, vw = gather_positions(ctx.group, ctx.m_sizes, k, v)

@@ -188,6 +188,9 @@ class _Hooks:
     def __getstate__(self) -> dict:  # torch.save(model): a mesh does not travel; a loaded model runs plain
         return {**self.__dict__, "mesh": None}
 
+    def __setstate__(self, state: dict) -> None:  # a model saved before a field was added loads too
+        self.__dict__.update({"rng_states": [], "chains": [], **state})
+
     def pre(self, module: nn.Module, args: tuple, kwargs: dict):
         if self.mesh is None:
             return None

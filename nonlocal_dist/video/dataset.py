@@ -202,15 +202,18 @@ def clip_loader(dataset: Dataset, batch_sampler: Sampler, workers: int = 0, time
     DeepSpeed, a TCPStore or earlier loaders have run threads, a forked worker can wait forever on a
     lock taken at the fork (seen: an evaluation loader in training, and this package's test suite).
     A fork server is a fresh single-threaded process that imported torch and this module once, so
-    each worker starts clean and fast. ``timeout``: seconds a batch may take before the loader
-    raises (0: no limit); other keyword arguments go to ``DataLoader``.
+    each worker starts clean and fast. As with ``spawn``, the dataset, its transform and any
+    ``worker_init_fn`` must pickle, and a script guards its entry point (``if __name__ ==
+    "__main__"``). ``timeout``: seconds a worker's batch may take before the loader raises (0: no
+    limit; without workers the batches are made in this process and nothing is timed); other keyword
+    arguments (``persistent_workers``, ``prefetch_factor``, ...) go to ``DataLoader``.
     """
     context = None
     if workers:
         context = multiprocessing.get_context("forkserver")
         context.set_forkserver_preload(["torch", "nonlocal_dist.video"])  # when the server starts
     return DataLoader(dataset, batch_sampler=batch_sampler, collate_fn=collate_clips, num_workers=workers,
-                      multiprocessing_context=context, timeout=timeout, **kwargs)
+                      multiprocessing_context=context, timeout=timeout if workers else 0, **kwargs)
 
 
 def agree_usable(batch: dict, group=None) -> tuple[dict, list[tuple[int, str]]]:

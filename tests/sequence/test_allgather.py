@@ -127,21 +127,34 @@ class _Attention(nn.Module):
         return x + self.out(F.scaled_dot_product_attention(q, k, v).transpose(1, 2).flatten(2))
 
 
+class _Logged:
+    """A started gather whose wait is logged."""
+
+    def __init__(self, started, calls: list) -> None:
+        self.started, self.calls = started, calls
+
+    def wait(self):
+        self.calls.append("waited")
+        return self.started.wait()
+
+
 def _counted(fn, calls: list, name: str):
     def counting(*args, **kwargs):
         calls.append(name)
-        return fn(*args, **kwargs)
+        got = fn(*args, **kwargs)
+        return _Logged(got, calls) if name == "ahead" else got
     return counting
 
 
 def _regathered_ahead(rank, world, checkpointed):
-    """Three attention layers parallelized over uneven token shards: which gathers the backward started
-    ahead and which it waited for in line, and every gradient against one process (float64)."""
+    """Three attention layers (each checkpointed or not, ``checkpointed``) parallelized over uneven token shards: which gathers each backward started
+    ahead, waited for, or ran in line (a full backward, kept, then a partial one, one with a graph, and
+    the full one again), and every gradient against one process (float64)."""
     import nonlocal_dist.sequence.allgather as allgather
     from nonlocal_dist import parallelize
 
     torch.manual_seed(0)
-    whole = nn.Sequential(*(_Attention(checkpointed=checkpointed) for _ in range(3))).double()
+    whole = nn.Sequential(*(_Attention(checkpointed=c) for c in checkpointed)).double()
     x = torch.randn(2, 7, 8, dtype=torch.float64, generator=torch.Generator().manual_seed(5))
     w = torch.randn(2, 7, 8, dtype=torch.float64, generator=torch.Generator().manual_seed(6))
     model = parallelize(copy.deepcopy(whole), dist.group.WORLD, "n", layout="b n c", strategy="allgather",
@@ -150,16 +163,24 @@ def _regathered_ahead(rank, world, checkpointed):
     plain = (allgather.gather_parts, allgather.start_gather_parts)
     allgather.gather_parts = _counted(plain[0], calls, "in line")
     allgather.start_gather_parts = _counted(plain[1], calls, "ahead")
+    passes = {}
+
+    def run(name, fn):
+        before = len(calls)
+        got = fn()
+        passes[name] = calls[before:]
+        return got
+
     try:
         xs = x.clone().requires_grad_()
-        out = model(xs)
-        forward = list(calls)
+        out = run("forward", lambda: model(xs))
         loss = (out * w).sum() / world  # every rank's loss on the whole output counts once per rank
-        loss.backward(retain_graph=True)
-        first = list(calls[len(forward):])
+        run("first", lambda: loss.backward(retain_graph=True))
         grads = [xs.grad.clone()] + [p.grad.clone() for p in model.parameters()]
-        loss.backward()  # the graph kept: the same gathers again, the gradients twice
-        second = list(calls[len(forward) + len(first):])
+        # the last layer's weights only: the other layers' nodes do not run, so nothing starts for them
+        run("partial", lambda: torch.autograd.grad(loss, model[2].qkv.weight, retain_graph=True))
+        graph = run("graph", lambda: torch.autograd.grad(loss, xs, create_graph=True, retain_graph=True))[0]
+        run("second", lambda: loss.backward())  # the graph kept: the same gathers again, the gradients twice
         twice = [xs.grad] + [p.grad for p in model.parameters()]
     finally:
         allgather.gather_parts, allgather.start_gather_parts = plain
@@ -170,25 +191,33 @@ def _regathered_ahead(rank, world, checkpointed):
     summed = [g.clone() for g in grads]
     for g in summed:
         dist.all_reduce(g)
-    return {"forward": forward, "first": first, "second": second,
-            "errors": [rel_err(a, b) for a, b in zip(summed, want)],
-            "twice": [rel_err(b, 2 * a) for a, b in zip(grads, twice)]}
+    return {**passes, "errors": [rel_err(a, b) for a, b in zip(summed, want)],
+            "twice": [rel_err(b, 2 * a) for a, b in zip(grads, twice)], "graph error": rel_err(graph, grads[0])}
 
 
 @pytest.mark.parametrize("world", [2, 3])
 def test_backward_starts_each_gather_ahead_and_stays_exact(world):
     """Within a parallelized model's call, each attention's backward starts the gather of the one before
-    it: the backward waits in line only for the last attention's, again on a second backward of the
-    kept graph, uneven and empty shards included."""
-    for rank, r in enumerate(run_ranks(_regathered_ahead, world, False, timeout=120)):
+    it, which that one's backward waits for: only the last attention's is gathered in line, again on a
+    second backward of the kept graph; a partial backward starts none for layers it does not reach, and
+    a graph of the backward uses the differentiable gather. Uneven and empty shards included."""
+    ahead = ["in line", "ahead", "waited", "ahead", "waited"]
+    for rank, r in enumerate(run_ranks(_regathered_ahead, world, (False,) * 3, timeout=120)):
         assert r["forward"] == ["in line"] * 3, f"rank {rank}: {r['forward']}"
-        assert r["first"] == r["second"] == ["in line", "ahead", "ahead"], f"rank {rank}: {r}"
-        assert max(r["errors"]) <= 1e-12 and max(r["twice"]) <= 1e-15, f"rank {rank}: {r}"
+        assert r["first"] == r["second"] == ahead, f"rank {rank}: {r}"
+        assert r["partial"] == ["in line"] and r["graph"] == [], f"rank {rank}: {r}"
+        assert max(r["errors"]) <= 1e-12 and max(r["twice"]) <= 1e-15 and r["graph error"] <= 1e-15, f"rank {rank}: {r}"
 
 
-def test_checkpointed_attention_gathers_in_line():
+@pytest.mark.parametrize("checkpointed, first", [
+    ((True,) * 3, ["in line"] * 6),  # each recomputed forward gathers, then its backward
+    ((False, True, False), ["in line"] * 4),  # the last, the middle one's recompute and backward, the first
+])
+def test_checkpointed_attention_gathers_in_line(checkpointed, first):
     """Under checkpointing, reading a node's saved keys early would recompute its block during the next
-    block's backward: such nodes are not chained (each recomputed forward gathers, then its backward)."""
-    for rank, r in enumerate(run_ranks(_regathered_ahead, 2, True, timeout=120)):
-        assert r["first"] == ["in line"] * 6 and r["second"] == ["in line"] * 6, f"rank {rank}: {r}"
-        assert max(r["errors"]) <= 1e-12 and max(r["twice"]) <= 1e-15, f"rank {rank}: {r}"
+    block's backward: such nodes gather in line, and break the chain (the last layer does not start the
+    first one's gather, which would travel, held, through the middle one's backward)."""
+    for rank, r in enumerate(run_ranks(_regathered_ahead, 2, checkpointed, timeout=120)):
+        assert r["first"] == r["second"] == first, f"rank {rank}: {r}"
+        assert "ahead" not in r["partial"] + r["graph"], f"rank {rank}: {r}"
+        assert max(r["errors"]) <= 1e-12 and max(r["twice"]) <= 1e-15 and r["graph error"] <= 1e-15, f"rank {rank}: {r}"

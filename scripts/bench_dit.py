@@ -16,7 +16,9 @@ configs, random weights, float32, text (1, 16, 64), one forward and backward of 
   ``"allgather"`` (one collective per attention: faster where the keys are few) and ``"ring"``.
 
 Columns: the output's max abs error against one process, the best wall time of the step over
-``--repeats`` (the slowest rank; the median of the rounds), torch's CPU allocator peak during one
+``--repeats`` (the slowest rank; the median of the rounds), the mean wall time of every timed step
+(each step's slowest rank: what a training run's throughput sees, where the best time shows the
+luckiest step), torch's CPU allocator peak during one
 step per rank (``bench_utils.peak_memory_mb``; the least of the rounds), the peak of the bytes
 held by the step's tensors, counted op by op (``bench_utils.peak_tensor_mb``: steadier than the allocator's, blind to
 kernels' internal workspaces), the bytes the step's autograd graph saves for its backward
@@ -40,12 +42,12 @@ import statistics
 
 import torch
 from bench_utils import (
-    best_time,
     peak_memory_mb,
     peak_tensor_mb,
     print_table,
     saved_tensor_mb,
     spawn_ranks,
+    step_times,
 )
 
 
@@ -125,11 +127,13 @@ def _measure(models: dict, args) -> dict:
     not follow counts until its address is reused, so each measure is an upper bound)."""
     x, t, text, w = _inputs(args)
     runs = {name: _step(model, _forward(args), x, t, text, w, backward=not args.forward) for name, model in models.items()}
-    results = {name: {"out": run(), "seconds": [], "peak_mb": [], "tensor_mb": peak_tensor_mb(run),
+    results = {name: {"out": run(), "seconds": [], "steps": [], "peak_mb": [], "tensor_mb": peak_tensor_mb(run),
                       "saved_mb": saved_tensor_mb(run)} for name, run in runs.items()}
     for _ in range(args.rounds):
         for name, run in runs.items():
-            results[name]["seconds"].append(best_time(run, args.repeats))
+            steps = step_times(run, args.repeats)
+            results[name]["seconds"].append(min(steps))
+            results[name]["steps"] += steps
             results[name]["peak_mb"].append(peak_memory_mb(run))
     for r in results.values():  # each peak is an upper bound (bench_utils.peak_memory_mb): the least is the tightest
         r["seconds"], r["peak_mb"] = statistics.median(r["seconds"]), min(r["peak_mb"])
@@ -188,26 +192,31 @@ def main(argv=None) -> None:
     torch.set_num_threads(1)
     ref = _measure({"one process": _model(args)}, args)["one process"]
     ranks = spawn_ranks(_ranks, args.world, args)
-    rows, base = [], None
+    rows, base, base_mean = [], None, None
     names = MESH_RUNS if args.mesh else ("ours", *(f"ours, strategy={s!r}" for s in STRATEGIES))
     for name in ("diffusers Ulysses", *names):
         seconds = max(r[name]["seconds"] for r in ranks.values())
+        # every step's time as its slowest rank's (the ranks run the steps together), averaged
+        mean = statistics.mean(max(step) for step in zip(*(r[name]["steps"] for r in ranks.values())))
+        base_mean = base_mean or mean
         peak = max(r[name]["peak_mb"] for r in ranks.values())
         tensors = max(r[name]["tensor_mb"] for r in ranks.values())
         saved = max(r[name]["saved_mb"] for r in ranks.values())
         err = (ranks[0][name]["out"] - ref["out"]).abs().max().item()
         base = base or (seconds, peak, tensors, saved)
-        rows.append([f"{name}, P = {args.world}", err, seconds, peak, tensors, saved, seconds / base[0], peak / base[1],
-                     tensors / base[2], saved / base[3] if base[3] else 0.0])
-    rows.insert(0, ["one process", 0.0, ref["seconds"], ref["peak_mb"], ref["tensor_mb"], ref["saved_mb"],
-                    ref["seconds"] / base[0], ref["peak_mb"] / base[1], ref["tensor_mb"] / base[2],
-                    ref["saved_mb"] / base[3] if base[3] else 0.0])
+        rows.append([f"{name}, P = {args.world}", err, seconds, mean, peak, tensors, saved, seconds / base[0],
+                     mean / base_mean, peak / base[1], tensors / base[2], saved / base[3] if base[3] else 0.0])
+    ref_mean = statistics.mean(ref["steps"])
+    rows.insert(0, ["one process", 0.0, ref["seconds"], ref_mean, ref["peak_mb"], ref["tensor_mb"], ref["saved_mb"],
+                    ref["seconds"] / base[0], ref_mean / base_mean, ref["peak_mb"] / base[1],
+                    ref["tensor_mb"] / base[2], ref["saved_mb"] / base[3] if base[3] else 0.0])
     tokens = args.frames * args.size ** 2 // 4
     name = "LTX-Video" if args.model == "ltx" else "Wan"
     step = "forward (no_grad)" if args.forward else "forward+backward"
     print_table(f"{name} transformer {step}, {tokens} video tokens, float32, 1 thread per process",
-                ["run", "max abs err", "step (s)", "peak MiB per rank", "tensor peak MiB", "saved for backward MiB",
-                 "time x Ulysses", "memory x Ulysses", "tensor peak x Ulysses", "saved x Ulysses"], rows)
+                ["run", "max abs err", "step (s)", "mean step (s)", "peak MiB per rank", "tensor peak MiB",
+                 "saved for backward MiB", "time x Ulysses", "mean time x Ulysses", "memory x Ulysses",
+                 "tensor peak x Ulysses", "saved x Ulysses"], rows)
 
 
 if __name__ == "__main__":

@@ -27,6 +27,11 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def best_time(fn: Callable[[], object], repeats: int, warmup: int = 1) -> float:
     """Minimum wall time of ``fn()`` over ``repeats`` runs (seconds), after ``warmup`` runs."""
+    return min(step_times(fn, repeats, warmup))
+
+
+def step_times(fn: Callable[[], object], repeats: int, warmup: int = 1) -> list[float]:
+    """Wall time of each of ``repeats`` runs of ``fn()`` (seconds), after ``warmup`` runs."""
     for _ in range(warmup):
         fn()
     times = []
@@ -34,7 +39,7 @@ def best_time(fn: Callable[[], object], repeats: int, warmup: int = 1) -> float:
         start = time.perf_counter()
         fn()
         times.append(time.perf_counter() - start)
-    return min(times)
+    return times
 
 
 def peak_memory_mb(fn: Callable[[], object]) -> float:

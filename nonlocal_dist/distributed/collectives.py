@@ -17,7 +17,6 @@ from torch import Tensor
 
 from nonlocal_dist.distributed.comm import (
     Started,
-    all_gather_varlen,
     all_reduce_sum,
     all_to_all_parts,
     all_to_all_varlen,
@@ -47,9 +46,7 @@ def gather_parts(parts: tuple[Tensor, ...], sizes: list[int], group) -> tuple[Te
     """``parts`` (B, H, L_r, c_k) whole along positions on every rank (not differentiable). Packed
     parts are stacked on a new leading dim: each comes out of the gather as one contiguous slice of
     it, with no copy beyond the collective's own."""
-    if not _packable(parts, sizes):
-        return tuple(all_gather_varlen(p, sizes, dim=-2, group=group) for p in parts)
-    return all_gather_varlen(torch.stack(parts), sizes, dim=-2, group=group).unbind(0)
+    return start_gather_parts(parts, sizes, group).wait()
 
 
 def start_gather_parts(parts: tuple[Tensor, ...], sizes: list[int], group) -> Started:

@@ -83,17 +83,17 @@ class RegatherAhead:
             cls._open[-1].nodes.append(weakref.ref(ctx) if _saved_tensor_hooks() is None else None)
 
 
-def _saved_tensor_hooks():
-    """The innermost saved-tensor hooks, or None where none run (private: a torch without the query
-    counts as hooks running)."""
-    top = getattr(torch._C._autograd, "_top_saved_tensors_default_hooks", None)
-    return top(False) if top is not None else True
-
-
-# The engine's own record of the backward running (private, torch 2.1+; without them nothing starts ahead):
-# whether it will execute a node, and its id.
+# Private autograd queries, looked up once (torch 2.1+): the innermost saved-tensor hooks; whether the running
+# backward will execute a node, and its id. Without the first every node counts as under hooks; without the
+# others nothing starts ahead.
+_top_hooks = getattr(torch._C._autograd, "_top_saved_tensors_default_hooks", None)
 _will_execute = getattr(torch._C, "_will_engine_execute_node", None)
 _graph_task = getattr(torch._C, "_current_graph_task_id", None)
+
+
+def _saved_tensor_hooks():
+    """The innermost saved-tensor hooks, or None where none run."""
+    return _top_hooks(False) if _top_hooks is not None else True
 
 
 def _start_regather(ctx) -> None:
@@ -101,7 +101,7 @@ def _start_regather(ctx) -> None:
     backward will run it and has not yet: not for a node that a partial backward (``autograd.grad``
     with ``inputs=``) or an unused branch leaves out, nor under a graph of the backward (its gather is
     then the differentiable one). Every rank decides alike: the same graph, the same point of it."""
-    if ctx is None or ctx.ahead is not None or torch.is_grad_enabled() or _will_execute is None:
+    if ctx is None or ctx.ahead is not None or torch.is_grad_enabled() or _will_execute is None or _graph_task is None:
         return
     if ctx.ran == _graph_task() or not _will_execute(ctx):
         return

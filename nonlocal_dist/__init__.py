@@ -1,6 +1,10 @@
 """nonlocal_dist: exact, memory-efficient, sequence-parallel non-local operations."""
 from __future__ import annotations
 
+from nonlocal_dist.mkl_dispatch import resolve_vector_math
+
+resolve_vector_math()  # before anything can run a VML op on several threads (see the module)
+
 from nonlocal_dist.backends import BACKENDS
 from nonlocal_dist.block import NonLocalBlock
 from nonlocal_dist.conventions import MODES

@@ -28,6 +28,7 @@ and the ratios to diffusers' Ulysses.
 
     python scripts/bench_dit.py [--model wan|ltx] [--forward] [--world 2] [--frames 8] [--size 16] [--repeats 5]
     python scripts/bench_dit.py --mesh [--frames 8] [--size 16]   # Wan on a 2 x 2 (t, h) mesh of 4 ranks
+    python scripts/bench_dit.py --in-line   # adds the default with the backward's gathers in line (ablation)
 
 diffusers' Ulysses cannot run LTX's forward+backward here: with the pipeline's text mask its forward
 fails (``The size of tensor a (2) must match the size of tensor b (4) at non-singleton dimension 1``),
@@ -61,6 +62,9 @@ def parse_args(argv=None):
     p.add_argument("--rounds", type=int, default=3,
                    help="rounds, each timing every run in turn (alternated); the median of the rounds' bests is reported")
     p.add_argument("--forward", action="store_true", help="forward only, under no_grad (inference)")
+    p.add_argument("--in-line", action="store_true",
+                   help="add an ablation row: the default with every backward gather of the keys in line (the "
+                        "all-gather's RegatherAhead chain off), the form before the fourteenth session")
     p.add_argument("--mesh", action="store_true",
                    help="Wan on 4 ranks as a 2 x 2 (t, h) mesh: ours with the tokens split over the mesh, ours "
                         "with h gathered for them (the mesh's dims in the other order), ours over t alone, and "
@@ -141,6 +145,24 @@ def _measure(models: dict, args) -> dict:
 
 
 STRATEGIES = ("allgather", "ring", "ulysses")  # named after the default: each form's time and memory
+IN_LINE = "ours, backward gathers in line (ablation)"
+
+
+class _GathersInLine(torch.nn.Module):
+    """A parallelized model whose forward records no all-gather node in the chain (``RegatherAhead``), so
+    that its backward gathers each attention's keys in line: the ablation of the chain, same code else."""
+
+    def __init__(self, model: torch.nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, *args, **kwargs):
+        from unittest import mock
+
+        from nonlocal_dist.sequence.allgather import RegatherAhead
+
+        with mock.patch.object(RegatherAhead, "record", classmethod(lambda cls, ctx: None)):
+            return self.model(*args, **kwargs)
 
 
 def _ranks(rank, world, args, group) -> dict:
@@ -161,6 +183,8 @@ def _ranks(rank, world, args, group) -> dict:
     for strategy in STRATEGIES:
         models[f"ours, strategy={strategy!r}"] = parallelize(_model(args), group, axis, layout=layout,
                                                             inputs=("hidden_states",), strategy=strategy)
+    if args.in_line:
+        models[IN_LINE] = _GathersInLine(parallelize(_model(args), group, axis, layout=layout, inputs=("hidden_states",)))
     return _measure(models, args)
 
 
@@ -194,6 +218,7 @@ def main(argv=None) -> None:
     ranks = spawn_ranks(_ranks, args.world, args)
     rows, base, base_mean = [], None, None
     names = MESH_RUNS if args.mesh else ("ours", *(f"ours, strategy={s!r}" for s in STRATEGIES))
+    names += (IN_LINE,) if args.in_line and not args.mesh else ()
     for name in ("diffusers Ulysses", *names):
         seconds = max(r[name]["seconds"] for r in ranks.values())
         # every step's time as its slowest rank's (the ranks run the steps together), averaged

@@ -31,6 +31,6 @@ def resolve_vector_math() -> None:
         return
     with torch.no_grad():
         for dtype in (torch.float32, torch.float64):
-            x = torch.full((1,), 0.5, dtype=dtype)
+            x = torch.full((1,), 0.5, dtype=dtype, device="cpu")  # not a default device the user set
             for op in VML_OPS:
                 op(x)

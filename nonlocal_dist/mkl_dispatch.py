@@ -25,7 +25,7 @@ VML_OPS = (torch.acos, torch.asin, torch.atan, torch.cos, torch.erf, torch.erfc,
 def resolve_vector_math() -> None:
     """Call every VML-backed op once on a one-element float32 and float64 tensor, in this thread.
 
-    Cost: 32 one-element ops (tens of microseconds). Nothing to do where torch has no MKL.
+    Cost: 32 one-element ops, about 1 ms at import. Nothing to do where torch has no MKL.
     """
     if not torch.backends.mkl.is_available():
         return

@@ -40,6 +40,7 @@ from __future__ import annotations
 
 import argparse
 import statistics
+from unittest import mock
 
 import torch
 from bench_utils import (
@@ -157,8 +158,6 @@ class _GathersInLine(torch.nn.Module):
         self.model = model
 
     def forward(self, *args, **kwargs):
-        from unittest import mock
-
         from nonlocal_dist.sequence.allgather import RegatherAhead
 
         with mock.patch.object(RegatherAhead, "record", classmethod(lambda cls, ctx: None)):

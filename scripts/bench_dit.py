@@ -18,13 +18,19 @@ configs, random weights, float32, text (1, 16, 64), one forward and backward of 
 Columns: the output's max abs error against one process, the best wall time of the step over
 ``--repeats`` (the slowest rank; the median of the rounds), the mean wall time of every timed step
 (each step's slowest rank: what a training run's throughput sees, where the best time shows the
-luckiest step), torch's CPU allocator peak during one
-step per rank (``bench_utils.peak_memory_mb``; the least of the rounds), the peak of the bytes
-held by the step's tensors, counted op by op (``bench_utils.peak_tensor_mb``: steadier than the allocator's, blind to
-kernels' internal workspaces), the bytes the step's autograd graph saves for its backward
-(``bench_utils.saved_tensor_mb``: exact and the same in every run, the activation memory each
-parallel form keeps; the peaks add transients and collective buffers whose release times vary),
-and the ratios to diffusers' Ulysses.
+luckiest step), then four memory measures per rank (the largest rank's), each with its ratio to
+diffusers' Ulysses:
+
+- **heap peak** (``bench_utils.peak_heap_mb``; the median of the rounds): the bytes malloc holds,
+  read after every op, whichever thread allocates or frees them (gloo's worker threads included):
+  the memory measure of the DiT target. It misses a kernel's workspace freed inside its op;
+- **allocator peak** (``bench_utils.peak_memory_mb``; the least of the rounds): torch's CPU
+  allocator's events, workspaces included, but an upper bound that moves by up to 25 % between
+  runs of the same step (frees on threads the profiler does not follow);
+- **tensor peak** (``bench_utils.peak_tensor_mb``; the median of the rounds): the bytes held by the
+  step's tensors, counted op by op, blind to workspaces and to what gloo holds beyond a tensor;
+- **saved for backward** (``bench_utils.saved_tensor_mb``): exact and the same in every run, the
+  activation memory each parallel form keeps; the peaks add transients and collective buffers.
 
     python scripts/bench_dit.py [--model wan|ltx] [--forward] [--world 2] [--frames 8] [--size 16] [--repeats 5]
     python scripts/bench_dit.py --mesh [--frames 8] [--size 16]   # Wan on a 2 x 2 (t, h) mesh of 4 ranks
@@ -44,6 +50,7 @@ from unittest import mock
 
 import torch
 from bench_utils import (
+    peak_heap_mb,
     peak_memory_mb,
     peak_tensor_mb,
     print_table,
@@ -127,21 +134,28 @@ def _step(model, forward, x, t, text, w, backward: bool = True):
 
 def _measure(models: dict, args) -> dict:
     """Each model's output, the median over ``args.rounds`` rounds of its best step time (every round
-    times every model in turn, so that a slow spell of the machine falls on all of them), and its
-    allocator peak (the least of one measure per round: a block freed on a thread the profiler does
+    times every model in turn, so that a slow spell of the machine falls on all of them), then, in as
+    many rounds after the timed ones (a measure's hooks stay out of the timing), its heap and tensor
+    peaks (the medians) and its allocator peak (the least: a block freed on a thread the profiler does
     not follow counts until its address is reused, so each measure is an upper bound)."""
     x, t, text, w = _inputs(args)
     runs = {name: _step(model, _forward(args), x, t, text, w, backward=not args.forward) for name, model in models.items()}
-    results = {name: {"out": run(), "seconds": [], "steps": [], "peak_mb": [], "tensor_mb": peak_tensor_mb(run),
+    results = {name: {"out": run(), "seconds": [], "steps": [], "peak_mb": [], "heap_mb": [], "tensor_mb": [],
                       "saved_mb": saved_tensor_mb(run)} for name, run in runs.items()}
     for _ in range(args.rounds):
         for name, run in runs.items():
             steps = step_times(run, args.repeats)
             results[name]["seconds"].append(min(steps))
             results[name]["steps"] += steps
+    for _ in range(args.rounds):
+        for name, run in runs.items():
+            run()  # the step before the measure, as in the timed rounds
             results[name]["peak_mb"].append(peak_memory_mb(run))
-    for r in results.values():  # each peak is an upper bound (bench_utils.peak_memory_mb): the least is the tightest
+            results[name]["heap_mb"].append(peak_heap_mb(run))
+            results[name]["tensor_mb"].append(peak_tensor_mb(run))
+    for r in results.values():
         r["seconds"], r["peak_mb"] = statistics.median(r["seconds"]), min(r["peak_mb"])
+        r["heap_mb"], r["tensor_mb"] = statistics.median(r["heap_mb"]), statistics.median(r["tensor_mb"])
     return results
 
 
@@ -224,23 +238,25 @@ def main(argv=None) -> None:
         mean = statistics.mean(max(step) for step in zip(*(r[name]["steps"] for r in ranks.values())))
         base_mean = base_mean or mean
         peak = max(r[name]["peak_mb"] for r in ranks.values())
+        heap = max(r[name]["heap_mb"] for r in ranks.values())
         tensors = max(r[name]["tensor_mb"] for r in ranks.values())
         saved = max(r[name]["saved_mb"] for r in ranks.values())
         err = (ranks[0][name]["out"] - ref["out"]).abs().max().item()
-        base = base or (seconds, peak, tensors, saved)
-        rows.append([f"{name}, P = {args.world}", err, seconds, mean, peak, tensors, saved, seconds / base[0],
-                     mean / base_mean, peak / base[1], tensors / base[2], saved / base[3] if base[3] else 0.0])
+        base = base or (seconds, peak, heap, tensors, saved)
+        rows.append([f"{name}, P = {args.world}", err, seconds, mean, heap, peak, tensors, saved, seconds / base[0],
+                     mean / base_mean, heap / base[2], peak / base[1], tensors / base[3],
+                     saved / base[4] if base[4] else 0.0])
     ref_mean = statistics.mean(ref["steps"])
-    rows.insert(0, ["one process", 0.0, ref["seconds"], ref_mean, ref["peak_mb"], ref["tensor_mb"], ref["saved_mb"],
-                    ref["seconds"] / base[0], ref_mean / base_mean, ref["peak_mb"] / base[1],
-                    ref["tensor_mb"] / base[2], ref["saved_mb"] / base[3] if base[3] else 0.0])
+    rows.insert(0, ["one process", 0.0, ref["seconds"], ref_mean, ref["heap_mb"], ref["peak_mb"], ref["tensor_mb"],
+                    ref["saved_mb"], ref["seconds"] / base[0], ref_mean / base_mean, ref["heap_mb"] / base[2],
+                    ref["peak_mb"] / base[1], ref["tensor_mb"] / base[3], ref["saved_mb"] / base[4] if base[4] else 0.0])
     tokens = args.frames * args.size ** 2 // 4
     name = "LTX-Video" if args.model == "ltx" else "Wan"
     step = "forward (no_grad)" if args.forward else "forward+backward"
     print_table(f"{name} transformer {step}, {tokens} video tokens, float32, 1 thread per process",
-                ["run", "max abs err", "step (s)", "mean step (s)", "peak MiB per rank", "tensor peak MiB",
-                 "saved for backward MiB", "time x Ulysses", "mean time x Ulysses", "memory x Ulysses",
-                 "tensor peak x Ulysses", "saved x Ulysses"], rows)
+                ["run", "max abs err", "step (s)", "mean step (s)", "heap peak MiB per rank", "allocator peak MiB",
+                 "tensor peak MiB", "saved for backward MiB", "time x Ulysses", "mean time x Ulysses",
+                 "heap x Ulysses", "allocator x Ulysses", "tensor peak x Ulysses", "saved x Ulysses"], rows)
 
 
 if __name__ == "__main__":

@@ -429,12 +429,13 @@ def _inplace_kind(func) -> bool | int | None:
 # ``run_regrouped(op, handler)`` of ``sharded.strided`` (it registers itself: the dispatcher does not
 # import the rules' helpers it uses).
 REGROUP: list[Callable[[Op, Callable], object]] = []
-# The storages of operands regrouped from a folded dim (``sharded.strided``): a view of one (a slice
-# of the folded frames) is a view of a copy, so a write into it would not reach the folded tensor.
+# The storages of operands regrouped from a folded dim (``sharded.strided``) and of views that resharded
+# (``rules.shape``): a view of one (a slice of the folded frames, a split off the shard boundaries) is a
+# view of a copy, so a write into it would not reach the tensor it was taken from.
 REGROUPED: weakref.WeakSet = weakref.WeakSet()
-# The storage of a folded tensor (and so of every alias of it) -> the regrouped copies that views
-# returned to the user were taken of (a slice of the folded frames): while one lives, a write into the
-# folded tensor would not reach it.
+# The storage of a folded or viewed tensor (and so of every alias of it) -> the copies that views
+# returned to the user were taken of (a slice of the folded frames, a resharded split): while one
+# lives, a write into the tensor would not reach it.
 SLICED_AS_COPIES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
@@ -451,15 +452,18 @@ def _refuse_writes_into_copies(op: Op) -> None:
     storage = target.untyped_storage()
     if storage in REGROUPED:
         raise op.refuse(
-            "it writes in place into a view of frames folded by a view and taken along the folded dim (a slice of "
-            "them): that view is of a regrouped copy (each rank's whole samples), so the write would not reach the "
-            "tensor it was taken from", fix="write into the folded tensor itself (x.view(b * t, ...)[i] = v is "
-            "refused too: index the unfolded (b, t, ...) tensor), or clone the slice first to write into a copy")
+            "it writes in place into a view that is a copy on the shards: a slice of frames folded by a view, taken "
+            "along the folded dim (a view of the regrouped copy: each rank's whole samples), or a view that split a "
+            "sharded dim off the shard boundaries (a view of the copy resharded onto its grid); the write would not "
+            "reach the tensor it was taken from", fix="write into that tensor itself (x.view(b * t, ...)[i] = v is "
+            "refused too: index the unfolded (b, t, ...) tensor), clone the view first to write into a copy, or "
+            "shard so that the view's inner factors divide every rank's length")
     if SLICED_AS_COPIES.get(storage):
         raise op.refuse(
-            "it writes in place into frames folded by a view after a slice of them along the folded dim was taken: "
-            "that slice is a view of a regrouped copy (each rank's whole samples), so it would not see the write",
-            fix="take the slice after the write, clone it, or slice the unfolded (b, t, ...) tensor")
+            "it writes in place into a tensor after a view of it was taken that is a copy on the shards (a slice of "
+            "frames folded by a view, or a view that split a sharded dim off the shard boundaries and was "
+            "resharded), so that view would not see the write",
+            fix="take the view after the write, clone it, or slice the unfolded (b, t, ...) tensor")
 
 
 _LEAVES = (Tensor, int, float, bool, str, type(None), torch.dtype, torch.device)

@@ -303,12 +303,9 @@ _VAE_SIZES = {  # (length, world) -> shard lengths, uneven and empty
     (8, 3): [2, 6, 0], (9, 2): [5, 4], (9, 3): [2, 7, 0], (12, 2): [6, 6], (12, 3): [3, 9, 0], (16, 2): [10, 6],
     (32, 2): [20, 12],
 }
-# HunyuanVideo 1.5's encoder packs 2x2(x2) pixels into channels by ``view``, which cannot move positions
-# between ranks (a copy is not a view: it is refused off the grid): its shards sit on that grid.
-# Wan 2.2's encoder averages pairs of frames and of pixels by ``view`` (AvgDown3D) at every level, within
-# the frame chunks of its loop ([0], [1, 5), [5, 9)).
-_VAE_GRID_SIZES = {("hunyuan15", "encoder", "t", 3): [5, 4, 0], ("hunyuan15", "encoder", "h", 2): [16, 16],
-                   ("wan22", "encoder", "t", 3): [1, 4, 4], ("wan22", "encoder", "h", 2): [16, 16]}
+# HunyuanVideo 1.5's encoder packs 2x2(x2) pixels into channels by ``view``, and Wan 2.2's averages pairs of
+# frames and of pixels by ``view`` (AvgDown3D) at every level, within the frame chunks of its loop ([0],
+# [1, 5), [5, 9)): off those grids the shards move onto them first (the view is then of that copy).
 
 
 # diffusers' RMSNorm (LTX's VAE) computes its variance in float32 whatever the input dtype; with it in
@@ -353,7 +350,7 @@ def _vae_worker(rank, world, name, part, axis):
 
         mesh, axes, sizes = init_device_mesh("cpu", (2, 2), mesh_dim_names=("t", "h")), ("t", "h"), None
     else:
-        split = _VAE_GRID_SIZES.get((name, part, axis, world)) or _VAE_SIZES[shape[2 if axis == "t" else 3], world]
+        split = _VAE_SIZES[shape[2 if axis == "t" else 3], world]
         mesh, axes, sizes = dist.group.WORLD, axis, [split]
     sharded = parallelize(module, mesh, axes, sizes=sizes)
     errors, param_error = _against_one_process(

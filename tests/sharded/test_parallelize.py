@@ -174,6 +174,64 @@ def test_unaligned_stride_reshards_and_mismatch_raises_on_every_rank():
                    for m in messages), messages
 
 
+class _RowsToChannels(nn.Module):
+    """Rows and columns split by a ``view`` into (h/2, 2) and (w/2, 2) and moved into the channels, as
+    DCAE downsamples and Qwen-Image's AvgDown3D write it; ``write`` writes in place into the view
+    (``"view"``) or into its source after the view was taken (``"source"``)."""
+
+    def __init__(self, write: str = "") -> None:
+        super().__init__()
+        self.conv = nn.Conv3d(2, 2, 3, padding=1)
+        self.write = write
+
+    def forward(self, x):
+        x = self.conv(x)
+        b, c, t, h, w = x.shape
+        rows = x.view(b, c, t, h // 2, 2, w // 2, 2)
+        if self.write == "view":
+            rows.mul_(2.0)
+        elif self.write == "source":
+            x.mul_(2.0)
+        return rows.permute(0, 1, 4, 6, 2, 3, 5).reshape(b, c * 4, t, h // 2, w // 2) + x.mean()
+
+
+def _rows_worker(rank, world, lengths, write):
+    model = _seeded(lambda: _RowsToChannels(write))
+    if not write:
+        with runtime_log() as messages:
+            errors = _compare(model, (2, 2, 3, 8, 4), lengths, "h", rank, world)
+        return {k: v for k, v in errors.items() if v > TOL}, messages
+    sharded = parallelize(model.double(), dist.group.WORLD, "h", sizes=[lengths])
+    x = torch.randn(2, 2, 3, 8, 4, dtype=torch.float64)
+    try:
+        out = sharded(x)
+    except ShardingRefusal as exc:
+        return str(exc), []
+    return (out - model(x)).abs().max().item(), []
+
+
+@pytest.mark.parametrize("world,lengths", [(2, [5, 3]), (3, [3, 5, 0]), (2, [4, 4])])
+def test_a_view_off_the_shard_boundaries_reshards_and_is_exact(world, lengths):
+    """Rows split [5, 3] under a view into pairs: the boundaries move onto the pairs' grid (one
+    all-to-all, logged: the view is of that copy) and the output and every gradient are exact; an
+    even split needs no move (a view of the shard itself)."""
+    for failures, messages in run_ranks(_rows_worker, world, lengths, "", timeout=120):
+        assert not failures, failures
+        moved = [m for m in messages if "resharded to" in m and "the view is of that copy" in m]
+        assert moved if lengths != [4, 4] else not moved, messages
+
+
+@pytest.mark.parametrize("write", ["view", "source"])
+def test_a_write_into_a_resharded_view_or_its_source_is_refused_on_every_rank(write):
+    """The resharded view is a copy: a write into it would not reach its source, nor a write into the
+    source the view; both are refused on every rank, naming the user's line. On an even split the view
+    is the shard itself and both writes run exact."""
+    messages = [m for m, _ in run_ranks(_rows_worker, 2, [5, 3], write, timeout=120)]
+    assert all(isinstance(m, str) and "resharded" in m and "test_parallelize.py" in m for m in messages), messages
+    for error, _ in run_ranks(_rows_worker, 2, [4, 4], write, timeout=120):
+        assert error < TOL, error
+
+
 class _Flagged(nn.Module):
     def __init__(self) -> None:
         super().__init__()

@@ -6,7 +6,11 @@ sharded when it is the outermost factor of the merge (each rank's positions rema
 block), and a split keeps the outer factor sharded when every rank's length divides by the inner
 ones. A merge under outer dims (``(b t)``, b > 1) moves the shard outermost in a ``reshape`` (one
 all-to-all); a ``view``, which cannot copy, folds it instead (``spec.Strided``: each rank's rows as
-they are, an alias), and any reshape of a folded dim folds again. Anything else is refused. ``permute``/``transpose``/``movedim``/``squeeze``/``unsqueeze``
+they are, an alias), and any reshape of a folded dim folds again. A split whose inner factor does
+not divide every rank's length moves the shard boundaries onto its grid first (one all-to-all,
+logged): for a ``view`` the result is then a view of that copy, so a write into it, or into the
+tensor it was viewed from while it lives, is refused (``tensor.REGROUPED``, ``SLICED_AS_COPIES``).
+Anything else is refused. ``permute``/``transpose``/``movedim``/``squeeze``/``unsqueeze``
 move the spec with the dims; squeezing a sharded dim of length 1, or ``repeat`` tiling a sharded
 dim, gathers that dim whole first (logged once per call site); ``repeat_interleave`` by one count
 repeats each rank's positions in place.
@@ -15,6 +19,7 @@ from __future__ import annotations
 
 import functools
 import math
+import weakref
 
 import torch
 import torch.distributed as dist
@@ -32,7 +37,15 @@ from nonlocal_dist.sharded.rules.common import (
     whole_along,
 )
 from nonlocal_dist.sharded.spec import Merged, Shard, Strided, folded
-from nonlocal_dist.sharded.tensor import Op, ShardedTensor, as_local, rule, user_frame
+from nonlocal_dist.sharded.tensor import (
+    REGROUPED,
+    SLICED_AS_COPIES,
+    Op,
+    ShardedTensor,
+    as_local,
+    rule,
+    user_frame,
+)
 
 
 def _self(op: Op) -> ShardedTensor:
@@ -321,6 +334,7 @@ def _reshape_to(op: Op, target) -> ShardedTensor:
     # A folded (``Strided``) dim is folded again, never moved: a reshape, as torch's, is then a view
     # of each rank's rows where their strides allow (and the spec does not depend on strides).
     view = method == "view" or x.spec.strided
+    viewed = x  # the tensor a view aliases (a view that reshards is a view of a copy instead)
     if x.spec.strided:
         x, src = _unfolded(x, src)
     shards = x.spec.dims
@@ -334,16 +348,23 @@ def _reshape_to(op: Op, target) -> ShardedTensor:
         if not view:
             x, pending = _unmerge(op, x, src, dst)
             x, merges = _outermost_sharded(op, x, src, dst)
-        dims = reshape_spec(op, src, dst, x.spec.sharded, None if view else resharded, view)
+        # A folded dim's rows stay where they are (its view is an alias, never a copy); plain shards may move
+        # onto a split's grid, a view then aliasing the moved copy (writes refused, below).
+        dims = reshape_spec(op, src, dst, x.spec.sharded, None if x.spec.strided else resharded, view)
     local_target = [dims[k].local if k in dims else s for k, s in enumerate(dst)]
     base = x  # torch functions are off in a rule: view/reshape give a plain tensor (no alias node)
     for d, sizes in resharded.items():  # boundaries moved onto the reshape's grid (a view cannot copy)
         shard = x.spec.sharded[d]
         moved = reshard_bytes(base, d, shard.sizes, sizes)
+        copy = " (the view is of that copy: writes into either refused while it lives)" if method == "view" else ""
         log_once(user_frame(), f"{op.name} splits sharded dim {d} into factors off the shard boundaries "
-                               f"{list(shard.sizes)}: resharded to {list(sizes)}, about {moved} bytes moved per call")
+                               f"{list(shard.sizes)}: resharded to {list(sizes)}, about {moved} bytes moved per call"
+                               + copy)
         base = reshard(as_local(base), d, shard.sizes, sizes, shard.group, shard.rank)
     out = base.view(local_target) if method == "view" else base.reshape(local_target)
+    if resharded and method == "view":  # not an alias of what it viewed: neither may be written into now
+        REGROUPED.add(out.untyped_storage())
+        SLICED_AS_COPIES.setdefault(viewed.untyped_storage(), weakref.WeakSet()).add(out.untyped_storage())
     out = _narrow_inner(_split_over_span(out, dims, merges), dims, pending)
     return _wrap(op, out, dims)
 

@@ -25,8 +25,8 @@ diffusers' Ulysses:
   read after every op, whichever thread allocates or frees them (gloo's worker threads included):
   the memory measure of the DiT target. It misses a kernel's workspace freed inside its op;
 - **allocator peak** (``bench_utils.peak_memory_mb``; the least of the rounds): torch's CPU
-  allocator's events, workspaces included, but an upper bound that moves by up to 25 % between
-  runs of the same step (frees on threads the profiler does not follow);
+  allocator's events, workspaces included, but an upper bound that moves between runs of the same
+  step (frees on threads the profiler does not follow; the README gives the spread);
 - **tensor peak** (``bench_utils.peak_tensor_mb``; the median of the rounds): the bytes held by the
   step's tensors, counted op by op, blind to workspaces and to what gloo holds beyond a tensor;
 - **saved for backward** (``bench_utils.saved_tensor_mb``): exact and the same in every run, the

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import functools
 import gc
 import json
 import os
@@ -176,9 +177,12 @@ class _MallInfo2(ctypes.Structure):
         "arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks", "fsmblks", "uordblks", "fordblks", "keepcost")]
 
 
+@functools.cache
 def _malloc_held() -> Callable[[], int] | None:
     """A function giving the bytes glibc's malloc has handed out and not had back (``mallinfo2``: the
-    chunks in use in every arena, every thread's, plus the blocks it mmapped), or None off glibc 2.33+."""
+    chunks in use in every arena, every thread's, plus the blocks it mmapped), or None off glibc 2.33+
+    or where another allocator serves malloc (tcmalloc or jemalloc preloaded: glibc's count then does
+    not move when torch allocates)."""
     try:
         libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
         mallinfo2 = libc.mallinfo2
@@ -190,7 +194,11 @@ def _malloc_held() -> Callable[[], int] | None:
         info = mallinfo2()
         return info.uordblks + info.hblkhd
 
-    return held
+    before = held()
+    probe = torch.empty(2**20, dtype=torch.uint8)
+    counted = held() - before >= probe.nbytes
+    del probe
+    return held if counted else None
 
 
 class _AfterEveryOp(TorchDispatchMode):
@@ -215,13 +223,13 @@ def peak_heap_mb(fn: Callable[[], object]) -> float:
     (torch's CPU allocator is malloc), a collective's buffers until gloo's worker thread drops them,
     gloo's own buffers, kernels' buffers that outlive their op, larger Python objects. It misses what
     one op allocates and frees inside itself (a kernel's workspace: ``peak_memory_mb`` sees those)
-    and Python's small objects (its own arenas). Over 8 measures of one 2-rank DiT step
-    (``bench_dit.py``) it moved by about 3 %, where the profiler's allocator peak moved by 25 %
-    (``peak_memory_mb``: frees on threads the profiler does not follow)."""
+    and Python's small objects (its own arenas). Read at the same points of every run, it is far
+    steadier than the profiler's allocator peak (``peak_memory_mb``: frees on threads the profiler
+    does not follow); the README gives both spreads for a DiT step."""
     held = _malloc_held()
     if held is None:
-        raise RuntimeError("peak_heap_mb reads glibc's mallinfo2 (glibc 2.33+, Linux), which this C library "
-                           "lacks; use peak_tensor_mb or peak_memory_mb")
+        raise RuntimeError("peak_heap_mb reads glibc's mallinfo2 (glibc 2.33+, Linux, malloc not replaced by a "
+                           "preloaded allocator), which this process lacks; use peak_tensor_mb or peak_memory_mb")
     gc.collect()
     base = held()
     peak = [base]

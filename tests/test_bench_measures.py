@@ -31,7 +31,8 @@ def test_heap_peak_counts_what_is_held_together():
 @needs_glibc
 def test_heap_peak_counts_a_buffer_another_thread_frees():
     """A tensor whose last reference another thread drops (as gloo's worker threads drop a collective's
-    buffers) is held until that thread frees it: 8 MiB there and 4 MiB made meanwhile."""
+    buffers) is held until that thread frees it, and no longer: 8 MiB there and 4 MiB made meanwhile,
+    then 6 MiB more once it is freed (18 MiB if that free went unseen)."""
     release = threading.Event()
 
     def step():
@@ -42,6 +43,7 @@ def test_heap_peak_counts_a_buffer_another_thread_frees():
         c = torch.ones(MIB)
         release.set()
         worker.join()
-        return c
+        d = torch.ones(3 * MIB // 2)  # 6 MiB
+        return c, d
 
     assert 11.9 <= bench_utils.peak_heap_mb(step) <= 12.5

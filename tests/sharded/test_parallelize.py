@@ -175,28 +175,35 @@ def test_unaligned_stride_reshards_and_mismatch_raises_on_every_rank():
 
 
 class _RowsToChannels(nn.Module):
-    """Rows and columns split by a ``view`` into (h/2, 2) and (w/2, 2) and moved into the channels, as
-    DCAE downsamples and Qwen-Image's AvgDown3D write it; ``write`` writes in place into the view
-    (``"view"``) or into its source after the view was taken (``"source"``)."""
+    """Rows and columns split into (h/2, 2) and (w/2, 2) and moved into the channels, as DCAE
+    downsamples and Qwen-Image's AvgDown3D write it: by a ``view``, by ``unflatten`` (torch's view ops:
+    the result aliases the input) or by a view that also merges the row pairs with the columns
+    (``"merge"``); ``write`` writes in place into the split (``"split"``) or into its input after the
+    split was taken (``"source"``)."""
 
-    def __init__(self, write: str = "") -> None:
+    def __init__(self, by: str = "view", write: str = "") -> None:
         super().__init__()
         self.conv = nn.Conv3d(2, 2, 3, padding=1)
-        self.write = write
+        self.by, self.write = by, write
 
     def forward(self, x):
         x = self.conv(x)
         b, c, t, h, w = x.shape
-        rows = x.view(b, c, t, h // 2, 2, w // 2, 2)
-        if self.write == "view":
+        if self.by == "unflatten":
+            rows = x.unflatten(3, (h // 2, 2)).unflatten(5, (w // 2, 2))
+        elif self.by == "merge":
+            rows = x.view(b, c, t, h // 2, 2 * w).view(b, c, t, h // 2, 2, w // 2, 2)
+        else:
+            rows = x.view(b, c, t, h // 2, 2, w // 2, 2)
+        if self.write == "split":
             rows.mul_(2.0)
         elif self.write == "source":
             x.mul_(2.0)
         return rows.permute(0, 1, 4, 6, 2, 3, 5).reshape(b, c * 4, t, h // 2, w // 2) + x.mean()
 
 
-def _rows_worker(rank, world, lengths, write):
-    model = _seeded(lambda: _RowsToChannels(write))
+def _rows_worker(rank, world, lengths, by, write):
+    model = _seeded(lambda: _RowsToChannels(by, write))
     if not write:
         with runtime_log() as messages:
             errors = _compare(model, (2, 2, 3, 8, 4), lengths, "h", rank, world)
@@ -211,24 +218,27 @@ def _rows_worker(rank, world, lengths, write):
 
 
 @pytest.mark.parametrize("world,lengths", [(2, [5, 3]), (3, [3, 5, 0]), (2, [4, 4])])
-def test_a_view_off_the_shard_boundaries_reshards_and_is_exact(world, lengths):
+@pytest.mark.parametrize("by", ["view", "unflatten", "merge"])
+def test_a_view_off_the_shard_boundaries_reshards_and_is_exact(by, world, lengths):
     """Rows split [5, 3] under a view into pairs: the boundaries move onto the pairs' grid (one
-    all-to-all, logged: the view is of that copy) and the output and every gradient are exact; an
-    even split needs no move (a view of the shard itself)."""
-    for failures, messages in run_ranks(_rows_worker, world, lengths, "", timeout=120):
+    all-to-all, logged: the view is of that copy) and the output and every gradient are exact, a view
+    that also merges the pairs with the columns included; an even split needs no move (a view of the
+    shard itself)."""
+    for failures, messages in run_ranks(_rows_worker, world, lengths, by, "", timeout=120):
         assert not failures, failures
         moved = [m for m in messages if "resharded to" in m and "the view is of that copy" in m]
         assert moved if lengths != [4, 4] else not moved, messages
 
 
-@pytest.mark.parametrize("write", ["view", "source"])
-def test_a_write_into_a_resharded_view_or_its_source_is_refused_on_every_rank(write):
-    """The resharded view is a copy: a write into it would not reach its source, nor a write into the
-    source the view; both are refused on every rank, naming the user's line. On an even split the view
+@pytest.mark.parametrize("write", ["split", "source"])
+@pytest.mark.parametrize("by", ["view", "unflatten"])
+def test_a_write_into_a_resharded_view_or_its_source_is_refused_on_every_rank(by, write):
+    """The resharded view is a copy: a write into it would not reach its input, nor a write into the
+    input the view; both are refused on every rank, naming the user's line. On an even split the view
     is the shard itself and both writes run exact."""
-    messages = [m for m, _ in run_ranks(_rows_worker, 2, [5, 3], write, timeout=120)]
+    messages = [m for m, _ in run_ranks(_rows_worker, 2, [5, 3], by, write, timeout=120)]
     assert all(isinstance(m, str) and "resharded" in m and "test_parallelize.py" in m for m in messages), messages
-    for error, _ in run_ranks(_rows_worker, 2, [4, 4], write, timeout=120):
+    for error, _ in run_ranks(_rows_worker, 2, [4, 4], by, write, timeout=120):
         assert error < TOL, error
 
 

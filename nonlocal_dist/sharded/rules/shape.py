@@ -8,8 +8,9 @@ ones. A merge under outer dims (``(b t)``, b > 1) moves the shard outermost in a
 all-to-all); a ``view``, which cannot copy, folds it instead (``spec.Strided``: each rank's rows as
 they are, an alias), and any reshape of a folded dim folds again. A split whose inner factor does
 not divide every rank's length moves the shard boundaries onto its grid first (one all-to-all,
-logged): for a ``view`` the result is then a view of that copy, so a write into it, or into the
-tensor it was viewed from while it lives, is refused (``tensor.REGROUPED``, ``SLICED_AS_COPIES``).
+logged). torch's view ops (``view``, ``view_as``, ``unflatten``) always alias their input: where the
+runtime must copy instead (that move, a merged mesh dim split back), a write into the result, or
+into its input while the result lives, is refused (``tensor.REGROUPED``, ``SLICED_AS_COPIES``).
 Anything else is refused. ``permute``/``transpose``/``movedim``/``squeeze``/``unsqueeze``
 move the spec with the dims; squeezing a sharded dim of length 1, or ``repeat`` tiling a sharded
 dim, gathers that dim whole first (logged once per call site); ``repeat_interleave`` by one count
@@ -324,6 +325,12 @@ def _unfolded(x: ShardedTensor, src: list[int]) -> tuple[ShardedTensor, list[int
     return ShardedTensor.wrap(out, x.spec.remap(out.dim(), dims)), glob
 
 
+# torch's view ops among the reshapes: their result is always an alias of the input (``flatten`` and
+# ``reshape`` may copy). Where the runtime must copy (a split off the shard grid, a merged mesh dim split
+# back), writes into the result or the input are refused while both live.
+_ALIASING = frozenset({"view", "view_as", "unflatten"})
+
+
 def _reshape_to(op: Op, target) -> ShardedTensor:
     x = _self(op)
     src = list(global_shape(x))
@@ -331,12 +338,14 @@ def _reshape_to(op: Op, target) -> ShardedTensor:
     if math.prod(dst) != math.prod(src):
         raise op.refuse(f"shape {tuple(dst)} is invalid for a tensor of global shape {tuple(src)}")
     method = getattr(op.func, "__name__", "reshape")
-    # A folded (``Strided``) dim is folded again, never moved: a reshape, as torch's, is then a view
-    # of each rank's rows where their strides allow (and the spec does not depend on strides).
+    # A folded (``Strided``) dim is folded again, not moved: a reshape, as torch's, is then a view of each
+    # rank's rows where their strides allow and no split leaves the shard grid (the spec does not depend
+    # on strides).
     view = method == "view" or x.spec.strided
-    viewed = x  # the tensor a view aliases (a view that reshards is a view of a copy instead)
+    viewed = x
     if x.spec.strided:
         x, src = _unfolded(x, src)
+    unfolded = x
     shards = x.spec.dims
     kept = None if 0 in src or any(s.merged for _, s in shards) else _kept_dims(
         tuple(src), tuple(dst), tuple(d for d, _ in shards))
@@ -348,21 +357,25 @@ def _reshape_to(op: Op, target) -> ShardedTensor:
         if not view:
             x, pending = _unmerge(op, x, src, dst)
             x, merges = _outermost_sharded(op, x, src, dst)
-        # A folded dim's rows stay where they are (its view is an alias, never a copy); plain shards may move
-        # onto a split's grid, a view then aliasing the moved copy (writes refused, below).
-        dims = reshape_spec(op, src, dst, x.spec.sharded, None if x.spec.strided else resharded, view)
+        dims = reshape_spec(op, src, dst, x.spec.sharded, resharded, view)
+    # Decided from the spec, alike on every rank: the result is a copy, not an alias of the input.
+    copied = bool(resharded) or x is not unfolded
+    aliasing = method in _ALIASING
     local_target = [dims[k].local if k in dims else s for k, s in enumerate(dst)]
     base = x  # torch functions are off in a rule: view/reshape give a plain tensor (no alias node)
-    for d, sizes in resharded.items():  # boundaries moved onto the reshape's grid (a view cannot copy)
+    for d, sizes in resharded.items():  # boundaries moved onto the reshape's grid
         shard = x.spec.sharded[d]
         moved = reshard_bytes(base, d, shard.sizes, sizes)
-        copy = " (the view is of that copy: writes into either refused while it lives)" if method == "view" else ""
+        copy = (" (the view is of that copy: writes into it or its source are refused while it lives)"
+                if aliasing else "")
         log_once(user_frame(), f"{op.name} splits sharded dim {d} into factors off the shard boundaries "
                                f"{list(shard.sizes)}: resharded to {list(sizes)}, about {moved} bytes moved per call"
                                + copy)
         base = reshard(as_local(base), d, shard.sizes, sizes, shard.group, shard.rank)
+    if resharded and method == "view":  # the reshard's copy has the moved dim outermost in memory
+        base = base.contiguous()
     out = base.view(local_target) if method == "view" else base.reshape(local_target)
-    if resharded and method == "view":  # not an alias of what it viewed: neither may be written into now
+    if copied and aliasing:  # not an alias of the input: neither may be written into while both live
         REGROUPED.add(out.untyped_storage())
         SLICED_AS_COPIES.setdefault(viewed.untyped_storage(), weakref.WeakSet()).add(out.untyped_storage())
     out = _narrow_inner(_split_over_span(out, dims, merges), dims, pending)

@@ -152,24 +152,35 @@ def _storages(t):
         yield t.untyped_storage()
 
 
-class _NewStorages(TorchDispatchMode):
-    """Calls ``found(storage)`` for every storage an op returns that none of its arguments held: a
-    view, or an argument written in place, adds none."""
+class _AfterEveryOp(TorchDispatchMode):
+    """Calls ``seen(func, args, kwargs, out)`` after every op returns."""
 
-    def __init__(self, found: Callable) -> None:
+    def __init__(self, seen: Callable) -> None:
         super().__init__()
-        self.found = found
+        self.seen = seen
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         with torch._C.DisableTorchFunctionSubclass():
             out = func(*args, **(kwargs or {}))
-        if not func.is_view:
+        self.seen(func, args, kwargs, out)
+        return out
+
+
+class _NewStorages(_AfterEveryOp):
+    """Calls ``found(storage)`` for every storage an op returns that none of its arguments held: a
+    view, or an argument written in place, adds none."""
+
+    def __init__(self, found: Callable) -> None:
+        def seen(func, args, kwargs, out) -> None:
+            if func.is_view:
+                return
             inputs = {x.data_ptr() for a in tree_leaves((args, kwargs)) for x in _storages(a)}
             for t in tree_leaves(out):
                 for storage in _storages(t):
                     if storage.data_ptr() not in inputs:
-                        self.found(storage)
-        return out
+                        found(storage)
+
+        super().__init__(seen)
 
 
 class _MallInfo2(ctypes.Structure):
@@ -201,20 +212,6 @@ def _malloc_held() -> Callable[[], int] | None:
     return held if counted else None
 
 
-class _AfterEveryOp(TorchDispatchMode):
-    """Calls ``seen()`` after every op returns."""
-
-    def __init__(self, seen: Callable[[], None]) -> None:
-        super().__init__()
-        self.seen = seen
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        with torch._C.DisableTorchFunctionSubclass():
-            out = func(*args, **(kwargs or {}))
-        self.seen()
-        return out
-
-
 def peak_heap_mb(fn: Callable[[], object]) -> float:
     """Peak of the bytes malloc holds while ``fn()`` runs, beyond those it held before (MiB), read
     after every op (glibc's ``mallinfo2``, Linux).
@@ -234,7 +231,7 @@ def peak_heap_mb(fn: Callable[[], object]) -> float:
     base = held()
     peak = [base]
 
-    def seen() -> None:
+    def seen(*_op) -> None:
         peak[0] = max(peak[0], held())
 
     with _AfterEveryOp(seen):

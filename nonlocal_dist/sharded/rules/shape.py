@@ -342,7 +342,6 @@ def _reshape_to(op: Op, target) -> ShardedTensor:
     # rank's rows where their strides allow and no split leaves the shard grid (the spec does not depend
     # on strides).
     view = method == "view" or x.spec.strided
-    viewed = x
     if x.spec.strided:
         x, src = _unfolded(x, src)
     unfolded = x
@@ -377,7 +376,7 @@ def _reshape_to(op: Op, target) -> ShardedTensor:
     out = base.view(local_target) if method == "view" else base.reshape(local_target)
     if copied and aliasing:  # not an alias of the input: neither may be written into while both live
         REGROUPED.add(out.untyped_storage())
-        SLICED_AS_COPIES.setdefault(viewed.untyped_storage(), weakref.WeakSet()).add(out.untyped_storage())
+        SLICED_AS_COPIES.setdefault(_self(op).untyped_storage(), weakref.WeakSet()).add(out.untyped_storage())
     out = _narrow_inner(_split_over_span(out, dims, merges), dims, pending)
     return _wrap(op, out, dims)
 
